@@ -1,0 +1,25 @@
+//! The per-backend snapshot every selection algorithm reads.
+
+/// What a selection algorithm may know about one backend at the moment of choosing.
+/// Plain integers only, so the same value can be assembled from kernel maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendView {
+    /// Sessions/flows currently assigned (counted from assignment, not establishment).
+    pub active: u32,
+    /// 1..=1000.
+    pub weight: u32,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    /// Non-zero when health checks say the backend may take new sessions.
+    pub healthy: u32,
+    /// Moving average of connect + greeting latency, microseconds; 0 = not measured yet.
+    pub response_us: u32,
+}
+
+impl BackendView {
+    /// Healthy and below its connection cap: the only backends any algorithm may choose.
+    #[inline(always)]
+    pub fn available(&self) -> bool {
+        self.healthy != 0 && (self.max_connections == 0 || self.active < self.max_connections)
+    }
+}

@@ -1,0 +1,1 @@
+//! TODO(skeleton): weighted_round_robin

@@ -1,0 +1,2 @@
+//! SKELETON: `cargo xtask` entry point.
+fn main() {}
