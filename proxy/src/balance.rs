@@ -1,9 +1,17 @@
 //! Glue between a service's backends and the selection algorithms of `switchyard_common`.
 //!
-//! SKELETON: interface only; implemented by the balancing work.
+//! A [`Selector`] is built once per config snapshot: it holds the service's prebuilt tables
+//! (the smooth weighted round-robin table, the Maglev table) and the cursor that rotates
+//! round-robin turns and least-* tie-breaking. Picking reads each backend's live view (health,
+//! shared active count, response time) lazily, only for the backends an algorithm looks at, and
+//! allocates nothing.
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use switchyard_common::backend::BackendView;
+use switchyard_common::{hash, least_conn, least_time, maglev, round_robin, weighted_round_robin};
 
 use crate::config::{Algorithm, BackendConfig};
 use crate::state::Backend;
@@ -11,19 +19,206 @@ use crate::state::Backend;
 /// Per-service selection state built once per snapshot (weighted table, Maglev table, cursors).
 pub struct Selector {
     algorithm: Algorithm,
+    /// weighted_round_robin: backend indices in smooth order. Empty for other algorithms.
+    weighted: Box<[u16]>,
+    /// ip_hash: the Maglev lookup table. Empty for other algorithms.
+    maglev: Box<[u16]>,
+    /// Round-robin position, or the turn among equally loaded backends for least_*.
+    cursor: AtomicUsize,
 }
 
 impl Selector {
     pub fn new(algorithm: Algorithm, backends: &[BackendConfig]) -> Self {
-        let _ = backends;
-        Self { algorithm }
+        let weighted = match algorithm {
+            Algorithm::WeightedRoundRobin => {
+                let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+                weighted_round_robin::build_table(&weights)
+            }
+            _ => Vec::new(),
+        };
+        let maglev = match algorithm {
+            Algorithm::IpHash => {
+                let named: Vec<(&str, u32)> = backends.iter().map(|b| (b.name.as_str(), b.weight)).collect();
+                maglev::build_table(&named)
+            }
+            _ => Vec::new(),
+        };
+        Self {
+            algorithm,
+            weighted: weighted.into_boxed_slice(),
+            maglev: maglev.into_boxed_slice(),
+            cursor: AtomicUsize::new(0),
+        }
     }
 
     /// Chooses an available (healthy, not full) backend whose index is not in `exclude`.
     /// Returns its index in `backends`. Does not count the session: the caller acquires
     /// `backends[i].active` and, if that fails (it became full), picks again with `i` excluded.
     pub fn pick(&self, backends: &[Arc<Backend>], client: IpAddr, exclude: &[usize]) -> Option<usize> {
-        let _ = (backends, client, exclude, self.algorithm);
-        todo!("balancing work")
+        let candidate = |i: usize| -> Option<BackendView> {
+            if exclude.contains(&i) {
+                return None;
+            }
+            backends.get(i).map(|b| b.view())
+        };
+        let count = backends.len();
+        match self.algorithm {
+            Algorithm::RoundRobin => {
+                let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let choice = round_robin::pick(count, cursor, candidate)?;
+                self.skip_cursor(choice.advance);
+                Some(choice.backend)
+            }
+            Algorithm::WeightedRoundRobin => {
+                let table = &self.weighted;
+                let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let entry = |i: usize| table.get(i).map(|&b| b as usize);
+                let choice = weighted_round_robin::pick(table.len(), cursor, count, entry, candidate)?;
+                self.skip_cursor(choice.advance);
+                Some(choice.backend)
+            }
+            Algorithm::LeastConn => {
+                least_conn::pick(count, self.cursor.fetch_add(1, Ordering::Relaxed), candidate)
+            }
+            Algorithm::LeastTime => {
+                least_time::pick(count, self.cursor.fetch_add(1, Ordering::Relaxed), candidate)
+            }
+            Algorithm::IpHash => {
+                let table = &self.maglev;
+                let entry = |i: usize| table.get(i).map(|&b| b as usize);
+                maglev::pick(client_hash(client), table.len(), count, entry, candidate)
+            }
+        }
+    }
+
+    /// Moves the cursor past table entries a pick skipped, so that a down backend's turns are
+    /// spread over the following entries instead of all going to its neighbour.
+    fn skip_cursor(&self, advance: usize) {
+        if advance > 1 {
+            self.cursor.fetch_add(advance - 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The address hash both data planes use: IPv4-mapped IPv6 addresses (from a dual-stack
+/// listener) hash as the IPv4 address, as the XDP program sees it.
+fn client_hash(client: IpAddr) -> u64 {
+    match client.to_canonical() {
+        IpAddr::V4(v4) => hash::hash_ipv4(v4.octets()),
+        IpAddr::V6(v6) => hash::hash_ipv6(v6.octets()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::ServiceConfig;
+    use crate::counters::{ActiveCount, CounterTable};
+
+    /// A service parsed from TOML, so these tests follow the config's schema as it grows.
+    fn service(algorithm: &str, weights: &[u32]) -> (ServiceConfig, Vec<Arc<Backend>>) {
+        let mut text = format!(
+            "[[service]]\nname = \"mx\"\nlisten = \"127.0.0.1:2525\"\nalgorithm = \"{algorithm}\"\n"
+        );
+        for (i, weight) in weights.iter().enumerate() {
+            text += &format!(
+                "[[service.backend]]\nname = \"mta{i}\"\naddress = \"127.0.0.1:{}\"\nweight = {weight}\n",
+                2601 + i
+            );
+        }
+        let config = crate::config::parse(Path::new("balance-test.toml"), &text).expect("valid test config");
+        let service = config.services[0].clone();
+        let backends = live_backends(&service);
+        (service, backends)
+    }
+
+    fn live_backends(service: &ServiceConfig) -> Vec<Arc<Backend>> {
+        let table = CounterTable::new(service.backends.len());
+        service
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Arc::new(Backend::new(b.clone(), service, ActiveCount::new(table.clone(), i))))
+            .collect()
+    }
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+
+    #[test]
+    fn round_robin_takes_turns_and_skips_down_and_excluded() {
+        let (config, backends) = service("round_robin", &[1, 1, 1]);
+        let selector = Selector::new(config.algorithm, &config.backends);
+        let picks: Vec<_> = (0..6).map(|_| selector.pick(&backends, CLIENT, &[]).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        for _ in 0..10 {
+            backends[1].health.record_check(false);
+        }
+        assert!(!backends[1].health.is_up());
+        let picks: Vec<_> = (0..4).map(|_| selector.pick(&backends, CLIENT, &[]).unwrap()).collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
+        assert_eq!(selector.pick(&backends, CLIENT, &[0, 2]), None);
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights() {
+        let (config, backends) = service("weighted_round_robin", &[1, 2, 3]);
+        let selector = Selector::new(config.algorithm, &config.backends);
+        let mut counts = [0; 3];
+        for _ in 0..600 {
+            counts[selector.pick(&backends, CLIENT, &[]).unwrap()] += 1;
+        }
+        assert_eq!(counts, [100, 200, 300]);
+    }
+
+    #[test]
+    fn least_conn_reads_the_shared_counts() {
+        let (config, backends) = service("least_conn", &[1, 1, 1]);
+        let selector = Selector::new(config.algorithm, &config.backends);
+        let _held: Vec<_> = (0..3).map(|_| backends[0].active.try_acquire(0).unwrap()).collect();
+        let _one = backends[2].active.try_acquire(0).unwrap();
+        for _ in 0..5 {
+            assert_eq!(selector.pick(&backends, CLIENT, &[]), Some(1));
+        }
+        assert_eq!(selector.pick(&backends, CLIENT, &[1]), Some(2));
+    }
+
+    #[test]
+    fn least_time_prefers_the_faster_backend() {
+        let (config, backends) = service("least_time", &[1, 1]);
+        let selector = Selector::new(config.algorithm, &config.backends);
+        backends[0].record_response(20_000);
+        backends[1].record_response(500);
+        for _ in 0..5 {
+            assert_eq!(selector.pick(&backends, CLIENT, &[]), Some(1));
+        }
+    }
+
+    #[test]
+    fn ip_hash_is_sticky_and_maps_v4_mapped_v6_like_v4() {
+        let (config, backends) = service("ip_hash", &[1, 1, 1, 1]);
+        let selector = Selector::new(config.algorithm, &config.backends);
+        for last in 1..=50u8 {
+            let v4 = Ipv4Addr::new(198, 51, 100, last);
+            let first = selector.pick(&backends, IpAddr::V4(v4), &[]);
+            assert!(first.is_some());
+            assert_eq!(selector.pick(&backends, IpAddr::V4(v4), &[]), first);
+            assert_eq!(selector.pick(&backends, IpAddr::V6(v4.to_ipv6_mapped()), &[]), first);
+        }
+        let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+        assert!(selector.pick(&backends, v6, &[]).is_some());
+    }
+
+    #[test]
+    fn full_backends_are_not_chosen() {
+        let (mut config, _) = service("least_conn", &[1, 1]);
+        config.backends[0].max_connections = 1;
+        let backends = live_backends(&config);
+        let selector = Selector::new(config.algorithm, &config.backends);
+        let _guard = backends[0].active.try_acquire(1).unwrap();
+        assert_eq!(selector.pick(&backends, CLIENT, &[]), Some(1));
+        assert_eq!(selector.pick(&backends, CLIENT, &[1]), None);
     }
 }

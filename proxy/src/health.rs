@@ -1,1 +1,294 @@
-//! SKELETON: health
+//! Active health checks (tcp, smtp) per backend, feeding each backend's `HealthState`.
+//!
+//! The SMTP check behaves as a well-mannered client, because real MTAs log every rude one:
+//! it waits for the greeting before speaking, sends one command at a time, and always ends
+//! with QUIT. When the service sends PROXY headers the check sends one too (LOCAL / UNKNOWN),
+//! so an MTA that requires the header does not reject or log the check as broken.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HealthConfig, HealthKind, ProxyProtocol};
+use crate::proxy_protocol;
+use crate::smtp;
+use crate::state::{Backend, Service};
+
+/// Spawns one check loop per backend of `service` on the current runtime; loops end when
+/// `stop` is cancelled. Does nothing for `kind = "none"`.
+pub fn spawn_checks(service: Arc<Service>, stop: CancellationToken) {
+    if service.config.health.kind == HealthKind::None {
+        return;
+    }
+    let count = service.backends.len() as u32;
+    for (index, backend) in service.backends.iter().enumerate() {
+        // Staggered by index so that checks of one service do not hit the pool all at once.
+        let offset = service.config.health.interval / count.max(1) * index as u32;
+        tokio::spawn(check_loop(
+            service.clone(),
+            backend.clone(),
+            offset,
+            stop.clone(),
+        ));
+    }
+}
+
+async fn check_loop(
+    service: Arc<Service>,
+    backend: Arc<Backend>,
+    offset: Duration,
+    stop: CancellationToken,
+) {
+    let health = &service.config.health;
+    let proxy = service.config.proxy_protocol;
+    let mut next = Instant::now() + offset;
+    // Our own streak, for the log line; HealthState decides the state.
+    let mut streak = 0u32;
+    let mut last_ok: Option<bool> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        next += health.interval;
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = check(health, proxy, backend.config.address) => result,
+        };
+        let ok = result.is_ok();
+        if last_ok != Some(ok) {
+            streak = 0;
+        }
+        streak += 1;
+        last_ok = Some(ok);
+        match &result {
+            Ok(latency) => {
+                backend.record_response(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX))
+            }
+            Err(reason) => tracing::debug!(
+                "health check of backend {} of service {} failed: {reason}",
+                backend.config.name,
+                service.config.name
+            ),
+        }
+        match (backend.health.record_check(ok), result) {
+            (Some(true), _) => tracing::info!(
+                "backend {} of service {} is UP ({streak} consecutive successful {} checks)",
+                backend.config.name,
+                service.config.name,
+                kind_name(health.kind),
+            ),
+            (Some(false), Err(reason)) => tracing::warn!(
+                "backend {} of service {} is DOWN: {reason} ({streak} consecutive failures)",
+                backend.config.name,
+                service.config.name,
+            ),
+            _ => {}
+        }
+        // A check that ran long (timeouts) must not cause a burst of catch-up checks.
+        let now = Instant::now();
+        if next < now {
+            next = now + health.interval;
+        }
+    }
+}
+
+fn kind_name(kind: HealthKind) -> &'static str {
+    match kind {
+        HealthKind::None => "none",
+        HealthKind::Tcp => "tcp",
+        HealthKind::Smtp => "smtp",
+    }
+}
+
+/// Runs one check, bounded by `health.timeout` as a whole; on success returns the connect +
+/// greeting latency (connect only for `tcp`), on failure a reason for the log.
+async fn check(
+    health: &HealthConfig,
+    proxy: ProxyProtocol,
+    address: SocketAddr,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let deadline = started + health.timeout;
+    let mut stream = timeout_at(deadline, TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("connect timed out after {:?}", health.timeout))?
+        .map_err(|e| format!("connect failed: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let header = proxy_protocol::health_check_header(proxy);
+    if !header.is_empty() {
+        step(deadline, "sending PROXY header", stream.write_all(&header)).await?;
+    }
+    match health.kind {
+        HealthKind::Smtp => smtp_conversation(&mut stream, &health.ehlo, started, deadline).await,
+        HealthKind::Tcp | HealthKind::None => Ok(started.elapsed()),
+    }
+}
+
+/// Greeting, EHLO, QUIT — strictly in turn.
+async fn smtp_conversation(
+    stream: &mut TcpStream,
+    ehlo: &str,
+    started: Instant,
+    deadline: Instant,
+) -> Result<Duration, String> {
+    let greeting = step(deadline, "waiting for greeting", smtp::read_tcp_reply(stream)).await?;
+    let latency = started.elapsed();
+    if greeting.code != 220 {
+        quit_politely(stream, deadline).await;
+        return Err(format!("greeting {} {}", greeting.code, greeting.text()));
+    }
+    let command = format!("EHLO {ehlo}\r\n");
+    step(deadline, "sending EHLO", stream.write_all(command.as_bytes())).await?;
+    let reply = step(deadline, "waiting for EHLO reply", smtp::read_tcp_reply(stream)).await?;
+    if reply.code != 250 {
+        quit_politely(stream, deadline).await;
+        return Err(format!("EHLO answered {} {}", reply.code, reply.text()));
+    }
+    step(deadline, "sending QUIT", stream.write_all(b"QUIT\r\n")).await?;
+    let reply = step(deadline, "waiting for QUIT reply", smtp::read_tcp_reply(stream)).await?;
+    if reply.code != 221 {
+        return Err(format!("QUIT answered {} {}", reply.code, reply.text()));
+    }
+    Ok(latency)
+}
+
+/// Ends a failed conversation with QUIT rather than a bare close, and gives the server the
+/// chance to answer; errors are irrelevant here (a 421 server may already have hung up).
+async fn quit_politely(stream: &mut TcpStream, deadline: Instant) {
+    let _ = timeout_at(deadline, async {
+        stream.write_all(b"QUIT\r\n").await?;
+        smtp::read_tcp_reply(stream).await
+    })
+    .await;
+}
+
+/// Awaits one step of a check before the deadline, naming the step in the failure reason.
+async fn step<T, E: std::fmt::Display>(
+    deadline: Instant,
+    what: &str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match timeout_at(deadline, fut).await {
+        Err(_) => Err(format!("timed out {what}")),
+        Ok(Err(e)) => Err(format!("{what}: {e:#}")),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::net::TcpListener;
+
+    fn cfg(kind: HealthKind) -> HealthConfig {
+        HealthConfig {
+            kind,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+            ehlo: "switchyard.invalid".into(),
+        }
+    }
+
+    /// One SMTP conversation on a real socket; returns everything the client sent, line by
+    /// line, with a flag saying whether the client spoke before our greeting.
+    async fn serve_one(
+        listener: &TcpListener,
+        greeting: &'static str,
+        proxy_len: usize,
+    ) -> (Vec<u8>, Vec<String>) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut header = vec![0u8; proxy_len];
+        reader.read_exact(&mut header).await.unwrap();
+        // Nothing else may arrive before the greeting.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(reader.buffer().is_empty(), "client spoke before the greeting");
+        let early = tokio::time::timeout(Duration::from_millis(1), reader.fill_buf()).await;
+        assert!(early.is_err(), "client spoke before the greeting");
+        reader.get_mut().write_all(greeting.as_bytes()).await.unwrap();
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.unwrap() == 0 {
+                break;
+            }
+            // One command at a time: nothing must be queued behind this one.
+            assert!(reader.buffer().is_empty(), "client pipelined after {line:?}");
+            let answer: &[u8] = if line.starts_with("EHLO") {
+                b"250-mx.test\r\n250 PIPELINING\r\n"
+            } else if line.starts_with("QUIT") {
+                b"221 bye\r\n"
+            } else {
+                b"500 what\r\n"
+            };
+            lines.push(line);
+            reader.get_mut().write_all(answer).await.unwrap();
+        }
+        (header, lines)
+    }
+
+    #[tokio::test]
+    async fn smtp_check_conversation() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { serve_one(&listener, "220 ready\r\n", 0).await });
+        let latency = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr).await.unwrap();
+        assert!(latency >= Duration::from_millis(30));
+        let (_, lines) = server.await.unwrap();
+        assert_eq!(lines, ["EHLO switchyard.invalid\r\n", "QUIT\r\n"]);
+    }
+
+    #[tokio::test]
+    async fn smtp_check_sends_proxy_header_first() {
+        for (version, want) in [
+            (ProxyProtocol::V1, proxy_protocol::health_check_header(ProxyProtocol::V1)),
+            (ProxyProtocol::V2, proxy_protocol::health_check_header(ProxyProtocol::V2)),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let len = want.len();
+            let server =
+                tokio::spawn(async move { serve_one(&listener, "220 ready\r\n", len).await });
+            check(&cfg(HealthKind::Smtp), version, addr).await.unwrap();
+            let (header, lines) = server.await.unwrap();
+            assert_eq!(header, want);
+            assert_eq!(lines, ["EHLO switchyard.invalid\r\n", "QUIT\r\n"]);
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_greeting_fails_but_still_quits() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server =
+            tokio::spawn(async move { serve_one(&listener, "421 4.3.2 busy\r\n", 0).await });
+        let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr).await.unwrap_err();
+        assert_eq!(err, "greeting 421 4.3.2 busy");
+        let (_, lines) = server.await.unwrap();
+        assert_eq!(lines, ["QUIT\r\n"]);
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out_and_refused_fails() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = Instant::now();
+        let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr).await.unwrap_err();
+        assert_eq!(err, "timed out waiting for greeting");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // The tcp check only needs the connect.
+        check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr).await.unwrap();
+        drop(listener);
+        let err = check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr).await.unwrap_err();
+        assert!(err.starts_with("connect failed"), "{err}");
+    }
+}

@@ -1,1 +1,337 @@
-//! SKELETON: session
+//! One client session: choose a backend, wait for its greeting (failing over on connect errors,
+//! timeouts and 4xx/5xx greetings), then relay bytes both ways until close or idle timeout.
+//!
+//! Memory per session is kept small on purpose: the relay owns no buffer while idle. It waits
+//! for readiness, reads into a stack buffer inside a plain (non-async) function, and only when
+//! the destination cannot take everything does it keep the rest in a heap buffer until written.
+
+use std::io::{self, ErrorKind};
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::counters::ActiveGuard;
+use crate::proxy_protocol;
+use crate::smtp;
+use crate::state::{Backend, Service};
+
+/// What a client is told when nothing can serve it (RFC 3463: 4.3.2 "system not accepting
+/// network messages"); a temporary failure, so a sending MTA queues and retries.
+pub const SERVICE_UNAVAILABLE: &[u8] = b"421 4.3.2 Service not available\r\n";
+
+/// Bytes moved per read. Lives on the stack only for the duration of one copy.
+const COPY_CHUNK: usize = 16 * 1024;
+
+/// How long a polite close may wait for the peer (to read our last words, or to answer QUIT).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Holds one unit of `service.sessions` (the per-service `max_connections` count).
+pub struct SessionSlot {
+    service: Arc<Service>,
+}
+
+impl SessionSlot {
+    /// Takes a slot unless the service is at `max_connections` (0 = unlimited).
+    pub fn try_acquire(service: &Arc<Service>) -> Option<SessionSlot> {
+        let max = service.config.max_connections;
+        let previous = service.sessions.fetch_add(1, Ordering::AcqRel);
+        if max != 0 && previous >= max {
+            service.sessions.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(SessionSlot { service: service.clone() })
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.service.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Tells the client `421 4.3.2` and closes gracefully: our reply, then FIN, then discarding
+/// whatever the client still sends until it closes too, so the kernel never answers with a
+/// reset that could swallow the reply.
+pub async fn reject(mut client: TcpStream) {
+    let _ = tokio::time::timeout(LINGER, client.write_all(SERVICE_UNAVAILABLE)).await;
+    let _ = client.shutdown().await;
+    drain(&mut client).await;
+}
+
+/// Reads and discards until EOF, an error, or `LINGER`.
+async fn drain(stream: &mut TcpStream) {
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Runs one client session to its end. `stop` cuts it short (end of the shutdown grace time).
+pub async fn run(
+    service: Arc<Service>,
+    slot: SessionSlot,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    local_addr: SocketAddr,
+    stop: CancellationToken,
+) {
+    let started = Instant::now();
+    let connected = tokio::select! {
+        _ = stop.cancelled() => return,
+        connected = connect_any(&service, client_addr, local_addr) => connected,
+    };
+    let Some(upstream) = connected else {
+        debug!(client = %client_addr, service = %service.config.name, "no backend available: 421");
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = reject(client) => {}
+        }
+        return;
+    };
+    let backend_name = upstream.backend.config.name.clone();
+    let idle = service.config.idle_timeout;
+    let result = tokio::select! {
+        _ = stop.cancelled() => Err(anyhow!("cut off at shutdown")),
+        result = serve(client, upstream, idle) => result,
+    };
+    match result {
+        Ok(()) => debug!(client = %client_addr, backend = %backend_name, elapsed = ?started.elapsed(), "session closed"),
+        Err(error) => debug!(client = %client_addr, backend = %backend_name, "session ended: {error:#}"),
+    }
+    drop(slot);
+}
+
+/// A backend connection that has greeted positively, with its count held.
+struct Upstream {
+    backend: Arc<Backend>,
+    _active: ActiveGuard,
+    stream: TcpStream,
+    /// The greeting and any bytes that arrived after it, to be relayed to the client first.
+    greeting: Vec<u8>,
+}
+
+/// Picks backends until one greets positively, trying up to `retries` more after failures.
+async fn connect_any(service: &Arc<Service>, client_addr: SocketAddr, local_addr: SocketAddr) -> Option<Upstream> {
+    let client_ip: IpAddr = client_addr.ip();
+    let mut excluded: Vec<usize> = Vec::new();
+    let mut failures = 0u32;
+    let header = proxy_protocol::header(service.config.proxy_protocol, client_addr, local_addr);
+    loop {
+        let index = service.selector.pick(&service.backends, client_ip, &excluded)?;
+        excluded.push(index);
+        let backend = &service.backends[index];
+        // Full since it was picked: not a failure, just look elsewhere.
+        let Some(active) = backend.active.try_acquire(backend.config.max_connections) else {
+            continue;
+        };
+        match greet(service, backend, &header).await {
+            Ok((stream, greeting)) => {
+                backend.assigned_total.fetch_add(1, Ordering::Relaxed);
+                return Some(Upstream { backend: backend.clone(), _active: active, stream, greeting });
+            }
+            Err(failure) => {
+                drop(active);
+                failures += 1;
+                let more = failures <= service.config.retries;
+                warn!(
+                    service = %service.config.name,
+                    backend = %backend.config.name,
+                    "{failure}; {}",
+                    if more { "trying another backend" } else { "no retries left" }
+                );
+                if !more {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Why a backend did not take a session.
+enum Failure {
+    /// Connect refused or timed out, or the backend failed before greeting: counts towards
+    /// passive health.
+    Unreachable(String),
+    /// The backend answered, but with a 4xx/5xx greeting (e.g. a busy Postfix's 421).
+    Refused(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Unreachable(why) | Failure::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Connects to `backend`, sends the PROXY header, and waits for its greeting.
+async fn greet(service: &Service, backend: &Backend, header: &[u8]) -> Result<(TcpStream, Vec<u8>), Failure> {
+    let address = backend.config.address;
+    let started = Instant::now();
+    let attempt = async {
+        let stream = tokio::time::timeout(service.config.connect_timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| anyhow!("connect to {address} timed out after {:?}", service.config.connect_timeout))?
+            .with_context(|| format!("connect to {address}"))?;
+        let _ = stream.set_nodelay(true);
+        let mut reader = BufReader::with_capacity(1024, stream);
+        let greeting = tokio::time::timeout(service.config.greeting_timeout, async {
+            if !header.is_empty() {
+                reader.get_mut().write_all(header).await.context("sending PROXY header")?;
+            }
+            smtp::read_reply(&mut reader).await
+        })
+        .await
+        .map_err(|_| anyhow!("no greeting from {address} within {:?}", service.config.greeting_timeout))?
+        .with_context(|| format!("greeting from {address}"))?;
+        anyhow::Ok((reader, greeting))
+    };
+    let (reader, greeting) = match attempt.await {
+        Ok(done) => done,
+        Err(error) => {
+            if let Some(up) = backend.health.record_passive_failure() {
+                warn!(backend = %backend.config.name, up, "backend marked down by failures on live traffic");
+            }
+            return Err(Failure::Unreachable(format!("{error:#}")));
+        }
+    };
+    if !greeting.is_positive() {
+        let why = format!("{address} greeted with {}", greeting.code);
+        // Take leave as SMTP expects, without making the client wait for it.
+        let stream = reader.into_inner();
+        tokio::spawn(quit_politely(stream));
+        return Err(Failure::Refused(why));
+    }
+    let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+    backend.record_response(micros);
+    backend.health.record_passive_success();
+    let mut bytes = greeting.raw;
+    // A backend that talks ahead of the client (rare) must not lose those bytes.
+    bytes.extend_from_slice(reader.buffer());
+    Ok((reader.into_inner(), bytes))
+}
+
+/// Sends QUIT to a backend we are leaving, reads its answer briefly, and closes.
+async fn quit_politely(mut stream: TcpStream) {
+    if tokio::time::timeout(LINGER, stream.write_all(b"QUIT\r\n")).await.is_ok() {
+        let _ = stream.shutdown().await;
+        drain(&mut stream).await;
+    }
+}
+
+/// Relays the greeting, then everything, until both sides closed, an error, or idle timeout.
+async fn serve(client: TcpStream, upstream: Upstream, idle: Duration) -> anyhow::Result<()> {
+    let Upstream { backend: _backend, _active, stream: server, greeting } = upstream;
+    let _ = client.set_nodelay(true);
+    let last_activity = AtomicU64::new(0);
+    let epoch = Instant::now();
+    let mut client = client;
+    tokio::time::timeout(idle, client.write_all(&greeting))
+        .await
+        .context("client did not take the greeting")?
+        .context("relaying the greeting")?;
+    drop(greeting);
+    let relay = async {
+        tokio::try_join!(
+            pump(&client, &server, &last_activity, epoch),
+            pump(&server, &client, &last_activity, epoch),
+        )
+    };
+    tokio::select! {
+        result = relay => {
+            result.context("relay")?;
+            Ok(())
+        }
+        _ = idle_watch(&last_activity, epoch, idle) => Err(anyhow!("idle for {idle:?}")),
+    }
+}
+
+/// Milliseconds since `epoch`: a cheap, shareable activity stamp.
+fn stamp(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// Completes once nothing moved either way for `idle`.
+async fn idle_watch(last_activity: &AtomicU64, epoch: Instant, idle: Duration) {
+    let idle_ms = idle.as_millis() as u64;
+    loop {
+        let last = last_activity.load(Ordering::Relaxed);
+        let due = last.saturating_add(idle_ms);
+        let now = stamp(epoch);
+        if now >= due {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(due - now)).await;
+    }
+}
+
+/// Copies `src` to `dst` until EOF on `src`, then half-closes `dst` for writing.
+async fn pump(src: &TcpStream, dst: &TcpStream, last_activity: &AtomicU64, epoch: Instant) -> io::Result<()> {
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        if !pending.is_empty() {
+            dst.writable().await?;
+            match dst.try_write(&pending) {
+                Ok(n) => {
+                    pending.drain(..n);
+                    last_activity.store(stamp(epoch), Ordering::Relaxed);
+                    if pending.is_empty() {
+                        pending = Vec::new(); // give the memory back while idle
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        src.readable().await?;
+        match copy_ready(src, dst, &mut pending) {
+            Ok(0) => {
+                // Half-close: the peer of `dst` sees EOF; the other direction keeps running.
+                match SockRef::from(dst).shutdown(Shutdown::Write) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(_) => last_activity.store(stamp(epoch), Ordering::Relaxed),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Moves what `src` has ready into `dst`, keeping what `dst` cannot take yet in `pending`.
+/// Returns the bytes read (0 = EOF). Synchronous, so its buffer lives on the stack only now.
+fn copy_ready(src: &TcpStream, dst: &TcpStream, pending: &mut Vec<u8>) -> io::Result<usize> {
+    let mut chunk = [0u8; COPY_CHUNK];
+    let n = src.try_read(&mut chunk)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut written = 0;
+    while written < n {
+        match dst.try_write(&chunk[written..n]) {
+            Ok(w) => written += w,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                pending.extend_from_slice(&chunk[written..n]);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

@@ -1,1 +1,238 @@
-//! TODO(skeleton): maps
+//! The layout of every BPF map the XDP program and the control plane share.
+//!
+//! One definition for both sides (no hand-synced headers): `#[repr(C)]` structs of plain
+//! integers with explicit padding, so the kernel and userspace agree byte for byte and no
+//! uninitialised padding ever reaches a map. Addresses and ports are kept in network byte order
+//! (as they sit in the packet) so the fast path never swaps bytes.
+
+/// One cell of `ACTIVE`, the shared active count of a backend slot: a 64-bit word because
+/// Rust's BPF target offers atomics on 64-bit words only. Userspace maps the array and uses
+/// `AtomicU64` on the same cells.
+pub type ActiveCell = u64;
+
+/// Map names, as the XDP object declares them and the loader looks them up.
+pub mod names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const ACTIVE: &str = "ACTIVE";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const NAT_REPLIES: &str = "NAT_REPLIES";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const WEIGHTED: &str = "WEIGHTED";
+    pub const RR_CURSOR: &str = "RR_CURSOR";
+}
+
+/// Program names in the object.
+pub mod programs {
+    /// Balances new flows and forwards established ones; in `nat` mode also rewrites the
+    /// backends' replies (attached to the client- and the backend-facing interface).
+    pub const BALANCE: &str = "switchyard_balance";
+    /// Passes everything: attached to a veth peer so that redirected frames are accepted.
+    pub const PASS: &str = "switchyard_pass";
+}
+
+/// Default capacities; the control plane resizes maps before load from the config.
+pub const DEFAULT_SERVICES: u32 = 64;
+pub const DEFAULT_BACKEND_SLOTS: u32 = 4096;
+pub const DEFAULT_FLOWS: u32 = 65536;
+/// Entries reserved for one service's weighted round-robin table (one version): the longest
+/// table `weighted_round_robin::build_table` can return.
+pub const WEIGHTED_TABLE_SIZE: u32 =
+    (crate::weighted_round_robin::WRR_TABLE_MAX + crate::MAX_BACKENDS) as u32;
+
+/// `ServiceValue::algorithm`.
+pub mod algorithm {
+    pub const ROUND_ROBIN: u32 = 0;
+    pub const WEIGHTED_ROUND_ROBIN: u32 = 1;
+    pub const LEAST_CONN: u32 = 2;
+    pub const IP_HASH: u32 = 3;
+}
+
+/// `ServiceValue::forwarding`.
+pub mod forwarding {
+    pub const DSR: u32 = 0;
+    pub const NAT: u32 = 1;
+}
+
+/// `BackendEntry::state`.
+pub mod backend_state {
+    /// Takes new flows.
+    pub const UP: u32 = 0;
+    /// Failed health checks: no new flows; existing flows go on (the backend may still answer).
+    pub const DOWN: u32 = 1;
+    /// Operator drain: existing flows keep their backend, no new ones.
+    pub const DRAIN: u32 = 2;
+}
+
+/// `FlowValue::flags`.
+pub mod flow_flags {
+    /// The flow holds one unit of its backend's active count.
+    pub const COUNTED: u64 = 1;
+    /// The client sent FIN or RST: the count has been given back.
+    pub const CLOSED: u64 = 2;
+}
+
+pub const PROTO_TCP: u8 = 6;
+
+/// Key of `SERVICES`: a VIP and port, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index into per-service arrays (`SERVICE_STATS`, `RR_CURSOR`, `MAGLEV`, `WEIGHTED`).
+    pub index: u32,
+    /// One of [`algorithm`].
+    pub algorithm: u32,
+    /// One of [`forwarding`].
+    pub forwarding: u32,
+    /// The service's backends are slots `backend_base .. backend_base + backend_count` of
+    /// `BACKENDS` and `ACTIVE` (the same slots as the proxy's counter table).
+    pub backend_base: u32,
+    pub backend_count: u32,
+    /// Which half (0 or 1) of the double-buffered Maglev/weighted tables new flows read.
+    pub table_version: u32,
+    /// Used entries of the active weighted table (0 = empty: fall back to least_conn).
+    /// Written together with `table_version`, in the same map update.
+    pub weighted_len: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// Value of `BACKENDS`, indexed by backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub addr: u32,
+    pub port: u16,
+    pub mac: [u8; 6],
+    /// 1..=1000; 0 marks an unused slot.
+    pub weight: u32,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    /// One of [`backend_state`].
+    pub state: u32,
+    /// nat mode: interface index the backend is reached through (0 = ask the FIB).
+    pub ifindex: u32,
+}
+
+/// Key of `FLOWS` (client → VIP direction) and `NAT_REPLIES` (backend → client direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Backend slot the flow is pinned to.
+    pub backend: u32,
+    pub service: u32,
+    /// `bpf_ktime_get_ns` of the last packet (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+    /// [`flow_flags`]; changed only with atomic compare-and-swap. 64 bits because Rust's BPF
+    /// target offers atomics on 64-bit words only.
+    pub flags: u64,
+}
+
+/// Value of `NAT_REPLIES`: what a reply's source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReply {
+    pub vip_addr: u32,
+    pub vip_port: u16,
+    pub _pad: u16,
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU value of `BACKEND_STATS`, indexed by backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub new_flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Per-CPU value of `SERVICE_STATS`, indexed by service index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Packets forwarded to a backend.
+    pub forwarded: u64,
+    /// Packets for the VIP handed to the kernel stack (no flow, not a SYN).
+    pub passed: u64,
+    /// Packets dropped: no available backend, or a forwarding failure.
+    pub dropped: u64,
+    /// SYNs that found no available backend.
+    pub no_backend: u64,
+}
+
+/// Index of a service's Maglev entry `slot` in the flat `MAGLEV` array.
+#[inline(always)]
+pub fn maglev_index(service: u32, version: u32, size: u32, slot: u32) -> u32 {
+    (service * 2 + (version & 1)) * size + slot
+}
+
+/// Index of a service's weighted entry `slot` in the flat `WEIGHTED` array.
+#[inline(always)]
+pub fn weighted_index(service: u32, version: u32, size: u32, slot: u32) -> u32 {
+    (service * 2 + (version & 1)) * size + slot
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, made of integers with explicit padding fields,
+    // so every bit pattern is valid and none has implicit padding.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendEntry {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for NatReply {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for ServiceStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 32);
+        assert_eq!(size_of::<BackendEntry>(), 28);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 24);
+        assert_eq!(size_of::<NatReply>(), 16);
+        assert_eq!(size_of::<BackendStats>(), 24);
+        assert_eq!(size_of::<ServiceStats>(), 32);
+    }
+
+    #[test]
+    fn table_halves_do_not_overlap() {
+        assert_eq!(maglev_index(0, 1, 7, 0), 7);
+        assert_eq!(maglev_index(1, 0, 7, 0), 14);
+        assert_eq!(maglev_index(0, 0, 7, 6) + 1, maglev_index(0, 1, 7, 0));
+    }
+}

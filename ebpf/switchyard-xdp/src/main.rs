@@ -1,0 +1,490 @@
+//! The XDP fast path: steers TCP flows for a VIP:port to backends at packet level.
+//!
+//! `switchyard_balance` runs on the client-facing interface. A SYN for a configured VIP:port
+//! without a flow entry picks a backend with the service's algorithm, records the flow in an
+//! LRU table and adds one to the backend's shared active count; later packets follow the entry,
+//! and the client's first FIN or RST gives the count back (exactly once, by compare-and-swap on
+//! the flow's flags). Everything else passes to the kernel stack untouched.
+//! In `nat` mode the same program also runs on the backend-facing interface, where it rewrites
+//! the replies' source back to the VIP:port (one program, so one interface can play both roles). Map layouts live in `switchyard_common::maps`.
+#![no_std]
+#![no_main]
+// Rust's BPF target declares no compare-and-swap, though BPF v3 has fetch-add and cmpxchg on
+// 64-bit words: the intrinsics reach them (RUSTC_BOOTSTRAP=1 is already needed for build-std).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::mem::size_of;
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xsub};
+
+use aya_ebpf::bindings::{bpf_fib_lookup as FibParams, xdp_action};
+use aya_ebpf::helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect};
+use aya_ebpf::macros::{map, xdp};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::programs::XdpContext;
+use switchyard_common::backend::BackendView;
+use switchyard_common::maps::{
+    ActiveCell,
+    BackendEntry, BackendStats, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS, DEFAULT_SERVICES, FlowKey,
+    FlowValue, NatReply, PROTO_TCP, ServiceKey, ServiceStats, ServiceValue, WEIGHTED_TABLE_SIZE,
+    algorithm, backend_state, flow_flags, forwarding, maglev_index, weighted_index,
+};
+use switchyard_common::{MAGLEV_TABLE_SIZE, hash, least_conn, maglev, weighted_round_robin};
+
+/// `BPF_F_MMAPABLE`: the control plane maps the active counts into its address space.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+
+#[map]
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+#[map]
+static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
+/// The shared per-backend active counts (the proxy's `CounterTable` maps this array).
+#[map]
+static ACTIVE: Array<ActiveCell> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, BPF_F_MMAPABLE);
+#[map]
+static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
+#[map]
+static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+#[map]
+static NAT_REPLIES: LruHashMap<FlowKey, NatReply> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+/// Two Maglev tables per service (double buffer); entries are backend indexes within the service.
+#[map]
+static MAGLEV: Array<u32> = Array::with_max_entries(2 * MAGLEV_TABLE_SIZE as u32, 0);
+/// Two weighted round-robin tables per service (double buffer).
+#[map]
+static WEIGHTED: Array<u32> = Array::with_max_entries(2 * WEIGHTED_TABLE_SIZE, 0);
+/// Each CPU walks the weighted table with its own cursor: no cross-CPU read-modify-write race.
+#[map]
+static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    proto: u16,
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    vihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+struct TcpHdr {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    off: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urg: u16,
+}
+
+/// A TCP/IPv4 packet, every header bounds-checked.
+struct Packet {
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    tcp: *mut TcpHdr,
+    len: u64,
+}
+
+#[inline(always)]
+fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// `None` for anything that is not an unfragmented TCP/IPv4 packet.
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Option<Packet> {
+    let eth: *mut EthHdr = header(ctx, 0)?;
+    if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ip: *mut Ipv4Hdr = header(ctx, ETH_HLEN)?;
+    let (vihl, proto, frag_off) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frag_off) };
+    if vihl >> 4 != 4 || proto != PROTO_TCP {
+        return None;
+    }
+    // More-fragments flag or a fragment offset: only the first fragment has the ports.
+    if frag_off & 0x3fffu16.to_be() != 0 {
+        return None;
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 || ihl > 60 {
+        return None;
+    }
+    let tcp: *mut TcpHdr = header(ctx, ETH_HLEN + ihl)?;
+    Some(Packet { eth, ip, tcp, len: (ctx.data_end() - ctx.data()) as u64 })
+}
+
+#[xdp]
+pub fn switchyard_balance(ctx: XdpContext) -> u32 {
+    balance(&ctx)
+}
+
+#[xdp]
+pub fn switchyard_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> u32 {
+    let Some(pkt) = parse(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (saddr, daddr, sport, dport, flags) = unsafe {
+        ((*pkt.ip).saddr, (*pkt.ip).daddr, (*pkt.tcp).sport, (*pkt.tcp).dport, (*pkt.tcp).flags)
+    };
+    let service_key = ServiceKey { addr: daddr, port: dport, proto: PROTO_TCP, _pad: 0 };
+    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+        // Not for a VIP: maybe a nat backend's reply (on the backend-facing interface).
+        return nat_reply(ctx, &pkt);
+    };
+    let service = *service;
+    let flow_key = FlowKey {
+        src_addr: saddr,
+        dst_addr: daddr,
+        src_port: sport,
+        dst_port: dport,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+
+    let backend_slot = match FLOWS.get_ptr_mut(&flow_key) {
+        // A SYN on a flow the client closed is a new connection reusing the 5-tuple.
+        Some(flow) if !(is_syn && unsafe { flag_set(flow, flow_flags::CLOSED) }) => {
+            unsafe { (*flow).last_seen_ns = now };
+            if flags & (TCP_FIN | TCP_RST) != 0 {
+                close_flow(flow);
+            }
+            unsafe { (*flow).backend }
+        }
+        Some(_) | None => {
+            if !is_syn {
+                // No state for a mid-stream packet (expired or evicted): let the stack answer.
+                count_service(service.index, |s| s.passed += 1);
+                return xdp_action::XDP_PASS;
+            }
+            match new_flow(&service, &flow_key, now) {
+                Some(slot) => slot,
+                None => {
+                    count_service(service.index, |s| {
+                        s.no_backend += 1;
+                        s.dropped += 1;
+                    });
+                    return xdp_action::XDP_DROP;
+                }
+            }
+        }
+    };
+
+    let Some(backend) = BACKENDS.get(backend_slot) else {
+        count_service(service.index, |s| s.dropped += 1);
+        return xdp_action::XDP_DROP;
+    };
+    let backend = *backend;
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_slot) {
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += pkt.len;
+        }
+    }
+    let action = if service.forwarding == forwarding::NAT {
+        forward_nat(ctx, &pkt, &backend)
+    } else {
+        forward_dsr(&pkt, &backend)
+    };
+    if action == xdp_action::XDP_DROP || action == xdp_action::XDP_ABORTED {
+        count_service(service.index, |s| s.dropped += 1);
+    } else {
+        count_service(service.index, |s| s.forwarded += 1);
+    }
+    action
+}
+
+#[inline(always)]
+unsafe fn flag_set(flow: *mut FlowValue, flag: u64) -> bool {
+    (unsafe { core::ptr::read_volatile(&raw const (*flow).flags) } & flag) != 0
+}
+
+/// Gives the flow's count back, once: only the CPU whose compare-and-swap sets `CLOSED` does.
+#[inline(always)]
+fn close_flow(flow: *mut FlowValue) {
+    // A plain 64-bit load is atomic on BPF; the compare-and-swap below settles any race.
+    let seen = unsafe { core::ptr::read_volatile(&raw const (*flow).flags) };
+    if seen & flow_flags::CLOSED != 0 {
+        return;
+    }
+    let (_, swapped) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*flow).flags,
+            seen,
+            seen | flow_flags::CLOSED,
+        )
+    };
+    if swapped && seen & flow_flags::COUNTED != 0 {
+        let backend = unsafe { (*flow).backend };
+        if let Some(active) = ACTIVE.get_ptr_mut(backend) {
+            unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
+        }
+    }
+}
+
+/// Chooses a backend for a SYN, records the flow, and counts it. Returns the backend slot.
+#[inline(always)]
+fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> {
+    let slot = select(service, key)?;
+    let value = FlowValue {
+        backend: slot,
+        service: service.index,
+        last_seen_ns: now,
+        flags: flow_flags::COUNTED,
+    };
+    // BPF_ANY: replaces a closed entry for a reused 5-tuple (its count was already given back).
+    if FLOWS.insert(key, &value, 0).is_err() {
+        return None;
+    }
+    if let Some(active) = ACTIVE.get_ptr_mut(slot) {
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
+    }
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(slot) {
+        unsafe { (*stats).new_flows += 1 };
+    }
+    if service.forwarding == forwarding::NAT
+        && let Some(backend) = BACKENDS.get(slot)
+    {
+        let reply_key = FlowKey {
+            src_addr: backend.addr,
+            dst_addr: key.src_addr,
+            src_port: backend.port,
+            dst_port: key.src_port,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let reply = NatReply {
+            vip_addr: key.dst_addr,
+            vip_port: key.dst_port,
+            _pad: 0,
+            last_seen_ns: now,
+        };
+        let _ = NAT_REPLIES.insert(&reply_key, &reply, 0);
+    }
+    Some(slot)
+}
+
+/// The backend view the shared selection code reads, straight from the maps.
+#[inline(always)]
+fn view(slot: u32) -> Option<BackendView> {
+    let backend = BACKENDS.get(slot)?;
+    let active = ACTIVE.get_ptr_mut(slot)?;
+    let active = unsafe { core::ptr::read_volatile(active) };
+    Some(BackendView {
+        active: active.min(u32::MAX as u64) as u32,
+        weight: backend.weight,
+        max_connections: backend.max_connections,
+        healthy: (backend.state == backend_state::UP && backend.weight != 0) as u32,
+        response_us: 0,
+    })
+}
+
+/// The service's algorithm, through the same selection functions the proxy uses. Table
+/// entries name backends by their index within the service; the tables' own fallbacks skip
+/// backends that went down before the control plane rewrote the table.
+#[inline(always)]
+fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
+    let count = service.backend_count as usize;
+    if count == 0 {
+        return None;
+    }
+    let base = service.backend_base;
+    let version = service.table_version;
+    let candidate = |i: usize| if i < count { view(base + i as u32) } else { None };
+    let index = match service.algorithm {
+        algorithm::IP_HASH => {
+            let client_hash = hash::hash_ipv4(key.src_addr.to_ne_bytes());
+            let size = MAGLEV_TABLE_SIZE as u32;
+            maglev::pick(
+                client_hash,
+                MAGLEV_TABLE_SIZE,
+                count,
+                |slot| {
+                    let at = maglev_index(service.index, version, size, slot as u32);
+                    MAGLEV.get(at).map(|&b| b as usize)
+                },
+                candidate,
+            )?
+        }
+        algorithm::ROUND_ROBIN | algorithm::WEIGHTED_ROUND_ROBIN if service.weighted_len != 0 => {
+            let cursor = RR_CURSOR.get_ptr_mut(service.index)?;
+            let position = unsafe { *cursor };
+            let choice = weighted_round_robin::pick(
+                service.weighted_len as usize,
+                position as usize,
+                count,
+                |slot| {
+                    let at = weighted_index(service.index, version, WEIGHTED_TABLE_SIZE, slot as u32);
+                    WEIGHTED.get(at).map(|&b| b as usize)
+                },
+                candidate,
+            )?;
+            unsafe { *cursor = position.wrapping_add(choice.advance as u32) };
+            choice.backend
+        }
+        _ => {
+            let start = unsafe { bpf_get_prandom_u32() } as usize;
+            least_conn::pick(count, start, candidate)?
+        }
+    };
+    Some(base + index as u32)
+}
+
+#[inline(always)]
+fn forward_dsr(pkt: &Packet, backend: &BackendEntry) -> u32 {
+    // The frame came to this interface's MAC: that becomes the source towards the backend.
+    unsafe {
+        (*pkt.eth).src = (*pkt.eth).dst;
+        (*pkt.eth).dst = backend.mac;
+    }
+    xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn forward_nat(ctx: &XdpContext, pkt: &Packet, backend: &BackendEntry) -> u32 {
+    unsafe {
+        let old_addr = (*pkt.ip).daddr;
+        let old_port = (*pkt.tcp).dport;
+        (*pkt.ip).daddr = backend.addr;
+        (*pkt.tcp).dport = backend.port;
+        (*pkt.ip).check = csum_replace4((*pkt.ip).check, old_addr, backend.addr);
+        let check = csum_replace4((*pkt.tcp).check, old_addr, backend.addr);
+        (*pkt.tcp).check = csum_replace2(check, old_port, backend.port);
+    }
+    route(ctx, pkt)
+}
+
+/// Sends a rewritten packet where the FIB says; hands it to the stack when the FIB cannot
+/// (no neighbour entry yet: the kernel resolves it and forwards this packet itself).
+#[inline(always)]
+fn route(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    unsafe {
+        params.family = AF_INET;
+        params.l4_protocol = PROTO_TCP;
+        params.sport = (*pkt.tcp).sport;
+        params.dport = (*pkt.tcp).dport;
+        params.__bindgen_anon_1.tot_len = u16::from_be((*pkt.ip).tot_len);
+        params.ifindex = ctx.ingress_ifindex() as u32;
+        params.__bindgen_anon_3.ipv4_src = (*pkt.ip).saddr;
+        params.__bindgen_anon_4.ipv4_dst = (*pkt.ip).daddr;
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return xdp_action::XDP_PASS;
+    }
+    unsafe {
+        (*pkt.eth).dst = params.dmac;
+        (*pkt.eth).src = params.smac;
+        bpf_redirect(params.ifindex, 0) as u32
+    }
+}
+
+/// Rewrites a nat backend's reply to come from the VIP:port; passes anything else untouched.
+#[inline(always)]
+fn nat_reply(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    let key = unsafe {
+        FlowKey {
+            src_addr: (*pkt.ip).saddr,
+            dst_addr: (*pkt.ip).daddr,
+            src_port: (*pkt.tcp).sport,
+            dst_port: (*pkt.tcp).dport,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        }
+    };
+    let Some(reply) = NAT_REPLIES.get_ptr_mut(&key) else {
+        return xdp_action::XDP_PASS;
+    };
+    unsafe {
+        (*reply).last_seen_ns = bpf_ktime_get_ns();
+        let (vip, vport) = ((*reply).vip_addr, (*reply).vip_port);
+        let old_addr = (*pkt.ip).saddr;
+        let old_port = (*pkt.tcp).sport;
+        (*pkt.ip).saddr = vip;
+        (*pkt.tcp).sport = vport;
+        (*pkt.ip).check = csum_replace4((*pkt.ip).check, old_addr, vip);
+        let check = csum_replace4((*pkt.tcp).check, old_addr, vip);
+        (*pkt.tcp).check = csum_replace2(check, old_port, vport);
+    }
+    route(ctx, pkt)
+}
+
+#[inline(always)]
+fn count_service(index: u32, update: impl FnOnce(&mut ServiceStats)) {
+    if let Some(stats) = SERVICE_STATS.get_ptr_mut(index) {
+        update(unsafe { &mut *stats });
+    }
+}
+
+/// RFC 1624 incremental update, on 16-bit words exactly as they lie in the packet (one's
+/// complement sums do not care about byte order as long as every word is taken alike).
+#[inline(always)]
+fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check as u32) + (!old as u32) + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
+    let check = csum_replace2(check, old as u16, new as u16);
+    csum_replace2(check, (old >> 16) as u16, (new >> 16) as u16)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

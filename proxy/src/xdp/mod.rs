@@ -1,0 +1,76 @@
+//! The kernel fast path's control plane: loads the XDP program, sizes and programs its maps
+//! from the running state, attaches it, keeps backend state in step with health checks, and
+//! expires idle flows so the shared active counts never drift.
+//!
+//! Lifecycle, as `server` drives it:
+//! 1. [`XdpPlane::load`] before the state is built: loads the object through the verifier and
+//!    maps the shared active-count array; [`XdpPlane::counters`] is then the [`CounterTable`]
+//!    the whole process counts in (kernel flows and proxy sessions alike).
+//! 2. [`XdpPlane::start`] once the runtime exists: writes services, backends and tables,
+//!    attaches, and spawns the sync task (health → backend state, flow expiry).
+//! 3. [`XdpPlane::shutdown`]: stops the task and detaches — unless the maps and links were
+//!    pinned on purpose (`SWITCHYARD_XDP_PIN`), in which case the program keeps steering
+//!    established flows and the next start takes them over.
+
+mod flows;
+mod loader;
+mod neighbours;
+mod tables;
+
+use std::sync::Arc;
+
+use crate::config::{Config, Dataplane};
+use crate::counters::CounterTable;
+use crate::state::Runtime;
+
+pub use loader::XdpPlane;
+
+/// Whether this binary carries the XDP object (see build.rs).
+pub const BUILT_IN: bool = cfg!(switchyard_xdp);
+
+/// Said when the fast path is asked for but not built in.
+pub const NOT_BUILT: &str =
+    "this switchyard was built without the XDP fast path (eBPF toolchain not found): run `cargo xtask setup`, then rebuild";
+
+/// The compiled XDP object, when build.rs could build it.
+pub fn object() -> Option<&'static [u8]> {
+    #[cfg(switchyard_xdp)]
+    {
+        static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-xdp.o"));
+        Some(OBJECT)
+    }
+    #[cfg(not(switchyard_xdp))]
+    {
+        None
+    }
+}
+
+/// Whether any service of `config` asks for the kernel path.
+pub fn wanted(config: &Config) -> bool {
+    config.services.iter().any(|s| s.dataplane == Dataplane::Xdp)
+}
+
+/// The one call `server` needs: `Ok(None)` when no service uses XDP (counts then live on the
+/// heap), otherwise the loaded plane, whose counter table must be used to build the state.
+pub fn load_if_wanted(config: &Config) -> anyhow::Result<Option<XdpPlane>> {
+    if !wanted(config) {
+        return Ok(None);
+    }
+    XdpPlane::load(config).map(Some)
+}
+
+/// The counter table for `config`: the plane's shared one, or a heap table.
+pub fn counters_for(plane: Option<&XdpPlane>, config: &Config) -> Arc<CounterTable> {
+    match plane {
+        Some(plane) => plane.counters(),
+        None => CounterTable::new(crate::state::Snapshot::slots_needed(config)),
+    }
+}
+
+/// Starts the plane on `runtime` if there is one.
+pub fn start_if_loaded(plane: &mut Option<XdpPlane>, runtime: &Arc<Runtime>) -> anyhow::Result<()> {
+    match plane {
+        Some(plane) => plane.start(runtime.clone()),
+        None => Ok(()),
+    }
+}

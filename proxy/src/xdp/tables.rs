@@ -1,0 +1,184 @@
+//! Writes services, backends and their selection tables into the XDP program's maps.
+//!
+//! New flows must never see a half-written table: each service owns two halves of the Maglev
+//! and weighted arrays, the control plane fills the half that is not in use, then flips
+//! `table_version` (with the new table length) in one update of the service's `SERVICES`
+//! entry. The kernel copies that entry once per packet, so a flow sees either table whole.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, bail};
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, MapData};
+use switchyard_common::maps::{
+    BackendEntry, PROTO_TCP, ServiceKey, ServiceValue, WEIGHTED_TABLE_SIZE, algorithm, backend_state, forwarding,
+    maglev_index, names, weighted_index,
+};
+use switchyard_common::{MAGLEV_TABLE_SIZE, maglev, weighted_round_robin};
+
+use crate::config::{Algorithm, Forwarding};
+use crate::state::Service;
+
+/// The `SERVICES` key of a VIP.
+pub fn service_key(address: SocketAddr) -> anyhow::Result<ServiceKey> {
+    let IpAddr::V4(ip) = address.ip() else {
+        bail!("the XDP fast path serves IPv4 VIPs only, not {address}");
+    };
+    Ok(ServiceKey {
+        addr: u32::from_ne_bytes(ip.octets()),
+        port: address.port().to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    })
+}
+
+pub fn algorithm_code(algorithm: Algorithm) -> anyhow::Result<u32> {
+    Ok(match algorithm {
+        Algorithm::RoundRobin => algorithm::ROUND_ROBIN,
+        Algorithm::WeightedRoundRobin => algorithm::WEIGHTED_ROUND_ROBIN,
+        Algorithm::LeastConn => algorithm::LEAST_CONN,
+        Algorithm::IpHash => algorithm::IP_HASH,
+        Algorithm::LeastTime => bail!("least_time is not available in the XDP fast path"),
+    })
+}
+
+/// What the kernel may do with each backend right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendStates {
+    /// One of `backend_state::*` per backend of the service, in config order.
+    pub states: Vec<u32>,
+    /// Known MACs (dsr), in config order; zero when unknown or not needed.
+    pub macs: Vec<[u8; 6]>,
+}
+
+impl BackendStates {
+    fn up(&self) -> Vec<usize> {
+        (0..self.states.len()).filter(|&i| self.states[i] == backend_state::UP).collect()
+    }
+}
+
+/// Writes every backend entry of `service` and, when the set of backends that may take new
+/// flows changed (or `force`), rebuilds and flips its tables. Returns nothing; errors name the
+/// map that failed.
+pub fn program_service(
+    bpf: &mut Ebpf,
+    index: u32,
+    service: &Service,
+    states: &BackendStates,
+    previous: Option<&BackendStates>,
+) -> anyhow::Result<()> {
+    let xdp = service
+        .config
+        .xdp
+        .as_ref()
+        .context("service has no [service.xdp] table")?;
+    let vip = *service.config.listen.first().context("service has no VIP")?;
+    let key = service_key(vip)?;
+    let base = service.backends.first().map_or(0, |b| b.active.slot()) as u32;
+
+    {
+        let mut backends: Array<&mut MapData, BackendEntry> =
+            Array::try_from(bpf.map_mut(names::BACKENDS).context("map BACKENDS missing")?)?;
+        for (i, backend) in service.backends.iter().enumerate() {
+            let slot = backend.active.slot() as u32;
+            debug_assert_eq!(slot, base + i as u32, "a service's slots are contiguous");
+            let SocketAddr::V4(address) = backend.config.address else {
+                bail!("backend {:?}: the XDP fast path needs an IPv4 address", backend.config.name);
+            };
+            let entry = BackendEntry {
+                addr: u32::from_ne_bytes(address.ip().octets()),
+                port: address.port().to_be(),
+                mac: states.macs[i],
+                weight: backend.config.weight,
+                max_connections: backend.config.max_connections,
+                state: states.states[i],
+                ifindex: 0,
+            };
+            backends
+                .set(slot, entry, 0)
+                .with_context(|| format!("writing backend {:?} (slot {slot})", backend.config.name))?;
+        }
+    }
+
+    let unchanged = previous.is_some_and(|p| p.up() == states.up());
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(bpf.map_mut(names::SERVICES).context("map SERVICES missing")?)?;
+    let current = services.get(&key, 0).ok();
+    if unchanged && current.is_some() {
+        return Ok(());
+    }
+    drop(services);
+    let version = current.map_or(0, |c| c.table_version ^ 1);
+    let weighted_len = write_tables(bpf, index, version, service, &states.up())?;
+    let value = ServiceValue {
+        index,
+        algorithm: algorithm_code(service.config.algorithm)?,
+        forwarding: match xdp.forwarding {
+            Forwarding::Dsr => forwarding::DSR,
+            Forwarding::Nat => forwarding::NAT,
+        },
+        backend_base: base,
+        backend_count: service.backends.len() as u32,
+        table_version: version,
+        weighted_len,
+        flags: 0,
+    };
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(bpf.map_mut(names::SERVICES).context("map SERVICES missing")?)?;
+    services.insert(key, value, 0).context("writing the service entry")?;
+    Ok(())
+}
+
+/// Fills half `version` of the service's tables over the backends in `up` (indexes into the
+/// service's backends); returns the weighted table's length.
+fn write_tables(bpf: &mut Ebpf, index: u32, version: u32, service: &Service, up: &[usize]) -> anyhow::Result<u32> {
+    match service.config.algorithm {
+        Algorithm::IpHash => {
+            let named: Vec<(&str, u32)> = up
+                .iter()
+                .map(|&i| (service.backends[i].config.name.as_str(), service.backends[i].config.weight))
+                .collect();
+            let table = maglev::build_table(&named);
+            let mut map: Array<&mut MapData, u32> =
+                Array::try_from(bpf.map_mut(names::MAGLEV).context("map MAGLEV missing")?)?;
+            for slot in 0..MAGLEV_TABLE_SIZE as u32 {
+                // An empty table (nothing up) points nowhere valid: the kernel falls back to
+                // its scan, which finds nothing available either.
+                let backend = table.get(slot as usize).map_or(u32::MAX, |&b| up[b as usize] as u32);
+                map.set(maglev_index(index, version, MAGLEV_TABLE_SIZE as u32, slot), backend, 0)
+                    .context("writing the Maglev table")?;
+            }
+            Ok(0)
+        }
+        Algorithm::RoundRobin | Algorithm::WeightedRoundRobin => {
+            let weights: Vec<u32> = up
+                .iter()
+                .map(|&i| match service.config.algorithm {
+                    Algorithm::RoundRobin => 1,
+                    _ => service.backends[i].config.weight,
+                })
+                .collect();
+            let table = if weights.is_empty() { Vec::new() } else { weighted_round_robin::build_table(&weights) };
+            let len = (table.len() as u32).min(WEIGHTED_TABLE_SIZE);
+            let mut map: Array<&mut MapData, u32> =
+                Array::try_from(bpf.map_mut(names::WEIGHTED).context("map WEIGHTED missing")?)?;
+            for position in 0..len {
+                let backend = up[table[position as usize] as usize] as u32;
+                map.set(weighted_index(index, version, WEIGHTED_TABLE_SIZE, position), backend, 0)
+                    .context("writing the weighted table")?;
+            }
+            Ok(len)
+        }
+        Algorithm::LeastConn | Algorithm::LeastTime => Ok(0),
+    }
+}
+
+/// Removes the service's entry (new flows to its VIP then pass to the stack).
+#[allow(dead_code)] // for config reload
+pub fn remove_service(bpf: &mut Ebpf, vip: SocketAddr) -> anyhow::Result<()> {
+    let key = service_key(vip)?;
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(bpf.map_mut(names::SERVICES).context("map SERVICES missing")?)?;
+    let _ = services.remove(&key);
+    Ok(())
+}

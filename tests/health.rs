@@ -1,0 +1,468 @@
+//! Active health checks and PROXY protocol, end to end: the real binary checking real SMTP
+//! servers on loopback, and the exact header bytes real backends receive.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::*;
+
+const SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+
+/// A one-service config: `health` is the body of `[service.health]`.
+fn config(
+    listen: &[SocketAddr],
+    proxy: &str,
+    health: &str,
+    backends: &[(&str, SocketAddr)],
+) -> String {
+    let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
+    let mut toml = format!(
+        "[[service]]\nname = \"mx\"\nlisten = [{}]\nalgorithm = \"round_robin\"\n\
+         proxy_protocol = \"{proxy}\"\nconnect_timeout = \"1s\"\nretries = 2\n\n\
+         [service.health]\n{health}\n",
+        listen.join(", ")
+    );
+    for (name, addr) in backends {
+        toml.push_str(&format!(
+            "\n[[service.backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
+        ));
+    }
+    toml
+}
+
+fn smtp_health(interval_ms: u64, rise: u32, fall: u32) -> String {
+    format!(
+        "kind = \"smtp\"\ninterval = \"{interval_ms}ms\"\ntimeout = \"{interval_ms}ms\"\n\
+         rise = {rise}\nfall = {fall}\nehlo = \"checker.test\""
+    )
+}
+
+/// Waits until `needle` has been logged `count` times; returns how long that took.
+async fn wait_for_log(sy: &Switchyard, needle: &str, count: usize, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if sy.stderr_text().matches(needle).count() >= count {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{needle:?} not logged {count} time(s) within {limit:?}; stderr:\n{}",
+            sy.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn log_count(sy: &Switchyard, needle: &str) -> usize {
+    sy.stderr_text().matches(needle).count()
+}
+
+async fn sessions(addr: SocketAddr, n: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for _ in 0..n {
+        names.push(smtp_session(addr).await.expect("client session through switchyard"));
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_falls_after_fall_checks_and_rises_after_rise_checks() {
+    let (interval, rise, fall) = (200u64, 3u32, 3u32);
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
+    let mta3 = TestBackend::start("mta3", Behaviour::default()).await;
+    let listen = free_addr();
+    let sy = Switchyard::start(&config(
+        &[listen],
+        "none",
+        &smtp_health(interval, rise, fall),
+        &[("mta1", mta1.addr()), ("mta2", mta2.addr()), ("mta3", mta3.addr())],
+    ));
+    tokio::time::sleep(Duration::from_millis(interval * 2)).await;
+    assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
+    assert!(mta2.connections() >= 1, "the first check runs at once");
+
+    mta2.stop();
+    let took = wait_for_log(&sy, "backend mta2 of service mx is DOWN", 1, Duration::from_secs(10)).await;
+    let at_least = Duration::from_millis(interval * u64::from(fall - 1) - 50);
+    assert!(took >= at_least, "DOWN after {took:?}, before {fall} checks could fail");
+    let text = sy.stderr_text();
+    let line = text.lines().find(|l| l.contains("mta2 of service mx is DOWN")).unwrap_or_default();
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("connect failed"), "reason missing: {line}");
+    assert!(line.contains(&format!("({fall} consecutive failures)")), "{line}");
+
+    let names = sessions(listen, 12).await;
+    assert!(!names.iter().any(|n| n == "mta2"), "a DOWN backend got sessions: {names:?}");
+
+    mta2.restart();
+    let took = wait_for_log(&sy, "backend mta2 of service mx is UP", 1, Duration::from_secs(10)).await;
+    let at_least = Duration::from_millis(interval * u64::from(rise - 1) - 50);
+    assert!(took >= at_least, "UP after {took:?}, before {rise} checks could pass");
+    let text = sy.stderr_text();
+    let line = text.lines().find(|l| l.contains("mta2 of service mx is UP")).unwrap_or_default();
+    assert!(line.contains("INFO"), "{line}");
+
+    let names = sessions(listen, 12).await;
+    let on_mta2 = names.iter().filter(|n| *n == "mta2").count();
+    assert!(on_mta2 >= 3, "an UP backend gets its share again: {names:?}");
+
+    // Many more checks later, each change is still logged exactly once.
+    tokio::time::sleep(Duration::from_millis(interval * 5)).await;
+    assert_eq!(log_count(&sy, "backend mta2 of service mx is DOWN"), 1, "{}", sy.stderr_text());
+    assert_eq!(log_count(&sy, "backend mta2 of service mx is UP"), 1, "{}", sy.stderr_text());
+    for other in ["mta1", "mta3"] {
+        assert_eq!(log_count(&sy, &format!("backend {other} of service")), 0, "{}", sy.stderr_text());
+    }
+
+    // And a second outage is a second (single) line.
+    mta2.stop();
+    wait_for_log(&sy, "backend mta2 of service mx is DOWN", 2, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(interval * 4)).await;
+    assert_eq!(log_count(&sy, "backend mta2 of service mx is DOWN"), 2, "{}", sy.stderr_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
+    let interval = 200u64;
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let busy = Behaviour { greeting_code: 421, ..Behaviour::default() };
+    let mta2 = TestBackend::start("mta2", busy).await;
+    let smtp_listen = free_addr();
+    let tcp_listen = free_addr();
+    let mut toml = config(
+        &[smtp_listen],
+        "none",
+        &smtp_health(interval, 2, 2),
+        &[("mta1", mta1.addr()), ("mta2", mta2.addr())],
+    );
+    toml.push('\n');
+    toml.push_str(
+        &config(
+            &[tcp_listen],
+            "none",
+            &format!("kind = \"tcp\"\ninterval = \"{interval}ms\"\ntimeout = \"{interval}ms\"\nrise = 2\nfall = 2"),
+            &[("mta1", mta1.addr()), ("mta2", mta2.addr())],
+        )
+        .replace("name = \"mx\"", "name = \"mx-tcp\""),
+    );
+    let sy = Switchyard::start(&toml);
+
+    wait_for_log(&sy, "backend mta2 of service mx is DOWN", 1, Duration::from_secs(10)).await;
+    let text = sy.stderr_text();
+    let line = text.lines().find(|l| l.contains("mta2 of service mx is DOWN")).unwrap_or_default();
+    assert!(line.contains("greeting 421 mta2 busy"), "reason missing: {line}");
+
+    // Down means not chosen: only the checks still touch it.
+    let before = mta2.connections();
+    let started = Instant::now();
+    let names = sessions(smtp_listen, 6).await;
+    let checks = started.elapsed().as_millis() as usize / interval as usize + 2;
+    assert!(names.iter().all(|n| n == "mta1"), "{names:?}");
+    assert!(
+        mta2.connections() - before <= checks,
+        "a DOWN backend was offered sessions ({} connections in {:?})",
+        mta2.connections() - before,
+        started.elapsed()
+    );
+
+    // The tcp check only connects, so it keeps the 421 backend up.
+    tokio::time::sleep(Duration::from_millis(interval * 3)).await;
+    assert_eq!(log_count(&sy, "of service mx-tcp is DOWN"), 0, "{}", sy.stderr_text());
+
+    mta2.set_greeting_code(220);
+    wait_for_log(&sy, "backend mta2 of service mx is UP", 1, Duration::from_secs(10)).await;
+    let names = sessions(smtp_listen, 6).await;
+    assert!(names.iter().any(|n| n == "mta2"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kind_none_runs_no_checks() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let listen = free_addr();
+    let sy = Switchyard::start(&config(
+        &[listen],
+        "none",
+        "kind = \"none\"\ninterval = \"100ms\"\ntimeout = \"100ms\"",
+        &[("mta1", mta1.addr())],
+    ));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(mta1.connections(), 0, "no check may connect; stderr:\n{}", sy.stderr_text());
+    mta1.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The check's conversation, as a strict SMTP server sees it
+// ---------------------------------------------------------------------------------------------
+
+/// What a checker did on one connection.
+#[derive(Debug, Default, Clone)]
+struct Conversation {
+    /// Bytes received before the greeting was sent (only a PROXY header is allowed).
+    before_greeting: Vec<u8>,
+    /// Commands in order, each with whether more bytes had arrived before its reply was sent.
+    commands: Vec<(String, bool)>,
+    /// The client closed the connection after our 221.
+    closed_after_quit: bool,
+}
+
+const GREETING_DELAY: Duration = Duration::from_millis(300);
+const REPLY_DELAY: Duration = Duration::from_millis(100);
+
+/// A strict SMTP server that greets late and answers slowly, so a checker that speaks before
+/// the greeting or pipelines commands is caught in the act.
+async fn recording_server() -> (SocketAddr, Arc<Mutex<Vec<Conversation>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recorder");
+    let addr = listener.local_addr().expect("recorder address");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let shared = log.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let conversation = record(stream).await;
+                shared.lock().push(conversation);
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// Everything readable right now, without waiting.
+fn drain(stream: &TcpStream, into: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => into.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn record(mut stream: TcpStream) -> Conversation {
+    let mut conv = Conversation::default();
+    tokio::time::sleep(GREETING_DELAY).await;
+    drain(&stream, &mut conv.before_greeting);
+    if stream.write_all(b"220 recorder ESMTP\r\n").await.is_err() {
+        return conv;
+    }
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while !pending.contains(&b'\n') {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => pending.extend_from_slice(&buf[..n]),
+                _ => return conv,
+            }
+        }
+        let end = pending.iter().position(|&b| b == b'\n').map_or(0, |p| p + 1);
+        let line: Vec<u8> = pending.drain(..end).collect();
+        let line = String::from_utf8_lossy(&line).into_owned();
+        tokio::time::sleep(REPLY_DELAY).await;
+        drain(&stream, &mut pending);
+        conv.commands.push((line.clone(), !pending.is_empty()));
+        let reply: &[u8] = match line.get(..4).unwrap_or_default().to_ascii_uppercase().as_str() {
+            "EHLO" => b"250-recorder\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            "QUIT" => b"221 2.0.0 Bye\r\n",
+            _ => b"502 5.5.2 Error: command not recognized\r\n",
+        };
+        if stream.write_all(reply).await.is_err() {
+            return conv;
+        }
+        if line.starts_with("QUIT") {
+            let closed = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+            conv.closed_after_quit = matches!(closed, Ok(Ok(0)));
+            return conv;
+        }
+    }
+}
+
+async fn check_conversation(proxy: &str, expected_header: &[u8]) {
+    let (backend, conversations) = recording_server().await;
+    let listen = free_addr();
+    let health = "kind = \"smtp\"\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\n\
+                  ehlo = \"checker.test\"";
+    let sy = Switchyard::start(&config(&[listen], proxy, health, &[("rec", backend)]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conversations.lock().len() < 2 {
+        assert!(Instant::now() < deadline, "no two checks in 10 s; stderr:\n{}", sy.stderr_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for conv in conversations.lock().iter() {
+        assert_eq!(
+            conv.before_greeting,
+            expected_header,
+            "the check sent {:?} before the greeting",
+            String::from_utf8_lossy(&conv.before_greeting)
+        );
+        assert_eq!(
+            conv.commands,
+            [("EHLO checker.test\r\n".to_string(), false), ("QUIT\r\n".to_string(), false)],
+            "EHLO then QUIT, one at a time"
+        );
+        assert!(conv.closed_after_quit, "the check closes after 221");
+    }
+    assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_check_waits_for_greeting_then_ehlo_then_quit() {
+    check_conversation("none", b"").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_check_sends_proxy_v1_unknown_first() {
+    check_conversation("v1", b"PROXY UNKNOWN\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_check_sends_proxy_v2_local_first() {
+    let mut local = SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    check_conversation("v2", &local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_check_passes_through_a_backend_requiring_proxy_v2() {
+    let behaviour = Behaviour { proxy: ProxyExpect::V2, ..Behaviour::default() };
+    let mta1 = TestBackend::start("mta1", behaviour).await;
+    let listen = free_addr();
+    let sy = Switchyard::start(&config(&[listen], "v2", &smtp_health(100, 1, 1), &[("mta1", mta1.addr())]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mta1.proxy_headers().len() < 3 {
+        assert!(Instant::now() < deadline, "checks did not arrive; stderr:\n{}", sy.stderr_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut local = SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    assert!(mta1.proxy_headers().iter().all(|h| *h == local), "{:?}", mta1.proxy_headers());
+    assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// PROXY headers of real client sessions
+// ---------------------------------------------------------------------------------------------
+
+fn free_addr_v6() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("[::1]:0").expect("bind [::1]");
+    listener.local_addr().expect("local address")
+}
+
+/// A minimal client: greeting, QUIT. Returns its own address (what the header must announce).
+async fn greet_and_quit(addr: SocketAddr) -> SocketAddr {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to switchyard");
+    let me = stream.local_addr().expect("client address");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !buf.ends_with(b"\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("greeting in time")
+            .expect("read greeting");
+        assert!(n > 0, "closed before the greeting");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert!(buf.starts_with(b"220 mta1"), "{:?}", String::from_utf8_lossy(&buf));
+    stream.write_all(b"QUIT\r\n").await.expect("send QUIT");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("221 in time")
+        .expect("read 221");
+    assert!(rest.starts_with(b"221"), "{:?}", String::from_utf8_lossy(&rest));
+    me
+}
+
+fn expected_v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let family = if client.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        client.ip(),
+        local.ip(),
+        client.port(),
+        local.port()
+    )
+    .into_bytes()
+}
+
+fn expected_v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let mut out = SIGNATURE.to_vec();
+    match (client.ip(), local.ip()) {
+        (IpAddr::V4(c), IpAddr::V4(l)) => {
+            out.extend_from_slice(&[0x21, 0x11, 0x00, 12]);
+            out.extend_from_slice(&c.octets());
+            out.extend_from_slice(&l.octets());
+        }
+        (IpAddr::V6(c), IpAddr::V6(l)) => {
+            out.extend_from_slice(&[0x21, 0x21, 0x00, 36]);
+            out.extend_from_slice(&c.octets());
+            out.extend_from_slice(&l.octets());
+        }
+        _ => panic!("mixed families are not expected on loopback"),
+    }
+    out.extend_from_slice(&client.port().to_be_bytes());
+    out.extend_from_slice(&local.port().to_be_bytes());
+    out
+}
+
+async fn client_headers(proxy: ProxyExpect, version: &str) {
+    let behaviour = Behaviour { proxy, ..Behaviour::default() };
+    let mta1 = TestBackend::start("mta1", behaviour).await;
+    let (v4, v6) = (free_addr(), free_addr_v6());
+    let sy = Switchyard::start(&config(&[v4, v6], version, "kind = \"none\"", &[("mta1", mta1.addr())]));
+    for listen in [v4, v6] {
+        let client = greet_and_quit(listen).await;
+        assert_eq!(client.ip(), listen.ip());
+        let headers = mta1.proxy_headers();
+        let got = headers.last().expect("a header per session");
+        let want = match proxy {
+            ProxyExpect::V1 => expected_v1(client, listen),
+            _ => expected_v2(client, listen),
+        };
+        assert_eq!(
+            *got,
+            want,
+            "header for {client} -> {listen}: got {:?}; stderr:\n{}",
+            String::from_utf8_lossy(got),
+            sy.stderr_text()
+        );
+    }
+    assert_eq!(mta1.proxy_headers().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v1_header_of_client_sessions_ipv4_and_ipv6() {
+    client_headers(ProxyExpect::V1, "v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v2_header_of_client_sessions_ipv4_and_ipv6() {
+    client_headers(ProxyExpect::V2, "v2").await;
+}
+
+#[test]
+fn expected_headers_match_the_specification_examples() {
+    // Guards the test's own encoders against the spec's worked layout.
+    let c = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)), 56324);
+    let l = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 11)), 443);
+    assert_eq!(expected_v1(c, l), b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n");
+    let v2 = expected_v2(c, l);
+    assert_eq!(v2.len(), 28);
+    assert_eq!(&v2[12..], &[0x21, 0x11, 0, 12, 192, 168, 0, 1, 192, 168, 0, 11, 0xDC, 0x04, 0x01, 0xBB]);
+    let c6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 1);
+    assert_eq!(expected_v1(c6, c6), b"PROXY TCP6 ::1 ::1 1 1\r\n");
+    assert_eq!(expected_v2(c6, c6).len(), 16 + 36);
+}

@@ -1,0 +1,525 @@
+//! The userspace data path end to end: the real binary between real SMTP clients and real
+//! SMTP backends on loopback — failover, 421s, byte-exact relay, half-close, idle timeout,
+//! hostile clients, graceful shutdown, IPv6, and no leaked active count afterwards.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::*;
+
+const UNAVAILABLE: &str = "421 4.3.2 Service not available\r\n";
+
+/// A config with one service on `listen` in front of `backends`; `service_keys` are extra
+/// lines for the `[[service]]` table, `health` the `kind` of checks.
+fn config(listen: &[SocketAddr], service_keys: &str, health: &str, backends: &[(&str, SocketAddr)]) -> String {
+    let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
+    let mut toml = format!(
+        "shutdown_timeout = \"10s\"\n\n[[service]]\nname = \"mx\"\nlisten = [{}]\n{service_keys}\n\n\
+         [service.health]\nkind = \"{health}\"\ninterval = \"300ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2\n",
+        listen.join(", ")
+    );
+    for (name, address) in backends {
+        toml.push_str(&format!("\n[[service.backend]]\nname = \"{name}\"\naddress = \"{address}\"\n"));
+    }
+    toml
+}
+
+fn backends_of<'a>(list: &'a [&'a TestBackend]) -> Vec<(&'a str, SocketAddr)> {
+    list.iter().map(|b| (b.name(), b.addr())).collect()
+}
+
+/// Stops the process with SIGTERM (exit 0 expected) and checks the shutdown report: every
+/// backend's active count is back to 0. Returns each backend's `assigned` total.
+fn terminate_and_check_counts(sy: &mut Switchyard, names: &[&str]) -> Vec<u64> {
+    let status = sy.terminate();
+    let log = sy.stderr_text();
+    assert!(status.success(), "exit status {status}; stderr:\n{log}");
+    assert!(!log.contains("panicked"), "a panic was logged:\n{log}");
+    names
+        .iter()
+        .map(|name| {
+            let marker = format!("backend {name} active=");
+            let line = log
+                .lines()
+                .find(|l| l.contains(&marker))
+                .unwrap_or_else(|| panic!("no shutdown count line for {name}:\n{log}"));
+            let rest = &line[line.find(&marker).map(|i| i + marker.len()).unwrap_or(0)..];
+            let mut fields = rest.split_whitespace();
+            let active: u32 = fields.next().and_then(|v| v.parse().ok()).expect("active count");
+            assert_eq!(active, 0, "backend {name} leaked active sessions: {line}");
+            fields
+                .next()
+                .and_then(|f| f.strip_prefix("assigned="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no assigned total in {line}"))
+        })
+        .collect()
+}
+
+/// A connected client that has read its 220 greeting.
+async fn open_greeted(addr: SocketAddr) -> BufReader<TcpStream> {
+    let mut conn = BufReader::new(TcpStream::connect(addr).await.expect("connect"));
+    let (code, text) = read_reply(&mut conn).await.expect("greeting");
+    assert_eq!(code, 220, "greeting {text:?}");
+    conn
+}
+
+/// Reads until EOF (or reset) and returns what came, failing after `limit`.
+async fn read_to_close(stream: &mut (impl AsyncReadExt + Unpin), limit: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("connection not closed in time");
+    out
+}
+
+#[tokio::test]
+async fn backend_and_client_helpers_talk_smtp() {
+    let backend = TestBackend::start("mta1", Behaviour::default()).await;
+    let name = smtp_session(backend.addr()).await.expect("direct session");
+    assert_eq!(name, "mta1");
+    assert_eq!(backend.messages(), 1);
+    assert_eq!(backend.sessions_completed(), 1);
+    backend.stop();
+    assert!(read_greeting(backend.addr()).await.is_err());
+    backend.restart();
+    assert_eq!(smtp_session(backend.addr()).await.expect("after restart"), "mta1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_when_a_backend_stops_mid_load() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
+    let mta3 = TestBackend::start("mta3", Behaviour::default()).await;
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(
+        &[listen],
+        "algorithm = \"round_robin\"\nretries = 2\nconnect_timeout = \"1s\"",
+        "smtp",
+        &backends_of(&[&mta1, &mta2, &mta3]),
+    ));
+
+    const TOTAL: usize = 300;
+    const CLIENTS: usize = 40;
+    let next = Arc::new(AtomicUsize::new(0));
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (next, stopped) = (next.clone(), stopped.clone());
+        tasks.push(tokio::spawn(async move {
+            // (started after the stop, result)
+            let mut results = Vec::new();
+            while next.fetch_add(1, Ordering::SeqCst) < TOTAL {
+                let after_stop = stopped.load(Ordering::SeqCst);
+                results.push((after_stop, smtp_session(listen).await));
+            }
+            results
+        }));
+    }
+    while next.load(Ordering::SeqCst) < TOTAL / 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    mta2.stop();
+    stopped.store(true, Ordering::SeqCst);
+
+    let mut after_ok = 0;
+    let mut before_failed = Vec::new();
+    let mut after_failed = Vec::new();
+    let mut served_by_mta2_after = 0;
+    for task in tasks {
+        for (after_stop, result) in task.await.expect("client task") {
+            match (after_stop, result) {
+                (true, Ok(name)) => {
+                    after_ok += 1;
+                    if name == "mta2" {
+                        served_by_mta2_after += 1;
+                    }
+                }
+                (true, Err(e)) => after_failed.push(format!("{e:#}")),
+                (false, Ok(_)) => {}
+                (false, Err(e)) => before_failed.push(format!("{e:#}")),
+            }
+        }
+    }
+    assert!(after_failed.is_empty(), "sessions started after the stop failed: {after_failed:?}");
+    assert_eq!(served_by_mta2_after, 0);
+    assert!(after_ok >= TOTAL / 2 - CLIENTS, "only {after_ok} sessions after the stop");
+    // Only sessions already running on mta2 when it died may fail: at most one per client.
+    assert!(before_failed.len() <= CLIENTS, "{} failures before the stop: {before_failed:?}", before_failed.len());
+    let delivered = mta1.messages() + mta2.messages() + mta3.messages();
+    assert!(delivered >= TOTAL - before_failed.len(), "{delivered} messages delivered");
+
+    let assigned = terminate_and_check_counts(&mut sy, &["mta1", "mta2", "mta3"]);
+    assert_eq!(assigned.iter().sum::<u64>() as usize, TOTAL, "every session was assigned exactly once");
+    eprintln!("failover: {} sessions failed before the stop (established on mta2), 0 after", before_failed.len());
+}
+
+#[tokio::test]
+async fn backend_greeting_421_fails_over_unseen_by_clients() {
+    let busy = TestBackend::start("busy", Behaviour { greeting_code: 421, ..Default::default() }).await;
+    let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
+    let mta3 = TestBackend::start("mta3", Behaviour::default()).await;
+    let listen = free_addr();
+    // No active checks, so the busy backend stays "up" and only greeting failover protects
+    // clients from it.
+    let mut sy = Switchyard::start(&config(
+        &[listen],
+        "algorithm = \"round_robin\"\nretries = 2",
+        "none",
+        &backends_of(&[&busy, &mta2, &mta3]),
+    ));
+    for _ in 0..30 {
+        let name = smtp_session(listen).await.expect("session through switchyard");
+        assert_ne!(name, "busy");
+    }
+    assert!(busy.connections() >= 5, "the busy backend was tried {} times", busy.connections());
+    assert_eq!(mta2.messages() + mta3.messages(), 30);
+    assert!(sy.stderr_text().contains("greeted with 421"), "{}", sy.stderr_text());
+    let assigned = terminate_and_check_counts(&mut sy, &["busy", "mta2", "mta3"]);
+    assert_eq!(assigned[0], 0, "a 421-greeting backend is never assigned");
+    assert_eq!(assigned.iter().sum::<u64>(), 30);
+}
+
+#[tokio::test]
+async fn backend_that_hangs_before_greeting_is_skipped() {
+    // Accepts, then says nothing.
+    let hang = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hang_addr = hang.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hang.accept().await {
+            held.push(stream);
+        }
+    });
+    let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(
+        &[listen],
+        "algorithm = \"round_robin\"\nretries = 1\ngreeting_timeout = \"300ms\"",
+        "none",
+        &[("hang", hang_addr), ("mta2", mta2.addr())],
+    ));
+    for _ in 0..4 {
+        assert_eq!(smtp_session(listen).await.expect("session"), "mta2");
+    }
+    assert!(sy.stderr_text().contains("no greeting from"), "{}", sy.stderr_text());
+    terminate_and_check_counts(&mut sy, &["hang", "mta2"]);
+    holder.abort();
+}
+
+#[tokio::test]
+async fn no_backend_available_gives_421() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(
+        &[listen],
+        "algorithm = \"least_conn\"\nretries = 2",
+        "none",
+        &backends_of(&[&mta1, &mta2]),
+    ));
+    assert_eq!(smtp_session(listen).await.expect("session while up").len(), 4);
+
+    // Every backend greets 421: the client gets our 421 4.3.2, then a clean close.
+    mta1.set_greeting_code(421);
+    mta2.set_greeting_code(421);
+    let mut conn = TcpStream::connect(listen).await.expect("connect");
+    let all = read_to_close(&mut conn, Duration::from_secs(10)).await;
+    assert_eq!(String::from_utf8_lossy(&all), UNAVAILABLE);
+
+    // Every backend gone.
+    mta1.stop();
+    mta2.stop();
+    let (code, text) = read_greeting(listen).await.expect("a reply, not a reset");
+    assert_eq!((code, text.as_str()), (421, UNAVAILABLE));
+
+    // And back.
+    mta1.set_greeting_code(220);
+    mta1.restart();
+    assert_eq!(smtp_session(listen).await.expect("session after restart"), "mta1");
+    terminate_and_check_counts(&mut sy, &["mta1", "mta2"]);
+}
+
+#[tokio::test]
+async fn max_connections_gives_421_beyond_the_limit() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(&[listen], "max_connections = 2", "none", &backends_of(&[&mta1])));
+    let first = open_greeted(listen).await;
+    let second = open_greeted(listen).await;
+    let mut third = TcpStream::connect(listen).await.expect("connect");
+    let all = read_to_close(&mut third, Duration::from_secs(10)).await;
+    assert_eq!(String::from_utf8_lossy(&all), UNAVAILABLE);
+    assert_eq!(mta1.connections(), 2, "the rejected client never reached a backend");
+
+    drop(first);
+    // The slot comes back once the proxy has seen the close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match smtp_session(listen).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no slot freed: {e:#}"),
+        }
+    }
+    drop(second);
+    terminate_and_check_counts(&mut sy, &["mta1"]);
+}
+
+/// A backend that greets with a multi-line reply and then echoes every byte back.
+async fn echo_backend(greeting: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                stream.write_all(greeting).await?;
+                let (mut r, mut w) = stream.split();
+                tokio::io::copy(&mut r, &mut w).await?;
+                w.shutdown().await?;
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn greeting_and_data_relayed_byte_for_byte() {
+    const GREETING: &[u8] = b"220-mx.example.test ESMTP first line\r\n220-second line \xc3\xa9\r\n220 last line\r\n";
+    let echo = echo_backend(GREETING).await;
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(&[listen], "", "none", &[("echo", echo)]));
+
+    let mut conn = TcpStream::connect(listen).await.expect("connect");
+    let mut greeting = vec![0u8; GREETING.len()];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut greeting))
+        .await
+        .expect("greeting in time")
+        .expect("greeting");
+    assert_eq!(greeting, GREETING);
+
+    // 4 MiB of every byte value, far more than any socket buffer, so the relay must wait
+    // for the slow side; sent while reading so neither side deadlocks.
+    let payload: Arc<Vec<u8>> = Arc::new((0..4 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect());
+    let (mut r, mut w) = conn.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(7919) {
+            w.write_all(chunk).await.expect("send");
+        }
+        w.shutdown().await.expect("half-close");
+    });
+    let echoed = read_to_close(&mut r, Duration::from_secs(30)).await;
+    writer.await.expect("writer");
+    assert_eq!(echoed.len(), payload.len());
+    assert!(echoed == *payload, "echoed bytes differ");
+    terminate_and_check_counts(&mut sy, &["echo"]);
+}
+
+#[tokio::test]
+async fn half_close_is_propagated_and_the_other_direction_keeps_running() {
+    // Reads until the client's EOF arrives, then answers with the byte count and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                stream.write_all(b"220 counter ready\r\n").await?;
+                let mut all = Vec::new();
+                stream.read_to_end(&mut all).await?;
+                // Answer after a pause: the client side is half-closed, not gone.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                stream.write_all(format!("250 got {} bytes\r\n", all.len()).as_bytes()).await?;
+                stream.shutdown().await?;
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(&[listen], "", "none", &[("counter", backend)]));
+    let mut conn = TcpStream::connect(listen).await.expect("connect");
+    conn.write_all(&[b'x'; 100_000]).await.expect("send");
+    conn.shutdown().await.expect("half-close");
+    let all = read_to_close(&mut conn, Duration::from_secs(10)).await;
+    assert_eq!(String::from_utf8_lossy(&all), "220 counter ready\r\n250 got 100000 bytes\r\n");
+    terminate_and_check_counts(&mut sy, &["counter"]);
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_a_silent_session_but_not_a_talking_one() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(&[listen], "idle_timeout = \"1s\"", "none", &backends_of(&[&mta1])));
+
+    let talking = tokio::spawn(async move {
+        let mut conn = open_greeted(listen).await;
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            conn.get_mut().write_all(b"NOOP\r\n").await?;
+            let (code, _) = read_reply(&mut conn).await?;
+            anyhow::ensure!(code == 250, "NOOP answered {code}");
+        }
+        anyhow::Ok(())
+    });
+
+    let mut silent = open_greeted(listen).await;
+    let started = Instant::now();
+    let rest = read_to_close(&mut silent, Duration::from_secs(5)).await;
+    let waited = started.elapsed();
+    assert!(rest.is_empty());
+    assert!(waited >= Duration::from_millis(800), "closed after {waited:?}, before the idle timeout");
+    talking.await.expect("task").expect("a session with traffic every 300 ms outlives a 1 s idle timeout");
+    terminate_and_check_counts(&mut sy, &["mta1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_vanishing_clients_do_not_hurt() {
+    let slow = TestBackend::start("slow", Behaviour { greeting_delay: Duration::from_millis(300), ..Default::default() }).await;
+    let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(
+        &[listen],
+        "algorithm = \"round_robin\"\nidle_timeout = \"5s\"",
+        "none",
+        &backends_of(&[&slow, &mta2]),
+    ));
+
+    let mut tasks = Vec::new();
+    for i in 0..60u32 {
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut conn) = TcpStream::connect(listen).await else { return };
+            match i % 4 {
+                // Gone before any greeting.
+                0 => drop(conn),
+                // Binary garbage, then gone without reading a byte.
+                1 => {
+                    let junk: Vec<u8> = (0..70_000u32).map(|n| (n * 31 + i) as u8).collect();
+                    let _ = conn.write_all(&junk).await;
+                }
+                // Half a command, then a reset.
+                2 => {
+                    let _ = conn.write_all(b"EHLO half-a-li").await;
+                    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                }
+                // Reads the greeting, then vanishes mid-transaction.
+                _ => {
+                    let mut buf = [0u8; 64];
+                    let _ = conn.read(&mut buf).await;
+                    let _ = conn.write_all(b"MAIL FROM:<a@b>\r\n").await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client task");
+    }
+    // Still serving, on both backends.
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(smtp_session(listen).await.expect("session after the abuse"));
+    }
+    assert!(names.contains(&"slow".to_string()) && names.contains(&"mta2".to_string()), "{names:?}");
+    // Let the abandoned sessions notice their clients are gone.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    terminate_and_check_counts(&mut sy, &["slow", "mta2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_active_sessions_finish_and_refuses_new_ones() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(&[listen], "", "none", &backends_of(&[&mta1])));
+
+    let held = tokio::spawn(smtp_session_hold(listen, Duration::from_millis(1500)));
+    while mta1.messages() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sy.signal(Signal::SIGTERM);
+    // Listeners close at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(listen).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(held.await.expect("task").expect("the held session completes"), "mta1");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = sy.wait_timeout(Duration::from_secs(10));
+        (status, sy)
+    })
+    .await
+    .expect("wait");
+    let (status, mut sy) = status;
+    let status = status.expect("exited after its last session");
+    assert!(status.success(), "exit status {status}; stderr:\n{}", sy.stderr_text());
+    assert_eq!(mta1.sessions_completed(), 1);
+    terminate_and_check_counts(&mut sy, &["mta1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_timeout_cuts_off_sessions_that_outstay_it() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let listen = free_addr();
+    let toml = config(&[listen], "", "none", &backends_of(&[&mta1])).replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"500ms\"");
+    let mut sy = Switchyard::start(&toml);
+    let held = tokio::spawn(smtp_session_hold(listen, Duration::from_secs(30)));
+    while mta1.messages() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy)).await.expect("wait");
+    assert!(status.success(), "exit status {status}; stderr:\n{}", sy.stderr_text());
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(held.await.expect("task").is_err(), "the held session was cut off");
+    assert!(sy.stderr_text().contains("backend mta1 active=0"), "{}", sy.stderr_text());
+}
+
+#[tokio::test]
+async fn listens_on_ipv6_loopback() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let v4 = free_addr();
+    let v6 = {
+        let l = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
+        l.local_addr().expect("addr")
+    };
+    let mut sy = Switchyard::start(&config(&[v4, v6], "proxy_protocol = \"none\"", "none", &backends_of(&[&mta1])));
+    assert_eq!(smtp_session(v6).await.expect("session over IPv6"), "mta1");
+    assert_eq!(smtp_session(v4).await.expect("session over IPv4"), "mta1");
+    terminate_and_check_counts(&mut sy, &["mta1"]);
+}
+
+#[tokio::test]
+async fn bind_failure_names_service_and_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.toml");
+    std::fs::write(&path, config(&[addr], "", "none", &[("mta1", free_addr())])).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("\"mx\"") && stderr.contains(&addr.to_string()), "{stderr}");
+}

@@ -1,0 +1,2 @@
+//! placeholder
+pub fn run(_d: std::time::Duration) -> anyhow::Result<std::process::ExitCode> { todo!() }

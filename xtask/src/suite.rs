@@ -1,0 +1,2 @@
+//! placeholder
+pub fn run() -> anyhow::Result<std::process::ExitCode> { todo!() }
