@@ -37,7 +37,11 @@ fn select(c: &mut Criterion) {
         let weights: Vec<u32> = views.iter().map(|v| v.weight).collect();
         let weighted = weighted_round_robin::build_table(&weights);
         let names = names(n);
-        let named: Vec<(&str, u32)> = names.iter().map(|s| s.as_str()).zip(weights.iter().copied()).collect();
+        let named: Vec<(&str, u32)> = names
+            .iter()
+            .map(|s| s.as_str())
+            .zip(weights.iter().copied())
+            .collect();
         let maglev_table = maglev::build_table(&named);
 
         group.bench_with_input(BenchmarkId::new("round_robin", n), &n, |b, _| {
@@ -51,7 +55,8 @@ fn select(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("weighted_round_robin", n), &n, |b, _| {
             let mut cursor = 0usize;
             b.iter(|| {
-                let choice = weighted_round_robin::pick_in(&weighted, cursor, black_box(&views), &[]);
+                let choice =
+                    weighted_round_robin::pick_in(&weighted, cursor, black_box(&views), &[]);
                 cursor = cursor.wrapping_add(choice.map_or(1, |c| c.advance));
                 choice
             })
@@ -67,7 +72,12 @@ fn select(c: &mut Criterion) {
             let mut client = 0x0a00_0000u32;
             b.iter(|| {
                 client = client.wrapping_add(1);
-                maglev::pick_in(hash_ipv4(client.to_be_bytes()), &maglev_table, black_box(&views), &[])
+                maglev::pick_in(
+                    hash_ipv4(client.to_be_bytes()),
+                    &maglev_table,
+                    black_box(&views),
+                    &[],
+                )
             })
         });
         group.bench_with_input(BenchmarkId::new("least_time", n), &n, |b, _| {

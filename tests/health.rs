@@ -69,7 +69,11 @@ fn log_count(sy: &Switchyard, needle: &str) -> usize {
 async fn sessions(addr: SocketAddr, n: usize) -> Vec<String> {
     let mut names = Vec::new();
     for _ in 0..n {
-        names.push(smtp_session(addr).await.expect("client session through switchyard"));
+        names.push(
+            smtp_session(addr)
+                .await
+                .expect("client session through switchyard"),
+        );
     }
     names
 }
@@ -85,57 +89,123 @@ async fn backend_falls_after_fall_checks_and_rises_after_rise_checks() {
         &[listen],
         "none",
         &smtp_health(interval, rise, fall),
-        &[("mta1", mta1.addr()), ("mta2", mta2.addr()), ("mta3", mta3.addr())],
+        &[
+            ("mta1", mta1.addr()),
+            ("mta2", mta2.addr()),
+            ("mta3", mta3.addr()),
+        ],
     ));
     tokio::time::sleep(Duration::from_millis(interval * 2)).await;
     assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
     assert!(mta2.connections() >= 1, "the first check runs at once");
 
     mta2.stop();
-    let took = wait_for_log(&sy, "backend mta2 of service mx is DOWN", 1, Duration::from_secs(10)).await;
+    let took = wait_for_log(
+        &sy,
+        "backend mta2 of service mx is DOWN",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     let at_least = Duration::from_millis(interval * u64::from(fall - 1) - 50);
-    assert!(took >= at_least, "DOWN after {took:?}, before {fall} checks could fail");
+    assert!(
+        took >= at_least,
+        "DOWN after {took:?}, before {fall} checks could fail"
+    );
     let text = sy.stderr_text();
-    let line = text.lines().find(|l| l.contains("mta2 of service mx is DOWN")).unwrap_or_default();
+    let line = text
+        .lines()
+        .find(|l| l.contains("mta2 of service mx is DOWN"))
+        .unwrap_or_default();
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("connect failed"), "reason missing: {line}");
-    assert!(line.contains(&format!("({fall} consecutive failures)")), "{line}");
+    assert!(
+        line.contains(&format!("({fall} consecutive failures)")),
+        "{line}"
+    );
 
     let names = sessions(listen, 12).await;
-    assert!(!names.iter().any(|n| n == "mta2"), "a DOWN backend got sessions: {names:?}");
+    assert!(
+        !names.iter().any(|n| n == "mta2"),
+        "a DOWN backend got sessions: {names:?}"
+    );
 
     mta2.restart();
-    let took = wait_for_log(&sy, "backend mta2 of service mx is UP", 1, Duration::from_secs(10)).await;
+    let took = wait_for_log(
+        &sy,
+        "backend mta2 of service mx is UP",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     let at_least = Duration::from_millis(interval * u64::from(rise - 1) - 50);
-    assert!(took >= at_least, "UP after {took:?}, before {rise} checks could pass");
+    assert!(
+        took >= at_least,
+        "UP after {took:?}, before {rise} checks could pass"
+    );
     let text = sy.stderr_text();
-    let line = text.lines().find(|l| l.contains("mta2 of service mx is UP")).unwrap_or_default();
+    let line = text
+        .lines()
+        .find(|l| l.contains("mta2 of service mx is UP"))
+        .unwrap_or_default();
     assert!(line.contains("INFO"), "{line}");
 
     let names = sessions(listen, 12).await;
     let on_mta2 = names.iter().filter(|n| *n == "mta2").count();
-    assert!(on_mta2 >= 3, "an UP backend gets its share again: {names:?}");
+    assert!(
+        on_mta2 >= 3,
+        "an UP backend gets its share again: {names:?}"
+    );
 
     // Many more checks later, each change is still logged exactly once.
     tokio::time::sleep(Duration::from_millis(interval * 5)).await;
-    assert_eq!(log_count(&sy, "backend mta2 of service mx is DOWN"), 1, "{}", sy.stderr_text());
-    assert_eq!(log_count(&sy, "backend mta2 of service mx is UP"), 1, "{}", sy.stderr_text());
+    assert_eq!(
+        log_count(&sy, "backend mta2 of service mx is DOWN"),
+        1,
+        "{}",
+        sy.stderr_text()
+    );
+    assert_eq!(
+        log_count(&sy, "backend mta2 of service mx is UP"),
+        1,
+        "{}",
+        sy.stderr_text()
+    );
     for other in ["mta1", "mta3"] {
-        assert_eq!(log_count(&sy, &format!("backend {other} of service")), 0, "{}", sy.stderr_text());
+        assert_eq!(
+            log_count(&sy, &format!("backend {other} of service")),
+            0,
+            "{}",
+            sy.stderr_text()
+        );
     }
 
     // And a second outage is a second (single) line.
     mta2.stop();
-    wait_for_log(&sy, "backend mta2 of service mx is DOWN", 2, Duration::from_secs(10)).await;
+    wait_for_log(
+        &sy,
+        "backend mta2 of service mx is DOWN",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(interval * 4)).await;
-    assert_eq!(log_count(&sy, "backend mta2 of service mx is DOWN"), 2, "{}", sy.stderr_text());
+    assert_eq!(
+        log_count(&sy, "backend mta2 of service mx is DOWN"),
+        2,
+        "{}",
+        sy.stderr_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
     let interval = 200u64;
     let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
-    let busy = Behaviour { greeting_code: 421, ..Behaviour::default() };
+    let busy = Behaviour {
+        greeting_code: 421,
+        ..Behaviour::default()
+    };
     let mta2 = TestBackend::start("mta2", busy).await;
     let smtp_listen = free_addr();
     let tcp_listen = free_addr();
@@ -157,10 +227,22 @@ async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
     );
     let sy = Switchyard::start(&toml);
 
-    wait_for_log(&sy, "backend mta2 of service mx is DOWN", 1, Duration::from_secs(10)).await;
+    wait_for_log(
+        &sy,
+        "backend mta2 of service mx is DOWN",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     let text = sy.stderr_text();
-    let line = text.lines().find(|l| l.contains("mta2 of service mx is DOWN")).unwrap_or_default();
-    assert!(line.contains("greeting 421 mta2 busy"), "reason missing: {line}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("mta2 of service mx is DOWN"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("greeting 421 mta2 busy"),
+        "reason missing: {line}"
+    );
 
     // Down means not chosen: only the checks still touch it.
     let before = mta2.connections();
@@ -177,10 +259,21 @@ async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
 
     // The tcp check only connects, so it keeps the 421 backend up.
     tokio::time::sleep(Duration::from_millis(interval * 3)).await;
-    assert_eq!(log_count(&sy, "of service mx-tcp is DOWN"), 0, "{}", sy.stderr_text());
+    assert_eq!(
+        log_count(&sy, "of service mx-tcp is DOWN"),
+        0,
+        "{}",
+        sy.stderr_text()
+    );
 
     mta2.set_greeting_code(220);
-    wait_for_log(&sy, "backend mta2 of service mx is UP", 1, Duration::from_secs(10)).await;
+    wait_for_log(
+        &sy,
+        "backend mta2 of service mx is UP",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     let names = sessions(smtp_listen, 6).await;
     assert!(names.iter().any(|n| n == "mta2"), "{names:?}");
 }
@@ -196,7 +289,12 @@ async fn kind_none_runs_no_checks() {
         &[("mta1", mta1.addr())],
     ));
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(mta1.connections(), 0, "no check may connect; stderr:\n{}", sy.stderr_text());
+    assert_eq!(
+        mta1.connections(),
+        0,
+        "no check may connect; stderr:\n{}",
+        sy.stderr_text()
+    );
     mta1.stop();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
@@ -215,6 +313,9 @@ struct Conversation {
     commands: Vec<(String, bool)>,
     /// The client closed the connection after our 221.
     closed_after_quit: bool,
+    /// The checker's address and ours, as the connection showed them.
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
 }
 
 const GREETING_DELAY: Duration = Duration::from_millis(300);
@@ -223,7 +324,9 @@ const REPLY_DELAY: Duration = Duration::from_millis(100);
 /// A strict SMTP server that greets late and answers slowly, so a checker that speaks before
 /// the greeting or pipelines commands is caught in the act.
 async fn recording_server() -> (SocketAddr, Arc<Mutex<Vec<Conversation>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recorder");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind recorder");
     let addr = listener.local_addr().expect("recorder address");
     let log = Arc::new(Mutex::new(Vec::new()));
     let shared = log.clone();
@@ -253,7 +356,11 @@ fn drain(stream: &TcpStream, into: &mut Vec<u8>) -> bool {
 }
 
 async fn record(mut stream: TcpStream) -> Conversation {
-    let mut conv = Conversation::default();
+    let mut conv = Conversation {
+        peer: stream.peer_addr().ok(),
+        local: stream.local_addr().ok(),
+        ..Conversation::default()
+    };
     tokio::time::sleep(GREETING_DELAY).await;
     drain(&stream, &mut conv.before_greeting);
     if stream.write_all(b"220 recorder ESMTP\r\n").await.is_err() {
@@ -268,13 +375,21 @@ async fn record(mut stream: TcpStream) -> Conversation {
                 _ => return conv,
             }
         }
-        let end = pending.iter().position(|&b| b == b'\n').map_or(0, |p| p + 1);
+        let end = pending
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(0, |p| p + 1);
         let line: Vec<u8> = pending.drain(..end).collect();
         let line = String::from_utf8_lossy(&line).into_owned();
         tokio::time::sleep(REPLY_DELAY).await;
         drain(&stream, &mut pending);
         conv.commands.push((line.clone(), !pending.is_empty()));
-        let reply: &[u8] = match line.get(..4).unwrap_or_default().to_ascii_uppercase().as_str() {
+        let reply: &[u8] = match line
+            .get(..4)
+            .unwrap_or_default()
+            .to_ascii_uppercase()
+            .as_str()
+        {
             "EHLO" => b"250-recorder\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
             "QUIT" => b"221 2.0.0 Bye\r\n",
             _ => b"502 5.5.2 Error: command not recognized\r\n",
@@ -290,7 +405,10 @@ async fn record(mut stream: TcpStream) -> Conversation {
     }
 }
 
-async fn check_conversation(proxy: &str, expected_header: &[u8]) {
+async fn check_conversation(
+    proxy: &str,
+    expected_header: impl Fn(SocketAddr, SocketAddr) -> Vec<u8>,
+) {
     let (backend, conversations) = recording_server().await;
     let listen = free_addr();
     let health = "kind = \"smtp\"\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\n\
@@ -298,19 +416,30 @@ async fn check_conversation(proxy: &str, expected_header: &[u8]) {
     let sy = Switchyard::start(&config(&[listen], proxy, health, &[("rec", backend)]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while conversations.lock().len() < 2 {
-        assert!(Instant::now() < deadline, "no two checks in 10 s; stderr:\n{}", sy.stderr_text());
+        assert!(
+            Instant::now() < deadline,
+            "no two checks in 10 s; stderr:\n{}",
+            sy.stderr_text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for conv in conversations.lock().iter() {
+        let (peer, local) = (
+            conv.peer.expect("peer address"),
+            conv.local.expect("local address"),
+        );
         assert_eq!(
             conv.before_greeting,
-            expected_header,
+            expected_header(peer, local),
             "the check sent {:?} before the greeting",
             String::from_utf8_lossy(&conv.before_greeting)
         );
         assert_eq!(
             conv.commands,
-            [("EHLO checker.test\r\n".to_string(), false), ("QUIT\r\n".to_string(), false)],
+            [
+                ("EHLO checker.test\r\n".to_string(), false),
+                ("QUIT\r\n".to_string(), false)
+            ],
             "EHLO then QUIT, one at a time"
         );
         assert!(conv.closed_after_quit, "the check closes after 221");
@@ -320,35 +449,63 @@ async fn check_conversation(proxy: &str, expected_header: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_check_waits_for_greeting_then_ehlo_then_quit() {
-    check_conversation("none", b"").await;
+    check_conversation("none", |_, _| Vec::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smtp_check_sends_proxy_v1_unknown_first() {
-    check_conversation("v1", b"PROXY UNKNOWN\r\n").await;
+async fn smtp_check_sends_proxy_v1_first() {
+    // Not "PROXY UNKNOWN": Postfix rejects that (see tests/postfix.rs); the check announces its
+    // own connection instead.
+    check_conversation("v1", |peer, local| {
+        format!(
+            "PROXY TCP4 {} {} {} {}\r\n",
+            peer.ip(),
+            local.ip(),
+            peer.port(),
+            local.port()
+        )
+        .into_bytes()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_check_sends_proxy_v2_local_first() {
     let mut local = SIGNATURE.to_vec();
     local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
-    check_conversation("v2", &local).await;
+    check_conversation("v2", move |_, _| local.clone()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_check_passes_through_a_backend_requiring_proxy_v2() {
-    let behaviour = Behaviour { proxy: ProxyExpect::V2, ..Behaviour::default() };
+    let behaviour = Behaviour {
+        proxy: ProxyExpect::V2,
+        ..Behaviour::default()
+    };
     let mta1 = TestBackend::start("mta1", behaviour).await;
     let listen = free_addr();
-    let sy = Switchyard::start(&config(&[listen], "v2", &smtp_health(100, 1, 1), &[("mta1", mta1.addr())]));
+    let sy = Switchyard::start(&config(
+        &[listen],
+        "v2",
+        &smtp_health(100, 1, 1),
+        &[("mta1", mta1.addr())],
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     while mta1.proxy_headers().len() < 3 {
-        assert!(Instant::now() < deadline, "checks did not arrive; stderr:\n{}", sy.stderr_text());
+        assert!(
+            Instant::now() < deadline,
+            "checks did not arrive; stderr:\n{}",
+            sy.stderr_text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut local = SIGNATURE.to_vec();
     local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
-    assert!(mta1.proxy_headers().iter().all(|h| *h == local), "{:?}", mta1.proxy_headers());
+    assert!(
+        mta1.proxy_headers().iter().all(|h| *h == local),
+        "{:?}",
+        mta1.proxy_headers()
+    );
     assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
 }
 
@@ -363,7 +520,9 @@ fn free_addr_v6() -> SocketAddr {
 
 /// A minimal client: greeting, QUIT. Returns its own address (what the header must announce).
 async fn greet_and_quit(addr: SocketAddr) -> SocketAddr {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to switchyard");
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("connect to switchyard");
     let me = stream.local_addr().expect("client address");
     let mut buf = Vec::new();
     let mut chunk = [0u8; 512];
@@ -375,14 +534,22 @@ async fn greet_and_quit(addr: SocketAddr) -> SocketAddr {
         assert!(n > 0, "closed before the greeting");
         buf.extend_from_slice(&chunk[..n]);
     }
-    assert!(buf.starts_with(b"220 mta1"), "{:?}", String::from_utf8_lossy(&buf));
+    assert!(
+        buf.starts_with(b"220 mta1"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
     stream.write_all(b"QUIT\r\n").await.expect("send QUIT");
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
         .await
         .expect("221 in time")
         .expect("read 221");
-    assert!(rest.starts_with(b"221"), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        rest.starts_with(b"221"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
     me
 }
 
@@ -419,10 +586,18 @@ fn expected_v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
 }
 
 async fn client_headers(proxy: ProxyExpect, version: &str) {
-    let behaviour = Behaviour { proxy, ..Behaviour::default() };
+    let behaviour = Behaviour {
+        proxy,
+        ..Behaviour::default()
+    };
     let mta1 = TestBackend::start("mta1", behaviour).await;
     let (v4, v6) = (free_addr(), free_addr_v6());
-    let sy = Switchyard::start(&config(&[v4, v6], version, "kind = \"none\"", &[("mta1", mta1.addr())]));
+    let sy = Switchyard::start(&config(
+        &[v4, v6],
+        version,
+        "kind = \"none\"",
+        &[("mta1", mta1.addr())],
+    ));
     for listen in [v4, v6] {
         let client = greet_and_quit(listen).await;
         assert_eq!(client.ip(), listen.ip());
@@ -458,10 +633,18 @@ fn expected_headers_match_the_specification_examples() {
     // Guards the test's own encoders against the spec's worked layout.
     let c = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)), 56324);
     let l = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 11)), 443);
-    assert_eq!(expected_v1(c, l), b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n");
+    assert_eq!(
+        expected_v1(c, l),
+        b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
+    );
     let v2 = expected_v2(c, l);
     assert_eq!(v2.len(), 28);
-    assert_eq!(&v2[12..], &[0x21, 0x11, 0, 12, 192, 168, 0, 1, 192, 168, 0, 11, 0xDC, 0x04, 0x01, 0xBB]);
+    assert_eq!(
+        &v2[12..],
+        &[
+            0x21, 0x11, 0, 12, 192, 168, 0, 1, 192, 168, 0, 11, 0xDC, 0x04, 0x01, 0xBB
+        ]
+    );
     let c6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 1);
     assert_eq!(expected_v1(c6, c6), b"PROXY TCP6 ::1 ::1 1 1\r\n");
     assert_eq!(expected_v2(c6, c6).len(), 16 + 36);

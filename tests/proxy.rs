@@ -481,7 +481,7 @@ async fn shutdown_timeout_cuts_off_sessions_that_outstay_it() {
     let listen = free_addr();
     let toml = config(&[listen], "", "none", &backends_of(&[&mta1])).replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"500ms\"");
     let mut sy = Switchyard::start(&toml);
-    let held = tokio::spawn(smtp_session_hold(listen, Duration::from_secs(30)));
+    let held = tokio::spawn(smtp_session_hold(listen, Duration::from_secs(3)));
     while mta1.messages() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -522,4 +522,38 @@ async fn bind_failure_names_service_and_address() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("\"mx\"") && stderr.contains(&addr.to_string()), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
+    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let listen = free_addr();
+    // A tiny descriptor table: two dozen sessions exhaust it.
+    let mut sy = Switchyard::start_with_fd_limit(&config(&[listen], "", "none", &backends_of(&[&mta1])), 48);
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        if let Ok(conn) = TcpStream::connect(listen).await {
+            held.push(conn);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sy.stderr_text().contains("accept failed") {
+        assert!(Instant::now() < deadline, "descriptors never ran out:\n{}", sy.stderr_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match smtp_session(listen).await {
+                Ok(name) => return name,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("serving again once descriptors are free");
+    assert_eq!(served, "mta1");
+    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy)).await.expect("join");
+    assert!(status.success(), "{status}\n{}", sy.stderr_text());
+    assert!(sy.stderr_text().contains("backend mta1 active=0"), "{}", sy.stderr_text());
 }

@@ -38,7 +38,10 @@ impl Selector {
         };
         let maglev = match algorithm {
             Algorithm::IpHash => {
-                let named: Vec<(&str, u32)> = backends.iter().map(|b| (b.name.as_str(), b.weight)).collect();
+                let named: Vec<(&str, u32)> = backends
+                    .iter()
+                    .map(|b| (b.name.as_str(), b.weight))
+                    .collect();
                 maglev::build_table(&named)
             }
             _ => Vec::new(),
@@ -54,7 +57,12 @@ impl Selector {
     /// Chooses an available (healthy, not full) backend whose index is not in `exclude`.
     /// Returns its index in `backends`. Does not count the session: the caller acquires
     /// `backends[i].active` and, if that fails (it became full), picks again with `i` excluded.
-    pub fn pick(&self, backends: &[Arc<Backend>], client: IpAddr, exclude: &[usize]) -> Option<usize> {
+    pub fn pick(
+        &self,
+        backends: &[Arc<Backend>],
+        client: IpAddr,
+        exclude: &[usize],
+    ) -> Option<usize> {
         let candidate = |i: usize| -> Option<BackendView> {
             if exclude.contains(&i) {
                 return None;
@@ -73,16 +81,21 @@ impl Selector {
                 let table = &self.weighted;
                 let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
                 let entry = |i: usize| table.get(i).map(|&b| b as usize);
-                let choice = weighted_round_robin::pick(table.len(), cursor, count, entry, candidate)?;
+                let choice =
+                    weighted_round_robin::pick(table.len(), cursor, count, entry, candidate)?;
                 self.skip_cursor(choice.advance);
                 Some(choice.backend)
             }
-            Algorithm::LeastConn => {
-                least_conn::pick(count, self.cursor.fetch_add(1, Ordering::Relaxed), candidate)
-            }
-            Algorithm::LeastTime => {
-                least_time::pick(count, self.cursor.fetch_add(1, Ordering::Relaxed), candidate)
-            }
+            Algorithm::LeastConn => least_conn::pick(
+                count,
+                self.cursor.fetch_add(1, Ordering::Relaxed),
+                candidate,
+            ),
+            Algorithm::LeastTime => least_time::pick(
+                count,
+                self.cursor.fetch_add(1, Ordering::Relaxed),
+                candidate,
+            ),
             Algorithm::IpHash => {
                 let table = &self.maglev;
                 let entry = |i: usize| table.get(i).map(|&b| b as usize);
@@ -129,7 +142,8 @@ mod tests {
                 2601 + i
             );
         }
-        let config = crate::config::parse(Path::new("balance-test.toml"), &text).expect("valid test config");
+        let config =
+            crate::config::parse(Path::new("balance-test.toml"), &text).expect("valid test config");
         let service = config.services[0].clone();
         let backends = live_backends(&service);
         (service, backends)
@@ -141,7 +155,13 @@ mod tests {
             .backends
             .iter()
             .enumerate()
-            .map(|(i, b)| Arc::new(Backend::new(b.clone(), service, ActiveCount::new(table.clone(), i))))
+            .map(|(i, b)| {
+                Arc::new(Backend::new(
+                    b.clone(),
+                    service,
+                    ActiveCount::new(table.clone(), i),
+                ))
+            })
             .collect()
     }
 
@@ -151,13 +171,17 @@ mod tests {
     fn round_robin_takes_turns_and_skips_down_and_excluded() {
         let (config, backends) = service("round_robin", &[1, 1, 1]);
         let selector = Selector::new(config.algorithm, &config.backends);
-        let picks: Vec<_> = (0..6).map(|_| selector.pick(&backends, CLIENT, &[]).unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| selector.pick(&backends, CLIENT, &[]).unwrap())
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
         for _ in 0..10 {
             backends[1].health.record_check(false);
         }
         assert!(!backends[1].health.is_up());
-        let picks: Vec<_> = (0..4).map(|_| selector.pick(&backends, CLIENT, &[]).unwrap()).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|_| selector.pick(&backends, CLIENT, &[]).unwrap())
+            .collect();
         assert_eq!(picks, [0, 2, 0, 2]);
         assert_eq!(selector.pick(&backends, CLIENT, &[0, 2]), None);
     }
@@ -177,7 +201,9 @@ mod tests {
     fn least_conn_reads_the_shared_counts() {
         let (config, backends) = service("least_conn", &[1, 1, 1]);
         let selector = Selector::new(config.algorithm, &config.backends);
-        let _held: Vec<_> = (0..3).map(|_| backends[0].active.try_acquire(0).unwrap()).collect();
+        let _held: Vec<_> = (0..3)
+            .map(|_| backends[0].active.try_acquire(0).unwrap())
+            .collect();
         let _one = backends[2].active.try_acquire(0).unwrap();
         for _ in 0..5 {
             assert_eq!(selector.pick(&backends, CLIENT, &[]), Some(1));
@@ -205,7 +231,10 @@ mod tests {
             let first = selector.pick(&backends, IpAddr::V4(v4), &[]);
             assert!(first.is_some());
             assert_eq!(selector.pick(&backends, IpAddr::V4(v4), &[]), first);
-            assert_eq!(selector.pick(&backends, IpAddr::V6(v4.to_ipv6_mapped()), &[]), first);
+            assert_eq!(
+                selector.pick(&backends, IpAddr::V6(v4.to_ipv6_mapped()), &[]),
+                first
+            );
         }
         let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
         assert!(selector.pick(&backends, v6, &[]).is_some());

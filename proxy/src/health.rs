@@ -120,13 +120,25 @@ async fn check(
         .map_err(|_| format!("connect timed out after {:?}", health.timeout))?
         .map_err(|e| format!("connect failed: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let header = proxy_protocol::health_check_header(proxy);
+    let header = check_proxy_header(proxy, &stream);
     if !header.is_empty() {
         step(deadline, "sending PROXY header", stream.write_all(&header)).await?;
     }
     match health.kind {
         HealthKind::Smtp => smtp_conversation(&mut stream, &health.ehlo, started, deadline).await,
         HealthKind::Tcp | HealthKind::None => Ok(started.elapsed()),
+    }
+}
+
+/// The PROXY header of a check connection. v2 says LOCAL, as the specification intends for a
+/// proxy's own connections. v1's `PROXY UNKNOWN` is in the specification too, but Postfix (3.7)
+/// rejects it ("haproxy read: bad or missing protocol type") and answers 421, which would fail
+/// every check; so a v1 check announces its own connection's addresses truthfully instead, which
+/// every receiver accepts. `UNKNOWN` remains the fallback when the addresses are not available.
+fn check_proxy_header(proxy: ProxyProtocol, stream: &TcpStream) -> Vec<u8> {
+    match (proxy, stream.local_addr(), stream.peer_addr()) {
+        (ProxyProtocol::V1, Ok(ours), Ok(theirs)) => proxy_protocol::header(proxy, ours, theirs),
+        _ => proxy_protocol::health_check_header(proxy),
     }
 }
 
@@ -137,21 +149,41 @@ async fn smtp_conversation(
     started: Instant,
     deadline: Instant,
 ) -> Result<Duration, String> {
-    let greeting = step(deadline, "waiting for greeting", smtp::read_tcp_reply(stream)).await?;
+    let greeting = step(
+        deadline,
+        "waiting for greeting",
+        smtp::read_tcp_reply(stream),
+    )
+    .await?;
     let latency = started.elapsed();
     if greeting.code != 220 {
         quit_politely(stream, deadline).await;
         return Err(format!("greeting {} {}", greeting.code, greeting.text()));
     }
     let command = format!("EHLO {ehlo}\r\n");
-    step(deadline, "sending EHLO", stream.write_all(command.as_bytes())).await?;
-    let reply = step(deadline, "waiting for EHLO reply", smtp::read_tcp_reply(stream)).await?;
+    step(
+        deadline,
+        "sending EHLO",
+        stream.write_all(command.as_bytes()),
+    )
+    .await?;
+    let reply = step(
+        deadline,
+        "waiting for EHLO reply",
+        smtp::read_tcp_reply(stream),
+    )
+    .await?;
     if reply.code != 250 {
         quit_politely(stream, deadline).await;
         return Err(format!("EHLO answered {} {}", reply.code, reply.text()));
     }
     step(deadline, "sending QUIT", stream.write_all(b"QUIT\r\n")).await?;
-    let reply = step(deadline, "waiting for QUIT reply", smtp::read_tcp_reply(stream)).await?;
+    let reply = step(
+        deadline,
+        "waiting for QUIT reply",
+        smtp::read_tcp_reply(stream),
+    )
+    .await?;
     if reply.code != 221 {
         return Err(format!("QUIT answered {} {}", reply.code, reply.text()));
     }
@@ -211,10 +243,17 @@ mod tests {
         reader.read_exact(&mut header).await.unwrap();
         // Nothing else may arrive before the greeting.
         tokio::time::sleep(Duration::from_millis(30)).await;
-        assert!(reader.buffer().is_empty(), "client spoke before the greeting");
+        assert!(
+            reader.buffer().is_empty(),
+            "client spoke before the greeting"
+        );
         let early = tokio::time::timeout(Duration::from_millis(1), reader.fill_buf()).await;
         assert!(early.is_err(), "client spoke before the greeting");
-        reader.get_mut().write_all(greeting.as_bytes()).await.unwrap();
+        reader
+            .get_mut()
+            .write_all(greeting.as_bytes())
+            .await
+            .unwrap();
         let mut lines = Vec::new();
         loop {
             let mut line = String::new();
@@ -222,7 +261,10 @@ mod tests {
                 break;
             }
             // One command at a time: nothing must be queued behind this one.
-            assert!(reader.buffer().is_empty(), "client pipelined after {line:?}");
+            assert!(
+                reader.buffer().is_empty(),
+                "client pipelined after {line:?}"
+            );
             let answer: &[u8] = if line.starts_with("EHLO") {
                 b"250-mx.test\r\n250 PIPELINING\r\n"
             } else if line.starts_with("QUIT") {
@@ -241,7 +283,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { serve_one(&listener, "220 ready\r\n", 0).await });
-        let latency = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr).await.unwrap();
+        let latency = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr)
+            .await
+            .unwrap();
         assert!(latency >= Duration::from_millis(30));
         let (_, lines) = server.await.unwrap();
         assert_eq!(lines, ["EHLO switchyard.invalid\r\n", "QUIT\r\n"]);
@@ -249,19 +293,40 @@ mod tests {
 
     #[tokio::test]
     async fn smtp_check_sends_proxy_header_first() {
-        for (version, want) in [
-            (ProxyProtocol::V1, proxy_protocol::health_check_header(ProxyProtocol::V1)),
-            (ProxyProtocol::V2, proxy_protocol::health_check_header(ProxyProtocol::V2)),
-        ] {
+        for version in [ProxyProtocol::V1, ProxyProtocol::V2] {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let len = want.len();
-            let server =
-                tokio::spawn(async move { serve_one(&listener, "220 ready\r\n", len).await });
-            check(&cfg(HealthKind::Smtp), version, addr).await.unwrap();
-            let (header, lines) = server.await.unwrap();
-            assert_eq!(header, want);
-            assert_eq!(lines, ["EHLO switchyard.invalid\r\n", "QUIT\r\n"]);
+            // v1: "PROXY TCP4 127.0.0.1 127.0.0.1 " + 5-digit-or-shorter ports; read up to LF.
+            let len = match version {
+                ProxyProtocol::V2 => 16,
+                _ => 0,
+            };
+            let server = tokio::spawn(async move {
+                if len == 0 {
+                    let (stream, peer) = listener.accept().await.unwrap();
+                    let mut reader = BufReader::new(stream);
+                    let mut line = String::new();
+                    reader.read_line(&mut line).await.unwrap();
+                    let want = format!(
+                        "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+                        peer.port(),
+                        addr.port()
+                    );
+                    assert_eq!(line, want);
+                    reader.get_mut().write_all(b"421 nope\r\n").await.unwrap();
+                    return None;
+                }
+                Some(serve_one(&listener, "220 ready\r\n", len).await)
+            });
+            let result = check(&cfg(HealthKind::Smtp), version, addr).await;
+            match server.await.unwrap() {
+                Some((header, lines)) => {
+                    result.unwrap();
+                    assert_eq!(header, proxy_protocol::health_check_header(version));
+                    assert_eq!(lines, ["EHLO switchyard.invalid\r\n", "QUIT\r\n"]);
+                }
+                None => assert_eq!(result.unwrap_err(), "greeting 421 nope"),
+            }
         }
     }
 
@@ -271,7 +336,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server =
             tokio::spawn(async move { serve_one(&listener, "421 4.3.2 busy\r\n", 0).await });
-        let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr).await.unwrap_err();
+        let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr)
+            .await
+            .unwrap_err();
         assert_eq!(err, "greeting 421 4.3.2 busy");
         let (_, lines) = server.await.unwrap();
         assert_eq!(lines, ["QUIT\r\n"]);
@@ -282,13 +349,19 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let started = Instant::now();
-        let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr).await.unwrap_err();
+        let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr)
+            .await
+            .unwrap_err();
         assert_eq!(err, "timed out waiting for greeting");
         assert!(started.elapsed() < Duration::from_secs(2));
         // The tcp check only needs the connect.
-        check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr).await.unwrap();
+        check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr)
+            .await
+            .unwrap();
         drop(listener);
-        let err = check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr).await.unwrap_err();
+        let err = check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr)
+            .await
+            .unwrap_err();
         assert!(err.starts_with("connect failed"), "{err}");
     }
 }

@@ -9,6 +9,7 @@ mod server;
 mod session;
 mod smtp;
 mod state;
+mod xdp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -122,7 +122,11 @@ mod tests {
 
     #[test]
     fn v1_tcp4() {
-        let h = header(ProxyProtocol::V1, sa("192.168.0.1:56324"), sa("192.168.0.11:25"));
+        let h = header(
+            ProxyProtocol::V1,
+            sa("192.168.0.1:56324"),
+            sa("192.168.0.11:25"),
+        );
         assert_eq!(h, b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 25\r\n");
     }
 
@@ -140,15 +144,27 @@ mod tests {
 
     #[test]
     fn v1_mapped_both_sides_is_tcp4() {
-        let h = header(ProxyProtocol::V1, sa("[::ffff:10.0.0.7]:1234"), sa("[::ffff:10.0.0.1]:25"));
+        let h = header(
+            ProxyProtocol::V1,
+            sa("[::ffff:10.0.0.7]:1234"),
+            sa("[::ffff:10.0.0.1]:25"),
+        );
         assert_eq!(h, b"PROXY TCP4 10.0.0.7 10.0.0.1 1234 25\r\n");
     }
 
     #[test]
     fn v1_mixed_is_unknown() {
-        let h = header(ProxyProtocol::V1, sa("10.0.0.7:1234"), sa("[2001:db8::25]:25"));
+        let h = header(
+            ProxyProtocol::V1,
+            sa("10.0.0.7:1234"),
+            sa("[2001:db8::25]:25"),
+        );
         assert_eq!(h, b"PROXY UNKNOWN\r\n");
-        let h = header(ProxyProtocol::V1, sa("[::ffff:10.0.0.7]:1234"), sa("[2001:db8::25]:25"));
+        let h = header(
+            ProxyProtocol::V1,
+            sa("[::ffff:10.0.0.7]:1234"),
+            sa("[2001:db8::25]:25"),
+        );
         assert_eq!(h, b"PROXY UNKNOWN\r\n");
     }
 
@@ -164,7 +180,11 @@ mod tests {
 
     #[test]
     fn v2_tcp4_exact_bytes() {
-        let h = header(ProxyProtocol::V2, sa("192.168.0.1:56324"), sa("192.168.0.11:25"));
+        let h = header(
+            ProxyProtocol::V2,
+            sa("192.168.0.1:56324"),
+            sa("192.168.0.11:25"),
+        );
         let mut want = SIG.to_vec();
         want.extend_from_slice(&[0x21, 0x11, 0x00, 0x0C]);
         want.extend_from_slice(&[192, 168, 0, 1, 192, 168, 0, 11]);
@@ -175,7 +195,11 @@ mod tests {
 
     #[test]
     fn v2_tcp6_exact_bytes() {
-        let h = header(ProxyProtocol::V2, sa("[2001:db8::1]:40000"), sa("[::1]:2525"));
+        let h = header(
+            ProxyProtocol::V2,
+            sa("[2001:db8::1]:40000"),
+            sa("[::1]:2525"),
+        );
         let mut want = SIG.to_vec();
         want.extend_from_slice(&[0x21, 0x21, 0x00, 0x24]);
         want.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
@@ -187,18 +211,31 @@ mod tests {
 
     #[test]
     fn v2_mapped_both_sides_is_tcp4() {
-        let h = header(ProxyProtocol::V2, sa("[::ffff:10.0.0.7]:1234"), sa("[::ffff:10.0.0.1]:25"));
-        assert_eq!(h, header(ProxyProtocol::V2, sa("10.0.0.7:1234"), sa("10.0.0.1:25")));
+        let h = header(
+            ProxyProtocol::V2,
+            sa("[::ffff:10.0.0.7]:1234"),
+            sa("[::ffff:10.0.0.1]:25"),
+        );
+        assert_eq!(
+            h,
+            header(ProxyProtocol::V2, sa("10.0.0.7:1234"), sa("10.0.0.1:25"))
+        );
         assert_eq!(&h[12..16], &[0x21, 0x11, 0x00, 0x0C]);
     }
 
     #[test]
     fn v2_mixed_is_tcp6_with_mapped_address() {
-        let h = header(ProxyProtocol::V2, sa("10.0.0.7:1234"), sa("[2001:db8::25]:25"));
+        let h = header(
+            ProxyProtocol::V2,
+            sa("10.0.0.7:1234"),
+            sa("[2001:db8::25]:25"),
+        );
         let mut want = SIG.to_vec();
         want.extend_from_slice(&[0x21, 0x21, 0x00, 0x24]);
         want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 7]);
-        want.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x25]);
+        want.extend_from_slice(&[
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x25,
+        ]);
         want.extend_from_slice(&[0x04, 0xD2, 0x00, 0x19]);
         assert_eq!(h, want);
     }

@@ -61,7 +61,10 @@ pub async fn read_tcp_reply(stream: &mut TcpStream) -> anyhow::Result<Reply> {
     let mut parser = ReplyParser::default();
     let mut peeked = vec![0u8; 4096];
     loop {
-        let n = stream.peek(&mut peeked).await.context("reading SMTP reply")?;
+        let n = stream
+            .peek(&mut peeked)
+            .await
+            .context("reading SMTP reply")?;
         if n == 0 {
             return Err(parser.eof_error());
         }
@@ -215,7 +218,8 @@ mod tests {
 
     #[tokio::test]
     async fn multi_line_reply_kept_byte_for_byte() {
-        let input = b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 8BITMIME\r\n221 x\r\n";
+        let input =
+            b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 8BITMIME\r\n221 x\r\n";
         let (reply, rest) = parse(input).await.unwrap();
         assert_eq!(reply.code, 250);
         assert_eq!(
@@ -228,7 +232,10 @@ mod tests {
     #[tokio::test]
     async fn bare_code_and_bare_lf_accepted_raw_unchanged() {
         let (reply, rest) = parse(b"250\r\nX").await.unwrap();
-        assert_eq!((reply.code, reply.raw.as_slice(), rest.as_slice()), (250, &b"250\r\n"[..], &b"X"[..]));
+        assert_eq!(
+            (reply.code, reply.raw.as_slice(), rest.as_slice()),
+            (250, &b"250\r\n"[..], &b"X"[..])
+        );
 
         let (reply, rest) = parse(b"421-busy\n421 try later\nY").await.unwrap();
         assert_eq!(reply.code, 421);
@@ -261,7 +268,10 @@ mod tests {
     async fn inconsistent_codes_are_an_error() {
         let err = parse(b"250-a\r\n251 b\r\n").await.unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("line 2 has code 251") && msg.contains("started with 250"), "{msg}");
+        assert!(
+            msg.contains("line 2 has code 251") && msg.contains("started with 250"),
+            "{msg}"
+        );
     }
 
     #[tokio::test]
@@ -269,7 +279,10 @@ mod tests {
         let err = parse(b"").await.unwrap_err();
         assert!(format!("{err:#}").contains("closed before"), "{err:#}");
         let err = parse(b"250-first\r\n250 unfinished").await.unwrap_err();
-        assert!(format!("{err:#}").contains("middle of an SMTP reply"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("middle of an SMTP reply"),
+            "{err:#}"
+        );
     }
 
     #[tokio::test]
@@ -305,7 +318,10 @@ mod tests {
         let reply = read_reply(&mut client).await.unwrap();
         assert_eq!(reply.raw, b"250-a\r\n250 b\r\n");
         let next = read_reply(&mut client).await.unwrap();
-        assert_eq!((next.code, next.raw.as_slice()), (354, &b"354 next\r\n"[..]));
+        assert_eq!(
+            (next.code, next.raw.as_slice()),
+            (354, &b"354 next\r\n"[..])
+        );
         drop(writer.await.unwrap());
     }
 
@@ -343,7 +359,10 @@ mod tests {
         });
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let err = read_tcp_reply(&mut stream).await.unwrap_err();
-        assert!(format!("{err:#}").contains("middle of an SMTP reply"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("middle of an SMTP reply"),
+            "{err:#}"
+        );
         server.await.unwrap();
 
         let server = tokio::spawn(async move {

@@ -436,13 +436,32 @@ impl Switchyard {
 
     /// Like `start`, with another `RUST_LOG` filter (e.g. "debug").
     pub fn start_with_log(config_toml: &str, rust_log: &str) -> Switchyard {
+        Self::spawn(config_toml, rust_log, None)
+    }
+
+    /// Like `start`, with the open-files limit lowered to `open_files` (`ulimit -n`).
+    pub fn start_with_fd_limit(config_toml: &str, open_files: u32) -> Switchyard {
+        Self::spawn(config_toml, "info", Some(open_files))
+    }
+
+    fn spawn(config_toml: &str, rust_log: &str, open_files: Option<u32>) -> Switchyard {
         let listen = listen_addresses(config_toml);
         let dir = tempfile::tempdir().expect("temporary directory");
         let config_path = dir.path().join("switchyard.toml");
         std::fs::write(&config_path, config_toml).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("create stderr log");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let mut command = match open_files {
+            None => Command::new(env!("CARGO_BIN_EXE_switchyard")),
+            Some(limit) => {
+                // `exec` keeps the PID, so signals still reach switchyard itself.
+                let mut sh = Command::new("sh");
+                sh.arg("-c").arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""));
+                sh.arg(env!("CARGO_BIN_EXE_switchyard"));
+                sh
+            }
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&config_path)

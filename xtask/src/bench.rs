@@ -1,4 +1,784 @@
-//! placeholder
-pub struct BenchOptions;
-impl BenchOptions { pub fn new(_q: bool, _r: Option<usize>, _m: Option<u64>) -> Self { todo!() } }
-pub fn run(_o: BenchOptions) -> anyhow::Result<()> { todo!() }
+//! `cargo xtask bench`: the side-by-side benchmark. Three sink MTAs, then the load generator
+//! against every contender (direct to one sink, switchyard with each algorithm, HAProxy, nginx,
+//! the XDP path where available), alternately over several rounds, so that every ratio compares
+//! runs made minutes apart on the same machine. Also switchyard's memory per idle session and
+//! its distribution of sessions over the backends.
+//!
+//! Outputs: a markdown table on stdout, `target/bench/results.json`, `target/bench/chart.png`.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::children::{self, Supervised};
+use crate::loadgen::{self, Budget, LoadReport, LoadSpec};
+use crate::sink::{SinkConfig, SinkThread};
+use crate::workspace;
+
+pub const ALGORITHMS: [&str; 5] = ["round_robin", "weighted_round_robin", "least_conn", "ip_hash", "least_time"];
+
+const SINK_PORTS: [u16; 3] = [3601, 3602, 3603];
+const SWITCHYARD_BASE_PORT: u16 = 3611;
+const HAPROXY_PORT: u16 = 3620;
+const NGINX_PORT: u16 = 3621;
+const IDLE_PORT: u16 = 3630;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub quick: bool,
+    pub rounds: usize,
+    pub sessions_per_run: u64,
+    pub concurrency: usize,
+    pub size: usize,
+    pub idle_sessions: usize,
+}
+
+impl BenchOptions {
+    pub fn new(quick: bool, rounds: Option<usize>, messages: Option<u64>) -> Self {
+        Self {
+            quick,
+            rounds: rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
+            sessions_per_run: messages.unwrap_or(if quick { 1000 } else { 20_000 }),
+            concurrency: 50,
+            size: 2048,
+            idle_sessions: if quick { 1000 } else { 5000 },
+        }
+    }
+}
+
+/// results.json.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BenchResults {
+    pub schema: u32,
+    pub command: String,
+    pub machine: Machine,
+    pub quick: bool,
+    pub rounds: usize,
+    pub sessions_per_run: u64,
+    pub concurrency: usize,
+    pub message_size: usize,
+    /// "smtp-sink" (Postfix) or "xtask sink".
+    pub sinks: String,
+    pub contenders: Vec<ContenderResult>,
+    /// Contenders that could not run here, and why.
+    pub skipped: Vec<Skipped>,
+    pub idle_memory: Option<IdleMemory>,
+    pub distribution: Vec<Distribution>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub kernel: String,
+    pub rustc: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ContenderResult {
+    pub name: String,
+    pub target: String,
+    pub median_sessions_per_s: f64,
+    pub min_sessions_per_s: f64,
+    pub max_sessions_per_s: f64,
+    pub median_p99_ms: f64,
+    pub ratio_vs_haproxy: Option<f64>,
+    pub ratio_vs_direct: Option<f64>,
+    pub failed_sessions: u64,
+    pub runs: Vec<LoadReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Skipped {
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IdleMemory {
+    pub sessions: usize,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub bytes_per_session: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Distribution {
+    pub algorithm: String,
+    pub assigned: BTreeMap<String, u64>,
+    /// Most-loaded backend's sessions over the least-loaded one's.
+    pub max_over_min: Option<f64>,
+}
+
+/// How the load reaches a contender.
+enum Driver {
+    /// From this process, over loopback.
+    Local,
+    /// From inside a network namespace: the release xtask binary runs `loadgen --json` there.
+    Netns(String),
+}
+
+/// One thing the benchmark measures, and the processes that make it up.
+struct Contender {
+    name: String,
+    target: SocketAddr,
+    driver: Driver,
+    processes: Vec<Supervised>,
+    /// Set for switchyard contenders: the algorithm whose distribution its log reports.
+    algorithm: Option<String>,
+    runs: Vec<LoadReport>,
+}
+
+pub fn bench_dir() -> PathBuf {
+    workspace::target_dir().join("bench")
+}
+
+pub fn run(opts: BenchOptions) -> Result<BenchResults> {
+    children::stop_children_on_signal();
+    workspace::raise_nofile_limit();
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir)?;
+    let switchyard = workspace::switchyard_release();
+    anyhow::ensure!(switchyard.is_file(), "{} missing: build it with cargo build --release -p switchyard", switchyard.display());
+    println!(
+        "bench: {} round(s) x {} sessions, {} parallel, {} B messages{}",
+        opts.rounds,
+        opts.sessions_per_run,
+        opts.concurrency,
+        opts.size,
+        if opts.quick { " (quick)" } else { "" }
+    );
+
+    let sink_addrs: Vec<SocketAddr> = SINK_PORTS.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
+    let (sinks_kind, _sinks) = start_sinks(&dir, &sink_addrs)?;
+    println!("bench: sinks ({sinks_kind}) on {}", list(&sink_addrs));
+
+    let mut skipped = Vec::new();
+    let mut contenders = vec![Contender {
+        name: "direct".into(),
+        target: sink_addrs[0],
+        driver: Driver::Local,
+        processes: Vec::new(),
+        algorithm: None,
+        runs: Vec::new(),
+    }];
+    for (i, alg) in ALGORITHMS.iter().enumerate() {
+        contenders.push(start_switchyard(&dir, &switchyard, alg, SWITCHYARD_BASE_PORT + i as u16, &sink_addrs)?);
+    }
+    match workspace::find_program("haproxy") {
+        Some(bin) => contenders.push(start_haproxy(&dir, &bin, &sink_addrs)?),
+        None => skipped.push(Skipped { name: "haproxy".into(), reason: "haproxy not installed".into() }),
+    }
+    match (workspace::find_program("nginx"), nginx_stream_module()) {
+        (Some(bin), Some(module)) => contenders.push(start_nginx(&dir, &bin, &module, &sink_addrs)?),
+        _ => skipped.push(Skipped { name: "nginx".into(), reason: "nginx or its stream module not installed".into() }),
+    }
+    let (xdp, xdp_skipped) = xdp_contenders(&dir)?;
+    contenders.extend(xdp);
+    skipped.extend(xdp_skipped);
+    for s in &skipped {
+        println!("bench: skipping {}: {}", s.name, s.reason);
+    }
+
+    for c in &contenders {
+        wait_ready(c)?;
+    }
+    for round in 0..opts.rounds {
+        println!("bench: round {}/{}", round + 1, opts.rounds);
+        // Rotate the order so that no contender always runs first or right after another.
+        let n = contenders.len();
+        for k in 0..n {
+            let c = &mut contenders[(k + round) % n];
+            for p in &mut c.processes {
+                p.check_running()?;
+            }
+            let report = drive(c, &opts, &dir)?;
+            println!(
+                "  {:<24} {:>7.0} sessions/s  p99 {:>7.2} ms  failed {}",
+                c.name, report.sessions_per_s, report.latency_ms.session.p99, report.sessions_failed
+            );
+            c.runs.push(report);
+        }
+    }
+
+    let mut distribution = Vec::new();
+    for c in &mut contenders {
+        for p in &mut c.processes {
+            p.stop(Duration::from_secs(10));
+        }
+        if let (Some(alg), Some(p)) = (&c.algorithm, c.processes.first()) {
+            let assigned = parse_assigned(&std::fs::read_to_string(&p.log).unwrap_or_default());
+            let max_over_min = max_over_min(&assigned);
+            distribution.push(Distribution { algorithm: alg.clone(), assigned, max_over_min });
+        }
+    }
+
+    let idle_memory = match measure_idle_rss(&dir, &switchyard, opts.idle_sessions) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            println!("bench: idle-session memory not measured: {e:#}");
+            None
+        }
+    };
+
+    let results = summarize(&opts, sinks_kind, contenders, skipped, idle_memory, distribution)?;
+    print_table(&results);
+    let json = dir.join("results.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&results)?).with_context(|| format!("writing {}", json.display()))?;
+    let validated = validate(&json)?;
+    let chart = dir.join("chart.png");
+    crate::chart::draw(&validated, &chart)?;
+    println!("\nbench: wrote {} and {}", json.display(), chart.display());
+    Ok(validated)
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Postfix's smtp-sink when installed, else our own sink in a child process.
+fn start_sinks(dir: &Path, addrs: &[SocketAddr]) -> Result<(&'static str, Vec<Supervised>)> {
+    for a in addrs {
+        children::ensure_port_free(*a)?;
+    }
+    let mut procs = Vec::new();
+    let kind = if let Some(bin) = workspace::find_program("smtp-sink") {
+        for (i, a) in addrs.iter().enumerate() {
+            let mut cmd = Command::new(&bin);
+            if workspace::is_root() {
+                cmd.args(["-u", "nobody"]);
+            }
+            cmd.arg(a.to_string()).arg("1024");
+            procs.push(Supervised::start(&format!("smtp-sink {a}"), &mut cmd, &dir.join(format!("sink{}.log", i + 1)))?);
+        }
+        "smtp-sink"
+    } else {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("sink").arg("--listen").args(addrs.iter().map(|a| a.to_string()));
+        procs.push(Supervised::start("xtask sink", &mut cmd, &dir.join("sink.log"))?);
+        "xtask sink"
+    };
+    for a in addrs {
+        let code = children::wait_for_greeting(*a, Duration::from_secs(10))?;
+        anyhow::ensure!(code == 220, "sink {a} greeted with {code}");
+    }
+    Ok((kind, procs))
+}
+
+pub fn switchyard_config(listen: SocketAddr, algorithm: &str, backends: &[SocketAddr]) -> String {
+    let mut cfg = format!(
+        "# Written by cargo xtask bench.\nshutdown_timeout = \"5s\"\n\n[[service]]\nname = \"bench\"\nlisten = \"{listen}\"\n\
+         algorithm = \"{algorithm}\"\nmax_connections = 10000\n\n[service.health]\nkind = \"smtp\"\ninterval = \"2s\"\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        cfg.push_str(&format!("\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{b}\"\n", i + 1));
+    }
+    cfg
+}
+
+fn start_switchyard(dir: &Path, bin: &Path, algorithm: &str, port: u16, backends: &[SocketAddr]) -> Result<Contender> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    children::ensure_port_free(listen)?;
+    let cfg = dir.join(format!("switchyard-{algorithm}.toml"));
+    std::fs::write(&cfg, switchyard_config(listen, algorithm, backends))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("run").arg("--config").arg(&cfg).env("RUST_LOG", "info");
+    let p = Supervised::start(&format!("switchyard {algorithm}"), &mut cmd, &dir.join(format!("switchyard-{algorithm}.log")))?;
+    Ok(Contender {
+        name: format!("switchyard {algorithm}"),
+        target: listen,
+        driver: Driver::Local,
+        processes: vec![p],
+        algorithm: Some(algorithm.to_string()),
+        runs: Vec::new(),
+    })
+}
+
+fn start_haproxy(dir: &Path, bin: &Path, backends: &[SocketAddr]) -> Result<Contender> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], HAPROXY_PORT));
+    children::ensure_port_free(listen)?;
+    // Equivalent to switchyard's bench config: least connections, SMTP health checks every 2 s.
+    let mut cfg = format!(
+        "# Written by cargo xtask bench.\nglobal\n    maxconn 8000\n\ndefaults\n    mode tcp\n    timeout connect 3s\n\
+         timeout client 10m\n    timeout server 10m\n\nfrontend smtp\n    bind {listen}\n    default_backend mtas\n\n\
+         backend mtas\n    balance leastconn\n    option smtpchk EHLO switchyard.invalid\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        cfg.push_str(&format!("    server mta{} {b} check inter 2s\n", i + 1));
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-f").arg(&path).arg("-db");
+    let p = Supervised::start("haproxy", &mut cmd, &dir.join("haproxy.log"))?;
+    Ok(Contender {
+        name: "haproxy leastconn".into(),
+        target: listen,
+        driver: Driver::Local,
+        processes: vec![p],
+        algorithm: None,
+        runs: Vec::new(),
+    })
+}
+
+fn nginx_stream_module() -> Option<PathBuf> {
+    ["/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/nginx/modules/ngx_stream_module.so"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+fn start_nginx(dir: &Path, bin: &Path, module: &Path, backends: &[SocketAddr]) -> Result<Contender> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], NGINX_PORT));
+    children::ensure_port_free(listen)?;
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    let mut cfg = format!(
+        "# Written by cargo xtask bench.\nload_module {};\nworker_processes auto;\npid {}/nginx.pid;\n\
+         error_log {}/logs/error.log warn;\n\nevents {{\n    worker_connections 8000;\n}}\n\n\
+         stream {{\n    upstream mtas {{\n        least_conn;\n",
+        module.display(),
+        prefix.display(),
+        prefix.display()
+    );
+    for b in backends {
+        cfg.push_str(&format!("        server {b};\n"));
+    }
+    cfg.push_str(&format!(
+        "    }}\n    server {{\n        listen {listen};\n        proxy_pass mtas;\n        proxy_connect_timeout 3s;\n        proxy_timeout 10m;\n    }}\n}}\n"
+    ));
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-p").arg(&prefix).arg("-c").arg(&path).args(["-g", "daemon off;"]);
+    let p = Supervised::start("nginx", &mut cmd, &dir.join("nginx.log"))?;
+    Ok(Contender {
+        name: "nginx least_conn".into(),
+        target: listen,
+        driver: Driver::Local,
+        processes: vec![p],
+        algorithm: None,
+        runs: Vec::new(),
+    })
+}
+
+/// The XDP path (dsr, nat) as contenders, when this machine can run it.
+///
+/// Contract with the kernel path: an executable `tests/support/xdp-bench-topology` that, as
+/// root, is called `up MODE DIR` (MODE is `dsr` or `nat`) to build the namespace topology
+/// (namespaces prefixed `sy-`, addresses in 198.18.0.0/15, sinks inside it, switchyard with its
+/// XDP program attached), prints `netns=NAME` and `target=ADDR:PORT` lines on stdout, and keeps
+/// running in the foreground until SIGTERM, when it tears everything down. The load generator
+/// then runs inside `netns` against `target`.
+fn xdp_contenders(dir: &Path) -> Result<(Vec<Contender>, Vec<Skipped>)> {
+    let helper = workspace::root().join("tests/support/xdp-bench-topology");
+    let reason = if !workspace::is_root() {
+        Some("needs root (network namespaces and XDP)".to_string())
+    } else if !helper.is_file() {
+        Some(format!("no topology helper at {}", helper.display()))
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        let skipped = ["xdp dsr", "xdp nat"]
+            .map(|name| Skipped { name: name.into(), reason: reason.clone() })
+            .into();
+        return Ok((Vec::new(), skipped));
+    }
+    let mut contenders = Vec::new();
+    for mode in ["dsr", "nat"] {
+        let out_path = dir.join(format!("xdp-{mode}.out"));
+        let mut cmd = Command::new(&helper);
+        cmd.arg("up").arg(mode).arg(dir);
+        let p = Supervised::start(&format!("xdp topology {mode}"), &mut cmd, &out_path)?;
+        let (netns, target) = wait_for_topology(&out_path)?;
+        contenders.push(Contender {
+            name: format!("switchyard xdp {mode}"),
+            target,
+            driver: Driver::Netns(netns),
+            processes: vec![p],
+            algorithm: None,
+            runs: Vec::new(),
+        });
+    }
+    Ok((contenders, Vec::new()))
+}
+
+fn wait_for_topology(out: &Path) -> Result<(String, SocketAddr)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        };
+        if let (Some(ns), Some(t)) = (field("netns="), field("target=")) {
+            let target = t.parse().with_context(|| format!("{}: bad target={t}", out.display()))?;
+            return Ok((ns, target));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the XDP topology helper printed no netns=/target= within 30 s; its output:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the contender greets with 220 (for switchyard: its backends are up and healthy).
+fn wait_ready(c: &Contender) -> Result<()> {
+    if let Driver::Netns(_) = c.driver {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let code = children::wait_for_greeting(c.target, Duration::from_secs(10))
+            .with_context(|| format!("{} did not come up; see its log in {}", c.name, bench_dir().display()))?;
+        if code == 220 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{} still greets with {code} after 20 s", c.name);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn drive(c: &Contender, opts: &BenchOptions, dir: &Path) -> Result<LoadReport> {
+    let progress = std::io::stdout().is_terminal();
+    match &c.driver {
+        Driver::Local => {
+            let mut spec = LoadSpec::new(c.target, opts.concurrency, Budget::Sessions(opts.sessions_per_run));
+            spec.size = opts.size;
+            spec.progress = progress;
+            loadgen::run_blocking(spec)
+        }
+        Driver::Netns(ns) => {
+            let json = dir.join("netns-run.json");
+            let _ = std::fs::remove_file(&json);
+            let exe = std::env::current_exe()?;
+            let status = Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(exe)
+                .arg("loadgen")
+                .arg("--target")
+                .arg(c.target.to_string())
+                .arg("--sessions")
+                .arg(opts.concurrency.to_string())
+                .arg("--messages")
+                .arg(opts.sessions_per_run.to_string())
+                .arg("--size")
+                .arg(opts.size.to_string())
+                .arg("--json")
+                .arg(&json)
+                .stdout(std::process::Stdio::null())
+                .status()?;
+            let report: LoadReport = serde_json::from_slice(&std::fs::read(&json).with_context(|| {
+                format!("loadgen in {ns} wrote no result ({status})")
+            })?)?;
+            Ok(report)
+        }
+    }
+}
+
+/// Per-backend `assigned=` totals from switchyard's shutdown log lines
+/// ("... backend mta1 active=0 assigned=123").
+pub fn parse_assigned(log: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in log.lines() {
+        let Some(value) = line.split_whitespace().find_map(|w| w.strip_prefix("assigned=")) else {
+            continue;
+        };
+        let Ok(n) = value.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>() else {
+            continue;
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let name = words
+            .iter()
+            .position(|w| *w == "backend")
+            .and_then(|i| words.get(i + 1))
+            .map(|s| s.trim_matches(|c| c == '"' || c == ':').to_string())
+            .or_else(|| {
+                words.iter().find_map(|w| w.strip_prefix("backend=").map(|s| s.trim_matches('"').to_string()))
+            });
+        if let Some(name) = name {
+            out.insert(name, n);
+        }
+    }
+    out
+}
+
+fn max_over_min(assigned: &BTreeMap<String, u64>) -> Option<f64> {
+    let max = *assigned.values().max()?;
+    let min = *assigned.values().min()?;
+    (min > 0).then(|| max as f64 / min as f64)
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}
+
+/// Opens `n` sessions through a fresh switchyard to sinks that hold them, and compares its RSS
+/// before and after. Both ends of each session are file descriptors: this process holds 2n
+/// (client and sink side), switchyard 2n, both under the 20000 limit for n = 5000.
+fn measure_idle_rss(dir: &Path, bin: &Path, n: usize) -> Result<IdleMemory> {
+    let sinks = SinkThread::start(&[SocketAddr::from(([127, 0, 0, 1], 0)); 3], SinkConfig::default())?;
+    let listen = SocketAddr::from(([127, 0, 0, 1], IDLE_PORT));
+    children::ensure_port_free(listen)?;
+    let cfg = dir.join("switchyard-idle.toml");
+    std::fs::write(&cfg, switchyard_config(listen, "least_conn", &sinks.addrs))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("run").arg("--config").arg(&cfg);
+    let mut proc = Supervised::start("switchyard (idle sessions)", &mut cmd, &dir.join("switchyard-idle.log"))?;
+    let c = Contender {
+        name: "switchyard idle".into(),
+        target: listen,
+        driver: Driver::Local,
+        processes: Vec::new(),
+        algorithm: None,
+        runs: Vec::new(),
+    };
+    wait_ready(&c)?;
+    // Warm up allocator arenas and buffers with a few complete sessions first.
+    let mut warm = LoadSpec::new(listen, 20, Budget::Sessions(200));
+    warm.progress = false;
+    loadgen::run_blocking(warm)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss_kib(proc.pid())?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let held = rt.block_on(open_idle(listen, n))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(proc.pid())?;
+    let at_sinks: u64 = sinks.stats.iter().map(|s| s.active()).sum();
+    proc.check_running()?;
+    drop(held);
+    proc.stop(Duration::from_secs(10));
+    anyhow::ensure!(
+        at_sinks as usize >= n,
+        "only {at_sinks} of {n} idle sessions reached the sinks"
+    );
+    let m = IdleMemory {
+        sessions: n,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        bytes_per_session: (after.saturating_sub(before) * 1024) as f64 / n as f64,
+    };
+    println!(
+        "bench: switchyard RSS {} KiB idle, {} KiB with {} idle sessions: {:.0} bytes per session",
+        m.rss_before_kib, m.rss_after_kib, m.sessions, m.bytes_per_session
+    );
+    Ok(m)
+}
+
+/// Connects `n` clients and reads each greeting (so each session is relayed to a backend);
+/// returns the open connections.
+async fn open_idle(addr: SocketAddr, n: usize) -> Result<Vec<tokio::net::TcpStream>> {
+    use tokio::io::AsyncReadExt;
+    let mut held = Vec::with_capacity(n);
+    let mut remaining = n;
+    while remaining > 0 {
+        let batch = remaining.min(200);
+        let mut tasks = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            tasks.push(tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await?;
+                let mut buf = [0u8; 256];
+                let got = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
+                anyhow::ensure!(got >= 3 && &buf[..3] == b"220", "idle session got no 220 greeting");
+                anyhow::Ok(s)
+            }));
+        }
+        for t in tasks {
+            held.push(t.await??);
+        }
+        remaining -= batch;
+    }
+    Ok(held)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn summarize(
+    opts: &BenchOptions,
+    sinks: &str,
+    contenders: Vec<Contender>,
+    skipped: Vec<Skipped>,
+    idle_memory: Option<IdleMemory>,
+    distribution: Vec<Distribution>,
+) -> Result<BenchResults> {
+    let mut results: Vec<ContenderResult> = contenders
+        .into_iter()
+        .map(|c| {
+            let mut rates: Vec<f64> = c.runs.iter().map(|r| r.sessions_per_s).collect();
+            let mut p99: Vec<f64> = c.runs.iter().map(|r| r.latency_ms.session.p99).collect();
+            ContenderResult {
+                name: c.name,
+                target: c.target.to_string(),
+                min_sessions_per_s: rates.iter().copied().fold(f64::INFINITY, f64::min),
+                max_sessions_per_s: rates.iter().copied().fold(0.0, f64::max),
+                median_sessions_per_s: median(&mut rates),
+                median_p99_ms: median(&mut p99),
+                ratio_vs_haproxy: None,
+                ratio_vs_direct: None,
+                failed_sessions: c.runs.iter().map(|r| r.sessions_failed).sum(),
+                runs: c.runs,
+            }
+        })
+        .collect();
+    let find = |prefix: &str, rs: &[ContenderResult]| {
+        rs.iter().find(|r| r.name.starts_with(prefix)).map(|r| r.median_sessions_per_s).filter(|v| *v > 0.0)
+    };
+    let haproxy = find("haproxy", &results);
+    let direct = find("direct", &results);
+    for r in &mut results {
+        r.ratio_vs_haproxy = haproxy.map(|h| r.median_sessions_per_s / h);
+        r.ratio_vs_direct = direct.map(|d| r.median_sessions_per_s / d);
+    }
+    let rustc = workspace::output(Command::new("rustc").arg("-V")).unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut command = String::from("cargo xtask bench");
+    for a in std::env::args().skip(2) {
+        command.push(' ');
+        command.push_str(&a);
+    }
+    Ok(BenchResults {
+        schema: 1,
+        command,
+        machine: Machine {
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            kernel: format!("Linux {}", kernel.trim()),
+            rustc: rustc.trim().to_string(),
+        },
+        quick: opts.quick,
+        rounds: opts.rounds,
+        sessions_per_run: opts.sessions_per_run,
+        concurrency: opts.concurrency,
+        message_size: opts.size,
+        sinks: sinks.to_string(),
+        contenders: results,
+        skipped,
+        idle_memory,
+        distribution,
+    })
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or("–".to_string(), |v| format!("{v:.2}x"))
+}
+
+/// The markdown table (README material: paste as is).
+pub fn markdown(res: &BenchResults) -> String {
+    let mut s = format!(
+        "{} rounds x {} sessions, {} parallel, {} B messages, sinks: {}; {} CPUs, {}, {}\n\n",
+        res.rounds, res.sessions_per_run, res.concurrency, res.message_size, res.sinks, res.machine.cpus, res.machine.kernel, res.machine.rustc
+    );
+    s.push_str("| contender | sessions/s (median) | min–max | p99 session (ms) | vs HAProxy | vs direct | failed |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+    for c in &res.contenders {
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.0}–{:.0} | {:.2} | {} | {} | {} |\n",
+            c.name,
+            c.median_sessions_per_s,
+            c.min_sessions_per_s,
+            c.max_sessions_per_s,
+            c.median_p99_ms,
+            ratio(c.ratio_vs_haproxy),
+            ratio(c.ratio_vs_direct),
+            c.failed_sessions
+        ));
+    }
+    if !res.distribution.is_empty() {
+        s.push_str("\n| algorithm | sessions per backend | max/min |\n|---|---|---:|\n");
+        for d in &res.distribution {
+            let per: Vec<String> = d.assigned.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                d.algorithm,
+                if per.is_empty() { "(not in log)".to_string() } else { per.join(" ") },
+                d.max_over_min.map_or("–".into(), |v| format!("{v:.2}"))
+            ));
+        }
+    }
+    if let Some(m) = &res.idle_memory {
+        s.push_str(&format!(
+            "\nswitchyard memory: {:.0} bytes per idle session ({} sessions; RSS {} KiB before, {} KiB after)\n",
+            m.bytes_per_session, m.sessions, m.rss_before_kib, m.rss_after_kib
+        ));
+    }
+    for sk in &res.skipped {
+        s.push_str(&format!("\nnot measured: {} ({})", sk.name, sk.reason));
+    }
+    s.push('\n');
+    s
+}
+
+fn print_table(res: &BenchResults) {
+    println!("\n{}", markdown(res));
+}
+
+/// Reads results.json back and checks that it is complete and plausible.
+pub fn validate(path: &Path) -> Result<BenchResults> {
+    let res: BenchResults = serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        .with_context(|| format!("{} is not a well-formed results file", path.display()))?;
+    anyhow::ensure!(res.schema == 1, "{}: schema {} (expected 1)", path.display(), res.schema);
+    anyhow::ensure!(!res.contenders.is_empty(), "{}: no contenders", path.display());
+    for c in &res.contenders {
+        anyhow::ensure!(c.runs.len() == res.rounds, "{}: {} has {} runs, expected {}", path.display(), c.name, c.runs.len(), res.rounds);
+        for r in &c.runs {
+            anyhow::ensure!(
+                r.sessions_ok + r.sessions_failed == res.sessions_per_run,
+                "{}: a run of {} counted {} sessions, expected {}",
+                path.display(),
+                c.name,
+                r.sessions_ok + r.sessions_failed,
+                res.sessions_per_run
+            );
+        }
+        anyhow::ensure!(
+            c.median_sessions_per_s.is_finite() && c.median_sessions_per_s > 0.0,
+            "{}: {} completed no session",
+            path.display(),
+            c.name
+        );
+    }
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assigned_totals_come_from_the_shutdown_log() {
+        let log = "2026-01-01T00:00:00Z  INFO switchyard::server: service bench backend mta1 active=0 assigned=334\n\
+                   2026-01-01T00:00:00Z  INFO switchyard::server: service bench backend mta2 active=0 assigned=333\n\
+                   unrelated line\n";
+        let a = parse_assigned(log);
+        assert_eq!(a.get("mta1"), Some(&334));
+        assert_eq!(a.get("mta2"), Some(&333));
+        assert_eq!(a.len(), 2);
+        assert!((max_over_min(&a).unwrap_or(0.0) - 334.0 / 333.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

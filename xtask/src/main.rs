@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use xtask::loadgen::{self, Budget, LoadSpec};
-use xtask::sink::{RejectAt, SinkConfig, SinkThread};
+use xtask::sink::{self, RejectAt, SinkConfig};
 use xtask::{bench, demo, setup, suite, workspace};
 
 #[derive(Parser)]
@@ -95,6 +95,9 @@ struct LoadgenArgs {
     json: Option<PathBuf>,
 }
 
+/// Set once setup has run in this invocation (so the release re-execution skips it).
+const SETUP_DONE: &str = "XTASK_SETUP_DONE";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli.command) {
@@ -111,6 +114,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Setup => setup::setup().map(|_| ExitCode::SUCCESS),
         Cmd::Test => suite::run(),
         Cmd::Demo { duration } => {
+            // Setup first (it may install what the release build needs), once.
+            if std::env::var_os(SETUP_DONE).is_none() {
+                setup::setup()?;
+                // SAFETY: single-threaded here; the variable only tells the re-executed process.
+                unsafe { std::env::set_var(SETUP_DONE, "1") };
+            }
             reexec_release(&["xtask", "switchyard"])?;
             demo::run(duration)
         }
@@ -132,14 +141,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 Some(other) => anyhow::bail!("--reject-at {other}: expected greeting, mail, rcpt or data"),
             };
             workspace::raise_nofile_limit();
-            let sinks = SinkThread::start(&listen, SinkConfig { reject })?;
-            for a in &sinks.addrs {
-                println!("sink listening on {a}");
-            }
-            // Runs until a signal ends the process.
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
+            sink::run_process(&listen, SinkConfig { reject }).map(|_| ExitCode::SUCCESS)
         }
     }
 }

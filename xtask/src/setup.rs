@@ -65,7 +65,8 @@ pub fn rustc_key(version_line: &str) -> String {
     let cleaned: String = version_line
         .trim()
         .trim_start_matches("rustc ")
-        .split_whitespace()
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+        .filter(|w| !w.is_empty())
         .take(2)
         .collect::<Vec<_>>()
         .join("-")

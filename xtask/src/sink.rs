@@ -231,3 +231,36 @@ fn reply(output: &mut Vec<u8>, reject: Option<u16>, ok: &[u8]) {
         None => output.extend_from_slice(ok),
     }
 }
+
+/// `cargo xtask sink`: serves until SIGTERM or SIGINT, then stops like an MTA being shut down
+/// gracefully: closes its listeners at once (new connections are refused) and lets the sessions
+/// in progress finish (up to 10 s). Prints what each address saw before exiting.
+pub fn run_process(addrs: &[SocketAddr], config: SinkConfig) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut served = Vec::new();
+        for a in addrs {
+            let s = serve(*a, config).await?;
+            println!("sink listening on {}", s.0);
+            served.push(s);
+        }
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        for (_, _, task) in &served {
+            task.abort();
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while served.iter().any(|(_, s, _)| s.active() > 0) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        for (a, s, _) in &served {
+            println!("sink {a} stopped: sessions={} messages={} unfinished={}", s.sessions(), s.messages(), s.active());
+        }
+        anyhow::Ok(())
+    })
+}

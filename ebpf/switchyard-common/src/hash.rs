@@ -99,7 +99,10 @@ mod tests {
             seen[(h % 16) as usize] += 1;
         }
         for count in seen {
-            assert!((60..=140).contains(&count), "residue count {count} of 100 expected");
+            assert!(
+                (60..=140).contains(&count),
+                "residue count {count} of 100 expected"
+            );
         }
     }
 }

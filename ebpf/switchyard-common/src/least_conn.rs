@@ -42,26 +42,32 @@ pub(crate) fn argmin_taking_turns(
     candidate: impl Fn(usize) -> Option<BackendView>,
     less: impl Fn(&BackendView, &BackendView) -> bool,
 ) -> Option<usize> {
-    let mut best: Option<(usize, BackendView)> = None;
+    // Plain integers with a sentinel rather than an `Option<(usize, BackendView)>`: LLVM can
+    // spill an `Option`'s uninitialised payload, and the verifier rejects reading it.
+    let mut first = usize::MAX;
+    let mut lowest = BackendView::default();
     let mut ties: usize = 0;
     for index in 0..MAX_BACKENDS {
         if index >= backends {
             break;
         }
-        let Some(view) = candidate(index) else { continue };
+        let Some(view) = candidate(index) else {
+            continue;
+        };
         if !view.available() {
             continue;
         }
-        match &best {
-            Some((_, current)) if less(current, &view) => {}
-            Some((_, current)) if !less(&view, current) => ties += 1,
-            _ => {
-                best = Some((index, view));
-                ties = 1;
-            }
+        if first == usize::MAX || less(&view, &lowest) {
+            first = index;
+            lowest = view;
+            ties = 1;
+        } else if !less(&lowest, &view) {
+            ties += 1;
         }
     }
-    let (first, lowest) = best?;
+    if first == usize::MAX {
+        return None;
+    }
     if ties <= 1 {
         return Some(first);
     }
@@ -70,7 +76,9 @@ pub(crate) fn argmin_taking_turns(
         if index >= backends {
             break;
         }
-        let Some(view) = candidate(index) else { continue };
+        let Some(view) = candidate(index) else {
+            continue;
+        };
         if view.available() && !less(&view, &lowest) && !less(&lowest, &view) {
             if wanted == 0 {
                 return Some(index);
@@ -85,7 +93,11 @@ pub(crate) fn argmin_taking_turns(
 #[inline]
 pub fn pick_in(turn: usize, views: &[BackendView], exclude: &[usize]) -> Option<usize> {
     pick(views.len(), turn, |b| {
-        if exclude.contains(&b) { None } else { views.get(b).copied() }
+        if exclude.contains(&b) {
+            None
+        } else {
+            views.get(b).copied()
+        }
     })
 }
 
@@ -98,7 +110,12 @@ mod tests {
     use super::*;
 
     fn view(active: u32, weight: u32) -> BackendView {
-        BackendView { active, weight, healthy: 1, ..Default::default() }
+        BackendView {
+            active,
+            weight,
+            healthy: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -134,7 +151,10 @@ mod tests {
             let chosen = pick_in(turn, &views, &[]).unwrap();
             views[chosen].active += 1;
         }
-        assert_eq!([views[0].active, views[1].active, views[2].active], [100, 200, 300]);
+        assert_eq!(
+            [views[0].active, views[1].active, views[2].active],
+            [100, 200, 300]
+        );
     }
 
     #[test]
@@ -178,7 +198,9 @@ mod tests {
             assert_eq!(pick_in(turn, &views, &[]), Some(1000));
         }
         views[1000].active = 5;
-        let picks: Vec<_> = (1020..1028).map(|t| pick_in(t, &views, &[]).unwrap()).collect();
+        let picks: Vec<_> = (1020..1028)
+            .map(|t| pick_in(t, &views, &[]).unwrap())
+            .collect();
         assert_eq!(picks, vec![1020, 1021, 1022, 1023, 0, 1, 2, 3]);
     }
 }

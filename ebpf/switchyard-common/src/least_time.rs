@@ -37,7 +37,11 @@ pub fn pick(
 #[inline]
 pub fn pick_in(turn: usize, views: &[BackendView], exclude: &[usize]) -> Option<usize> {
     pick(views.len(), turn, |b| {
-        if exclude.contains(&b) { None } else { views.get(b).copied() }
+        if exclude.contains(&b) {
+            None
+        } else {
+            views.get(b).copied()
+        }
     })
 }
 
@@ -51,7 +55,13 @@ mod tests {
     use crate::MAX_BACKENDS;
 
     fn view(active: u32, response_us: u32) -> BackendView {
-        BackendView { active, weight: 1, healthy: 1, response_us, ..Default::default() }
+        BackendView {
+            active,
+            weight: 1,
+            healthy: 1,
+            response_us,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -106,7 +116,9 @@ mod tests {
 
     #[test]
     fn handles_max_backends() {
-        let mut views: Vec<_> = (0..MAX_BACKENDS as u32).map(|i| view(1, 1000 + i)).collect();
+        let mut views: Vec<_> = (0..MAX_BACKENDS as u32)
+            .map(|i| view(1, 1000 + i))
+            .collect();
         assert_eq!(pick_in(0, &views, &[]), Some(0));
         views[1023].response_us = 10;
         assert_eq!(pick_in(0, &views, &[]), Some(1023));

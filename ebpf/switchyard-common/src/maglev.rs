@@ -61,7 +61,12 @@ pub fn pick(
 
 /// Slice convenience for userspace.
 #[inline]
-pub fn pick_in(client_hash: u64, table: &[u16], views: &[BackendView], exclude: &[usize]) -> Option<usize> {
+pub fn pick_in(
+    client_hash: u64,
+    table: &[u16],
+    views: &[BackendView],
+    exclude: &[usize],
+) -> Option<usize> {
     pick(
         client_hash,
         table.len(),
@@ -154,7 +159,11 @@ mod tests {
     use crate::{MAGLEV_TABLE_SIZE, MAX_BACKENDS};
 
     fn up(weight: u32) -> BackendView {
-        BackendView { weight, healthy: 1, ..Default::default() }
+        BackendView {
+            weight,
+            healthy: 1,
+            ..Default::default()
+        }
     }
 
     fn names(n: usize) -> Vec<String> {
@@ -162,7 +171,11 @@ mod tests {
     }
 
     fn config<'a>(names: &'a [String], weights: &[u32]) -> Vec<(&'a str, u32)> {
-        names.iter().zip(weights).map(|(n, &w)| (n.as_str(), w)).collect()
+        names
+            .iter()
+            .zip(weights)
+            .map(|(n, &w)| (n.as_str(), w))
+            .collect()
     }
 
     fn slot_counts(table: &[u16], n: usize) -> Vec<usize> {
@@ -195,7 +208,10 @@ mod tests {
         let table = build_table(&config(&names, &[1; 5]));
         let ideal = MAGLEV_TABLE_SIZE as f64 / 5.0;
         for count in slot_counts(&table, 5) {
-            assert!((count as f64 - ideal).abs() / ideal < 0.02, "{count} slots vs {ideal}");
+            assert!(
+                (count as f64 - ideal).abs() / ideal < 0.02,
+                "{count} slots vs {ideal}"
+            );
         }
     }
 
@@ -215,7 +231,10 @@ mod tests {
         weights[7] = 1000;
         let counts = slot_counts(&build_table(&config(&names, &weights)), 20);
         let ideal = MAGLEV_TABLE_SIZE as f64 * 1000.0 / 1019.0;
-        assert!((counts[7] as f64 - ideal).abs() / ideal < 0.01, "{counts:?}");
+        assert!(
+            (counts[7] as f64 - ideal).abs() / ideal < 0.01,
+            "{counts:?}"
+        );
         assert!(counts.iter().all(|&c| c > 0));
     }
 
@@ -238,9 +257,13 @@ mod tests {
         let names = names(5);
         let table = build_table(&config(&names, &[1; 5]));
         let mut views = [up(1); 5];
-        let before: Vec<_> = clients().map(|c| pick_in(c, &table, &views, &[]).unwrap()).collect();
+        let before: Vec<_> = clients()
+            .map(|c| pick_in(c, &table, &views, &[]).unwrap())
+            .collect();
         views[2].healthy = 0;
-        let after: Vec<_> = clients().map(|c| pick_in(c, &table, &views, &[]).unwrap()).collect();
+        let after: Vec<_> = clients()
+            .map(|c| pick_in(c, &table, &views, &[]).unwrap())
+            .collect();
         let mut moved = 0;
         let mut moved_to = [0usize; 5];
         for (b, a) in before.iter().zip(&after) {
@@ -261,7 +284,9 @@ mod tests {
         }
         // Excluding (a failed connect) behaves the same way as down.
         views[2].healthy = 1;
-        let excluded: Vec<_> = clients().map(|c| pick_in(c, &table, &views, &[2]).unwrap()).collect();
+        let excluded: Vec<_> = clients()
+            .map(|c| pick_in(c, &table, &views, &[2]).unwrap())
+            .collect();
         assert_eq!(excluded, after);
     }
 
@@ -288,7 +313,10 @@ mod tests {
     fn none_when_nothing_is_available() {
         let names = names(3);
         let table = build_table(&config(&names, &[1; 3]));
-        let views = [BackendView { weight: 1, ..Default::default() }; 3];
+        let views = [BackendView {
+            weight: 1,
+            ..Default::default()
+        }; 3];
         assert_eq!(pick_in(42, &table, &views, &[]), None);
         assert_eq!(pick_in(42, &table, &[up(1); 3], &[0, 1, 2]), None);
         assert!(build_table(&[]).is_empty());

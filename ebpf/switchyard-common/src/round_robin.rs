@@ -24,7 +24,9 @@ pub fn pick(
 /// Slice convenience for userspace.
 #[inline]
 pub fn pick_in(cursor: usize, views: &[BackendView], exclude: &[usize]) -> Option<Choice> {
-    pick(views.len(), cursor, |b| weighted_round_robin::candidate_in(views, exclude, b))
+    pick(views.len(), cursor, |b| {
+        weighted_round_robin::candidate_in(views, exclude, b)
+    })
 }
 
 /// The weighted table for `backends` equal-weight backends (for the kernel's shared table).
@@ -43,7 +45,11 @@ mod tests {
     use crate::MAX_BACKENDS;
 
     fn up() -> BackendView {
-        BackendView { weight: 1, healthy: 1, ..Default::default() }
+        BackendView {
+            weight: 1,
+            healthy: 1,
+            ..Default::default()
+        }
     }
 
     #[test]

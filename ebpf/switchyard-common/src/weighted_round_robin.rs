@@ -58,21 +58,33 @@ pub fn pick(
         if let Some(backend) = entry(position)
             && is_choosable(&candidate, backend)
         {
-            return Some(Choice { backend, advance: probe + 1 });
+            return Some(Choice {
+                backend,
+                advance: probe + 1,
+            });
         }
         position += 1;
         if position >= table_len {
             position = 0;
         }
     }
-    let advance = if table_len < WRR_PROBES { table_len } else { WRR_PROBES };
+    let advance = if table_len < WRR_PROBES {
+        table_len
+    } else {
+        WRR_PROBES
+    };
     scan_any(cursor, backends, candidate).map(|backend| Choice { backend, advance })
 }
 
 /// Slice convenience for userspace: `table` from [`build_table`], `views` indexed by backend,
 /// `exclude` the backends already tried.
 #[inline]
-pub fn pick_in(table: &[u16], cursor: usize, views: &[BackendView], exclude: &[usize]) -> Option<Choice> {
+pub fn pick_in(
+    table: &[u16],
+    cursor: usize,
+    views: &[BackendView],
+    exclude: &[usize],
+) -> Option<Choice> {
     pick(
         table.len(),
         cursor,
@@ -84,7 +96,11 @@ pub fn pick_in(table: &[u16], cursor: usize, views: &[BackendView], exclude: &[u
 
 /// The view of backend `b` from a slice, unless `b` is excluded or out of range.
 #[inline(always)]
-pub(crate) fn candidate_in(views: &[BackendView], exclude: &[usize], b: usize) -> Option<BackendView> {
+pub(crate) fn candidate_in(
+    views: &[BackendView],
+    exclude: &[usize],
+    b: usize,
+) -> Option<BackendView> {
     if exclude.contains(&b) {
         return None;
     }
@@ -194,7 +210,11 @@ mod tests {
     use super::*;
 
     fn up(weight: u32) -> BackendView {
-        BackendView { weight, healthy: 1, ..Default::default() }
+        BackendView {
+            weight,
+            healthy: 1,
+            ..Default::default()
+        }
     }
 
     fn counts(table: &[u16], n: usize) -> Vec<usize> {
@@ -221,7 +241,10 @@ mod tests {
         let table = build_table(&[5, 1, 1]);
         // The sequence nginx documents for weights {5, 1, 1}: a a b a c a a.
         assert_eq!(table, vec![0, 0, 1, 0, 2, 0, 0]);
-        assert!(longest_run(&table) < 5, "weight-5 backend picked 5 times in a row");
+        assert!(
+            longest_run(&table) < 5,
+            "weight-5 backend picked 5 times in a row"
+        );
     }
 
     #[test]
@@ -241,7 +264,10 @@ mod tests {
         // Ten of fifteen turns: within one period no more than two in a row; across the wrap
         // nginx's sequence joins its last two with its first two.
         let table = build_table(&[10, 1, 1, 1, 1, 1]);
-        let within = table.windows(3).filter(|w| w.iter().all(|&b| b == 0)).count();
+        let within = table
+            .windows(3)
+            .filter(|w| w.iter().all(|&b| b == 0))
+            .count();
         assert_eq!(within, 0, "{table:?}");
         assert!(longest_run(&table) <= 4, "{table:?}");
     }
@@ -256,7 +282,10 @@ mod tests {
         let counts = counts(&table, weights.len());
         for (i, &w) in weights.iter().enumerate() {
             let ideal = w as u64 * WRR_TABLE_MAX as u64 / total;
-            assert!(counts[i] as u64 >= ideal.max(1) && counts[i] as u64 <= ideal + 1, "backend {i}");
+            assert!(
+                counts[i] as u64 >= ideal.max(1) && counts[i] as u64 <= ideal + 1,
+                "backend {i}"
+            );
         }
     }
 
@@ -264,7 +293,9 @@ mod tests {
     fn cursor_walk_follows_the_table() {
         let table = build_table(&[2, 1]);
         let views = [up(2), up(1)];
-        let picks: Vec<usize> = (0..6).map(|c| pick_in(&table, c, &views, &[]).unwrap().backend).collect();
+        let picks: Vec<usize> = (0..6)
+            .map(|c| pick_in(&table, c, &views, &[]).unwrap().backend)
+            .collect();
         assert_eq!(picks, vec![0, 1, 0, 0, 1, 0]);
     }
 
@@ -273,11 +304,29 @@ mod tests {
         let table = build_table(&[1, 1, 1]);
         let mut views = [up(1), up(1), up(1)];
         views[1].healthy = 0;
-        assert_eq!(pick_in(&table, 1, &views, &[]), Some(Choice { backend: 2, advance: 2 }));
-        assert_eq!(pick_in(&table, 1, &views, &[2]), Some(Choice { backend: 0, advance: 3 }));
+        assert_eq!(
+            pick_in(&table, 1, &views, &[]),
+            Some(Choice {
+                backend: 2,
+                advance: 2
+            })
+        );
+        assert_eq!(
+            pick_in(&table, 1, &views, &[2]),
+            Some(Choice {
+                backend: 0,
+                advance: 3
+            })
+        );
         views[0].max_connections = 3;
         views[0].active = 3;
-        assert_eq!(pick_in(&table, 0, &views, &[]), Some(Choice { backend: 2, advance: 3 }));
+        assert_eq!(
+            pick_in(&table, 0, &views, &[]),
+            Some(Choice {
+                backend: 2,
+                advance: 3
+            })
+        );
         assert_eq!(pick_in(&table, 0, &views, &[2]), None);
     }
 
@@ -313,7 +362,10 @@ mod tests {
     #[test]
     fn none_when_nothing_is_available() {
         let table = build_table(&[1, 2]);
-        let views = [BackendView { weight: 1, ..Default::default() }; 2];
+        let views = [BackendView {
+            weight: 1,
+            ..Default::default()
+        }; 2];
         assert_eq!(pick_in(&table, 0, &views, &[]), None);
         assert_eq!(pick_in(&[], 0, &[], &[]), None);
     }
@@ -331,6 +383,9 @@ mod tests {
             picked[choice.backend] += 1;
             cursor += choice.advance;
         }
-        assert_eq!(picked, weights.iter().map(|&w| w as usize).collect::<Vec<_>>());
+        assert_eq!(
+            picked,
+            weights.iter().map(|&w| w as usize).collect::<Vec<_>>()
+        );
     }
 }

@@ -18,7 +18,8 @@ use core::mem::size_of;
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xsub};
 
 use aya_ebpf::bindings::{bpf_fib_lookup as FibParams, xdp_action};
-use aya_ebpf::helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect};
+use aya_ebpf::helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_redirect};
+use core::ffi::c_void;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
@@ -29,7 +30,7 @@ use switchyard_common::maps::{
     FlowValue, NatReply, PROTO_TCP, ServiceKey, ServiceStats, ServiceValue, WEIGHTED_TABLE_SIZE,
     algorithm, backend_state, flow_flags, forwarding, maglev_index, weighted_index,
 };
-use switchyard_common::{MAGLEV_TABLE_SIZE, hash, least_conn, maglev, weighted_round_robin};
+use switchyard_common::{MAGLEV_TABLE_SIZE, MAX_BACKENDS, hash, least_conn, maglev, weighted_round_robin};
 
 /// `BPF_F_MMAPABLE`: the control plane maps the active counts into its address space.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -318,55 +319,192 @@ fn view(slot: u32) -> Option<BackendView> {
     })
 }
 
-/// The service's algorithm, through the same selection functions the proxy uses. Table
-/// entries name backends by their index within the service; the tables' own fallbacks skip
-/// backends that went down before the control plane rewrote the table.
+/// The service's algorithm. Table entries name backends by their index within the service.
+/// The table-driven algorithms probe forward past unavailable entries (as the shared
+/// `maglev::pick` / `weighted_round_robin::pick` do, same probe counts), then fall back to
+/// any available backend.
+///
+/// Kernel-local loops rather than the shared `pick` functions: those loop up to
+/// `MAX_BACKENDS` (1024) times inline, which the verifier rejects ("sequence of 8193 jumps is
+/// too complex"), and `least_conn::pick` keeps an `Option<(usize, BackendView)>` whose
+/// uninitialised payload LLVM spills (the verifier rejects reading it). Here every loop runs
+/// under `bpf_loop`, so the verifier checks one iteration; the ordering is the shared
+/// `least_conn::less_loaded` and the hash the shared `hash::hash_ipv4`.
 #[inline(always)]
 fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
-    let count = service.backend_count as usize;
-    if count == 0 {
+    let count = service.backend_count;
+    if count == 0 || count > MAX_BACKENDS as u32 {
         return None;
     }
     let base = service.backend_base;
     let version = service.table_version;
-    let candidate = |i: usize| if i < count { view(base + i as u32) } else { None };
-    let index = match service.algorithm {
+    let picked = match service.algorithm {
         algorithm::IP_HASH => {
             let client_hash = hash::hash_ipv4(key.src_addr.to_ne_bytes());
             let size = MAGLEV_TABLE_SIZE as u32;
-            maglev::pick(
-                client_hash,
-                MAGLEV_TABLE_SIZE,
-                count,
-                |slot| {
-                    let at = maglev_index(service.index, version, size, slot as u32);
-                    MAGLEV.get(at).map(|&b| b as usize)
-                },
-                candidate,
-            )?
+            let slot = (client_hash % MAGLEV_TABLE_SIZE as u64) as u32;
+            let first = maglev_index(service.index, version, size, 0);
+            probe(TABLE_MAGLEV, first, size, slot, maglev::MAGLEV_PROBES as u32, base, count)
+                .or_else(|| scan(SCAN_FIRST_AVAILABLE, base, count, (client_hash % count as u64) as u32))
         }
-        algorithm::ROUND_ROBIN | algorithm::WEIGHTED_ROUND_ROBIN if service.weighted_len != 0 => {
+        algorithm::ROUND_ROBIN | algorithm::WEIGHTED_ROUND_ROBIN
+            if service.weighted_len != 0 && service.weighted_len <= WEIGHTED_TABLE_SIZE =>
+        {
+            let len = service.weighted_len;
             let cursor = RR_CURSOR.get_ptr_mut(service.index)?;
-            let position = unsafe { *cursor };
-            let choice = weighted_round_robin::pick(
-                service.weighted_len as usize,
-                position as usize,
-                count,
-                |slot| {
-                    let at = weighted_index(service.index, version, WEIGHTED_TABLE_SIZE, slot as u32);
-                    WEIGHTED.get(at).map(|&b| b as usize)
-                },
-                candidate,
-            )?;
-            unsafe { *cursor = position.wrapping_add(choice.advance as u32) };
-            choice.backend
+            let position = unsafe { *cursor } % len;
+            let first = weighted_index(service.index, version, WEIGHTED_TABLE_SIZE, 0);
+            let probes = weighted_round_robin::WRR_PROBES as u32;
+            let found = probe(TABLE_WEIGHTED, first, len, position, probes, base, count);
+            // Move past the entries consumed, so a down backend's turns spread over the others.
+            let advance = match found {
+                Some((_, steps)) => steps,
+                None => probes.min(len),
+            };
+            unsafe { *cursor = position.wrapping_add(advance) };
+            found.or_else(|| scan(SCAN_FIRST_AVAILABLE, base, count, position % count))
         }
         _ => {
-            let start = unsafe { bpf_get_prandom_u32() } as usize;
-            least_conn::pick(count, start, candidate)?
+            let start = unsafe { bpf_get_prandom_u32() } % count;
+            scan(SCAN_LEAST_LOADED, base, count, start)
         }
     };
-    Some(base + index as u32)
+    picked.map(|(index, _)| base + index)
+}
+
+const SCAN_LEAST_LOADED: u32 = 0;
+const SCAN_FIRST_AVAILABLE: u32 = 1;
+const TABLE_MAGLEV: u32 = 0;
+const TABLE_WEIGHTED: u32 = 1;
+const NONE: u32 = u32::MAX;
+
+/// State of one `bpf_loop` over a service's backends or one of its tables (plain integers: it
+/// lives on the BPF stack and the verifier must see every byte initialised).
+#[repr(C)]
+struct LoopState {
+    mode: u32,
+    table: u32,
+    /// First entry of the table half in its flat array.
+    first: u32,
+    /// Table length, or backend count for scans.
+    len: u32,
+    start: u32,
+    base: u32,
+    count: u32,
+    best: u32,
+    best_active: u32,
+    best_weight: u32,
+    steps: u32,
+    _pad: u32,
+}
+
+impl LoopState {
+    #[inline(always)]
+    fn new(mode: u32, table: u32, first: u32, len: u32, start: u32, base: u32, count: u32) -> Self {
+        Self {
+            mode,
+            table,
+            first,
+            len,
+            start,
+            base,
+            count,
+            best: NONE,
+            best_active: 0,
+            best_weight: 1,
+            steps: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Any available backend (`SCAN_FIRST_AVAILABLE`) or the least loaded relative to its weight
+/// (`SCAN_LEAST_LOADED`), from `start`. Returns (index within the service, steps taken).
+#[inline(always)]
+fn scan(mode: u32, base: u32, count: u32, start: u32) -> Option<(u32, u32)> {
+    let mut state = LoopState::new(mode, 0, 0, count, start, base, count);
+    unsafe {
+        bpf_loop(count, scan_step as *mut c_void, &raw mut state as *mut c_void, 0);
+    }
+    (state.best != NONE).then_some((state.best, state.steps))
+}
+
+#[inline(never)]
+extern "C" fn scan_step(i: u64, ctx: *mut c_void) -> i64 {
+    let state = unsafe { &mut *(ctx as *mut LoopState) };
+    if state.count == 0 {
+        return 1;
+    }
+    let mut index = state.start % state.count + (i as u32);
+    if index >= state.count {
+        index -= state.count;
+    }
+    let Some(view) = view(state.base + index) else {
+        return 0;
+    };
+    if !view.available() {
+        return 0;
+    }
+    if state.mode == SCAN_FIRST_AVAILABLE {
+        state.best = index;
+        state.steps = i as u32 + 1;
+        return 1;
+    }
+    let best = BackendView {
+        active: state.best_active,
+        weight: state.best_weight,
+        max_connections: 0,
+        healthy: 1,
+        response_us: 0,
+    };
+    if state.best == NONE || least_conn::less_loaded(&view, &best) {
+        state.best = index;
+        state.best_active = view.active;
+        state.best_weight = view.weight;
+    }
+    0
+}
+
+/// The first available backend named by the table from `position`, probing at most `probes`
+/// entries. Returns (index within the service, entries consumed).
+#[inline(always)]
+fn probe(table: u32, first: u32, len: u32, position: u32, probes: u32, base: u32, count: u32) -> Option<(u32, u32)> {
+    let mut state = LoopState::new(0, table, first, len, position, base, count);
+    unsafe {
+        bpf_loop(probes.min(len), probe_step as *mut c_void, &raw mut state as *mut c_void, 0);
+    }
+    (state.best != NONE).then_some((state.best, state.steps))
+}
+
+#[inline(never)]
+extern "C" fn probe_step(i: u64, ctx: *mut c_void) -> i64 {
+    let state = unsafe { &mut *(ctx as *mut LoopState) };
+    if state.len == 0 {
+        return 1;
+    }
+    let mut position = state.start % state.len + (i as u32);
+    if position >= state.len {
+        position -= state.len;
+    }
+    let entry = if state.table == TABLE_MAGLEV {
+        MAGLEV.get(state.first + position).copied()
+    } else {
+        WEIGHTED.get(state.first + position).copied()
+    };
+    let Some(index) = entry else {
+        return 0;
+    };
+    if index >= state.count {
+        return 0;
+    }
+    match view(state.base + index) {
+        Some(view) if view.available() => {
+            state.best = index;
+            state.steps = i as u32 + 1;
+            1
+        }
+        _ => 0,
+    }
 }
 
 #[inline(always)]

@@ -101,7 +101,7 @@ pub fn program_service(
     }
 
     let unchanged = previous.is_some_and(|p| p.up() == states.up());
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+    let services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
         HashMap::try_from(bpf.map_mut(names::SERVICES).context("map SERVICES missing")?)?;
     let current = services.get(&key, 0).ok();
     if unchanged && current.is_some() {

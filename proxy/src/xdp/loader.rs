@@ -1,0 +1,397 @@
+//! Loading, attaching and detaching the XDP program, and the sync task that keeps its maps in
+//! step with the running state.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use aya::maps::Map;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
+use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use parking_lot::Mutex;
+use switchyard_common::maps::{WEIGHTED_TABLE_SIZE, backend_state, names, programs};
+use switchyard_common::{MAGLEV_TABLE_SIZE, MAX_BACKENDS};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{flows, neighbours, tables};
+use crate::config::{Config, Dataplane, Forwarding};
+use crate::counters::CounterTable;
+use crate::state::{Runtime, Service, Snapshot};
+
+/// Environment switch for pinning maps and links in bpffs (so a restart keeps established
+/// flows): `1` pins under `/sys/fs/bpf/switchyard/<first xdp service>`; an absolute path pins
+/// under `<path>/<first xdp service>`.
+pub const PIN_ENV: &str = "SWITCHYARD_XDP_PIN";
+const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
+
+/// Maps pinned (and reused after a restart) when pinning is on.
+const PINNED_MAPS: [&str; 10] = [
+    names::SERVICES,
+    names::BACKENDS,
+    names::ACTIVE,
+    names::BACKEND_STATS,
+    names::SERVICE_STATS,
+    names::FLOWS,
+    names::NAT_REPLIES,
+    names::MAGLEV,
+    names::WEIGHTED,
+    names::RR_CURSOR,
+];
+
+/// The loaded fast path. See the module docs of `xdp` for the call order.
+pub struct XdpPlane {
+    bpf: Arc<Mutex<Ebpf>>,
+    counters: Arc<CounterTable>,
+    pin_dir: Option<PathBuf>,
+    /// Flows and counts came from pinned maps of a previous run.
+    reused: bool,
+    links: Vec<(String, XdpLink)>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl XdpPlane {
+    /// Loads the program through the verifier with maps sized for `config`, and maps the
+    /// shared active counts.
+    pub fn load(config: &Config) -> anyhow::Result<Self> {
+        let object = super::object().ok_or_else(|| anyhow!(super::NOT_BUILT))?;
+        let slots = Snapshot::slots_needed(config).max(1) as u32;
+        let services = config.services.len().max(1) as u32;
+        let flows: u32 = config
+            .services
+            .iter()
+            .filter_map(|s| s.xdp.as_ref().map(|x| x.flow_table_size.max(1)))
+            .fold(0u32, u32::saturating_add)
+            .max(1);
+        for service in &config.services {
+            if service.dataplane == Dataplane::Xdp && service.backends.len() > MAX_BACKENDS {
+                bail!("service {:?}: the XDP fast path takes at most {MAX_BACKENDS} backends", service.name);
+            }
+        }
+        let pin_dir = pin_dir(config);
+        let mut reused = false;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(names::SERVICES, services)
+            .map_max_entries(names::BACKENDS, slots)
+            .map_max_entries(names::ACTIVE, slots)
+            .map_max_entries(names::BACKEND_STATS, slots)
+            .map_max_entries(names::SERVICE_STATS, services)
+            .map_max_entries(names::RR_CURSOR, services)
+            .map_max_entries(names::FLOWS, flows)
+            .map_max_entries(names::NAT_REPLIES, flows)
+            .map_max_entries(names::MAGLEV, services * 2 * MAGLEV_TABLE_SIZE as u32)
+            .map_max_entries(names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE);
+        let pin_paths: Vec<(&str, PathBuf)>;
+        if let Some(dir) = &pin_dir {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("creating the pin directory {} (is bpffs mounted at /sys/fs/bpf?)", dir.display())
+            })?;
+            reused = dir.join(names::FLOWS).exists();
+            pin_paths = PINNED_MAPS.iter().map(|name| (*name, dir.join(name))).collect();
+            for (name, path) in &pin_paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut bpf = loader.load(object).map_err(|e| explain(e.into(), "loading the XDP object"))?;
+        {
+            let program: &mut Xdp = bpf
+                .program_mut(programs::BALANCE)
+                .context("the XDP object has no balance program")?
+                .try_into()?;
+            program.load().map_err(|e| explain(verifier(e), "loading the XDP program"))?;
+        }
+        let active = match bpf.map(names::ACTIVE) {
+            Some(Map::Array(data)) => data.fd().as_fd().try_clone_to_owned().context("duplicating the ACTIVE map fd")?,
+            _ => bail!("the XDP object has no ACTIVE array"),
+        };
+        let counters = map_counters(active, Snapshot::slots_needed(config))?;
+        if reused && let Some(dir) = &pin_dir {
+            info!("reusing pinned XDP maps in {}: established flows keep their backends", dir.display());
+        }
+        Ok(Self {
+            bpf: Arc::new(Mutex::new(bpf)),
+            counters,
+            pin_dir,
+            reused,
+            links: Vec::new(),
+            stop: CancellationToken::new(),
+            task: None,
+        })
+    }
+
+    /// The shared counter table; build the state with it.
+    pub fn counters(&self) -> Arc<CounterTable> {
+        self.counters.clone()
+    }
+
+    /// Programs the maps from `runtime`'s snapshot, attaches to every interface the XDP
+    /// services name, and spawns the sync task (must run inside the tokio runtime).
+    pub fn start(&mut self, runtime: Arc<Runtime>) -> anyhow::Result<()> {
+        let snapshot = runtime.snapshot();
+        let mut synced = Sync::default();
+        {
+            let mut bpf = self.bpf.lock();
+            if self.reused {
+                let rebuilt = flows::rebuild_counts(&bpf, &self.counters)?;
+                info!("rebuilt active counts from {rebuilt} open flows");
+            }
+            synced.run(&mut bpf, &snapshot, true)?;
+        }
+        let mut interfaces = BTreeSet::new();
+        for service in xdp_services(&snapshot) {
+            let xdp = service.config.xdp.as_ref().context("xdp service without [service.xdp]")?;
+            interfaces.insert(xdp.interface.clone());
+            if xdp.forwarding == Forwarding::Nat {
+                interfaces.insert(xdp.backend_interface.clone());
+            }
+        }
+        for interface in interfaces {
+            let link = self.attach(&interface)?;
+            self.links.push((interface, link));
+        }
+        let period = sync_period(&snapshot);
+        let bpf = self.bpf.clone();
+        let counters = self.counters.clone();
+        let stop = self.stop.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut expiry = flows::Expiry::default();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                let snapshot = runtime.snapshot();
+                let bpf = bpf.clone();
+                let counters = counters.clone();
+                let mut state = std::mem::take(&mut synced);
+                let mut exp = std::mem::take(&mut expiry);
+                // Map syscalls and /proc reads block: keep them off the async workers.
+                let joined = tokio::task::spawn_blocking(move || {
+                    let mut bpf = bpf.lock();
+                    if let Err(error) = state.run(&mut bpf, &snapshot, false) {
+                        warn!("XDP sync: {error:#}");
+                    }
+                    if let Err(error) = exp.run(&mut bpf, &snapshot, &counters) {
+                        warn!("XDP flow expiry: {error:#}");
+                    }
+                    (state, exp)
+                })
+                .await;
+                match joined {
+                    Ok((state, exp)) => {
+                        synced = state;
+                        expiry = exp;
+                    }
+                    Err(error) => warn!("XDP sync task failed: {error}"),
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    fn attach(&mut self, interface: &str) -> anyhow::Result<XdpLink> {
+        let pinned_link = self.pin_dir.as_ref().map(|dir| dir.join(format!("link-{interface}")));
+        let mut bpf = self.bpf.lock();
+        let program: &mut Xdp = bpf
+            .program_mut(programs::BALANCE)
+            .context("the XDP object has no balance program")?
+            .try_into()?;
+        // A link pinned by a previous run: swap our program in atomically, so established
+        // flows never see a moment without the fast path.
+        if let Some(path) = &pinned_link
+            && path.exists()
+        {
+            let pinned = PinnedLink::from_pin(path)
+                .with_context(|| format!("opening the pinned XDP link {}", path.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
+            let id = program
+                .attach_to_link(link)
+                .map_err(|e| explain(e.into(), &format!("replacing the program on {interface}")))?;
+            info!("XDP program replaced on {interface} (pinned link {})", path.display());
+            return Ok(program.take_link(id)?);
+        }
+        let id = match program.attach(interface, XdpMode::Driver) {
+            Ok(id) => {
+                info!("XDP program attached to {interface} in native mode");
+                id
+            }
+            Err(native) => {
+                let id = program.attach(interface, XdpMode::Skb).map_err(|generic| {
+                    explain(
+                        anyhow!(generic).context(format!("native mode failed too: {native}")),
+                        &format!("attaching the XDP program to {interface}"),
+                    )
+                })?;
+                warn!("XDP program attached to {interface} in generic (skb) mode, slower: native mode failed: {native}");
+                id
+            }
+        };
+        let link = program.take_link(id)?;
+        let Some(path) = pinned_link else {
+            return Ok(link);
+        };
+        let fd_link = FdLink::try_from(link).context("pinning needs a bpf_link based XDP attachment")?;
+        let pinned = fd_link
+            .pin(&path)
+            .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
+        Ok(XdpLink::try_from(FdLink::from(pinned))?)
+    }
+
+    /// One slot of the ACTIVE array read through the map (not the mapping): for tests and
+    /// diagnostics.
+    pub fn active_from_map(&self, slot: u32) -> anyhow::Result<u64> {
+        let bpf = self.bpf.lock();
+        let map: aya::maps::Array<&aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(bpf.map(names::ACTIVE).context("map ACTIVE missing")?)?;
+        Ok(map.get(&slot, 0)?)
+    }
+
+    /// Stops the sync task and detaches. With pinning on, the pinned links and maps stay:
+    /// the program keeps forwarding established flows until the next start takes over.
+    pub fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let links = std::mem::take(&mut self.links);
+        for (interface, link) in links {
+            drop(link);
+            match &self.pin_dir {
+                Some(dir) => info!("XDP program left attached to {interface} (pinned in {})", dir.display()),
+                None => info!("XDP program detached from {interface}"),
+            }
+        }
+    }
+}
+
+/// Per-run memory of what was written, so only changes touch the maps.
+#[derive(Default)]
+struct Sync {
+    written: std::collections::HashMap<String, tables::BackendStates>,
+}
+
+impl Sync {
+    /// Brings backend states (health, MACs) and tables up to date for every XDP service.
+    fn run(&mut self, bpf: &mut Ebpf, snapshot: &Snapshot, first: bool) -> anyhow::Result<()> {
+        for (index, service) in snapshot.services.iter().enumerate() {
+            if service.config.dataplane != Dataplane::Xdp {
+                continue;
+            }
+            let states = backend_states(service);
+            let previous = self.written.get(&service.config.name);
+            if !first && previous == Some(&states) {
+                continue;
+            }
+            tables::program_service(bpf, index as u32, service, &states, previous)
+                .with_context(|| format!("service {:?}", service.config.name))?;
+            if let Some(previous) = previous {
+                for (i, backend) in service.backends.iter().enumerate() {
+                    if previous.states[i] != states.states[i] {
+                        let word = if states.states[i] == backend_state::UP { "takes" } else { "gets no" };
+                        info!(service = %service.config.name, backend = %backend.config.name, "XDP: backend {word} new flows");
+                    }
+                }
+            }
+            self.written.insert(service.config.name.clone(), states);
+        }
+        Ok(())
+    }
+}
+
+fn backend_states(service: &Service) -> tables::BackendStates {
+    let xdp = service.config.xdp.as_ref();
+    let dsr = xdp.is_some_and(|x| x.forwarding == Forwarding::Dsr);
+    let neighbours = match (dsr, xdp) {
+        (true, Some(x)) => neighbours::table(&x.interface),
+        _ => Default::default(),
+    };
+    let mut states = Vec::new();
+    let mut macs = Vec::new();
+    for backend in &service.backends {
+        let ip = match backend.config.address.ip() {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        };
+        let mac = if dsr { neighbours.get(&ip).copied() } else { Some([0; 6]) };
+        if mac.is_none() {
+            neighbours::nudge(ip);
+        }
+        let state = if !backend.health.is_up() || mac.is_none() { backend_state::DOWN } else { backend_state::UP };
+        states.push(state);
+        macs.push(mac.unwrap_or([0; 6]));
+    }
+    tables::BackendStates { states, macs }
+}
+
+fn xdp_services(snapshot: &Snapshot) -> impl Iterator<Item = &Arc<Service>> {
+    snapshot.services.iter().filter(|s| s.config.dataplane == Dataplane::Xdp)
+}
+
+/// A quarter of the shortest health interval (so a down backend stops taking new flows within
+/// one interval), between 100 ms and 1 s.
+fn sync_period(snapshot: &Snapshot) -> Duration {
+    xdp_services(snapshot)
+        .map(|s| s.config.health.interval / 4)
+        .min()
+        .unwrap_or(Duration::from_secs(1))
+        .clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+fn pin_dir(config: &Config) -> Option<PathBuf> {
+    let value = std::env::var(PIN_ENV).ok().filter(|v| !v.is_empty() && v != "0")?;
+    let base = if value == "1" { PathBuf::from(DEFAULT_PIN_BASE) } else { PathBuf::from(value) };
+    let first = config.services.iter().find(|s| s.dataplane == Dataplane::Xdp)?;
+    Some(base.join(sanitize(&first.name)))
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+fn map_counters(fd: OwnedFd, slots: usize) -> anyhow::Result<Arc<CounterTable>> {
+    CounterTable::mapped(fd, slots).context("mapping the shared active counts (BPF_F_MMAPABLE array)")
+}
+
+fn verifier(error: ProgramError) -> anyhow::Error {
+    match error {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow!(io_error).context(format!("the kernel verifier rejected the program:\n{}", tail.join("\n")))
+        }
+        other => other.into(),
+    }
+}
+
+/// Names the missing capabilities when the kernel says EPERM.
+fn explain(error: anyhow::Error, what: &str) -> anyhow::Error {
+    let denied = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.raw_os_error() == Some(nix::libc::EPERM))
+    }) || format!("{error:#}").contains("Operation not permitted");
+    if denied {
+        error.context(format!(
+            "{what}: permission denied: the XDP fast path needs CAP_BPF and CAP_NET_ADMIN (and CAP_PERFMON for some kernels): run as root or grant them (systemd: AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON)"
+        ))
+    } else {
+        error.context(what.to_string())
+    }
+}
+
+/// Whether `path` is on a bpffs mount (pinning works there only).
+#[allow(dead_code)]
+pub fn is_bpffs(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf") && path.starts_with(l.split_whitespace().nth(1).unwrap_or("/nonexistent"))))
+        .unwrap_or(false)
+}

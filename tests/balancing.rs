@@ -1,0 +1,334 @@
+//! Every balancing algorithm's distribution through the real binary: real SMTP clients on
+//! loopback, the `switchyard` process, real SMTP backends that name themselves in their
+//! greeting. Exact where the algorithm is deterministic (round robin, weighted ratios, ties),
+//! bounded where timing decides (uneven session lengths, response times).
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use support::*;
+
+/// One service on a fresh loopback port in front of `backends` as (backend, weight).
+fn config(
+    listen: SocketAddr,
+    algorithm: &str,
+    health: &str,
+    backends: &[(&TestBackend, u32)],
+) -> String {
+    let mut toml = format!(
+        "[[service]]\nname = \"mx\"\nlisten = \"{listen}\"\nalgorithm = \"{algorithm}\"\nretries = 2\n\n\
+         [service.health]\nkind = \"{health}\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n"
+    );
+    for (backend, weight) in backends {
+        toml.push_str(&format!(
+            "\n[[service.backend]]\nname = \"{}\"\naddress = \"{}\"\nweight = {weight}\n",
+            backend.name(),
+            backend.addr()
+        ));
+    }
+    toml
+}
+
+async fn start_backends(names: &[&str], behaviour: Behaviour) -> Vec<TestBackend> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push(TestBackend::start(name, behaviour.clone()).await);
+    }
+    out
+}
+
+/// Runs `total` one-message sessions, `parallel` at a time; returns sessions per backend name.
+async fn run_sessions(addr: SocketAddr, total: usize, parallel: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    let mut started = 0;
+    let mut running = JoinSet::new();
+    while started < total || !running.is_empty() {
+        while started < total && running.len() < parallel {
+            running.spawn(smtp_session(addr));
+            started += 1;
+        }
+        let name = running
+            .join_next()
+            .await
+            .expect("a running session")
+            .expect("session task")
+            .expect("session through switchyard");
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn count(counts: &HashMap<String, usize>, name: &str) -> usize {
+    counts.get(name).copied().unwrap_or(0)
+}
+
+/// A client that has read its greeting and holds the session open until `quit`.
+struct HeldSession {
+    backend: String,
+    conn: BufReader<TcpStream>,
+}
+
+impl HeldSession {
+    async fn open(addr: SocketAddr) -> HeldSession {
+        let mut conn = BufReader::new(
+            TcpStream::connect(addr)
+                .await
+                .expect("connect to switchyard"),
+        );
+        let (code, text) = read_reply(&mut conn).await.expect("greeting");
+        assert_eq!(code, 220, "greeting {text:?}");
+        let backend = text
+            .split_whitespace()
+            .nth(1)
+            .expect("backend name in greeting")
+            .to_string();
+        HeldSession { backend, conn }
+    }
+
+    async fn quit(mut self) {
+        self.conn
+            .get_mut()
+            .write_all(b"QUIT\r\n")
+            .await
+            .expect("send QUIT");
+        let (code, text) = read_reply(&mut self.conn).await.expect("QUIT reply");
+        assert_eq!(code, 221, "QUIT reply {text:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_evenly() {
+    let backends = start_backends(&["rr-a", "rr-b", "rr-c"], Behaviour::default()).await;
+    let listen = free_addr();
+    let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
+    let _sy = Switchyard::start(&config(listen, "round_robin", "none", &list));
+
+    // One at a time, every pick takes the next turn: exactly even.
+    let counts = run_sessions(listen, 300, 1).await;
+    for b in &backends {
+        assert_eq!(count(&counts, b.name()), 100, "{counts:?}");
+    }
+    // Concurrent sessions share one atomic cursor: still exactly even.
+    let counts = run_sessions(listen, 300, 10).await;
+    for b in &backends {
+        assert_eq!(count(&counts, b.name()), 100, "{counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_round_robin_follows_weights() {
+    let backends = start_backends(&["wrr-1", "wrr-2", "wrr-3"], Behaviour::default()).await;
+    let listen = free_addr();
+    let list: Vec<_> = backends.iter().zip([1, 2, 3]).collect();
+    let _sy = Switchyard::start(&config(listen, "weighted_round_robin", "none", &list));
+
+    let counts = run_sessions(listen, 600, 8).await;
+    assert_eq!(count(&counts, "wrr-1"), 100, "{counts:?}");
+    assert_eq!(count(&counts, "wrr-2"), 200, "{counts:?}");
+    assert_eq!(count(&counts, "wrr-3"), 300, "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_sends_new_sessions_around_long_ones() {
+    let backends = start_backends(&["lc-a", "lc-b", "lc-c"], Behaviour::default()).await;
+    let listen = free_addr();
+    let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
+    let _sy = Switchyard::start(&config(listen, "least_conn", "none", &list));
+
+    // Seven long sessions opened one after another: least connections spreads them 3/2/2.
+    let mut held = Vec::new();
+    for _ in 0..7 {
+        held.push(HeldSession::open(listen).await);
+    }
+    let mut load: HashMap<String, usize> = HashMap::new();
+    for h in &held {
+        *load.entry(h.backend.clone()).or_insert(0) += 1;
+    }
+    let mut loads: Vec<usize> = load.values().copied().collect();
+    loads.sort();
+    assert_eq!(loads, vec![2, 2, 3], "long sessions per backend: {load:?}");
+    let busiest = load
+        .iter()
+        .find(|(_, n)| **n == 3)
+        .map(|(name, _)| name.clone())
+        .expect("a busiest");
+
+    // Short sessions never go to the busiest backend, and the two tied ones take turns
+    // (no herding onto one of them).
+    let counts = run_sessions(listen, 40, 1).await;
+    assert_eq!(
+        count(&counts, &busiest),
+        0,
+        "short sessions went to the busiest backend: {counts:?}"
+    );
+    for b in &backends {
+        if b.name() != busiest {
+            assert_eq!(count(&counts, b.name()), 20, "{counts:?}");
+        }
+    }
+    for h in held {
+        h.quit().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_gives_a_slow_backend_fewer_sessions() {
+    // lc-slow delays every reply by 50 ms, so its sessions last ~300 ms while the others'
+    // take a millisecond or two: with 6 clients in parallel it carries more open sessions and
+    // must get far fewer new ones than the third round robin would give it.
+    let slow = TestBackend::start(
+        "lc-slow",
+        Behaviour {
+            reply_delay: Duration::from_millis(50),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let fast = start_backends(&["lc-fast1", "lc-fast2"], Behaviour::default()).await;
+    let listen = free_addr();
+    let list = vec![(&slow, 1), (&fast[0], 1), (&fast[1], 1)];
+    let _sy = Switchyard::start(&config(listen, "least_conn", "none", &list));
+
+    let counts = run_sessions(listen, 300, 6).await;
+    eprintln!("least_conn with a slow backend: {counts:?}");
+    let slow_share = count(&counts, "lc-slow") as f64 / 300.0;
+    assert!(
+        slow_share < 0.15,
+        "slow backend got {slow_share:.2} of sessions: {counts:?}"
+    );
+    assert!(
+        count(&counts, "lc-slow") > 0,
+        "the slow backend is healthy and must get some: {counts:?}"
+    );
+    let (f1, f2) = (count(&counts, "lc-fast1"), count(&counts, "lc-fast2"));
+    assert!(
+        f1.abs_diff(f2) <= 30,
+        "fast backends unevenly loaded: {counts:?}"
+    );
+}
+
+/// Client source addresses 127.0.1.1 ..= 127.0.1.200 (all of 127/8 is local on Linux).
+fn client_addrs() -> Vec<IpAddr> {
+    (1..=200u8)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 1, i)))
+        .collect()
+}
+
+/// Each client's backend, 20 clients at a time.
+async fn backend_per_client(addr: SocketAddr, clients: &[IpAddr]) -> Vec<String> {
+    let mut out = vec![String::new(); clients.len()];
+    for (chunk_index, chunk) in clients.chunks(20).enumerate() {
+        let mut running = JoinSet::new();
+        for (i, &ip) in chunk.iter().enumerate() {
+            running.spawn(async move { (i, smtp_session_from(addr, ip).await) });
+        }
+        while let Some(done) = running.join_next().await {
+            let (i, result) = done.expect("session task");
+            let name = result.unwrap_or_else(|e| panic!("session from {}: {e:#}", chunk[i]));
+            out[chunk_index * 20 + i] = name;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_hash_is_sticky_and_remaps_about_one_nth() {
+    let backends = start_backends(&["ih-a", "ih-b", "ih-c", "ih-d"], Behaviour::default()).await;
+    let listen = free_addr();
+    let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
+    let _sy = Switchyard::start(&config(listen, "ip_hash", "tcp", &list));
+    let clients = client_addrs();
+
+    let first = backend_per_client(listen, &clients).await;
+    let second = backend_per_client(listen, &clients).await;
+    assert_eq!(first, second, "ip_hash is not sticky");
+    for b in &backends {
+        let share = first.iter().filter(|n| *n == b.name()).count();
+        assert!(share >= 20, "{} got only {share} of 200 clients", b.name());
+    }
+
+    // Take one of four backends out: only its clients move, and they are about a quarter.
+    backends[2].stop();
+    tokio::time::sleep(Duration::from_millis(800)).await; // health checks mark it down
+    let after = backend_per_client(listen, &clients).await;
+    let mut moved = 0;
+    for ((client, before), now) in clients.iter().zip(&first).zip(&after) {
+        assert_ne!(
+            now, "ih-c",
+            "client {client} still sent to the stopped backend"
+        );
+        if before != now {
+            assert_eq!(
+                before, "ih-c",
+                "client {client} of a running backend moved ({before} -> {now})"
+            );
+            moved += 1;
+        }
+    }
+    let fraction = moved as f64 / clients.len() as f64;
+    eprintln!(
+        "ip_hash: {moved} of {} clients moved when one of 4 backends stopped",
+        clients.len()
+    );
+    assert!(
+        (0.12..=0.40).contains(&fraction),
+        "moved fraction {fraction}"
+    );
+    // Its clients spread over the others rather than all onto one.
+    let receivers: std::collections::HashSet<_> = first
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b != a)
+        .map(|(_, a)| a.clone())
+        .collect();
+    assert!(
+        receivers.len() >= 2,
+        "all moved clients went to {receivers:?}"
+    );
+
+    // And they come back when it returns.
+    backends[2].restart();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let back = backend_per_client(listen, &clients).await;
+    assert_eq!(back, first, "clients did not return to their backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_time_prefers_the_fast_backend() {
+    let slow = TestBackend::start(
+        "lt-slow",
+        Behaviour {
+            greeting_delay: Duration::from_millis(40),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let fast = TestBackend::start("lt-fast", Behaviour::default()).await;
+    let listen = free_addr();
+    let _sy = Switchyard::start(&config(
+        listen,
+        "least_time",
+        "none",
+        &[(&slow, 1), (&fast, 1)],
+    ));
+
+    // Unmeasured backends come first (so each is measured), then the fast one wins.
+    let counts = run_sessions(listen, 60, 1).await;
+    assert!(
+        count(&counts, "lt-slow") >= 1,
+        "the slow backend was never measured: {counts:?}"
+    );
+    assert!(count(&counts, "lt-fast") >= 57, "{counts:?}");
+
+    // Under parallel load the fast backend still takes the bulk: (active + 1) x time.
+    let counts = run_sessions(listen, 120, 4).await;
+    eprintln!("least_time, 4 in parallel: {counts:?}");
+    assert!(count(&counts, "lt-fast") >= 108, "{counts:?}");
+}
