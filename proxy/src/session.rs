@@ -131,8 +131,12 @@ async fn connect_any(service: &Arc<Service>, client_addr: SocketAddr, local_addr
     let mut excluded: Vec<usize> = Vec::new();
     let mut failures = 0u32;
     let header = proxy_protocol::header(service.config.proxy_protocol, client_addr, local_addr);
-    loop {
+    // Each round excludes one more backend, so this ends; the bound is belt and braces.
+    for _ in 0..service.backends.len() {
         let index = service.selector.pick(&service.backends, client_ip, &excluded)?;
+        if excluded.contains(&index) {
+            return None;
+        }
         excluded.push(index);
         let backend = &service.backends[index];
         // Full since it was picked: not a failure, just look elsewhere.
@@ -160,6 +164,7 @@ async fn connect_any(service: &Arc<Service>, client_addr: SocketAddr, local_addr
             }
         }
     }
+    None
 }
 
 /// Why a backend did not take a session.

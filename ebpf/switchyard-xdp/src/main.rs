@@ -345,14 +345,14 @@ fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
             let slot = (client_hash % MAGLEV_TABLE_SIZE as u64) as u32;
             let first = maglev_index(service.index, version, size, 0);
             probe(TABLE_MAGLEV, first, size, slot, maglev::MAGLEV_PROBES as u32, base, count)
-                .or_else(|| scan(SCAN_FIRST_AVAILABLE, base, count, (client_hash % count as u64) as u32))
+                .or_else(|| scan(SCAN_FIRST_AVAILABLE, base, count, (client_hash as u32).checked_rem(count).unwrap_or(0)))
         }
         algorithm::ROUND_ROBIN | algorithm::WEIGHTED_ROUND_ROBIN
             if service.weighted_len != 0 && service.weighted_len <= WEIGHTED_TABLE_SIZE =>
         {
             let len = service.weighted_len;
             let cursor = RR_CURSOR.get_ptr_mut(service.index)?;
-            let position = unsafe { *cursor } % len;
+            let position = unsafe { *cursor }.checked_rem(len).unwrap_or(0);
             let first = weighted_index(service.index, version, WEIGHTED_TABLE_SIZE, 0);
             let probes = weighted_round_robin::WRR_PROBES as u32;
             let found = probe(TABLE_WEIGHTED, first, len, position, probes, base, count);
@@ -362,10 +362,10 @@ fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
                 None => probes.min(len),
             };
             unsafe { *cursor = position.wrapping_add(advance) };
-            found.or_else(|| scan(SCAN_FIRST_AVAILABLE, base, count, position % count))
+            found.or_else(|| scan(SCAN_FIRST_AVAILABLE, base, count, position.checked_rem(count).unwrap_or(0)))
         }
         _ => {
-            let start = unsafe { bpf_get_prandom_u32() } % count;
+            let start = unsafe { bpf_get_prandom_u32() }.checked_rem(count).unwrap_or(0);
             scan(SCAN_LEAST_LOADED, base, count, start)
         }
     };
@@ -435,7 +435,8 @@ extern "C" fn scan_step(i: u64, ctx: *mut c_void) -> i64 {
     if state.count == 0 {
         return 1;
     }
-    let mut index = state.start % state.count + (i as u32);
+    // `checked_rem`: a `%` the compiler cannot prove safe links a panic path the loader rejects.
+    let mut index = state.start.checked_rem(state.count).unwrap_or(0) + (i as u32);
     if index >= state.count {
         index -= state.count;
     }
@@ -482,7 +483,7 @@ extern "C" fn probe_step(i: u64, ctx: *mut c_void) -> i64 {
     if state.len == 0 {
         return 1;
     }
-    let mut position = state.start % state.len + (i as u32);
+    let mut position = state.start.checked_rem(state.len).unwrap_or(0) + (i as u32);
     if position >= state.len {
         position -= state.len;
     }
