@@ -23,7 +23,7 @@ fn config(listen: &[SocketAddr], service_keys: &str, health: &str, backends: &[(
     let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
     let mut toml = format!(
         "shutdown_timeout = \"10s\"\n\n[[service]]\nname = \"mx\"\nlisten = [{}]\n{service_keys}\n\n\
-         [service.health]\nkind = \"{health}\"\ninterval = \"300ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2\n",
+         [service.health]\nkind = \"{health}\"\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n",
         listen.join(", ")
     );
     for (name, address) in backends {
@@ -211,7 +211,7 @@ async fn backend_that_hangs_before_greeting_is_skipped() {
     let listen = free_addr();
     let mut sy = Switchyard::start(&config(
         &[listen],
-        "algorithm = \"round_robin\"\nretries = 1\ngreeting_timeout = \"300ms\"",
+        "algorithm = \"round_robin\"\nretries = 1\ngreeting_timeout = \"1s\"",
         "none",
         &[("hang", hang_addr), ("mta2", mta2.addr())],
     ));

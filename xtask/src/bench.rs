@@ -199,7 +199,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
             }
             let report = drive(c, &opts, &dir)?;
             println!(
-                "  {:<24} {:>7.0} sessions/s  p99 {:>7.2} ms  failed {}",
+                "  {:<32} {:>7.0} sessions/s  p99 {:>7.2} ms  failed {}",
                 c.name, report.sessions_per_s, report.latency_ms.session.p99, report.sessions_failed
             );
             c.runs.push(report);

@@ -79,6 +79,7 @@ fn panel(
             .disable_y_mesh()
             .disable_y_axis()
             .x_labels(6)
+            .x_label_formatter(&|v| format!("{v:.0}"))
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(|e| anyhow!("chart: {e}"))?;
