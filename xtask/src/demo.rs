@@ -115,6 +115,7 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
         let by_switchyard = assigned.get(*name).map_or("?".to_string(), |n| n.to_string());
         println!("  {name:<8} {addr:<17} {by_switchyard:>22}   {at_sink:>20}");
     }
+    println!("  (switchyard's count includes the readiness probe, a session without a message)");
     println!("\n== health transitions (from {})", switchyard_log.display());
     let transitions: Vec<&str> = log
         .lines()
@@ -124,7 +125,7 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
         println!("  none logged");
     }
     for t in transitions {
-        println!("  {}", t.trim());
+        println!("  {}", strip_ansi(t).trim());
     }
     println!("\n== failed sessions: {}", report.sessions_failed);
     if report.sessions_failed > 0 || report.sessions_ok == 0 {
@@ -133,6 +134,24 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
     }
     println!("demo: OK: {} sessions, none failed, across the loss of {victim}", report.sessions_ok);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Log lines without terminal colour sequences (ESC [ ... m).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Waits until switchyard greets with 220 through a healthy backend.

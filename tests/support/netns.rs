@@ -1,0 +1,687 @@
+//! Network-namespace topologies for the kernel fast path's tests: a client, a balancer and
+//! three backends running real SMTP servers, joined by veth pairs (and a bridge for the shared
+//! L2 segment), all in 198.18.0.0/15 and all named `sy-…-<suffix>`.
+//!
+//! Safety rules (DEVELOPERS.md): before anything is created the root namespace gets
+//! `ip route replace blackhole 198.18.0.0/15`, so nothing addressed to a test host can leave
+//! the machine; every namespace, and with it every veth, is deleted by `Drop`, also when the
+//! test panics. Work inside a namespace runs on a thread that entered it with `setns` (threads
+//! it spawns inherit it); processes enter it before `exec`.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The VIP every topology balances.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const BALANCER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Balancer's address towards the backends in the nat topology.
+pub const BALANCER_INSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const SMTP_PORT: u16 = 25;
+
+/// Why the kernel-path tests cannot run here, if they cannot.
+pub fn unavailable(object_expected: bool) -> Option<String> {
+    if unsafe { nix::libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Some("kernel without BTF".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("iproute2 (`ip`) not installed".into());
+    }
+    if !object_expected {
+        return Some("switchyard was built without the XDP object (eBPF toolchain missing)".into());
+    }
+    None
+}
+
+/// `true` when the test may run; a loud SKIP otherwise, or a panic under
+/// SWITCHYARD_REQUIRE_XDP=1 (CI) so a skip can never pass for a success there.
+pub fn require_xdp(object_expected: bool) -> bool {
+    match unavailable(object_expected) {
+        None => true,
+        Some(reason) => {
+            if std::env::var("SWITCHYARD_REQUIRE_XDP").is_ok_and(|v| v == "1") {
+                panic!("SWITCHYARD_REQUIRE_XDP=1 but the kernel path cannot be tested: {reason}");
+            }
+            eprintln!("\n*** SKIP: kernel fast path NOT tested: {reason} ***\n");
+            false
+        }
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
+fn must(program: &str, args: &[&str]) {
+    if let Err(e) = run(program, args) {
+        panic!("{e}");
+    }
+}
+
+/// A unique, short suffix: interface names are limited to 15 bytes.
+pub fn suffix() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{:x}{}", std::process::id() % 0xffff, NEXT.fetch_add(1, Ordering::SeqCst))
+}
+
+/// One named network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Netns {
+        assert!(name.starts_with("sy-"), "test namespaces are prefixed sy-");
+        let _ = run("ip", &["netns", "del", &name]); // a leftover of a killed run
+        must("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n <ns> ARGS`, panicking with ip's message on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        must("ip", &full);
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a fresh thread inside this namespace and returns its result.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// Starts `f` on a thread inside this namespace.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+
+    /// Writes a sysctl of this namespace (`net.ipv4.ip_forward` → /proc/sys/net/ipv4/ip_forward).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let file = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        self.run(move || std::fs::write(&file, &value).unwrap_or_else(|e| panic!("sysctl {file}: {e}")));
+    }
+
+    /// Turns GRO on for a veth end (so its NAPI runs: redirected frames are polled).
+    pub fn enable_gro(&self, interface: &str) {
+        let interface = interface.to_string();
+        self.run(move || ethtool_set(&interface, ETHTOOL_SGRO, 1));
+    }
+
+    /// Turns transmit checksum offload off: a veth otherwise hands on TCP segments with only
+    /// the pseudo-header sum (CHECKSUM_PARTIAL), which XDP cannot see and forwards as is. A
+    /// physical NIC delivers complete checksums, so only the test network needs this.
+    pub fn disable_tx_checksum(&self, interface: &str) {
+        let interface = interface.to_string();
+        self.run(move || ethtool_set(&interface, ETHTOOL_STXCSUM, 0));
+    }
+
+    /// Attaches switchyard's pass-everything XDP program to `interface`: a veth delivers
+    /// frames that its peer's XDP program transmits (XDP_TX) or redirects only when the
+    /// receiving end runs an XDP program itself. Kept attached for the life of the returned
+    /// object.
+    pub fn attach_pass(&self, interface: &str) -> PassProgram {
+        let interface = interface.to_string();
+        PassProgram(self.run(move || attach_pass(&interface)))
+    }
+
+    /// Builds a command that runs inside this namespace (it enters before `exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let file = File::open(self.path()).unwrap_or_else(|e| panic!("open {}: {e}", self.name));
+        let mut command = Command::new(program);
+        // SAFETY: setns is async-signal-safe; the fd stays open in the parent until spawn returns
+        // because the closure owns it.
+        unsafe {
+            command.pre_exec(move || {
+                if nix::libc::setns(file.as_raw_fd(), nix::libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+fn enter(path: &Path) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    if unsafe { nix::libc::setns(file.as_raw_fd(), nix::libc::CLONE_NEWNET) } != 0 {
+        panic!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+}
+
+const ETHTOOL_SGRO: u32 = 0x2c;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// The object the binary embeds (the same build script output).
+#[cfg(switchyard_xdp)]
+fn xdp_object() -> &'static [u8] {
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-xdp.o"));
+    OBJECT
+}
+
+#[cfg(not(switchyard_xdp))]
+fn xdp_object() -> &'static [u8] {
+    panic!("switchyard was built without the XDP object")
+}
+
+/// A loaded pass program; dropping it detaches.
+pub struct PassProgram(aya::Ebpf);
+
+fn attach_pass(interface: &str) -> aya::Ebpf {
+    let mut bpf = aya::EbpfLoader::new()
+        // Unused by the pass program; kept small.
+        .map_max_entries("MAGLEV", 1)
+        .map_max_entries("WEIGHTED", 1)
+        .map_max_entries("FLOWS", 1)
+        .map_max_entries("NAT_REPLIES", 1)
+        .load(xdp_object())
+        .expect("load the XDP object");
+    let program: &mut aya::programs::Xdp = bpf
+        .program_mut("switchyard_pass")
+        .expect("pass program")
+        .try_into()
+        .expect("an XDP program");
+    program.load().expect("load the pass program");
+    program
+        .attach(interface, aya::programs::XdpMode::Driver)
+        .unwrap_or_else(|e| panic!("attach the pass program to {interface}: {e}"));
+    bpf
+}
+
+/// A legacy ethtool "set value" command through SIOCETHTOOL (no ethtool binary needed).
+fn ethtool_set(interface: &str, cmd: u32, data: u32) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: u64 = 0x8946;
+    let mut value = EthtoolValue { cmd, data };
+    let mut req = IfReq { name: [0; 16], data: &mut value, _pad: [0; 16] };
+    req.name[..interface.len()].copy_from_slice(interface.as_bytes());
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket for ioctl");
+    let rc = unsafe { nix::libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
+    if rc != 0 {
+        panic!("ethtool command {cmd:#x} on {interface}: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Which forwarding layout to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// One L2 segment (a bridge): client, balancer and backends; backends hold the VIP on lo.
+    Dsr,
+    /// Client ↔ balancer on 198.18.0.0/24, balancer ↔ backends on 198.18.1.0/24; backends
+    /// route through the balancer.
+    Nat,
+}
+
+/// The whole test network. Field order is drop order: servers stop before namespaces go.
+pub struct Topology {
+    /// Pass programs on the veth ends that receive XDP_TX/redirected frames.
+    passes: Vec<PassProgram>,
+    pub layout: Layout,
+    pub suffix: String,
+    pub backends: Vec<SmtpServer>,
+    pub client: Netns,
+    pub balancer: Netns,
+    pub backend_ns: Vec<Netns>,
+    pub switch: Netns,
+    /// Balancer interface facing clients (and backends in dsr).
+    pub lb_interface: &'static str,
+    /// Balancer interface facing backends (nat).
+    pub lb_backend_interface: &'static str,
+}
+
+impl Topology {
+    pub fn new(layout: Layout, backends: usize) -> Topology {
+        must("ip", &["route", "replace", "blackhole", "198.18.0.0/15"]);
+        let suffix = suffix();
+        let client = Netns::new(format!("sy-c-{suffix}"));
+        let balancer = Netns::new(format!("sy-lb-{suffix}"));
+        let switch = Netns::new(format!("sy-sw-{suffix}"));
+        let backend_ns: Vec<Netns> = (0..backends).map(|i| Netns::new(format!("sy-b{i}-{suffix}"))).collect();
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let mut topo = Topology {
+            passes: Vec::new(),
+            layout,
+            suffix,
+            backends: Vec::new(),
+            client,
+            balancer,
+            backend_ns,
+            switch,
+            lb_interface: "eth0",
+            lb_backend_interface: "eth1",
+        };
+        match layout {
+            Layout::Dsr => topo.build_dsr(),
+            Layout::Nat => topo.build_nat(),
+        }
+        topo
+    }
+
+    /// A veth from `ns` (named `inner`) to the switch's bridge (named `port` there), GRO on
+    /// at the switch end so XDP_TX/redirect into it is accepted.
+    fn plug(&mut self, ns_index: NsRef, inner: &str, port: &str, address: &str) {
+        must(
+            "ip",
+            &["link", "add", inner, "netns", &ns.name, "type", "veth", "peer", "name", port, "netns", &self.switch.name],
+        );
+        self.switch.ip(&["link", "set", port, "master", "br0"]);
+        self.switch.ip(&["link", "set", port, "up"]);
+        self.switch.enable_gro(port);
+        ns.ip(&["addr", "add", address, "dev", inner]);
+        ns.ip(&["link", "set", inner, "up"]);
+    }
+
+    fn build_dsr(&mut self) {
+        self.plug(&self.client, "eth0", "pc", "198.18.0.1/24");
+        self.plug(&self.balancer, "eth0", "plb", "198.18.0.2/24");
+        // Clients reach the VIP through the balancer; it does not hold the VIP itself.
+        self.client.ip(&["route", "add", "198.18.0.100/32", "via", "198.18.0.2"]);
+        for (i, ns) in self.backend_ns.iter().enumerate() {
+            self.plug(ns, "eth0", &format!("pb{i}"), &format!("198.18.0.{}/24", 11 + i));
+            ns.ip(&["addr", "add", "198.18.0.100/32", "dev", "lo"]);
+            // Like LVS-DR real servers: never answer or announce ARP for the VIP.
+            ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
+            ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
+        }
+    }
+
+    fn build_nat(&mut self) {
+        must(
+            "ip",
+            &["link", "add", "eth0", "netns", &self.client.name, "type", "veth", "peer", "name", "eth0", "netns", &self.balancer.name],
+        );
+        self.client.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
+        self.client.ip(&["link", "set", "eth0", "up"]);
+        self.balancer.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+        self.balancer.ip(&["link", "set", "eth0", "up"]);
+        // Replies redirected from the backend side arrive at the client's end.
+        self.client.enable_gro("eth0");
+        self.client.ip(&["route", "add", "198.18.0.0/15", "via", "198.18.0.2"]);
+        self.plug(&self.balancer, "eth1", "plb", "198.18.1.1/24");
+        self.balancer.sysctl("net.ipv4.ip_forward", "1");
+        for (i, ns) in self.backend_ns.iter().enumerate() {
+            self.plug(ns, "eth0", &format!("pb{i}"), &format!("198.18.1.{}/24", 11 + i));
+            ns.ip(&["route", "add", "default", "via", "198.18.1.1"]);
+        }
+    }
+
+    /// Address of backend `i` (config order).
+    pub fn backend_addr(&self, i: usize) -> Ipv4Addr {
+        match self.layout {
+            Layout::Dsr => Ipv4Addr::new(198, 18, 0, 11 + i as u8),
+            Layout::Nat => Ipv4Addr::new(198, 18, 1, 11 + i as u8),
+        }
+    }
+
+    /// Starts an SMTP server on port 25 in every backend namespace.
+    pub fn start_backends(&mut self) {
+        for (i, ns) in self.backend_ns.iter().enumerate() {
+            let server = SmtpServer::start(ns, &format!("mta{}", i + 1), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SMTP_PORT));
+            self.backends.push(server);
+        }
+    }
+
+    /// The `[[service]]` table for this topology (health checks every 500 ms, fall 2).
+    pub fn service_toml(&self, name: &str, algorithm: &str) -> String {
+        let forwarding = match self.layout {
+            Layout::Dsr => "dsr",
+            Layout::Nat => "nat",
+        };
+        let mut text = format!(
+            "shutdown_timeout = \"2s\"\n\n[[service]]\nname = \"{name}\"\nlisten = \"{VIP}:{SMTP_PORT}\"\ndataplane = \"xdp\"\nalgorithm = \"{algorithm}\"\n\n[service.health]\nkind = \"smtp\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nrise = 2\nfall = 2\n\n[service.xdp]\ninterface = \"{}\"\nforwarding = \"{forwarding}\"\nbackend_interface = \"{}\"\nflow_table_size = 65536\nflow_idle_timeout = \"5m\"\n",
+            self.lb_interface,
+            match self.layout {
+                Layout::Dsr => self.lb_interface,
+                Layout::Nat => self.lb_backend_interface,
+            },
+        );
+        for i in 0..self.backend_ns.len() {
+            text.push_str(&format!(
+                "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{}:{SMTP_PORT}\"\n",
+                i + 1,
+                self.backend_addr(i)
+            ));
+        }
+        text
+    }
+}
+
+/// A real SMTP server (greeting, EHLO, MAIL, RCPT, DATA, QUIT) in a namespace: one thread per
+/// connection, so sessions can be held open. Records every client address it saw.
+pub struct SmtpServer {
+    pub name: String,
+    state: Arc<ServerState>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ServerState {
+    stop: AtomicBool,
+    /// Accepting stopped (a "stopped backend"): new connects are refused.
+    paused: AtomicBool,
+    peers: Mutex<Vec<SocketAddr>>,
+    sessions_completed: AtomicUsize,
+    open: AtomicUsize,
+}
+
+impl SmtpServer {
+    fn start(ns: &Netns, name: &str, address: SocketAddrV4) -> SmtpServer {
+        let state = Arc::new(ServerState::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let state = state.clone();
+            let name = name.to_string();
+            ns.spawn(move || serve(address, name, state, ready_tx))
+        };
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("SMTP server listening");
+        SmtpServer { name: name.to_string(), state, thread: Some(thread) }
+    }
+
+    /// Client addresses of every connection, health checks included.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.state.peers.lock().expect("peers lock").clone()
+    }
+
+    /// Connections from `client` (excludes the balancer's health checks).
+    pub fn sessions_from(&self, client: Ipv4Addr) -> usize {
+        self.peers().iter().filter(|p| p.ip() == client).count()
+    }
+
+    pub fn sessions_completed(&self) -> usize {
+        self.state.sessions_completed.load(Ordering::SeqCst)
+    }
+
+    /// Connections open right now.
+    pub fn open(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting (the listener closes: connects are refused) but keeps open sessions.
+    pub fn pause(&self) {
+        self.state.paused.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(address: SocketAddrV4, name: String, state: Arc<ServerState>, ready: std::sync::mpsc::Sender<()>) {
+    let mut listener = Some(TcpListener::bind(address).expect("bind SMTP server"));
+    listener.as_ref().map(|l| l.set_nonblocking(true));
+    let _ = ready.send(());
+    let mut workers = Vec::new();
+    while !state.stop.load(Ordering::SeqCst) {
+        if state.paused.load(Ordering::SeqCst) {
+            listener = None;
+        }
+        let Some(l) = &listener else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        match l.accept() {
+            Ok((stream, peer)) => {
+                state.peers.lock().expect("peers lock").push(peer);
+                let state = state.clone();
+                let name = name.clone();
+                workers.push(std::thread::spawn(move || {
+                    state.open.fetch_add(1, Ordering::SeqCst);
+                    let completed = smtp_dialogue(stream, &name, &state.stop).unwrap_or(false);
+                    if completed {
+                        state.sessions_completed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    state.open.fetch_sub(1, Ordering::SeqCst);
+                }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    for worker in workers {
+        let _ = worker.join();
+    }
+}
+
+/// Serves one session; `true` when it ended with QUIT after a message.
+fn smtp_dialogue(stream: TcpStream, name: &str, stop: &AtomicBool) -> std::io::Result<bool> {
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    writer.write_all(format!("220 {name} ESMTP test\r\n").as_bytes())?;
+    let mut in_data = false;
+    let mut messages = 0;
+    let mut line = String::new();
+    let idle_limit = Instant::now() + Duration::from_secs(120);
+    loop {
+        if stop.load(Ordering::SeqCst) || Instant::now() > idle_limit {
+            return Ok(false);
+        }
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                // read_line may have consumed a partial line into `line`; sessions here send
+                // whole lines, so just wait again.
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let command = line.trim_end().to_ascii_uppercase();
+        if in_data {
+            if command == "." {
+                in_data = false;
+                messages += 1;
+                writer.write_all(b"250 2.0.0 queued\r\n")?;
+            }
+            continue;
+        }
+        let reply: &[u8] = if command.starts_with("EHLO") || command.starts_with("HELO") {
+            b"250 ok\r\n"
+        } else if command.starts_with("MAIL") || command.starts_with("RCPT") || command.starts_with("RSET") || command.starts_with("NOOP") {
+            b"250 2.1.0 ok\r\n"
+        } else if command.starts_with("DATA") {
+            in_data = true;
+            b"354 go ahead\r\n"
+        } else if command.starts_with("QUIT") {
+            writer.write_all(b"221 2.0.0 bye\r\n")?;
+            let _ = writer.shutdown(Shutdown::Write);
+            return Ok(messages > 0);
+        } else {
+            b"500 5.5.2 what\r\n"
+        };
+        writer.write_all(reply)?;
+    }
+}
+
+/// One SMTP transaction to `target` from the calling thread (call it inside the client
+/// namespace); holds the session `hold` before QUIT. Returns the backend's name.
+pub fn smtp_session(target: SocketAddrV4, hold: Duration) -> Result<String, String> {
+    let stream = TcpStream::connect_timeout(&SocketAddr::V4(target), Duration::from_secs(5))
+        .map_err(|e| format!("connect {target}: {e}"))?;
+    smtp_session_on(stream, hold)
+}
+
+/// The same transaction on an already connected stream.
+pub fn smtp_session_on(stream: TcpStream, hold: Duration) -> Result<String, String> {
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let greeting = expect(&mut reader, 220)?;
+    let name = greeting.split_whitespace().nth(1).unwrap_or_default().to_string();
+    let mut step = |send: &str, code: u16| -> Result<String, String> {
+        writer.write_all(send.as_bytes()).map_err(|e| format!("send {send:?}: {e}"))?;
+        expect(&mut reader, code)
+    };
+    step("EHLO client.test\r\n", 250)?;
+    step("MAIL FROM:<a@client.test>\r\n", 250)?;
+    step("RCPT TO:<b@backend.test>\r\n", 250)?;
+    step("DATA\r\n", 354)?;
+    step("Subject: xdp\r\n\r\nthrough the fast path\r\n.\r\n", 250)?;
+    std::thread::sleep(hold);
+    step("QUIT\r\n", 221)?;
+    Ok(name)
+}
+
+fn expect(reader: &mut BufReader<TcpStream>, code: u16) -> Result<String, String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).map_err(|e| format!("waiting for {code}: {e}"))?;
+        if n == 0 {
+            return Err(format!("connection closed waiting for {code}"));
+        }
+        if line.len() >= 4 && &line[3..4] == "-" {
+            continue;
+        }
+        if !line.starts_with(&code.to_string()) {
+            return Err(format!("expected {code}, got {:?}", line.trim_end()));
+        }
+        return Ok(line.trim_end().to_string());
+    }
+}
+
+/// The real `switchyard run` inside the balancer namespace.
+pub struct Switchyard {
+    child: Child,
+    dir: tempfile::TempDir,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Switchyard {
+    /// Starts it and waits (10 s at most) for `ready` in its log.
+    pub fn start(ns: &Netns, config: &str, env: &[(&str, &str)], ready: &str) -> Switchyard {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config_path = dir.path().join("switchyard.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.path().join("stderr.log");
+        let stderr = File::create(&log).expect("log file");
+        let mut command = ns.command(env!("CARGO_BIN_EXE_switchyard"));
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn switchyard");
+        let mut sy = Switchyard { child, dir, log, status: None };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = sy.log_text();
+            if text.contains(ready) {
+                break;
+            }
+            if let Ok(Some(status)) = sy.child.try_wait() {
+                sy.status = Some(status);
+                panic!("switchyard exited during startup ({status}):\n{text}");
+            }
+            if Instant::now() > deadline {
+                panic!("switchyard did not log {ready:?} within 10 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sy
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// SIGTERM and wait (20 s at most).
+    pub fn terminate(&mut self) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.status = Some(status);
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("switchyard did not exit within 20 s of SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Switchyard {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
