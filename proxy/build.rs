@@ -17,8 +17,12 @@ const CFG: &str = "switchyard_xdp";
 fn main() {
     println!("cargo::rustc-check-cfg=cfg({CFG})");
     println!("cargo::rerun-if-env-changed=SWITCHYARD_SKIP_EBPF");
-    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let workspace = manifest.parent().expect("proxy/ sits in the workspace").to_path_buf();
+    let manifest =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let workspace = manifest
+        .parent()
+        .expect("proxy/ sits in the workspace")
+        .to_path_buf();
     let xdp_crate = workspace.join("ebpf/switchyard-xdp");
     for watched in [
         "ebpf/switchyard-xdp/src",
@@ -28,10 +32,15 @@ fn main() {
         "ebpf/switchyard-common/Cargo.toml",
         "target/tools/bpf-linker.path",
     ] {
-        println!("cargo::rerun-if-changed={}", workspace.join(watched).display());
+        println!(
+            "cargo::rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
     }
     if env::var_os("SWITCHYARD_SKIP_EBPF").is_some_and(|v| v == "1") {
-        println!("cargo::warning=SWITCHYARD_SKIP_EBPF=1: building a proxy-only switchyard (no XDP fast path)");
+        println!(
+            "cargo::warning=SWITCHYARD_SKIP_EBPF=1: building a proxy-only switchyard (no XDP fast path)"
+        );
         return;
     }
 
@@ -47,8 +56,11 @@ fn main() {
     let target_dir = workspace.join("target/ebpf");
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let linker_dir = linker.parent().expect("a file has a parent").to_path_buf();
-    let path = env::join_paths(std::iter::once(linker_dir).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())))
-        .expect("PATH entries are joinable");
+    let path = env::join_paths(
+        std::iter::once(linker_dir)
+            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )
+    .expect("PATH entries are joinable");
     let mut command = Command::new(cargo);
     command
         .current_dir(&xdp_crate)
@@ -59,7 +71,14 @@ fn main() {
         .env_clear()
         .env("PATH", path)
         .env("RUSTC_BOOTSTRAP", "1");
-    for keep in ["HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN", "CARGO_NET_OFFLINE", "TMPDIR"] {
+    for keep in [
+        "HOME",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_NET_OFFLINE",
+        "TMPDIR",
+    ] {
         if let Some(value) = env::var_os(keep) {
             command.env(keep, value);
         }
@@ -75,7 +94,8 @@ fn main() {
         );
     }
     let object = target_dir.join("bpfel-unknown-none/release/switchyard-xdp");
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("switchyard-xdp.o");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("switchyard-xdp.o");
     if let Err(error) = fs::copy(&object, &out) {
         panic!("cannot copy the XDP object {}: {error}", object.display());
     }
@@ -83,7 +103,9 @@ fn main() {
 }
 
 fn missing_toolchain(why: &str) {
-    println!("cargo::warning=eBPF toolchain not found ({why}): run `cargo xtask setup`; building a proxy-only switchyard");
+    println!(
+        "cargo::warning=eBPF toolchain not found ({why}): run `cargo xtask setup`; building a proxy-only switchyard"
+    );
 }
 
 /// target/tools/bpf-linker.path (written by `cargo xtask setup`), else target/tools/*/bin,
@@ -118,5 +140,7 @@ fn has_rust_src() -> bool {
         return false;
     };
     let sysroot = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml").is_file()
+    sysroot
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .is_file()
 }

@@ -53,7 +53,14 @@ impl CounterTable {
         // SAFETY: a fresh shared mapping of a BPF array at an address of the kernel's choosing;
         // it aliases no Rust object.
         let base = unsafe {
-            mmap(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &map, 0)
+            mmap(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &map,
+                0,
+            )
         }
         .map_err(std::io::Error::from)?;
         Ok(Arc::new(Self {
@@ -136,7 +143,11 @@ impl ActiveCount {
     pub fn get(&self) -> u32 {
         let raw = self.table.cell(self.slot).load(Ordering::Relaxed);
         // A transiently wrapped value (a decrement seen before its increment) reads as 0.
-        if raw > u32::MAX as u64 { if raw > u64::MAX / 2 { 0 } else { u32::MAX } } else { raw as u32 }
+        if raw > u32::MAX as u64 {
+            if raw > u64::MAX / 2 { 0 } else { u32::MAX }
+        } else {
+            raw as u32
+        }
     }
 
     /// Counts one more session unless that would exceed `max` (0 = unlimited). The returned
@@ -148,8 +159,17 @@ impl ActiveCount {
             if max != 0 && current >= max as u64 && current <= u64::MAX / 2 {
                 return None;
             }
-            match cell.compare_exchange_weak(current, current.wrapping_add(1), Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Some(ActiveGuard { count: self.clone() }),
+            match cell.compare_exchange_weak(
+                current,
+                current.wrapping_add(1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(ActiveGuard {
+                        count: self.clone(),
+                    });
+                }
                 Err(seen) => current = seen,
             }
         }
@@ -163,7 +183,10 @@ pub struct ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.count.table.cell(self.count.slot).fetch_sub(1, Ordering::AcqRel);
+        self.count
+            .table
+            .cell(self.count.slot)
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 

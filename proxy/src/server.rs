@@ -13,14 +13,13 @@ use anyhow::{Context, bail};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, Dataplane};
-use crate::counters::CounterTable;
 use crate::health;
+use crate::xdp;
 use crate::session::{self, SessionSlot};
 use crate::state::{Runtime, Snapshot};
 
@@ -32,13 +31,16 @@ const BACKLOG: i32 = 4096;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Runs every service of `config` until SIGTERM/SIGINT, then drains sessions and returns.
+///
+/// Thread per core: each worker thread runs its own single-threaded runtime with its own
+/// `SO_REUSEPORT` listener per address, so a session lives and dies on one thread and never
+/// pays for cross-thread wake-ups. The main thread keeps signals, health checks and shutdown.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("switchyard")
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(config))
+        .context("starting the control runtime")?;
+    control.block_on(serve(config))
 }
 
 struct Signals {
@@ -66,47 +68,65 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Before listening, so a signal right after startup is never the default (fatal) action.
     let mut signals = Signals::install()?;
     let shutdown_timeout = config.shutdown_timeout;
-    let counters = CounterTable::new(Snapshot::slots_needed(&config));
+    // The kernel path (if any service asks for it) goes through the verifier before anything
+    // listens, and its shared count array becomes the one every session counts in.
+    let mut xdp = xdp::load_if_wanted(&config)?;
+    let counters = xdp::counters_for(xdp.as_ref(), &config);
     let state = Arc::new(Runtime::new(Snapshot::build(config, &counters)));
+    xdp::start_if_loaded(&mut xdp, &state)?;
     let snapshot = state.snapshot();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    let mut listeners = Vec::new();
+    // Every worker gets one listener per address; all binds happen before anything runs, so
+    // a bad address fails the start as a whole.
+    let mut per_worker: Vec<Vec<(String, SocketAddr, std::net::TcpListener)>> = (0..workers).map(|_| Vec::new()).collect();
     for service in &snapshot.services {
         // The kernel path steers that service's packets itself; its VIP is not ours to bind.
         if service.config.dataplane == Dataplane::Xdp {
             continue;
         }
         for &address in &service.config.listen {
-            let listener = bind(address)
+            let sockets = bind_shards(address, workers)
                 .with_context(|| format!("service {:?}: cannot listen on {address}", service.config.name))?;
-            listeners.push((service.config.name.clone(), address, listener));
+            for (worker, socket) in per_worker.iter_mut().zip(sockets) {
+                worker.push((service.config.name.clone(), address, socket));
+            }
+            info!(service = %service.config.name, "listening on {address}");
         }
     }
 
     let stop_accepting = CancellationToken::new();
     let cut_sessions = CancellationToken::new();
+    let finished = CancellationToken::new();
+    let accepting = TaskTracker::new();
     let sessions = TaskTracker::new();
     for service in &snapshot.services {
         health::spawn_checks(service.clone(), stop_accepting.child_token());
     }
-    let mut accept_loops = JoinSet::new();
-    for (name, address, listener) in listeners {
-        info!(service = %name, "listening on {address}");
-        accept_loops.spawn(accept_loop(
-            listener,
-            name,
-            state.clone(),
-            stop_accepting.clone(),
-            cut_sessions.clone(),
-            sessions.clone(),
-        ));
-    }
     drop(snapshot);
+    let mut threads = Vec::new();
+    for (index, listeners) in per_worker.into_iter().enumerate() {
+        let worker = Worker {
+            listeners,
+            state: state.clone(),
+            stop_accepting: stop_accepting.clone(),
+            cut_sessions: cut_sessions.clone(),
+            finished: finished.clone(),
+            accepting: accepting.clone(),
+            sessions: sessions.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("switchyard-{index}"))
+            .spawn(move || worker.run())
+            .context("starting a worker thread")?;
+        threads.push(thread);
+    }
 
     let first = signals.next().await;
     info!("{first} received: no longer accepting; waiting up to {shutdown_timeout:?} for {} sessions", sessions.len());
     stop_accepting.cancel();
-    while accept_loops.join_next().await.is_some() {}
+    accepting.close();
+    accepting.wait().await;
     sessions.close();
     tokio::select! {
         _ = sessions.wait() => {}
@@ -119,9 +139,55 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     cut_sessions.cancel();
     sessions.wait().await;
+    finished.cancel();
+    for thread in threads {
+        if let Err(error) = thread.join().map_err(|_| anyhow::anyhow!("a worker thread panicked")).and_then(|r| r) {
+            warn!("{error:#}");
+        }
+    }
     log_backend_totals(&state);
+    if let Some(plane) = xdp {
+        plane.shutdown();
+    }
     info!("stopped");
     Ok(())
+}
+
+/// One worker thread: its listeners, and the sessions they accept, on a runtime of its own.
+struct Worker {
+    listeners: Vec<(String, SocketAddr, std::net::TcpListener)>,
+    state: Arc<Runtime>,
+    stop_accepting: CancellationToken,
+    cut_sessions: CancellationToken,
+    /// Cancelled once every session is over: the runtime may then go.
+    finished: CancellationToken,
+    accepting: TaskTracker,
+    sessions: TaskTracker,
+}
+
+impl Worker {
+    fn run(self) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a worker runtime")?;
+        runtime.block_on(async {
+            for (name, address, listener) in self.listeners {
+                let listener = TcpListener::from_std(listener)
+                    .with_context(|| format!("service {name:?}: registering the listener on {address}"))?;
+                self.accepting.spawn(accept_loop(
+                    listener,
+                    name,
+                    self.state.clone(),
+                    self.stop_accepting.clone(),
+                    self.cut_sessions.clone(),
+                    self.sessions.clone(),
+                ));
+            }
+            self.finished.cancelled().await;
+            Ok(())
+        })
+    }
 }
 
 /// One line per backend, for operators and for tests checking that no count leaked.
@@ -139,18 +205,30 @@ fn log_backend_totals(state: &Runtime) {
     }
 }
 
+/// `count` listening sockets sharing `address` through `SO_REUSEPORT`, one per worker.
+///
+/// A plain bind comes first: `SO_REUSEPORT` alone would let a second switchyard (or anything
+/// else of the same user) silently share the port; the probe makes that a clear error instead.
+fn bind_shards(address: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    drop(bind(address, false)?);
+    (0..count).map(|_| bind(address, true)).collect()
+}
+
 /// A nonblocking listening socket: address reuse so a restart is not blocked by TIME_WAIT,
 /// IPv6 sockets IPv6-only so `[::]` and `0.0.0.0` can be listed side by side.
-fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+fn bind(address: SocketAddr, shared: bool) -> anyhow::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None).context("creating socket")?;
     socket.set_reuse_address(true).context("setting SO_REUSEADDR")?;
+    if shared {
+        socket.set_reuse_port(true).context("setting SO_REUSEPORT")?;
+    }
     if address.is_ipv6() {
         socket.set_only_v6(true).context("setting IPV6_V6ONLY")?;
     }
     socket.set_nonblocking(true).context("setting O_NONBLOCK")?;
     socket.bind(&address.into())?;
     socket.listen(BACKLOG).context("listen")?;
-    TcpListener::from_std(socket.into()).context("registering the listener")
+    Ok(socket.into())
 }
 
 async fn accept_loop(
@@ -201,10 +279,9 @@ fn start_session(
     let Some(service) = snapshot.services.iter().find(|s| s.config.name == service_name).cloned() else {
         bail!("service no longer configured; closing");
     };
-    let local_addr = client.local_addr().context("reading the local address")?;
     match SessionSlot::try_acquire(&service) {
         Some(slot) => {
-            sessions.spawn(session::run(service, slot, client, client_addr, local_addr, cut_sessions.clone()));
+            sessions.spawn(session::run(service, slot, client, client_addr, cut_sessions.clone()));
         }
         None => {
             tracing::debug!(service = %service_name, client = %client_addr, "max_connections reached: 421");

@@ -5,6 +5,8 @@
 //! snapshot and swaps it in atomically, so no session loses the state it depends on. Counts and
 //! health live in per-backend objects that a reload can carry over by (service, backend) name.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -43,9 +45,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds fresh state for `config`, with one counter slot per backend in `counters`.
+    /// Builds fresh state for `config`, with one counter slot per backend address in
+    /// `counters`: services that share an MTA share its count, so least_conn in any service
+    /// (and in the kernel path) sees that MTA's whole load.
     pub fn build(config: Config, counters: &Arc<CounterTable>) -> Self {
-        let mut slot = 0;
+        let slots = backend_slots(&config);
         let services = config
             .services
             .iter()
@@ -54,13 +58,8 @@ impl Snapshot {
                     .backends
                     .iter()
                     .map(|backend| {
-                        let b = Arc::new(Backend::new(
-                            backend.clone(),
-                            service,
-                            ActiveCount::new(counters.clone(), slot),
-                        ));
-                        slot += 1;
-                        b
+                        let slot = slots[&backend.address];
+                        Arc::new(Backend::new(backend.clone(), service, ActiveCount::new(counters.clone(), slot)))
                     })
                     .collect();
                 Arc::new(Service {
@@ -74,10 +73,20 @@ impl Snapshot {
         Self { config, services }
     }
 
-    /// Backend slots a config needs in the counter table.
+    /// Backend slots a config needs in the counter table: one per distinct backend address.
     pub fn slots_needed(config: &Config) -> usize {
-        config.services.iter().map(|s| s.backends.len()).sum()
+        backend_slots(config).len()
     }
+}
+
+/// Counter slot of every distinct backend address, numbered in order of first appearance.
+fn backend_slots(config: &Config) -> HashMap<SocketAddr, usize> {
+    let mut slots = HashMap::new();
+    for backend in config.services.iter().flat_map(|s| &s.backends) {
+        let next = slots.len();
+        slots.entry(backend.address).or_insert(next);
+    }
+    slots
 }
 
 pub struct Service {

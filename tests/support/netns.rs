@@ -68,7 +68,11 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
     if output.status.success() {
         Ok(())
     } else {
-        Err(format!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim()))
+        Err(format!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
     }
 }
 
@@ -81,7 +85,11 @@ fn must(program: &str, args: &[&str]) {
 /// A unique, short suffix: interface names are limited to 15 bytes.
 pub fn suffix() -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{:x}{}", std::process::id() % 0xffff, NEXT.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{:x}{}",
+        std::process::id() % 0xffff,
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// One named network namespace, deleted on drop.
@@ -122,7 +130,10 @@ impl Netns {
     }
 
     /// Starts `f` on a thread inside this namespace.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = self.path();
         std::thread::spawn(move || {
             enter(&path);
@@ -134,7 +145,9 @@ impl Netns {
     pub fn sysctl(&self, key: &str, value: &str) {
         let file = format!("/proc/sys/{}", key.replace('.', "/"));
         let value = value.to_string();
-        self.run(move || std::fs::write(&file, &value).unwrap_or_else(|e| panic!("sysctl {file}: {e}")));
+        self.run(move || {
+            std::fs::write(&file, &value).unwrap_or_else(|e| panic!("sysctl {file}: {e}"))
+        });
     }
 
     /// Turns GRO on for a veth end (so its NAPI runs: redirected frames are polled).
@@ -187,7 +200,11 @@ impl Drop for Netns {
 fn enter(path: &Path) {
     let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     if unsafe { nix::libc::setns(file.as_raw_fd(), nix::libc::CLONE_NEWNET) } != 0 {
-        panic!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+        panic!(
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -197,7 +214,8 @@ const ETHTOOL_STXCSUM: u32 = 0x17;
 /// The object the binary embeds (the same build script output).
 #[cfg(switchyard_xdp)]
 fn xdp_object() -> &'static [u8] {
-    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-xdp.o"));
+    static OBJECT: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-xdp.o"));
     OBJECT
 }
 
@@ -245,12 +263,19 @@ fn ethtool_set(interface: &str, cmd: u32, data: u32) {
     }
     const SIOCETHTOOL: u64 = 0x8946;
     let mut value = EthtoolValue { cmd, data };
-    let mut req = IfReq { name: [0; 16], data: &mut value, _pad: [0; 16] };
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut value,
+        _pad: [0; 16],
+    };
     req.name[..interface.len()].copy_from_slice(interface.as_bytes());
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket for ioctl");
     let rc = unsafe { nix::libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
     if rc != 0 {
-        panic!("ethtool command {cmd:#x} on {interface}: {}", std::io::Error::last_os_error());
+        panic!(
+            "ethtool command {cmd:#x} on {interface}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -288,7 +313,9 @@ impl Topology {
         let client = Netns::new(format!("sy-c-{suffix}"));
         let balancer = Netns::new(format!("sy-lb-{suffix}"));
         let switch = Netns::new(format!("sy-sw-{suffix}"));
-        let backend_ns: Vec<Netns> = (0..backends).map(|i| Netns::new(format!("sy-b{i}-{suffix}"))).collect();
+        let backend_ns: Vec<Netns> = (0..backends)
+            .map(|i| Netns::new(format!("sy-b{i}-{suffix}")))
+            .collect();
         switch.ip(&["link", "add", "br0", "type", "bridge"]);
         switch.ip(&["link", "set", "br0", "up"]);
         let mut topo = Topology {
@@ -310,52 +337,123 @@ impl Topology {
         topo
     }
 
-    /// A veth from `ns` (named `inner`) to the switch's bridge (named `port` there), GRO on
-    /// at the switch end so XDP_TX/redirect into it is accepted.
-    fn plug(&mut self, ns_index: NsRef, inner: &str, port: &str, address: &str) {
+    /// A veth from `ns` (named `inner`) to the switch's bridge (named `port` there). The
+    /// switch end runs the pass program so XDP_TX/redirected frames into it are delivered;
+    /// the host end sends complete checksums.
+    fn plug(switch: &Netns, ns: &Netns, inner: &str, port: &str, address: &str) -> PassProgram {
         must(
             "ip",
-            &["link", "add", inner, "netns", &ns.name, "type", "veth", "peer", "name", port, "netns", &self.switch.name],
+            &[
+                "link",
+                "add",
+                inner,
+                "netns",
+                &ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                &switch.name,
+            ],
         );
-        self.switch.ip(&["link", "set", port, "master", "br0"]);
-        self.switch.ip(&["link", "set", port, "up"]);
-        self.switch.enable_gro(port);
+        switch.ip(&["link", "set", port, "master", "br0"]);
+        switch.ip(&["link", "set", port, "up"]);
         ns.ip(&["addr", "add", address, "dev", inner]);
         ns.ip(&["link", "set", inner, "up"]);
+        ns.disable_tx_checksum(inner);
+        switch.attach_pass(port)
     }
 
     fn build_dsr(&mut self) {
-        self.plug(&self.client, "eth0", "pc", "198.18.0.1/24");
-        self.plug(&self.balancer, "eth0", "plb", "198.18.0.2/24");
+        let mut passes = Vec::new();
+        passes.push(Self::plug(
+            &self.switch,
+            &self.client,
+            "eth0",
+            "pc",
+            "198.18.0.1/24",
+        ));
+        passes.push(Self::plug(
+            &self.switch,
+            &self.balancer,
+            "eth0",
+            "plb",
+            "198.18.0.2/24",
+        ));
         // Clients reach the VIP through the balancer; it does not hold the VIP itself.
-        self.client.ip(&["route", "add", "198.18.0.100/32", "via", "198.18.0.2"]);
+        self.client
+            .ip(&["route", "add", "198.18.0.100/32", "via", "198.18.0.2"]);
         for (i, ns) in self.backend_ns.iter().enumerate() {
-            self.plug(ns, "eth0", &format!("pb{i}"), &format!("198.18.0.{}/24", 11 + i));
+            passes.push(Self::plug(
+                &self.switch,
+                ns,
+                "eth0",
+                &format!("pb{i}"),
+                &format!("198.18.0.{}/24", 11 + i),
+            ));
             ns.ip(&["addr", "add", "198.18.0.100/32", "dev", "lo"]);
             // Like LVS-DR real servers: never answer or announce ARP for the VIP.
             ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
             ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
         }
+        self.passes = passes;
     }
 
     fn build_nat(&mut self) {
+        let mut passes = Vec::new();
         must(
             "ip",
-            &["link", "add", "eth0", "netns", &self.client.name, "type", "veth", "peer", "name", "eth0", "netns", &self.balancer.name],
+            &[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &self.client.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &self.balancer.name,
+            ],
         );
-        self.client.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
+        self.client
+            .ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
         self.client.ip(&["link", "set", "eth0", "up"]);
-        self.balancer.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+        self.client.disable_tx_checksum("eth0");
+        self.balancer
+            .ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
         self.balancer.ip(&["link", "set", "eth0", "up"]);
+        self.balancer.disable_tx_checksum("eth0");
         // Replies redirected from the backend side arrive at the client's end.
-        self.client.enable_gro("eth0");
-        self.client.ip(&["route", "add", "198.18.0.0/15", "via", "198.18.0.2"]);
-        self.plug(&self.balancer, "eth1", "plb", "198.18.1.1/24");
+        passes.push(self.client.attach_pass("eth0"));
+        // The VIP sits in the client's own /24: route it (and the backends' net) via the balancer.
+        self.client
+            .ip(&["route", "add", "198.18.0.100/32", "via", "198.18.0.2"]);
+        self.client
+            .ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.2"]);
+        passes.push(Self::plug(
+            &self.switch,
+            &self.balancer,
+            "eth1",
+            "plb",
+            "198.18.1.1/24",
+        ));
         self.balancer.sysctl("net.ipv4.ip_forward", "1");
         for (i, ns) in self.backend_ns.iter().enumerate() {
-            self.plug(ns, "eth0", &format!("pb{i}"), &format!("198.18.1.{}/24", 11 + i));
+            passes.push(Self::plug(
+                &self.switch,
+                ns,
+                "eth0",
+                &format!("pb{i}"),
+                &format!("198.18.1.{}/24", 11 + i),
+            ));
             ns.ip(&["route", "add", "default", "via", "198.18.1.1"]);
         }
+        self.passes = passes;
     }
 
     /// Address of backend `i` (config order).
@@ -369,7 +467,11 @@ impl Topology {
     /// Starts an SMTP server on port 25 in every backend namespace.
     pub fn start_backends(&mut self) {
         for (i, ns) in self.backend_ns.iter().enumerate() {
-            let server = SmtpServer::start(ns, &format!("mta{}", i + 1), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SMTP_PORT));
+            let server = SmtpServer::start(
+                ns,
+                &format!("mta{}", i + 1),
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SMTP_PORT),
+            );
             self.backends.push(server);
         }
     }
@@ -426,8 +528,14 @@ impl SmtpServer {
             let name = name.to_string();
             ns.spawn(move || serve(address, name, state, ready_tx))
         };
-        ready_rx.recv_timeout(Duration::from_secs(5)).expect("SMTP server listening");
-        SmtpServer { name: name.to_string(), state, thread: Some(thread) }
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("SMTP server listening");
+        SmtpServer {
+            name: name.to_string(),
+            state,
+            thread: Some(thread),
+        }
     }
 
     /// Client addresses of every connection, health checks included.
@@ -464,7 +572,12 @@ impl Drop for SmtpServer {
     }
 }
 
-fn serve(address: SocketAddrV4, name: String, state: Arc<ServerState>, ready: std::sync::mpsc::Sender<()>) {
+fn serve(
+    address: SocketAddrV4,
+    name: String,
+    state: Arc<ServerState>,
+    ready: std::sync::mpsc::Sender<()>,
+) {
     let mut listener = Some(TcpListener::bind(address).expect("bind SMTP server"));
     listener.as_ref().map(|l| l.set_nonblocking(true));
     let _ = ready.send(());
@@ -491,7 +604,9 @@ fn serve(address: SocketAddrV4, name: String, state: Arc<ServerState>, ready: st
                     state.open.fetch_sub(1, Ordering::SeqCst);
                 }));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
@@ -518,7 +633,12 @@ fn smtp_dialogue(stream: TcpStream, name: &str, stop: &AtomicBool) -> std::io::R
         match reader.read_line(&mut line) {
             Ok(0) => return Ok(false),
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 // read_line may have consumed a partial line into `line`; sessions here send
                 // whole lines, so just wait again.
                 continue;
@@ -536,7 +656,11 @@ fn smtp_dialogue(stream: TcpStream, name: &str, stop: &AtomicBool) -> std::io::R
         }
         let reply: &[u8] = if command.starts_with("EHLO") || command.starts_with("HELO") {
             b"250 ok\r\n"
-        } else if command.starts_with("MAIL") || command.starts_with("RCPT") || command.starts_with("RSET") || command.starts_with("NOOP") {
+        } else if command.starts_with("MAIL")
+            || command.starts_with("RCPT")
+            || command.starts_with("RSET")
+            || command.starts_with("NOOP")
+        {
             b"250 2.1.0 ok\r\n"
         } else if command.starts_with("DATA") {
             in_data = true;
@@ -562,13 +686,21 @@ pub fn smtp_session(target: SocketAddrV4, hold: Duration) -> Result<String, Stri
 
 /// The same transaction on an already connected stream.
 pub fn smtp_session_on(stream: TcpStream, hold: Duration) -> Result<String, String> {
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
     let greeting = expect(&mut reader, 220)?;
-    let name = greeting.split_whitespace().nth(1).unwrap_or_default().to_string();
+    let name = greeting
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
     let mut step = |send: &str, code: u16| -> Result<String, String> {
-        writer.write_all(send.as_bytes()).map_err(|e| format!("send {send:?}: {e}"))?;
+        writer
+            .write_all(send.as_bytes())
+            .map_err(|e| format!("send {send:?}: {e}"))?;
         expect(&mut reader, code)
     };
     step("EHLO client.test\r\n", 250)?;
@@ -585,7 +717,9 @@ fn expect(reader: &mut BufReader<TcpStream>, code: u16) -> Result<String, String
     let mut line = String::new();
     loop {
         line.clear();
-        let n = reader.read_line(&mut line).map_err(|e| format!("waiting for {code}: {e}"))?;
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| format!("waiting for {code}: {e}"))?;
         if n == 0 {
             return Err(format!("connection closed waiting for {code}"));
         }
@@ -628,7 +762,12 @@ impl Switchyard {
             command.env(key, value);
         }
         let child = command.spawn().expect("spawn switchyard");
-        let mut sy = Switchyard { child, dir, log, status: None };
+        let mut sy = Switchyard {
+            child,
+            dir,
+            log,
+            status: None,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = sy.log_text();
@@ -670,7 +809,10 @@ impl Switchyard {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("switchyard did not exit within 20 s of SIGTERM:\n{}", self.log_text());
+                panic!(
+                    "switchyard did not exit within 20 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

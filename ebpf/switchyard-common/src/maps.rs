@@ -14,6 +14,7 @@ pub type ActiveCell = u64;
 pub mod names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
+    pub const SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
     pub const ACTIVE: &str = "ACTIVE";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
@@ -72,6 +73,8 @@ pub mod flow_flags {
     pub const COUNTED: u64 = 1;
     /// The client sent FIN or RST: the count has been given back.
     pub const CLOSED: u64 = 2;
+    /// The client sent an ACK on the flow: the handshake completed.
+    pub const ESTABLISHED: u64 = 4;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -96,9 +99,8 @@ pub struct ServiceValue {
     pub algorithm: u32,
     /// One of [`forwarding`].
     pub forwarding: u32,
-    /// The service's backends are slots `backend_base .. backend_base + backend_count` of
-    /// `BACKENDS` and `ACTIVE` (the same slots as the proxy's counter table).
-    pub backend_base: u32,
+    /// The service's backends are entries `service_backend_index(index, 0 .. backend_count)`
+    /// of `SERVICE_BACKENDS`.
     pub backend_count: u32,
     /// Which half (0 or 1) of the double-buffered Maglev/weighted tables new flows read.
     pub table_version: u32,
@@ -109,21 +111,39 @@ pub struct ServiceValue {
     pub flags: u32,
 }
 
-/// Value of `BACKENDS`, indexed by backend slot.
+/// Value of `BACKENDS`, indexed by backend slot: where a backend is. A slot is the backend's
+/// cell in `ACTIVE` and in the proxy's counter table, so one backend serving several services
+/// (or both data planes) can share one slot and one count.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendEntry {
     pub addr: u32,
     pub port: u16,
     pub mac: [u8; 6],
-    /// 1..=1000; 0 marks an unused slot.
+    /// Reserved (nat: interface index the backend is reached through; 0 = ask the FIB).
+    pub ifindex: u32,
+}
+
+/// Value of `SERVICE_BACKENDS`: one backend of one service, as that service's policy sees it.
+/// Entries are indexed by [`service_backend_index`]; table entries (Maglev, weighted) name
+/// backends by their index within the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceBackend {
+    /// Slot in `BACKENDS` / `ACTIVE`.
+    pub slot: u32,
+    /// 1..=1000; 0 marks an unused entry.
     pub weight: u32,
     /// 0 = unlimited.
     pub max_connections: u32,
     /// One of [`backend_state`].
     pub state: u32,
-    /// nat mode: interface index the backend is reached through (0 = ask the FIB).
-    pub ifindex: u32,
+}
+
+/// Entry of backend `i` of service `service` in `SERVICE_BACKENDS`.
+#[inline(always)]
+pub fn service_backend_index(service: u32, i: u32) -> u32 {
+    service * crate::MAX_BACKENDS as u32 + i
 }
 
 /// Key of `FLOWS` (client → VIP direction) and `NAT_REPLIES` (backend → client direction).
@@ -205,6 +225,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendEntry {}
+    unsafe impl aya::Pod for ServiceBackend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for NatReply {}
@@ -220,8 +241,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 32);
-        assert_eq!(size_of::<BackendEntry>(), 28);
+        assert_eq!(size_of::<ServiceValue>(), 28);
+        assert_eq!(size_of::<BackendEntry>(), 16);
+        assert_eq!(size_of::<ServiceBackend>(), 16);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<FlowValue>(), 24);
         assert_eq!(size_of::<NatReply>(), 16);

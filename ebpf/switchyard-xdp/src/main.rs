@@ -14,23 +14,27 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, atomic_xsub};
 use core::mem::size_of;
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xsub};
 
 use aya_ebpf::bindings::{bpf_fib_lookup as FibParams, xdp_action};
-use aya_ebpf::helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_redirect};
-use core::ffi::c_void;
+use aya_ebpf::helpers::{
+    bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_redirect,
+};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
+use core::ffi::c_void;
 use switchyard_common::backend::BackendView;
 use switchyard_common::maps::{
-    ActiveCell,
-    BackendEntry, BackendStats, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS, DEFAULT_SERVICES, FlowKey,
-    FlowValue, NatReply, PROTO_TCP, ServiceKey, ServiceStats, ServiceValue, WEIGHTED_TABLE_SIZE,
-    algorithm, backend_state, flow_flags, forwarding, maglev_index, weighted_index,
+    ActiveCell, BackendEntry, BackendStats, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS, DEFAULT_SERVICES,
+    FlowKey, FlowValue, NatReply, PROTO_TCP, ServiceBackend, ServiceKey, ServiceStats,
+    ServiceValue, WEIGHTED_TABLE_SIZE, algorithm, backend_state, flow_flags, forwarding,
+    maglev_index, service_backend_index, weighted_index,
 };
-use switchyard_common::{MAGLEV_TABLE_SIZE, MAX_BACKENDS, hash, least_conn, maglev, weighted_round_robin};
+use switchyard_common::{
+    MAGLEV_TABLE_SIZE, MAX_BACKENDS, hash, least_conn, maglev, weighted_round_robin,
+};
 
 /// `BPF_F_MMAPABLE`: the control plane maps the active counts into its address space.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -38,10 +42,13 @@ const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 
 #[map]
-static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
 #[map]
 static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
+/// Per service, its backends' slots and policy (weight, cap, state), `MAX_BACKENDS` entries each.
+#[map]
+static SERVICE_BACKENDS: Array<ServiceBackend> =
+    Array::with_max_entries(DEFAULT_SERVICES * MAX_BACKENDS as u32, 0);
 /// The shared per-backend active counts (the proxy's `CounterTable` maps this array).
 #[map]
 static ACTIVE: Array<ActiveCell> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, BPF_F_MMAPABLE);
@@ -49,7 +56,8 @@ static ACTIVE: Array<ActiveCell> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS
 static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
 #[map]
-static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+static SERVICE_STATS: PerCpuArray<ServiceStats> =
+    PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
 #[map]
@@ -144,7 +152,12 @@ fn parse(ctx: &XdpContext) -> Option<Packet> {
         return None;
     }
     let tcp: *mut TcpHdr = header(ctx, ETH_HLEN + ihl)?;
-    Some(Packet { eth, ip, tcp, len: (ctx.data_end() - ctx.data()) as u64 })
+    Some(Packet {
+        eth,
+        ip,
+        tcp,
+        len: (ctx.data_end() - ctx.data()) as u64,
+    })
 }
 
 #[xdp]
@@ -163,9 +176,20 @@ fn balance(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let (saddr, daddr, sport, dport, flags) = unsafe {
-        ((*pkt.ip).saddr, (*pkt.ip).daddr, (*pkt.tcp).sport, (*pkt.tcp).dport, (*pkt.tcp).flags)
+        (
+            (*pkt.ip).saddr,
+            (*pkt.ip).daddr,
+            (*pkt.tcp).sport,
+            (*pkt.tcp).dport,
+            (*pkt.tcp).flags,
+        )
     };
-    let service_key = ServiceKey { addr: daddr, port: dport, proto: PROTO_TCP, _pad: 0 };
+    let service_key = ServiceKey {
+        addr: daddr,
+        port: dport,
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
     let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
         // Not for a VIP: maybe a nat backend's reply (on the backend-facing interface).
         return nat_reply(ctx, &pkt);
@@ -186,6 +210,16 @@ fn balance(ctx: &XdpContext) -> u32 {
         // A SYN on a flow the client closed is a new connection reusing the 5-tuple.
         Some(flow) if !(is_syn && unsafe { flag_set(flow, flow_flags::CLOSED) }) => {
             unsafe { (*flow).last_seen_ns = now };
+            // The client acknowledged: the handshake got through. Flows that never get here
+            // (SYNs to nowhere, floods) are expired early by the control plane.
+            if flags & TCP_ACK != 0 && !unsafe { flag_set(flow, flow_flags::ESTABLISHED) } {
+                unsafe {
+                    atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(
+                        &raw mut (*flow).flags,
+                        flow_flags::ESTABLISHED,
+                    )
+                };
+            }
             if flags & (TCP_FIN | TCP_RST) != 0 {
                 close_flow(flow);
             }
@@ -242,22 +276,28 @@ unsafe fn flag_set(flow: *mut FlowValue, flag: u64) -> bool {
 /// Gives the flow's count back, once: only the CPU whose compare-and-swap sets `CLOSED` does.
 #[inline(always)]
 fn close_flow(flow: *mut FlowValue) {
-    // A plain 64-bit load is atomic on BPF; the compare-and-swap below settles any race.
-    let seen = unsafe { core::ptr::read_volatile(&raw const (*flow).flags) };
-    if seen & flow_flags::CLOSED != 0 {
-        return;
-    }
-    let (_, swapped) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            &raw mut (*flow).flags,
-            seen,
-            seen | flow_flags::CLOSED,
-        )
-    };
-    if swapped && seen & flow_flags::COUNTED != 0 {
-        let backend = unsafe { (*flow).backend };
-        if let Some(active) = ACTIVE.get_ptr_mut(backend) {
-            unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
+    // Other bits (ESTABLISHED) may change concurrently: retry the swap a few times.
+    for _ in 0..4 {
+        // A plain 64-bit load is atomic on BPF; the compare-and-swap settles any race.
+        let seen = unsafe { core::ptr::read_volatile(&raw const (*flow).flags) };
+        if seen & flow_flags::CLOSED != 0 {
+            return;
+        }
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                &raw mut (*flow).flags,
+                seen,
+                seen | flow_flags::CLOSED,
+            )
+        };
+        if swapped {
+            if seen & flow_flags::COUNTED != 0 {
+                let backend = unsafe { (*flow).backend };
+                if let Some(active) = ACTIVE.get_ptr_mut(backend) {
+                    unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
+                }
+            }
+            return;
         }
     }
 }
@@ -304,11 +344,12 @@ fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> {
     Some(slot)
 }
 
-/// The backend view the shared selection code reads, straight from the maps.
+/// The view the shared selection code reads of the service's backend at `entry` of
+/// `SERVICE_BACKENDS`, straight from the maps; the count is that of the backend's slot.
 #[inline(always)]
-fn view(slot: u32) -> Option<BackendView> {
-    let backend = BACKENDS.get(slot)?;
-    let active = ACTIVE.get_ptr_mut(slot)?;
+fn view(entry: u32) -> Option<BackendView> {
+    let backend = SERVICE_BACKENDS.get(entry)?;
+    let active = ACTIVE.get_ptr_mut(backend.slot)?;
     let active = unsafe { core::ptr::read_volatile(active) };
     Some(BackendView {
         active: active.min(u32::MAX as u64) as u32,
@@ -336,7 +377,7 @@ fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
     if count == 0 || count > MAX_BACKENDS as u32 {
         return None;
     }
-    let base = service.backend_base;
+    let base = service_backend_index(service.index, 0);
     let version = service.table_version;
     let picked = match service.algorithm {
         algorithm::IP_HASH => {
@@ -344,8 +385,23 @@ fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
             let size = MAGLEV_TABLE_SIZE as u32;
             let slot = (client_hash % MAGLEV_TABLE_SIZE as u64) as u32;
             let first = maglev_index(service.index, version, size, 0);
-            probe(TABLE_MAGLEV, first, size, slot, maglev::MAGLEV_PROBES as u32, base, count)
-                .or_else(|| scan(SCAN_FIRST_AVAILABLE, base, count, (client_hash as u32).checked_rem(count).unwrap_or(0)))
+            probe(
+                TABLE_MAGLEV,
+                first,
+                size,
+                slot,
+                maglev::MAGLEV_PROBES as u32,
+                base,
+                count,
+            )
+            .or_else(|| {
+                scan(
+                    SCAN_FIRST_AVAILABLE,
+                    base,
+                    count,
+                    (client_hash as u32).checked_rem(count).unwrap_or(0),
+                )
+            })
         }
         algorithm::ROUND_ROBIN | algorithm::WEIGHTED_ROUND_ROBIN
             if service.weighted_len != 0 && service.weighted_len <= WEIGHTED_TABLE_SIZE =>
@@ -362,14 +418,24 @@ fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
                 None => probes.min(len),
             };
             unsafe { *cursor = position.wrapping_add(advance) };
-            found.or_else(|| scan(SCAN_FIRST_AVAILABLE, base, count, position.checked_rem(count).unwrap_or(0)))
+            found.or_else(|| {
+                scan(
+                    SCAN_FIRST_AVAILABLE,
+                    base,
+                    count,
+                    position.checked_rem(count).unwrap_or(0),
+                )
+            })
         }
         _ => {
-            let start = unsafe { bpf_get_prandom_u32() }.checked_rem(count).unwrap_or(0);
+            let start = unsafe { bpf_get_prandom_u32() }
+                .checked_rem(count)
+                .unwrap_or(0);
             scan(SCAN_LEAST_LOADED, base, count, start)
         }
     };
-    picked.map(|(index, _)| base + index)
+    let (index, _) = picked?;
+    SERVICE_BACKENDS.get(base + index).map(|b| b.slot)
 }
 
 const SCAN_LEAST_LOADED: u32 = 0;
@@ -424,7 +490,12 @@ impl LoopState {
 fn scan(mode: u32, base: u32, count: u32, start: u32) -> Option<(u32, u32)> {
     let mut state = LoopState::new(mode, 0, 0, count, start, base, count);
     unsafe {
-        bpf_loop(count, scan_step as *mut c_void, &raw mut state as *mut c_void, 0);
+        bpf_loop(
+            count,
+            scan_step as *mut c_void,
+            &raw mut state as *mut c_void,
+            0,
+        );
     }
     (state.best != NONE).then_some((state.best, state.steps))
 }
@@ -469,10 +540,23 @@ extern "C" fn scan_step(i: u64, ctx: *mut c_void) -> i64 {
 /// The first available backend named by the table from `position`, probing at most `probes`
 /// entries. Returns (index within the service, entries consumed).
 #[inline(always)]
-fn probe(table: u32, first: u32, len: u32, position: u32, probes: u32, base: u32, count: u32) -> Option<(u32, u32)> {
+fn probe(
+    table: u32,
+    first: u32,
+    len: u32,
+    position: u32,
+    probes: u32,
+    base: u32,
+    count: u32,
+) -> Option<(u32, u32)> {
     let mut state = LoopState::new(0, table, first, len, position, base, count);
     unsafe {
-        bpf_loop(probes.min(len), probe_step as *mut c_void, &raw mut state as *mut c_void, 0);
+        bpf_loop(
+            probes.min(len),
+            probe_step as *mut c_void,
+            &raw mut state as *mut c_void,
+            0,
+        );
     }
     (state.best != NONE).then_some((state.best, state.steps))
 }

@@ -22,9 +22,17 @@ use crate::state::Snapshot;
 /// service's idle timeout).
 const CLOSED_LINGER: Duration = Duration::from_secs(30);
 
+/// A flow whose handshake never completed (no ACK from the client) holds its count this long
+/// at most, so SYNs to nowhere or a SYN flood cannot inflate least_conn's counts for the whole
+/// idle timeout (capped by the service's idle timeout).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
-    let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = nix::libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
     unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -65,14 +73,26 @@ pub struct Expiry {
 }
 
 impl Expiry {
-    pub fn run(&mut self, bpf: &mut Ebpf, snapshot: &Snapshot, counters: &CounterTable) -> anyhow::Result<()> {
+    pub fn run(
+        &mut self,
+        bpf: &mut Ebpf,
+        snapshot: &Snapshot,
+        counters: &CounterTable,
+    ) -> anyhow::Result<()> {
         let timeouts: StdHashMap<u32, Duration> = snapshot
             .services
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.config.xdp.as_ref().map(|x| (i as u32, x.flow_idle_timeout)))
+            .filter_map(|(i, s)| {
+                s.config
+                    .xdp
+                    .as_ref()
+                    .map(|x| (i as u32, x.flow_idle_timeout))
+            })
             .collect();
-        let Some(&shortest) = timeouts.values().min() else { return Ok(()) };
+        let Some(&shortest) = timeouts.values().min() else {
+            return Ok(());
+        };
         let period = (shortest / 4).clamp(Duration::from_millis(500), Duration::from_secs(30));
         if self.last.is_some_and(|last| last.elapsed() < period) {
             return Ok(());
@@ -88,23 +108,36 @@ impl Expiry {
             .filter_map(Result::ok)
             .filter(|(_, flow)| {
                 let timeout = timeouts.get(&flow.service).copied().unwrap_or(longest);
-                let limit = if is_open(flow) { timeout } else { timeout.min(CLOSED_LINGER) };
+                let limit = if !is_open(flow) {
+                    timeout.min(CLOSED_LINGER)
+                } else if flow.flags & flow_flags::ESTABLISHED == 0 {
+                    timeout.min(HANDSHAKE_LIMIT)
+                } else {
+                    timeout
+                };
                 now.saturating_sub(flow.last_seen_ns) > limit.as_nanos() as u64
             })
             .collect();
         for (key, seen) in expired {
             // Re-read: a packet (or FIN) may have come since the scan.
-            let Ok(flow) = flows.get(&key, 0) else { continue };
+            let Ok(flow) = flows.get(&key, 0) else {
+                continue;
+            };
             if flow.last_seen_ns != seen.last_seen_ns || flow.flags != seen.flags {
                 continue;
             }
-            if flows.remove(&key).is_ok() && is_open(&flow) && (flow.backend as usize) < counters.len() {
+            if flows.remove(&key).is_ok()
+                && is_open(&flow)
+                && (flow.backend as usize) < counters.len()
+            {
                 counters.add(flow.backend as usize, -1);
             }
         }
 
-        let mut replies: HashMap<&mut MapData, FlowKey, NatReply> =
-            HashMap::try_from(bpf.map_mut(names::NAT_REPLIES).context("map NAT_REPLIES missing")?)?;
+        let mut replies: HashMap<&mut MapData, FlowKey, NatReply> = HashMap::try_from(
+            bpf.map_mut(names::NAT_REPLIES)
+                .context("map NAT_REPLIES missing")?,
+        )?;
         let stale: Vec<FlowKey> = replies
             .iter()
             .filter_map(Result::ok)

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,9 +32,10 @@ pub const PIN_ENV: &str = "SWITCHYARD_XDP_PIN";
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
 
 /// Maps pinned (and reused after a restart) when pinning is on.
-const PINNED_MAPS: [&str; 10] = [
+const PINNED_MAPS: [&str; 11] = [
     names::SERVICES,
     names::BACKENDS,
+    names::SERVICE_BACKENDS,
     names::ACTIVE,
     names::BACKEND_STATS,
     names::SERVICE_STATS,
@@ -72,7 +73,10 @@ impl XdpPlane {
             .max(1);
         for service in &config.services {
             if service.dataplane == Dataplane::Xdp && service.backends.len() > MAX_BACKENDS {
-                bail!("service {:?}: the XDP fast path takes at most {MAX_BACKENDS} backends", service.name);
+                bail!(
+                    "service {:?}: the XDP fast path takes at most {MAX_BACKENDS} backends",
+                    service.name
+                );
             }
         }
         let pin_dir = pin_dir(config);
@@ -81,6 +85,7 @@ impl XdpPlane {
         loader
             .map_max_entries(names::SERVICES, services)
             .map_max_entries(names::BACKENDS, slots)
+            .map_max_entries(names::SERVICE_BACKENDS, services * MAX_BACKENDS as u32)
             .map_max_entries(names::ACTIVE, slots)
             .map_max_entries(names::BACKEND_STATS, slots)
             .map_max_entries(names::SERVICE_STATS, services)
@@ -92,29 +97,46 @@ impl XdpPlane {
         let pin_paths: Vec<(&str, PathBuf)>;
         if let Some(dir) = &pin_dir {
             std::fs::create_dir_all(dir).with_context(|| {
-                format!("creating the pin directory {} (is bpffs mounted at /sys/fs/bpf?)", dir.display())
+                format!(
+                    "creating the pin directory {} (is bpffs mounted at /sys/fs/bpf?)",
+                    dir.display()
+                )
             })?;
             reused = dir.join(names::FLOWS).exists();
-            pin_paths = PINNED_MAPS.iter().map(|name| (*name, dir.join(name))).collect();
+            pin_paths = PINNED_MAPS
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect();
             for (name, path) in &pin_paths {
                 loader.map_pin_path(name, path.as_path());
             }
         }
-        let mut bpf = loader.load(object).map_err(|e| explain(e.into(), "loading the XDP object"))?;
+        let mut bpf = loader
+            .load(object)
+            .map_err(|e| explain(e.into(), "loading the XDP object"))?;
         {
             let program: &mut Xdp = bpf
                 .program_mut(programs::BALANCE)
                 .context("the XDP object has no balance program")?
                 .try_into()?;
-            program.load().map_err(|e| explain(verifier(e), "loading the XDP program"))?;
+            program
+                .load()
+                .map_err(|e| explain(verifier(e), "loading the XDP program"))?;
         }
         let active = match bpf.map(names::ACTIVE) {
-            Some(Map::Array(data)) => data.fd().as_fd().try_clone_to_owned().context("duplicating the ACTIVE map fd")?,
+            Some(Map::Array(data)) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating the ACTIVE map fd")?,
             _ => bail!("the XDP object has no ACTIVE array"),
         };
         let counters = map_counters(active, Snapshot::slots_needed(config))?;
         if reused && let Some(dir) = &pin_dir {
-            info!("reusing pinned XDP maps in {}: established flows keep their backends", dir.display());
+            info!(
+                "reusing pinned XDP maps in {}: established flows keep their backends",
+                dir.display()
+            );
         }
         Ok(Self {
             bpf: Arc::new(Mutex::new(bpf)),
@@ -147,7 +169,11 @@ impl XdpPlane {
         }
         let mut interfaces = BTreeSet::new();
         for service in xdp_services(&snapshot) {
-            let xdp = service.config.xdp.as_ref().context("xdp service without [service.xdp]")?;
+            let xdp = service
+                .config
+                .xdp
+                .as_ref()
+                .context("xdp service without [service.xdp]")?;
             interfaces.insert(xdp.interface.clone());
             if xdp.forwarding == Forwarding::Nat {
                 interfaces.insert(xdp.backend_interface.clone());
@@ -198,7 +224,10 @@ impl XdpPlane {
     }
 
     fn attach(&mut self, interface: &str) -> anyhow::Result<XdpLink> {
-        let pinned_link = self.pin_dir.as_ref().map(|dir| dir.join(format!("link-{interface}")));
+        let pinned_link = self
+            .pin_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("link-{interface}")));
         let mut bpf = self.bpf.lock();
         let program: &mut Xdp = bpf
             .program_mut(programs::BALANCE)
@@ -211,11 +240,15 @@ impl XdpPlane {
         {
             let pinned = PinnedLink::from_pin(path)
                 .with_context(|| format!("opening the pinned XDP link {}", path.display()))?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .context("the pinned link is not an XDP link")?;
             let id = program
                 .attach_to_link(link)
                 .map_err(|e| explain(e.into(), &format!("replacing the program on {interface}")))?;
-            info!("XDP program replaced on {interface} (pinned link {})", path.display());
+            info!(
+                "XDP program replaced on {interface} (pinned link {})",
+                path.display()
+            );
             return Ok(program.take_link(id)?);
         }
         let id = match program.attach(interface, XdpMode::Driver) {
@@ -230,7 +263,9 @@ impl XdpPlane {
                         &format!("attaching the XDP program to {interface}"),
                     )
                 })?;
-                warn!("XDP program attached to {interface} in generic (skb) mode, slower: native mode failed: {native}");
+                warn!(
+                    "XDP program attached to {interface} in generic (skb) mode, slower: native mode failed: {native}"
+                );
                 id
             }
         };
@@ -238,7 +273,8 @@ impl XdpPlane {
         let Some(path) = pinned_link else {
             return Ok(link);
         };
-        let fd_link = FdLink::try_from(link).context("pinning needs a bpf_link based XDP attachment")?;
+        let fd_link =
+            FdLink::try_from(link).context("pinning needs a bpf_link based XDP attachment")?;
         let pinned = fd_link
             .pin(&path)
             .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
@@ -265,7 +301,10 @@ impl XdpPlane {
         for (interface, link) in links {
             drop(link);
             match &self.pin_dir {
-                Some(dir) => info!("XDP program left attached to {interface} (pinned in {})", dir.display()),
+                Some(dir) => info!(
+                    "XDP program left attached to {interface} (pinned in {})",
+                    dir.display()
+                ),
                 None => info!("XDP program detached from {interface}"),
             }
         }
@@ -295,7 +334,11 @@ impl Sync {
             if let Some(previous) = previous {
                 for (i, backend) in service.backends.iter().enumerate() {
                     if previous.states[i] != states.states[i] {
-                        let word = if states.states[i] == backend_state::UP { "takes" } else { "gets no" };
+                        let word = if states.states[i] == backend_state::UP {
+                            "takes"
+                        } else {
+                            "gets no"
+                        };
                         info!(service = %service.config.name, backend = %backend.config.name, "XDP: backend {word} new flows");
                     }
                 }
@@ -320,11 +363,19 @@ fn backend_states(service: &Service) -> tables::BackendStates {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
         };
-        let mac = if dsr { neighbours.get(&ip).copied() } else { Some([0; 6]) };
+        let mac = if dsr {
+            neighbours.get(&ip).copied()
+        } else {
+            Some([0; 6])
+        };
         if mac.is_none() {
             neighbours::nudge(ip);
         }
-        let state = if !backend.health.is_up() || mac.is_none() { backend_state::DOWN } else { backend_state::UP };
+        let state = if !backend.health.is_up() || mac.is_none() {
+            backend_state::DOWN
+        } else {
+            backend_state::UP
+        };
         states.push(state);
         macs.push(mac.unwrap_or([0; 6]));
     }
@@ -332,7 +383,10 @@ fn backend_states(service: &Service) -> tables::BackendStates {
 }
 
 fn xdp_services(snapshot: &Snapshot) -> impl Iterator<Item = &Arc<Service>> {
-    snapshot.services.iter().filter(|s| s.config.dataplane == Dataplane::Xdp)
+    snapshot
+        .services
+        .iter()
+        .filter(|s| s.config.dataplane == Dataplane::Xdp)
 }
 
 /// A quarter of the shortest health interval (so a down backend stops taking new flows within
@@ -346,27 +400,51 @@ fn sync_period(snapshot: &Snapshot) -> Duration {
 }
 
 fn pin_dir(config: &Config) -> Option<PathBuf> {
-    let value = std::env::var(PIN_ENV).ok().filter(|v| !v.is_empty() && v != "0")?;
-    let base = if value == "1" { PathBuf::from(DEFAULT_PIN_BASE) } else { PathBuf::from(value) };
-    let first = config.services.iter().find(|s| s.dataplane == Dataplane::Xdp)?;
+    let value = std::env::var(PIN_ENV)
+        .ok()
+        .filter(|v| !v.is_empty() && v != "0")?;
+    let base = if value == "1" {
+        PathBuf::from(DEFAULT_PIN_BASE)
+    } else {
+        PathBuf::from(value)
+    };
+    let first = config
+        .services
+        .iter()
+        .find(|s| s.dataplane == Dataplane::Xdp)?;
     Some(base.join(sanitize(&first.name)))
 }
 
 fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn map_counters(fd: OwnedFd, slots: usize) -> anyhow::Result<Arc<CounterTable>> {
-    CounterTable::mapped(fd, slots).context("mapping the shared active counts (BPF_F_MMAPABLE array)")
+    CounterTable::mapped(fd, slots)
+        .context("mapping the shared active counts (BPF_F_MMAPABLE array)")
 }
 
 fn verifier(error: ProgramError) -> anyhow::Error {
     match error {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            anyhow!(io_error).context(format!("the kernel verifier rejected the program:\n{}", tail.join("\n")))
+            anyhow!(io_error).context(format!(
+                "the kernel verifier rejected the program:\n{}",
+                tail.join("\n")
+            ))
         }
         other => other.into(),
     }
@@ -386,12 +464,4 @@ fn explain(error: anyhow::Error, what: &str) -> anyhow::Error {
     } else {
         error.context(what.to_string())
     }
-}
-
-/// Whether `path` is on a bpffs mount (pinning works there only).
-#[allow(dead_code)]
-pub fn is_bpffs(path: &Path) -> bool {
-    std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf") && path.starts_with(l.split_whitespace().nth(1).unwrap_or("/nonexistent"))))
-        .unwrap_or(false)
 }

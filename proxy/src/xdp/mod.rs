@@ -12,9 +12,6 @@
 //!    pinned on purpose (`SWITCHYARD_XDP_PIN`), in which case the program keeps steering
 //!    established flows and the next start takes them over.
 
-// Until `server` calls into this module, the compiler cannot see the uses.
-#![allow(dead_code)]
-
 mod flows;
 mod loader;
 mod neighbours;
@@ -32,14 +29,14 @@ pub use loader::XdpPlane;
 pub const BUILT_IN: bool = cfg!(switchyard_xdp);
 
 /// Said when the fast path is asked for but not built in.
-pub const NOT_BUILT: &str =
-    "this switchyard was built without the XDP fast path (eBPF toolchain not found): run `cargo xtask setup`, then rebuild";
+pub const NOT_BUILT: &str = "this switchyard was built without the XDP fast path (eBPF toolchain not found): run `cargo xtask setup`, then rebuild";
 
 /// The compiled XDP object, when build.rs could build it.
 pub fn object() -> Option<&'static [u8]> {
     #[cfg(switchyard_xdp)]
     {
-        static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-xdp.o"));
+        static OBJECT: &[u8] =
+            aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-xdp.o"));
         Some(OBJECT)
     }
     #[cfg(not(switchyard_xdp))]
@@ -50,7 +47,10 @@ pub fn object() -> Option<&'static [u8]> {
 
 /// Whether any service of `config` asks for the kernel path.
 pub fn wanted(config: &Config) -> bool {
-    config.services.iter().any(|s| s.dataplane == Dataplane::Xdp)
+    config
+        .services
+        .iter()
+        .any(|s| s.dataplane == Dataplane::Xdp)
 }
 
 /// The one call `server` needs: `Ok(None)` when no service uses XDP (counts then live on the

@@ -24,12 +24,18 @@ fn parse(text: &str, interface: &str) -> HashMap<Ipv4Addr, [u8; 6]> {
     // IP address  HW type  Flags  HW address  Mask  Device
     for line in text.lines().skip(1) {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [ip, _, flags, mac, _, device] = fields[..] else { continue };
+        let [ip, _, flags, mac, _, device] = fields[..] else {
+            continue;
+        };
         if device != interface {
             continue;
         }
-        let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
-        let Ok(flags) = u32::from_str_radix(flags.trim_start_matches("0x"), 16) else { continue };
+        let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+            continue;
+        };
+        let Ok(flags) = u32::from_str_radix(flags.trim_start_matches("0x"), 16) else {
+            continue;
+        };
         if flags & ATF_COM == 0 {
             continue;
         }
@@ -70,6 +76,9 @@ mod tests {
                     198.18.1.13      0x1         0x2         0a:bc:de:f0:12:35     *        eth0\n";
         let table = parse(text, "sy-b0");
         assert_eq!(table.len(), 1);
-        assert_eq!(table[&Ipv4Addr::new(198, 18, 1, 11)], [0x0a, 0xbc, 0xde, 0xf0, 0x12, 0x34]);
+        assert_eq!(
+            table[&Ipv4Addr::new(198, 18, 1, 11)],
+            [0x0a, 0xbc, 0xde, 0xf0, 0x12, 0x34]
+        );
     }
 }

@@ -11,8 +11,9 @@ use anyhow::{Context, bail};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
 use switchyard_common::maps::{
-    BackendEntry, PROTO_TCP, ServiceKey, ServiceValue, WEIGHTED_TABLE_SIZE, algorithm, backend_state, forwarding,
-    maglev_index, names, weighted_index,
+    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceValue, WEIGHTED_TABLE_SIZE,
+    algorithm, backend_state, forwarding, maglev_index, names, service_backend_index,
+    weighted_index,
 };
 use switchyard_common::{MAGLEV_TABLE_SIZE, maglev, weighted_round_robin};
 
@@ -53,7 +54,9 @@ pub struct BackendStates {
 
 impl BackendStates {
     fn up(&self) -> Vec<usize> {
-        (0..self.states.len()).filter(|&i| self.states[i] == backend_state::UP).collect()
+        (0..self.states.len())
+            .filter(|&i| self.states[i] == backend_state::UP)
+            .collect()
     }
 }
 
@@ -72,37 +75,61 @@ pub fn program_service(
         .xdp
         .as_ref()
         .context("service has no [service.xdp] table")?;
-    let vip = *service.config.listen.first().context("service has no VIP")?;
+    let vip = *service
+        .config
+        .listen
+        .first()
+        .context("service has no VIP")?;
     let key = service_key(vip)?;
-    let base = service.backends.first().map_or(0, |b| b.active.slot()) as u32;
-
     {
-        let mut backends: Array<&mut MapData, BackendEntry> =
-            Array::try_from(bpf.map_mut(names::BACKENDS).context("map BACKENDS missing")?)?;
+        let mut backends: Array<&mut MapData, BackendEntry> = Array::try_from(
+            bpf.map_mut(names::BACKENDS)
+                .context("map BACKENDS missing")?,
+        )?;
         for (i, backend) in service.backends.iter().enumerate() {
             let slot = backend.active.slot() as u32;
-            debug_assert_eq!(slot, base + i as u32, "a service's slots are contiguous");
             let SocketAddr::V4(address) = backend.config.address else {
-                bail!("backend {:?}: the XDP fast path needs an IPv4 address", backend.config.name);
+                bail!(
+                    "backend {:?}: the XDP fast path needs an IPv4 address",
+                    backend.config.name
+                );
             };
             let entry = BackendEntry {
                 addr: u32::from_ne_bytes(address.ip().octets()),
                 port: address.port().to_be(),
                 mac: states.macs[i],
+                ifindex: 0,
+            };
+            backends.set(slot, entry, 0).with_context(|| {
+                format!("writing backend {:?} (slot {slot})", backend.config.name)
+            })?;
+        }
+    }
+    {
+        let mut policies: Array<&mut MapData, ServiceBackend> = Array::try_from(
+            bpf.map_mut(names::SERVICE_BACKENDS)
+                .context("map SERVICE_BACKENDS missing")?,
+        )?;
+        for (i, backend) in service.backends.iter().enumerate() {
+            let entry = ServiceBackend {
+                slot: backend.active.slot() as u32,
                 weight: backend.config.weight,
                 max_connections: backend.config.max_connections,
                 state: states.states[i],
-                ifindex: 0,
             };
-            backends
-                .set(slot, entry, 0)
-                .with_context(|| format!("writing backend {:?} (slot {slot})", backend.config.name))?;
+            policies
+                .set(service_backend_index(index, i as u32), entry, 0)
+                .with_context(|| {
+                    format!("writing backend {:?} of the service", backend.config.name)
+                })?;
         }
     }
 
     let unchanged = previous.is_some_and(|p| p.up() == states.up());
-    let services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(bpf.map_mut(names::SERVICES).context("map SERVICES missing")?)?;
+    let services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
+        bpf.map_mut(names::SERVICES)
+            .context("map SERVICES missing")?,
+    )?;
     let current = services.get(&key, 0).ok();
     if unchanged && current.is_some() {
         return Ok(());
@@ -117,26 +144,40 @@ pub fn program_service(
             Forwarding::Dsr => forwarding::DSR,
             Forwarding::Nat => forwarding::NAT,
         },
-        backend_base: base,
         backend_count: service.backends.len() as u32,
         table_version: version,
         weighted_len,
         flags: 0,
     };
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(bpf.map_mut(names::SERVICES).context("map SERVICES missing")?)?;
-    services.insert(key, value, 0).context("writing the service entry")?;
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
+        bpf.map_mut(names::SERVICES)
+            .context("map SERVICES missing")?,
+    )?;
+    services
+        .insert(key, value, 0)
+        .context("writing the service entry")?;
     Ok(())
 }
 
 /// Fills half `version` of the service's tables over the backends in `up` (indexes into the
 /// service's backends); returns the weighted table's length.
-fn write_tables(bpf: &mut Ebpf, index: u32, version: u32, service: &Service, up: &[usize]) -> anyhow::Result<u32> {
+fn write_tables(
+    bpf: &mut Ebpf,
+    index: u32,
+    version: u32,
+    service: &Service,
+    up: &[usize],
+) -> anyhow::Result<u32> {
     match service.config.algorithm {
         Algorithm::IpHash => {
             let named: Vec<(&str, u32)> = up
                 .iter()
-                .map(|&i| (service.backends[i].config.name.as_str(), service.backends[i].config.weight))
+                .map(|&i| {
+                    (
+                        service.backends[i].config.name.as_str(),
+                        service.backends[i].config.weight,
+                    )
+                })
                 .collect();
             let table = maglev::build_table(&named);
             let mut map: Array<&mut MapData, u32> =
@@ -144,9 +185,15 @@ fn write_tables(bpf: &mut Ebpf, index: u32, version: u32, service: &Service, up:
             for slot in 0..MAGLEV_TABLE_SIZE as u32 {
                 // An empty table (nothing up) points nowhere valid: the kernel falls back to
                 // its scan, which finds nothing available either.
-                let backend = table.get(slot as usize).map_or(u32::MAX, |&b| up[b as usize] as u32);
-                map.set(maglev_index(index, version, MAGLEV_TABLE_SIZE as u32, slot), backend, 0)
-                    .context("writing the Maglev table")?;
+                let backend = table
+                    .get(slot as usize)
+                    .map_or(u32::MAX, |&b| up[b as usize] as u32);
+                map.set(
+                    maglev_index(index, version, MAGLEV_TABLE_SIZE as u32, slot),
+                    backend,
+                    0,
+                )
+                .context("writing the Maglev table")?;
             }
             Ok(0)
         }
@@ -158,14 +205,24 @@ fn write_tables(bpf: &mut Ebpf, index: u32, version: u32, service: &Service, up:
                     _ => service.backends[i].config.weight,
                 })
                 .collect();
-            let table = if weights.is_empty() { Vec::new() } else { weighted_round_robin::build_table(&weights) };
+            let table = if weights.is_empty() {
+                Vec::new()
+            } else {
+                weighted_round_robin::build_table(&weights)
+            };
             let len = (table.len() as u32).min(WEIGHTED_TABLE_SIZE);
-            let mut map: Array<&mut MapData, u32> =
-                Array::try_from(bpf.map_mut(names::WEIGHTED).context("map WEIGHTED missing")?)?;
+            let mut map: Array<&mut MapData, u32> = Array::try_from(
+                bpf.map_mut(names::WEIGHTED)
+                    .context("map WEIGHTED missing")?,
+            )?;
             for position in 0..len {
                 let backend = up[table[position as usize] as usize] as u32;
-                map.set(weighted_index(index, version, WEIGHTED_TABLE_SIZE, position), backend, 0)
-                    .context("writing the weighted table")?;
+                map.set(
+                    weighted_index(index, version, WEIGHTED_TABLE_SIZE, position),
+                    backend,
+                    0,
+                )
+                .context("writing the weighted table")?;
             }
             Ok(len)
         }
@@ -177,8 +234,10 @@ fn write_tables(bpf: &mut Ebpf, index: u32, version: u32, service: &Service, up:
 #[allow(dead_code)] // for config reload
 pub fn remove_service(bpf: &mut Ebpf, vip: SocketAddr) -> anyhow::Result<()> {
     let key = service_key(vip)?;
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(bpf.map_mut(names::SERVICES).context("map SERVICES missing")?)?;
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
+        bpf.map_mut(names::SERVICES)
+            .context("map SERVICES missing")?,
+    )?;
     let _ = services.remove(&key);
     Ok(())
 }
