@@ -5,6 +5,10 @@
 //! this process (`BPF_F_MMAPABLE`), so the kernel's flows and the proxy's sessions add to the
 //! very same integers and least-connections in either plane sees the whole load. Cells are
 //! 64-bit because Rust's BPF target only has atomics on 64-bit words.
+//!
+//! The table also keeps, on the heap, how much of each shared count is this process's own
+//! proxy sessions: the kernel path's reconciliation needs that share to tell a count that
+//! drifted (a flow evicted from a full flow table) from one that is right.
 
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
@@ -14,6 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// A fixed array of atomic counters, one per backend slot.
 pub struct CounterTable {
     cells: Cells,
+    /// Per slot, the proxy sessions of this process included in the cell (never shared).
+    sessions: Box<[AtomicU64]>,
 }
 
 enum Cells {
@@ -36,7 +42,8 @@ unsafe impl Sync for Cells {}
 impl CounterTable {
     pub fn new(slots: usize) -> Arc<Self> {
         Arc::new(Self {
-            cells: Cells::Heap((0..slots).map(|_| AtomicU64::new(0)).collect()),
+            cells: Cells::Heap(zeroed(slots)),
+            sessions: zeroed(slots),
         })
     }
 
@@ -70,6 +77,7 @@ impl CounterTable {
                 bytes,
                 _map: map,
             },
+            sessions: zeroed(slots),
         }))
     }
 
@@ -103,11 +111,21 @@ impl CounterTable {
         self.cell(slot).load(Ordering::Acquire)
     }
 
+    /// This process's proxy sessions counted in `slot` (the rest of the count is kernel flows).
+    #[allow(dead_code)] // used when the kernel path is built in
+    pub fn sessions(&self, slot: usize) -> u64 {
+        self.sessions[slot].load(Ordering::Acquire)
+    }
+
     /// Adds `delta` (two's complement for a decrease) to `slot`.
     #[allow(dead_code)] // used when the kernel path is built in
     pub fn add(&self, slot: usize, delta: i64) {
         self.cell(slot).fetch_add(delta as u64, Ordering::AcqRel);
     }
+}
+
+fn zeroed(slots: usize) -> Box<[AtomicU64]> {
+    (0..slots).map(|_| AtomicU64::new(0)).collect()
 }
 
 impl Drop for CounterTable {
@@ -166,6 +184,9 @@ impl ActiveCount {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
+                    // After the shared cell: a reconciliation between the two sees the count
+                    // one high for a moment, never a session missing from it for good.
+                    self.table.sessions[self.slot].fetch_add(1, Ordering::AcqRel);
                     return Some(ActiveGuard {
                         count: self.clone(),
                     });
@@ -183,10 +204,9 @@ pub struct ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.count
-            .table
-            .cell(self.count.slot)
-            .fetch_sub(1, Ordering::AcqRel);
+        let table = &self.count.table;
+        table.sessions[self.count.slot].fetch_sub(1, Ordering::AcqRel);
+        table.cell(self.count.slot).fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -201,8 +221,22 @@ mod tests {
         let a = count.try_acquire(2).expect("first");
         let _b = count.try_acquire(2).expect("second");
         assert!(count.try_acquire(2).is_none(), "cap of 2 holds");
+        assert_eq!(table.sessions(1), 2);
         drop(a);
         assert_eq!(count.get(), 1);
+        assert_eq!(table.sessions(1), 1);
         assert_eq!(table.load(0), 0);
+        assert_eq!(table.sessions(0), 0);
+    }
+
+    #[test]
+    fn kernel_side_changes_are_not_proxy_sessions() {
+        let table = CounterTable::new(1);
+        let count = ActiveCount::new(table.clone(), 0);
+        let _guard = count.try_acquire(0).expect("session");
+        // What the kernel path adds for its flows shows in the count, not in the sessions.
+        table.add(0, 3);
+        assert_eq!(count.get(), 4);
+        assert_eq!(table.sessions(0), 1);
     }
 }

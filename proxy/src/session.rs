@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::io::{self, ErrorKind, Read};
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -265,10 +265,11 @@ async fn serve(client: TcpStream, upstream: Upstream, idle: Duration) -> anyhow:
         .context("client did not take the greeting")?
         .context("relaying the greeting")?;
     drop(greeting);
+    let ended = AtomicBool::new(false);
     let relay = async {
         tokio::try_join!(
-            pump(&client, &server, &last_activity, epoch),
-            pump(&server, &client, &last_activity, epoch),
+            pump(&client, &server, &last_activity, epoch, &ended),
+            pump(&server, &client, &last_activity, epoch, &ended),
         )
     };
     tokio::select! {
@@ -299,8 +300,16 @@ async fn idle_watch(last_activity: &AtomicU64, epoch: Instant, idle: Duration) {
     }
 }
 
-/// Copies `src` to `dst` until EOF on `src`, then half-closes `dst` for writing.
-async fn pump(src: &TcpStream, dst: &TcpStream, last_activity: &AtomicU64, epoch: Instant) -> io::Result<()> {
+/// Copies `src` to `dst` until EOF on `src`, then half-closes `dst` for writing. `ended` is
+/// shared by both directions: the second to reach EOF skips the half-close, since both
+/// sockets are closed right after (and `close` sends that FIN anyway).
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    last_activity: &AtomicU64,
+    epoch: Instant,
+    ended: &AtomicBool,
+) -> io::Result<()> {
     let mut pending: Vec<u8> = Vec::new();
     loop {
         if !pending.is_empty() {
@@ -321,6 +330,9 @@ async fn pump(src: &TcpStream, dst: &TcpStream, last_activity: &AtomicU64, epoch
         src.readable().await?;
         match copy_ready(src, dst, &mut pending) {
             Ok(0) => {
+                if ended.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
                 // Half-close: the peer of `dst` sees EOF; the other direction keeps running.
                 match SockRef::from(dst).shutdown(Shutdown::Write) {
                     Ok(()) => return Ok(()),

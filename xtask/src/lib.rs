@@ -9,4 +9,5 @@ pub mod loadgen;
 pub mod setup;
 pub mod sink;
 pub mod suite;
+pub mod topology;
 pub mod workspace;

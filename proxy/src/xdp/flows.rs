@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData};
+use tracing::warn;
 use switchyard_common::maps::{FlowKey, FlowValue, NatReply, flow_flags, names};
 
 use crate::counters::CounterTable;
@@ -66,10 +67,20 @@ pub fn rebuild_counts(bpf: &Ebpf, counters: &CounterTable) -> anyhow::Result<u64
     Ok(total)
 }
 
-/// Periodic expiry; keeps when it last ran.
+/// Periodic expiry and count reconciliation, both from one scan of the flow table.
+///
+/// A backend's true count is its open flows in the table plus this process's proxy sessions
+/// on it. Any other difference is drift: an open flow evicted from a full (LRU) flow table
+/// takes its unit with it, and a flow whose FIN the kernel missed may outlive its client. The
+/// scan is not a snapshot (the kernel adds and closes flows meanwhile), so a difference is
+/// corrected only when the very same difference is seen on two passes in a row: a transient
+/// one changes from pass to pass, drift stays until corrected. The correction is an atomic add
+/// of the difference, so no concurrent kernel update is lost.
 #[derive(Default)]
 pub struct Expiry {
     last: Option<Instant>,
+    /// Per slot, the difference (count minus true count) seen on the previous pass.
+    drift: Vec<i64>,
 }
 
 impl Expiry {
@@ -99,31 +110,48 @@ impl Expiry {
         }
         self.last = Some(Instant::now());
         let longest = timeouts.values().max().copied().unwrap_or(shortest);
+        let capacity: u64 = snapshot
+            .services
+            .iter()
+            .filter_map(|s| s.config.xdp.as_ref())
+            .map(|x| u64::from(x.flow_table_size))
+            .sum();
         let now = monotonic_ns();
 
         let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
             HashMap::try_from(bpf.map_mut(names::FLOWS).context("map FLOWS missing")?)?;
-        let expired: Vec<(FlowKey, FlowValue)> = flows
+        // A key deleted under the iterator (eviction, a FIN's cleanup) restarts it from the
+        // first key: open flows are counted once by key, and the walk is bounded.
+        let mut open: StdHashMap<FlowKey, u32> = StdHashMap::new();
+        let mut expired: Vec<(FlowKey, FlowValue)> = Vec::new();
+        for (key, flow) in flows
             .iter()
+            .take((capacity as usize).saturating_mul(2).max(1024))
             .filter_map(Result::ok)
-            .filter(|(_, flow)| {
-                let timeout = timeouts.get(&flow.service).copied().unwrap_or(longest);
-                let limit = if !is_open(flow) {
-                    timeout.min(CLOSED_LINGER)
-                } else if flow.flags & flow_flags::ESTABLISHED == 0 {
-                    timeout.min(HANDSHAKE_LIMIT)
-                } else {
-                    timeout
-                };
-                now.saturating_sub(flow.last_seen_ns) > limit.as_nanos() as u64
-            })
-            .collect();
+        {
+            let timeout = timeouts.get(&flow.service).copied().unwrap_or(longest);
+            let limit = if !is_open(&flow) {
+                timeout.min(CLOSED_LINGER)
+            } else if flow.flags & flow_flags::ESTABLISHED == 0 {
+                timeout.min(HANDSHAKE_LIMIT)
+            } else {
+                timeout
+            };
+            if now.saturating_sub(flow.last_seen_ns) > limit.as_nanos() as u64 {
+                expired.push((key, flow));
+            } else if is_open(&flow) {
+                open.insert(key, flow.backend);
+            }
+        }
         for (key, seen) in expired {
             // Re-read: a packet (or FIN) may have come since the scan.
             let Ok(flow) = flows.get(&key, 0) else {
                 continue;
             };
             if flow.last_seen_ns != seen.last_seen_ns || flow.flags != seen.flags {
+                if is_open(&flow) {
+                    open.insert(key, flow.backend);
+                }
                 continue;
             }
             if flows.remove(&key).is_ok()
@@ -133,6 +161,13 @@ impl Expiry {
                 counters.add(flow.backend as usize, -1);
             }
         }
+        let mut per_slot = vec![0u64; counters.len()];
+        for slot in open.into_values() {
+            if let Some(count) = per_slot.get_mut(slot as usize) {
+                *count += 1;
+            }
+        }
+        self.reconcile(&per_slot, snapshot, counters);
 
         let mut replies: HashMap<&mut MapData, FlowKey, NatReply> = HashMap::try_from(
             bpf.map_mut(names::NAT_REPLIES)
@@ -140,6 +175,7 @@ impl Expiry {
         )?;
         let stale: Vec<FlowKey> = replies
             .iter()
+            .take((capacity as usize).saturating_mul(2).max(1024))
             .filter_map(Result::ok)
             .filter(|(_, reply)| now.saturating_sub(reply.last_seen_ns) > longest.as_nanos() as u64)
             .map(|(key, _)| key)
@@ -149,4 +185,56 @@ impl Expiry {
         }
         Ok(())
     }
+
+    /// Compares every slot's count with `open` flows plus proxy sessions and corrects the
+    /// differences that held still since the previous pass; one warning per pass names them.
+    fn reconcile(&mut self, open: &[u64], snapshot: &Snapshot, counters: &CounterTable) {
+        self.drift.resize(counters.len(), 0);
+        let mut corrected = Vec::new();
+        for (slot, &flows) in open.iter().enumerate().take(counters.len()) {
+            // Sessions first, the count last: whatever starts in between reads as one too
+            // many for a moment, which the next pass no longer sees.
+            let sessions = counters.sessions(slot);
+            let count = counters.load(slot);
+            let difference = count.wrapping_sub(flows.wrapping_add(sessions)) as i64;
+            let previous = std::mem::replace(&mut self.drift[slot], difference);
+            if difference != 0 && difference == previous {
+                counters.add(slot, -difference);
+                self.drift[slot] = 0;
+                corrected.push((slot, difference));
+            }
+        }
+        if corrected.is_empty() {
+            return;
+        }
+        let names = slot_names(snapshot);
+        let list: Vec<String> = corrected
+            .iter()
+            .map(|&(slot, difference)| {
+                let name = names.get(&slot).map_or("?", String::as_str);
+                format!("{name} {:+}", -difference)
+            })
+            .collect();
+        let total: i64 = corrected.iter().map(|&(_, d)| d.abs()).sum();
+        warn!(
+            "XDP: corrected active counts that drifted by {total} in all: {} (open flows evicted from a full flow table, or ended unseen)",
+            list.join(", ")
+        );
+    }
+}
+
+/// Backend name(s) of every counter slot, for logs (a slot shared by services under different
+/// names lists each name once).
+fn slot_names(snapshot: &Snapshot) -> StdHashMap<usize, String> {
+    let mut names: StdHashMap<usize, String> = StdHashMap::new();
+    for backend in snapshot.services.iter().flat_map(|s| &s.backends) {
+        let entry = names.entry(backend.active.slot()).or_default();
+        if !entry.split('/').any(|n| n == backend.config.name) {
+            if !entry.is_empty() {
+                entry.push('/');
+            }
+            entry.push_str(&backend.config.name);
+        }
+    }
+    names
 }
