@@ -332,3 +332,37 @@ async fn least_time_prefers_the_fast_backend() {
     eprintln!("least_time, 4 in parallel: {counts:?}");
     assert!(count(&counts, "lt-fast") >= 108, "{counts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_takes_no_new_sessions_under_any_algorithm() {
+    let backends = start_backends(&["dr-a", "dr-b", "dr-c"], Behaviour::default()).await;
+    for algorithm in [
+        "round_robin",
+        "weighted_round_robin",
+        "least_conn",
+        "ip_hash",
+        "least_time",
+    ] {
+        let listen = free_addr();
+        let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
+        // Healthy by its checks (smtp, every 200 ms), drained by the operator.
+        let toml = config(listen, algorithm, "smtp", &list)
+            .replace("name = \"dr-b\"\n", "name = \"dr-b\"\ndrain = true\n");
+        assert!(toml.contains("drain = true"));
+        let _sy = Switchyard::start(&toml);
+        let counts = run_sessions(listen, 30, 3).await;
+        assert_eq!(
+            count(&counts, "dr-b"),
+            0,
+            "{algorithm}: the drained backend got sessions: {counts:?}"
+        );
+        assert_eq!(
+            count(&counts, "dr-a") + count(&counts, "dr-c"),
+            30,
+            "{algorithm}: {counts:?}"
+        );
+        if algorithm == "round_robin" {
+            assert_eq!(count(&counts, "dr-a"), 15, "{algorithm}: {counts:?}");
+        }
+    }
+}

@@ -892,6 +892,58 @@ fn xdp_flow_table_size_out_of_range_is_rejected() {
 }
 
 #[test]
+fn xdp_pin_of_wrong_type_is_named() {
+    assert_rejected(
+        &format!(
+            "[[service]]\nname = \"fast\"\nlisten = \"198.18.0.100:25\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\npin = \"yes\"\n{GOOD_BACKENDS}"
+        ),
+        7,
+        &["service.xdp.pin", "expected a boolean"],
+    );
+}
+
+#[test]
+fn xdp_services_must_agree_on_pin() {
+    let second = "[[service]]\nname = \"fast2\"\nlisten = \"198.18.0.101:25\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\npin = true\n";
+    assert_rejected(
+        &format!(
+            "[[service]]\nname = \"fast\"\nlisten = \"198.18.0.100:25\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\n{GOOD_BACKENDS}\n{second}{GOOD_BACKENDS}"
+        ),
+        22,
+        &[
+            "service \"fast2\"",
+            "xdp.pin = true differs from service \"fast\"",
+        ],
+    );
+}
+
+#[test]
+fn backend_drain_of_wrong_type_is_named() {
+    assert_rejected(
+        &format!(
+            "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"127.0.0.1:2601\"\ndrain = 1\n"
+        ),
+        8,
+        &["service.backend.drain", "expected a boolean"],
+    );
+}
+
+#[test]
+fn drained_backend_is_shown_in_the_summary() {
+    let out = assert_accepted(&format!(
+        "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"127.0.0.1:2601\"\ndrain = true\n\n[[service.backend]]\nname = \"mta2\"\naddress = \"127.0.0.1:2602\"\ndrain = false\n"
+    ));
+    assert!(
+        out.contains("backend \"mta1\": 127.0.0.1:2601 weight 1 max_connections unlimited (drain: no new sessions)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("backend \"mta2\": 127.0.0.1:2602 weight 1 max_connections unlimited\n"),
+        "{out}"
+    );
+}
+
+#[test]
 fn valid_xdp_service_is_accepted_with_defaults() {
     let out = assert_accepted(&format!(
         "[[service]]\nname = \"fast\"\nlisten = \"198.18.0.100:25\"\ndataplane = \"xdp\"\nalgorithm = \"ip_hash\"\n[service.xdp]\ninterface = \"sy-lb0\"\nforwarding = \"nat\"\n{GOOD_BACKENDS}"

@@ -19,7 +19,12 @@ const UNAVAILABLE: &str = "421 4.3.2 Service not available\r\n";
 
 /// A config with one service on `listen` in front of `backends`; `service_keys` are extra
 /// lines for the `[[service]]` table, `health` the `kind` of checks.
-fn config(listen: &[SocketAddr], service_keys: &str, health: &str, backends: &[(&str, SocketAddr)]) -> String {
+fn config(
+    listen: &[SocketAddr],
+    service_keys: &str,
+    health: &str,
+    backends: &[(&str, SocketAddr)],
+) -> String {
     let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
     let mut toml = format!(
         "shutdown_timeout = \"10s\"\n\n[[service]]\nname = \"mx\"\nlisten = [{}]\n{service_keys}\n\n\
@@ -27,7 +32,9 @@ fn config(listen: &[SocketAddr], service_keys: &str, health: &str, backends: &[(
         listen.join(", ")
     );
     for (name, address) in backends {
-        toml.push_str(&format!("\n[[service.backend]]\nname = \"{name}\"\naddress = \"{address}\"\n"));
+        toml.push_str(&format!(
+            "\n[[service.backend]]\nname = \"{name}\"\naddress = \"{address}\"\n"
+        ));
     }
     toml
 }
@@ -53,7 +60,10 @@ fn terminate_and_check_counts(sy: &mut Switchyard, names: &[&str]) -> Vec<u64> {
                 .unwrap_or_else(|| panic!("no shutdown count line for {name}:\n{log}"));
             let rest = &line[line.find(&marker).map(|i| i + marker.len()).unwrap_or(0)..];
             let mut fields = rest.split_whitespace();
-            let active: u32 = fields.next().and_then(|v| v.parse().ok()).expect("active count");
+            let active: u32 = fields
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("active count");
             assert_eq!(active, 0, "backend {name} leaked active sessions: {line}");
             fields
                 .next()
@@ -99,7 +109,10 @@ async fn backend_and_client_helpers_talk_smtp() {
     backend.stop();
     assert!(read_greeting(backend.addr()).await.is_err());
     backend.restart();
-    assert_eq!(smtp_session(backend.addr()).await.expect("after restart"), "mta1");
+    assert_eq!(
+        smtp_session(backend.addr()).await.expect("after restart"),
+        "mta1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,22 +170,49 @@ async fn failover_when_a_backend_stops_mid_load() {
             }
         }
     }
-    assert!(after_failed.is_empty(), "sessions started after the stop failed: {after_failed:?}");
+    assert!(
+        after_failed.is_empty(),
+        "sessions started after the stop failed: {after_failed:?}"
+    );
     assert_eq!(served_by_mta2_after, 0);
-    assert!(after_ok >= TOTAL / 2 - CLIENTS, "only {after_ok} sessions after the stop");
+    assert!(
+        after_ok >= TOTAL / 2 - CLIENTS,
+        "only {after_ok} sessions after the stop"
+    );
     // Only sessions already running on mta2 when it died may fail: at most one per client.
-    assert!(before_failed.len() <= CLIENTS, "{} failures before the stop: {before_failed:?}", before_failed.len());
+    assert!(
+        before_failed.len() <= CLIENTS,
+        "{} failures before the stop: {before_failed:?}",
+        before_failed.len()
+    );
     let delivered = mta1.messages() + mta2.messages() + mta3.messages();
-    assert!(delivered >= TOTAL - before_failed.len(), "{delivered} messages delivered");
+    assert!(
+        delivered >= TOTAL - before_failed.len(),
+        "{delivered} messages delivered"
+    );
 
     let assigned = terminate_and_check_counts(&mut sy, &["mta1", "mta2", "mta3"]);
-    assert_eq!(assigned.iter().sum::<u64>() as usize, TOTAL, "every session was assigned exactly once");
-    eprintln!("failover: {} sessions failed before the stop (established on mta2), 0 after", before_failed.len());
+    assert_eq!(
+        assigned.iter().sum::<u64>() as usize,
+        TOTAL,
+        "every session was assigned exactly once"
+    );
+    eprintln!(
+        "failover: {} sessions failed before the stop (established on mta2), 0 after",
+        before_failed.len()
+    );
 }
 
 #[tokio::test]
 async fn backend_greeting_421_fails_over_unseen_by_clients() {
-    let busy = TestBackend::start("busy", Behaviour { greeting_code: 421, ..Default::default() }).await;
+    let busy = TestBackend::start(
+        "busy",
+        Behaviour {
+            greeting_code: 421,
+            ..Default::default()
+        },
+    )
+    .await;
     let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
     let mta3 = TestBackend::start("mta3", Behaviour::default()).await;
     let listen = free_addr();
@@ -185,12 +225,22 @@ async fn backend_greeting_421_fails_over_unseen_by_clients() {
         &backends_of(&[&busy, &mta2, &mta3]),
     ));
     for _ in 0..30 {
-        let name = smtp_session(listen).await.expect("session through switchyard");
+        let name = smtp_session(listen)
+            .await
+            .expect("session through switchyard");
         assert_ne!(name, "busy");
     }
-    assert!(busy.connections() >= 5, "the busy backend was tried {} times", busy.connections());
+    assert!(
+        busy.connections() >= 5,
+        "the busy backend was tried {} times",
+        busy.connections()
+    );
     assert_eq!(mta2.messages() + mta3.messages(), 30);
-    assert!(sy.stderr_text().contains("greeted with 421"), "{}", sy.stderr_text());
+    assert!(
+        sy.stderr_text().contains("greeted with 421"),
+        "{}",
+        sy.stderr_text()
+    );
     let assigned = terminate_and_check_counts(&mut sy, &["busy", "mta2", "mta3"]);
     assert_eq!(assigned[0], 0, "a 421-greeting backend is never assigned");
     assert_eq!(assigned.iter().sum::<u64>(), 30);
@@ -218,7 +268,11 @@ async fn backend_that_hangs_before_greeting_is_skipped() {
     for _ in 0..4 {
         assert_eq!(smtp_session(listen).await.expect("session"), "mta2");
     }
-    assert!(sy.stderr_text().contains("no greeting from"), "{}", sy.stderr_text());
+    assert!(
+        sy.stderr_text().contains("no greeting from"),
+        "{}",
+        sy.stderr_text()
+    );
     terminate_and_check_counts(&mut sy, &["hang", "mta2"]);
     holder.abort();
 }
@@ -234,7 +288,10 @@ async fn no_backend_available_gives_421() {
         "none",
         &backends_of(&[&mta1, &mta2]),
     ));
-    assert_eq!(smtp_session(listen).await.expect("session while up").len(), 4);
+    assert_eq!(
+        smtp_session(listen).await.expect("session while up").len(),
+        4
+    );
 
     // Every backend greets 421: the client gets our 421 4.3.2, then a clean close.
     mta1.set_greeting_code(421);
@@ -252,7 +309,10 @@ async fn no_backend_available_gives_421() {
     // And back.
     mta1.set_greeting_code(220);
     mta1.restart();
-    assert_eq!(smtp_session(listen).await.expect("session after restart"), "mta1");
+    assert_eq!(
+        smtp_session(listen).await.expect("session after restart"),
+        "mta1"
+    );
     terminate_and_check_counts(&mut sy, &["mta1", "mta2"]);
 }
 
@@ -260,13 +320,22 @@ async fn no_backend_available_gives_421() {
 async fn max_connections_gives_421_beyond_the_limit() {
     let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
     let listen = free_addr();
-    let mut sy = Switchyard::start(&config(&[listen], "max_connections = 2", "none", &backends_of(&[&mta1])));
+    let mut sy = Switchyard::start(&config(
+        &[listen],
+        "max_connections = 2",
+        "none",
+        &backends_of(&[&mta1]),
+    ));
     let first = open_greeted(listen).await;
     let second = open_greeted(listen).await;
     let mut third = TcpStream::connect(listen).await.expect("connect");
     let all = read_to_close(&mut third, Duration::from_secs(10)).await;
     assert_eq!(String::from_utf8_lossy(&all), UNAVAILABLE);
-    assert_eq!(mta1.connections(), 2, "the rejected client never reached a backend");
+    assert_eq!(
+        mta1.connections(),
+        2,
+        "the rejected client never reached a backend"
+    );
 
     drop(first);
     // The slot comes back once the proxy has seen the close.
@@ -305,7 +374,8 @@ async fn echo_backend(greeting: &'static [u8]) -> SocketAddr {
 
 #[tokio::test]
 async fn greeting_and_data_relayed_byte_for_byte() {
-    const GREETING: &[u8] = b"220-mx.example.test ESMTP first line\r\n220-second line \xc3\xa9\r\n220 last line\r\n";
+    const GREETING: &[u8] =
+        b"220-mx.example.test ESMTP first line\r\n220-second line \xc3\xa9\r\n220 last line\r\n";
     let echo = echo_backend(GREETING).await;
     let listen = free_addr();
     let mut sy = Switchyard::start(&config(&[listen], "", "none", &[("echo", echo)]));
@@ -320,7 +390,11 @@ async fn greeting_and_data_relayed_byte_for_byte() {
 
     // 4 MiB of every byte value, far more than any socket buffer, so the relay must wait
     // for the slow side; sent while reading so neither side deadlocks.
-    let payload: Arc<Vec<u8>> = Arc::new((0..4 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect());
+    let payload: Arc<Vec<u8>> = Arc::new(
+        (0..4 * 1024 * 1024u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect(),
+    );
     let (mut r, mut w) = conn.into_split();
     let sent = payload.clone();
     let writer = tokio::spawn(async move {
@@ -349,7 +423,9 @@ async fn half_close_is_propagated_and_the_other_direction_keeps_running() {
                 stream.read_to_end(&mut all).await?;
                 // Answer after a pause: the client side is half-closed, not gone.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                stream.write_all(format!("250 got {} bytes\r\n", all.len()).as_bytes()).await?;
+                stream
+                    .write_all(format!("250 got {} bytes\r\n", all.len()).as_bytes())
+                    .await?;
                 stream.shutdown().await?;
                 std::io::Result::Ok(())
             });
@@ -361,7 +437,10 @@ async fn half_close_is_propagated_and_the_other_direction_keeps_running() {
     conn.write_all(&[b'x'; 100_000]).await.expect("send");
     conn.shutdown().await.expect("half-close");
     let all = read_to_close(&mut conn, Duration::from_secs(10)).await;
-    assert_eq!(String::from_utf8_lossy(&all), "220 counter ready\r\n250 got 100000 bytes\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&all),
+        "220 counter ready\r\n250 got 100000 bytes\r\n"
+    );
     terminate_and_check_counts(&mut sy, &["counter"]);
 }
 
@@ -369,7 +448,12 @@ async fn half_close_is_propagated_and_the_other_direction_keeps_running() {
 async fn idle_timeout_closes_a_silent_session_but_not_a_talking_one() {
     let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
     let listen = free_addr();
-    let mut sy = Switchyard::start(&config(&[listen], "idle_timeout = \"1s\"", "none", &backends_of(&[&mta1])));
+    let mut sy = Switchyard::start(&config(
+        &[listen],
+        "idle_timeout = \"1s\"",
+        "none",
+        &backends_of(&[&mta1]),
+    ));
 
     let talking = tokio::spawn(async move {
         let mut conn = open_greeted(listen).await;
@@ -387,14 +471,27 @@ async fn idle_timeout_closes_a_silent_session_but_not_a_talking_one() {
     let rest = read_to_close(&mut silent, Duration::from_secs(5)).await;
     let waited = started.elapsed();
     assert!(rest.is_empty());
-    assert!(waited >= Duration::from_millis(800), "closed after {waited:?}, before the idle timeout");
-    talking.await.expect("task").expect("a session with traffic every 300 ms outlives a 1 s idle timeout");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "closed after {waited:?}, before the idle timeout"
+    );
+    talking
+        .await
+        .expect("task")
+        .expect("a session with traffic every 300 ms outlives a 1 s idle timeout");
     terminate_and_check_counts(&mut sy, &["mta1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_vanishing_clients_do_not_hurt() {
-    let slow = TestBackend::start("slow", Behaviour { greeting_delay: Duration::from_millis(300), ..Default::default() }).await;
+    let slow = TestBackend::start(
+        "slow",
+        Behaviour {
+            greeting_delay: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await;
     let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
     let listen = free_addr();
     let mut sy = Switchyard::start(&config(
@@ -407,7 +504,9 @@ async fn garbage_and_vanishing_clients_do_not_hurt() {
     let mut tasks = Vec::new();
     for i in 0..60u32 {
         tasks.push(tokio::spawn(async move {
-            let Ok(mut conn) = TcpStream::connect(listen).await else { return };
+            let Ok(mut conn) = TcpStream::connect(listen).await else {
+                return;
+            };
             match i % 4 {
                 // Gone before any greeting.
                 0 => drop(conn),
@@ -438,7 +537,10 @@ async fn garbage_and_vanishing_clients_do_not_hurt() {
     for _ in 0..4 {
         names.push(smtp_session(listen).await.expect("session after the abuse"));
     }
-    assert!(names.contains(&"slow".to_string()) && names.contains(&"mta2".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"slow".to_string()) && names.contains(&"mta2".to_string()),
+        "{names:?}"
+    );
     // Let the abandoned sessions notice their clients are gone.
     tokio::time::sleep(Duration::from_millis(700)).await;
     terminate_and_check_counts(&mut sy, &["slow", "mta2"]);
@@ -461,7 +563,12 @@ async fn sigterm_lets_active_sessions_finish_and_refuses_new_ones() {
         assert!(Instant::now() < deadline, "still accepting after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(held.await.expect("task").expect("the held session completes"), "mta1");
+    assert_eq!(
+        held.await
+            .expect("task")
+            .expect("the held session completes"),
+        "mta1"
+    );
     let status = tokio::task::spawn_blocking(move || {
         let status = sy.wait_timeout(Duration::from_secs(10));
         (status, sy)
@@ -470,7 +577,11 @@ async fn sigterm_lets_active_sessions_finish_and_refuses_new_ones() {
     .expect("wait");
     let (status, mut sy) = status;
     let status = status.expect("exited after its last session");
-    assert!(status.success(), "exit status {status}; stderr:\n{}", sy.stderr_text());
+    assert!(
+        status.success(),
+        "exit status {status}; stderr:\n{}",
+        sy.stderr_text()
+    );
     assert_eq!(mta1.sessions_completed(), 1);
     terminate_and_check_counts(&mut sy, &["mta1"]);
 }
@@ -479,18 +590,36 @@ async fn sigterm_lets_active_sessions_finish_and_refuses_new_ones() {
 async fn shutdown_timeout_cuts_off_sessions_that_outstay_it() {
     let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
     let listen = free_addr();
-    let toml = config(&[listen], "", "none", &backends_of(&[&mta1])).replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"500ms\"");
+    let toml = config(&[listen], "", "none", &backends_of(&[&mta1]))
+        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"500ms\"");
     let mut sy = Switchyard::start(&toml);
     let held = tokio::spawn(smtp_session_hold(listen, Duration::from_secs(3)));
     while mta1.messages() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let started = Instant::now();
-    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy)).await.expect("wait");
-    assert!(status.success(), "exit status {status}; stderr:\n{}", sy.stderr_text());
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-    assert!(held.await.expect("task").is_err(), "the held session was cut off");
-    assert!(sy.stderr_text().contains("backend mta1 active=0"), "{}", sy.stderr_text());
+    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy))
+        .await
+        .expect("wait");
+    assert!(
+        status.success(),
+        "exit status {status}; stderr:\n{}",
+        sy.stderr_text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        held.await.expect("task").is_err(),
+        "the held session was cut off"
+    );
+    assert!(
+        sy.stderr_text().contains("backend mta1 active=0"),
+        "{}",
+        sy.stderr_text()
+    );
 }
 
 #[tokio::test]
@@ -501,7 +630,12 @@ async fn listens_on_ipv6_loopback() {
         let l = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
         l.local_addr().expect("addr")
     };
-    let mut sy = Switchyard::start(&config(&[v4, v6], "proxy_protocol = \"none\"", "none", &backends_of(&[&mta1])));
+    let mut sy = Switchyard::start(&config(
+        &[v4, v6],
+        "proxy_protocol = \"none\"",
+        "none",
+        &backends_of(&[&mta1]),
+    ));
     assert_eq!(smtp_session(v6).await.expect("session over IPv6"), "mta1");
     assert_eq!(smtp_session(v4).await.expect("session over IPv4"), "mta1");
     terminate_and_check_counts(&mut sy, &["mta1"]);
@@ -521,7 +655,10 @@ async fn bind_failure_names_service_and_address() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("\"mx\"") && stderr.contains(&addr.to_string()), "{stderr}");
+    assert!(
+        stderr.contains("\"mx\"") && stderr.contains(&addr.to_string()),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,7 +666,8 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
     let listen = free_addr();
     // A tiny descriptor table: two dozen sessions exhaust it.
-    let mut sy = Switchyard::start_with_fd_limit(&config(&[listen], "", "none", &backends_of(&[&mta1])), 48);
+    let mut sy =
+        Switchyard::start_with_fd_limit(&config(&[listen], "", "none", &backends_of(&[&mta1])), 48);
     let mut held = Vec::new();
     for _ in 0..60 {
         if let Ok(conn) = TcpStream::connect(listen).await {
@@ -538,7 +676,11 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sy.stderr_text().contains("accept failed") {
-        assert!(Instant::now() < deadline, "descriptors never ran out:\n{}", sy.stderr_text());
+        assert!(
+            Instant::now() < deadline,
+            "descriptors never ran out:\n{}",
+            sy.stderr_text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(held);
@@ -553,7 +695,13 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     .await
     .expect("serving again once descriptors are free");
     assert_eq!(served, "mta1");
-    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy)).await.expect("join");
+    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy))
+        .await
+        .expect("join");
     assert!(status.success(), "{status}\n{}", sy.stderr_text());
-    assert!(sy.stderr_text().contains("backend mta1 active=0"), "{}", sy.stderr_text());
+    assert!(
+        sy.stderr_text().contains("backend mta1 active=0"),
+        "{}",
+        sy.stderr_text()
+    );
 }

@@ -101,6 +101,14 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     let name = format!("sy-{}", topo.suffix);
     let config = topo.service_toml(&name, "least_conn");
     let mut sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
+    if layout == Layout::Dsr {
+        // dsr learns the backends' MACs first (SYNs before that are dropped, and retried).
+        wait_for(
+            "every backend to take flows",
+            Duration::from_secs(5),
+            || sy.log_text().matches("backend takes new flows").count() == 3,
+        );
+    }
 
     // Long-lived sessions: least_conn must spread them evenly (3 each).
     let results = sessions(&topo, 9, Duration::from_millis(1500));
@@ -145,6 +153,40 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
         status.success(),
         "switchyard exit: {status}\n{}",
         sy.log_text()
+    );
+    // The kernel's traffic counters in the shutdown totals: 3 new flows per backend, with
+    // their packets and bytes, and the service's forwarded packets.
+    let log = sy.log_text();
+    for backend in &topo.backends {
+        let prefix = format!(
+            "service {name} backend {} active=0 assigned=0 xdp_new_flows=3 xdp_packets=",
+            backend.name
+        );
+        let line = log
+            .lines()
+            .find(|l| l.contains(&prefix))
+            .unwrap_or_else(|| panic!("{layout:?}: no totals line {prefix:?}:\n{log}"));
+        let field = |key: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(key))
+                .and_then(|v| {
+                    v.trim_end_matches(|c: char| !c.is_ascii_digit())
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        };
+        // At least SYN, ACK, 6 commands with the message, FIN: client to VIP, per session.
+        assert!(field("xdp_packets=") >= 3 * 8, "{line}");
+        assert!(field("xdp_bytes=") > field("xdp_packets=") * 54, "{line}");
+    }
+    let service_line = log
+        .lines()
+        .find(|l| l.contains(&format!("service {name} xdp forwarded=")))
+        .unwrap_or_else(|| panic!("{layout:?}: no service totals line:\n{log}"));
+    assert!(
+        service_line.contains("dropped=0 no_backend=0"),
+        "{service_line}"
     );
 }
 
@@ -316,27 +358,25 @@ fn restart_keeps_established_sessions() {
     }
     let mut topo = Topology::new(Layout::Dsr, 3);
     topo.start_backends();
-    // A private bpffs for the pins (parallel tests must not share one).
-    let pins = tempfile::tempdir().expect("tempdir");
-    let pin_path = pins.path().to_str().expect("utf-8 path").to_string();
-    assert!(
-        Command::new("mount")
-            .args(["-t", "bpf", "bpf", &pin_path])
-            .status()
-            .expect("mount")
-            .success()
-    );
-    struct Unmount(String);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(pin_path.clone());
+    // A private bpffs as the process's /sys/fs/bpf (parallel tests must not share one).
+    let bpffs = netns::PrivateBpffs::new();
     let name = format!("sy-{}", topo.suffix);
-    let config = topo.service_toml(&name, "least_conn");
-    let env = [("SWITCHYARD_XDP_PIN", pin_path.as_str())];
-    let mut first = Switchyard::start(&topo.balancer, &config, &env, &ready_line(&topo));
+    let config = topo.service_toml(&name, "least_conn").replace(
+        "flow_idle_timeout = \"5m\"\n",
+        "flow_idle_timeout = \"5m\"\npin = true\n",
+    );
+    assert!(config.contains("pin = true"));
+    let mut first =
+        Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
+    assert!(
+        bpffs
+            .path()
+            .join("switchyard")
+            .join(&name)
+            .join("FLOWS")
+            .exists(),
+        "the flow table is pinned under /sys/fs/bpf/switchyard/{name}"
+    );
 
     // Sessions that stay open across the restart.
     let held = topo.client.spawn(|| {
@@ -350,7 +390,15 @@ fn restart_keeps_established_sessions() {
     });
     std::thread::sleep(Duration::from_millis(1000));
     assert!(first.terminate().success());
-    let second = Switchyard::start(&topo.balancer, &config, &env, "XDP program replaced on");
+    assert!(
+        first
+            .log_text()
+            .contains("XDP program left attached to eth0"),
+        "{}",
+        first.log_text()
+    );
+    let second =
+        Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, "XDP program replaced on");
     let results = held.join().expect("client thread");
     assert!(
         results.iter().all(|r| r.is_ok()),
@@ -540,7 +588,11 @@ fn proxy_sessions_count_in_the_kernels_shared_array() {
     // The proxy's session is counted in the very array the XDP program reads, and in the
     // same slot as the kernel's flows to that MTA: both services share one slot per backend.
     let counts = active_counts(&topo);
-    assert_eq!(counts.len(), 3, "one slot per distinct backend address: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        3,
+        "one slot per distinct backend address: {counts:?}"
+    );
     assert_eq!(
         counts.iter().sum::<u64>(),
         1,
@@ -552,4 +604,169 @@ fn proxy_sessions_count_in_the_kernels_shared_array() {
         Duration::from_secs(5),
         || active_counts(&topo).iter().all(|&c| c == 0),
     );
+}
+
+/// Adds a userspace-proxy service on the balancer's own address (port 2525) in front of the
+/// same backends, so both data planes count in the same slots.
+fn add_proxy_service(topo: &Topology, config: &mut String, name: &str) {
+    config.push_str(&format!(
+        "\n[[service]]\nname = \"{name}-proxy\"\nlisten = \"{}:2525\"\nalgorithm = \"least_conn\"\n[service.health]\nkind = \"none\"\n",
+        netns::BALANCER
+    ));
+    for i in 0..topo.backends.len() {
+        config.push_str(&format!(
+            "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{}:25\"\n",
+            i + 1,
+            topo.backend_addr(i)
+        ));
+    }
+}
+
+/// Index (config order, which is also the counter slot here) of the backend named `name`.
+fn backend_index(name: &str) -> usize {
+    name.strip_prefix("mta")
+        .and_then(|n| n.parse::<usize>().ok())
+        .and_then(|n| n.checked_sub(1))
+        .unwrap_or_else(|| panic!("unexpected backend name {name:?}"))
+}
+
+#[test]
+fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
+    if !netns::require_xdp(object_built()) {
+        return;
+    }
+    let mut topo = Topology::new(Layout::Dsr, 3);
+    topo.start_backends();
+    let name = format!("sy-{}", topo.suffix);
+    // The smallest flow table, and a short idle timeout so that the flood's flows expire (and
+    // the expiry/reconciliation pass runs every 500 ms).
+    let mut config = topo
+        .service_toml(&name, "least_conn")
+        .replace("flow_table_size = 65536", "flow_table_size = 1024")
+        .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\"");
+    add_proxy_service(&topo, &mut config, &name);
+    let mut sy = Switchyard::start(
+        &topo.balancer,
+        &config,
+        &[],
+        &format!("listening on {}:2525", netns::BALANCER),
+    );
+    assert_eq!(
+        active_counts(&topo).len(),
+        3,
+        "one slot per backend address"
+    );
+    // dsr learns the backends' MACs first: until then they take no flows.
+    wait_for(
+        "every backend to take flows",
+        Duration::from_secs(5),
+        || sy.log_text().matches("backend takes new flows").count() == 3,
+    );
+
+    // 2000 flows into a table of 1024: the LRU evicts open flows, and their units leak.
+    const FLOOD: u64 = 2000;
+    let spoofed = Ipv4Addr::new(198, 18, 0, 250);
+    topo.client
+        .run(move || netns::send_syns(spoofed, vip(), 20000..20000 + FLOOD as u16));
+    wait_for(
+        "the flood's flows to be counted beyond the table's size",
+        Duration::from_secs(5),
+        || active_counts(&topo).iter().sum::<u64>() > 1500,
+    );
+
+    // Live sessions in both planes while the counts are corrected: they must stay counted.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(netns::HeldSession::open(&topo.client, vip()).expect("session via the VIP"));
+    }
+    let proxied = SocketAddrV4::new(netns::BALANCER, 2525);
+    held.push(netns::HeldSession::open(&topo.client, proxied).expect("session via the proxy"));
+    let mut expected = vec![0u64; 3];
+    for session in &held {
+        expected[backend_index(&session.backend)] += 1;
+    }
+    wait_for(
+        &format!("counts {expected:?} (held sessions only)"),
+        Duration::from_secs(10),
+        || active_counts(&topo) == expected,
+    );
+    assert!(
+        sy.log_text()
+            .contains("corrected active counts that drifted"),
+        "the correction is logged:\n{}",
+        sy.log_text()
+    );
+    // Several more passes: nothing is taken from live sessions.
+    std::thread::sleep(Duration::from_millis(1600));
+    assert_eq!(active_counts(&topo), expected, "{}", sy.log_text());
+
+    for session in held {
+        session.finish().expect("held session completes");
+    }
+    wait_for("active counts back to 0", Duration::from_secs(5), || {
+        active_counts(&topo).iter().all(|&c| c == 0)
+    });
+    assert!(sy.terminate().success(), "{}", sy.log_text());
+}
+
+#[test]
+fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
+    if !netns::require_xdp(object_built()) {
+        return;
+    }
+    let mut topo = Topology::new(Layout::Dsr, 3);
+    topo.start_backends();
+    let bpffs = netns::PrivateBpffs::new();
+    let name = format!("sy-{}", topo.suffix);
+    let config = topo.service_toml(&name, "least_conn").replace(
+        "flow_idle_timeout = \"5m\"\n",
+        "flow_idle_timeout = \"5m\"\npin = true\n",
+    );
+    let mut first =
+        Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
+    wait_for(
+        "every backend to take flows",
+        Duration::from_secs(5),
+        || first.log_text().matches("backend takes new flows").count() == 3,
+    );
+    // One long session on each backend (least_conn).
+    let held: Vec<_> = (0..3)
+        .map(|_| netns::HeldSession::open(&topo.client, vip()).expect("held session"))
+        .collect();
+    let mut on: Vec<&str> = held.iter().map(|h| h.backend.as_str()).collect();
+    on.sort();
+    assert_eq!(on, ["mta1", "mta2", "mta3"], "least_conn spreads 1/1/1");
+    assert!(first.terminate().success(), "{}", first.log_text());
+
+    // The operator drains mta1 and restarts: the pinned flows go on.
+    let drained = config.replace("name = \"mta1\"\n", "name = \"mta1\"\ndrain = true\n");
+    assert!(drained.contains("drain = true"));
+    let mut second =
+        Switchyard::start_with_bpffs(&topo.balancer, &drained, &bpffs, "XDP program replaced on");
+    wait_for("mta1 drained", Duration::from_secs(5), || {
+        second.log_text().contains("XDP: backend is drained")
+    });
+    let before = topo.backends[0].sessions_from(netns::CLIENT);
+    let results = sessions(&topo, 9, Duration::from_millis(300));
+    assert!(
+        results.iter().all(|r| r.is_ok()),
+        "new sessions with mta1 drained: {results:?}\n{}",
+        second.log_text()
+    );
+    assert_eq!(
+        topo.backends[0].sessions_from(netns::CLIENT),
+        before,
+        "the drained backend got a new flow"
+    );
+    // Established flows, the drained backend's included, complete.
+    for session in held {
+        let backend = session.backend.clone();
+        session
+            .finish()
+            .unwrap_or_else(|e| panic!("held session on {backend}: {e}\n{}", second.log_text()));
+    }
+    wait_for("active counts back to 0", Duration::from_secs(5), || {
+        active_counts(&topo).iter().all(|&c| c == 0)
+    });
+    assert!(second.terminate().success(), "{}", second.log_text());
 }

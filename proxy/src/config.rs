@@ -87,6 +87,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// 0 = unlimited.
     pub max_connections: u32,
+    /// Operator drain: keeps the sessions and flows it has, takes no new ones (both planes).
+    pub drain: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +121,10 @@ pub struct XdpConfig {
     pub flow_table_size: u32,
     /// A flow with no packets for this long (and no FIN/RST seen) is expired and uncounted.
     pub flow_idle_timeout: Duration,
+    /// Pin the program's maps and links in bpffs: shutdown leaves the program steering
+    /// established flows, and the next start takes them over. The same for every xdp service
+    /// (they share one program).
+    pub pin: bool,
 }
 
 /// All problems found in one config file, one per line, each naming file, line and key.
@@ -309,6 +315,7 @@ mod raw {
         pub backend_interface: Option<Spanned<String>>,
         pub flow_table_size: Option<Spanned<i64>>,
         pub flow_idle_timeout: Option<Spanned<toml::Value>>,
+        pub pin: Option<Spanned<bool>>,
     }
 
     #[derive(Deserialize)]
@@ -318,6 +325,7 @@ mod raw {
         pub address: Option<Spanned<String>>,
         pub weight: Option<Spanned<i64>>,
         pub max_connections: Option<Spanned<i64>>,
+        pub drain: Option<Spanned<bool>>,
     }
 
     /// `listen = "addr"` or `listen = ["addr", ...]`, each list element with its own span.
@@ -611,6 +619,8 @@ fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Config {
     let mut names: HashMap<String, usize> = HashMap::new();
     // (address, service index, service name, line) of every listen address seen so far
     let mut listeners: Vec<(SocketAddr, usize, String, usize)> = Vec::new();
+    // (pin, service name) of the first xdp service
+    let mut first_pin: Option<(bool, String)> = None;
 
     for (index, service) in raw.service.iter().enumerate() {
         let header = service.span();
@@ -673,6 +683,7 @@ fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Config {
                 listeners.push((*addr, index, validated.name.clone(), line));
             }
         }
+        check_pin_agrees(service, &validated, &context, &mut first_pin, report);
         services.push(validated);
     }
 
@@ -680,6 +691,38 @@ fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Config {
         source: path.to_path_buf(),
         shutdown_timeout,
         services,
+    }
+}
+
+/// Every xdp service runs in the one XDP program, which is pinned or not as a whole.
+fn check_pin_agrees(
+    service: &raw::Service,
+    validated: &ServiceConfig,
+    context: &str,
+    first_pin: &mut Option<(bool, String)>,
+    report: &mut Report,
+) {
+    let (Some(xdp), Some(raw_xdp)) = (&validated.xdp, &service.xdp) else {
+        return;
+    };
+    match first_pin {
+        None => *first_pin = Some((xdp.pin, validated.name.clone())),
+        Some((pin, first)) if *pin != xdp.pin => {
+            let span = raw_xdp
+                .get_ref()
+                .pin
+                .as_ref()
+                .map_or(raw_xdp.span(), |p| p.span());
+            report.error(
+                &span,
+                context,
+                format_args!(
+                    "xdp.pin = {} differs from service \"{first}\" (pin = {pin}); every xdp service shares one XDP program, so give them all the same pin",
+                    xdp.pin
+                ),
+            );
+        }
+        Some(_) => {}
     }
 }
 
@@ -1029,6 +1072,7 @@ fn validate_backends(
                 address,
                 weight,
                 max_connections,
+                drain: b.drain.as_ref().is_some_and(|d| *d.get_ref()),
             });
         }
     }
@@ -1098,6 +1142,7 @@ fn validate_xdp(xdp: &raw::Xdp, context: &str, report: &mut Report) -> XdpConfig
         forwarding,
         flow_table_size,
         flow_idle_timeout,
+        pin: xdp.pin.as_ref().is_some_and(|p| *p.get_ref()),
     }
 }
 
@@ -1231,8 +1276,16 @@ impl Config {
                 };
                 let _ = writeln!(
                     out,
-                    "  backend \"{}\": {} weight {} max_connections {}",
-                    b.name, b.address, b.weight, max
+                    "  backend \"{}\": {} weight {} max_connections {}{}",
+                    b.name,
+                    b.address,
+                    b.weight,
+                    max,
+                    if b.drain {
+                        " (drain: no new sessions)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }

@@ -17,7 +17,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "SMTP-aware layer-4 load balancer")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "SMTP-aware layer-4 load balancer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -19,9 +19,9 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Dataplane};
 use crate::health;
-use crate::xdp;
 use crate::session::{self, SessionSlot};
 use crate::state::{Runtime, Snapshot};
+use crate::xdp;
 
 /// Pending connections the kernel queues per listener (capped by net.core.somaxconn).
 const BACKLOG: i32 = 4096;
@@ -72,22 +72,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // listens, and its shared count array becomes the one every session counts in.
     let mut xdp = xdp::load_if_wanted(&config)?;
     let counters = xdp::counters_for(xdp.as_ref(), &config);
-    let state = Arc::new(Runtime::new(Snapshot::build(config, &counters)));
+    let state = Arc::new(Runtime::new(Snapshot::build(&config, &counters)));
     xdp::start_if_loaded(&mut xdp, &state)?;
     let snapshot = state.snapshot();
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     // Every worker gets one listener per address; all binds happen before anything runs, so
     // a bad address fails the start as a whole.
-    let mut per_worker: Vec<Vec<(String, SocketAddr, std::net::TcpListener)>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<(String, SocketAddr, std::net::TcpListener)>> =
+        (0..workers).map(|_| Vec::new()).collect();
     for service in &snapshot.services {
         // The kernel path steers that service's packets itself; its VIP is not ours to bind.
         if service.config.dataplane == Dataplane::Xdp {
             continue;
         }
         for &address in &service.config.listen {
-            let sockets = bind_shards(address, workers)
-                .with_context(|| format!("service {:?}: cannot listen on {address}", service.config.name))?;
+            let sockets = bind_shards(address, workers).with_context(|| {
+                format!(
+                    "service {:?}: cannot listen on {address}",
+                    service.config.name
+                )
+            })?;
             for (worker, socket) in per_worker.iter_mut().zip(sockets) {
                 worker.push((service.config.name.clone(), address, socket));
             }
@@ -123,7 +128,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let first = signals.next().await;
-    info!("{first} received: no longer accepting; waiting up to {shutdown_timeout:?} for {} sessions", sessions.len());
+    info!(
+        "{first} received: no longer accepting; waiting up to {shutdown_timeout:?} for {} sessions",
+        sessions.len()
+    );
     stop_accepting.cancel();
     accepting.close();
     accepting.wait().await;
@@ -141,7 +149,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     sessions.wait().await;
     finished.cancel();
     for thread in threads {
-        if let Err(error) = thread.join().map_err(|_| anyhow::anyhow!("a worker thread panicked")).and_then(|r| r) {
+        if let Err(error) = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))
+            .and_then(|r| r)
+        {
             warn!("{error:#}");
         }
     }
@@ -173,8 +185,9 @@ impl Worker {
             .context("starting a worker runtime")?;
         runtime.block_on(async {
             for (name, address, listener) in self.listeners {
-                let listener = TcpListener::from_std(listener)
-                    .with_context(|| format!("service {name:?}: registering the listener on {address}"))?;
+                let listener = TcpListener::from_std(listener).with_context(|| {
+                    format!("service {name:?}: registering the listener on {address}")
+                })?;
                 self.accepting.spawn(accept_loop(
                     listener,
                     name,
@@ -192,14 +205,28 @@ impl Worker {
 
 /// One line per backend, for operators and for tests checking that no count leaked.
 fn log_backend_totals(state: &Runtime) {
-    for service in &state.snapshot().services {
+    for (index, service) in state.snapshot().services.iter().enumerate() {
+        // The kernel path's counters (empty for proxy services and without the kernel path).
+        let xdp = service.config.dataplane == Dataplane::Xdp;
         for backend in &service.backends {
             info!(
-                "service {} backend {} active={} assigned={}",
+                "service {} backend {} active={} assigned={}{}",
                 service.config.name,
                 backend.config.name,
                 backend.active.get(),
-                backend.assigned_total.load(Ordering::Relaxed)
+                backend.assigned_total.load(Ordering::Relaxed),
+                if xdp {
+                    xdp::backend_fields(backend.active.slot())
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if xdp {
+            info!(
+                "service {} xdp{}",
+                service.config.name,
+                xdp::service_fields(index)
             );
         }
     }
@@ -217,10 +244,15 @@ fn bind_shards(address: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net
 /// A nonblocking listening socket: address reuse so a restart is not blocked by TIME_WAIT,
 /// IPv6 sockets IPv6-only so `[::]` and `0.0.0.0` can be listed side by side.
 fn bind(address: SocketAddr, shared: bool) -> anyhow::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None).context("creating socket")?;
-    socket.set_reuse_address(true).context("setting SO_REUSEADDR")?;
+    let socket =
+        Socket::new(Domain::for_address(address), Type::STREAM, None).context("creating socket")?;
+    socket
+        .set_reuse_address(true)
+        .context("setting SO_REUSEADDR")?;
     if shared {
-        socket.set_reuse_port(true).context("setting SO_REUSEPORT")?;
+        socket
+            .set_reuse_port(true)
+            .context("setting SO_REUSEPORT")?;
     }
     if address.is_ipv6() {
         socket.set_only_v6(true).context("setting IPV6_V6ONLY")?;
@@ -253,7 +285,14 @@ async fn accept_loop(
                 continue;
             }
         };
-        if let Err(error) = start_session(&state, &service_name, client, client_addr, &cut_sessions, &sessions) {
+        if let Err(error) = start_session(
+            &state,
+            &service_name,
+            client,
+            client_addr,
+            &cut_sessions,
+            &sessions,
+        ) {
             warn!(service = %service_name, client = %client_addr, "{error:#}");
         }
     }
@@ -262,7 +301,10 @@ async fn accept_loop(
 /// Accept errors that concern one connection only (the client gave up in the queue).
 fn is_per_connection(error: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(error.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+    matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
 }
 
 fn start_session(
@@ -276,12 +318,23 @@ fn start_session(
     let _ = client.set_nodelay(true);
     // The snapshot current at accept time; the session keeps its service for its whole life.
     let snapshot = state.snapshot();
-    let Some(service) = snapshot.services.iter().find(|s| s.config.name == service_name).cloned() else {
+    let Some(service) = snapshot
+        .services
+        .iter()
+        .find(|s| s.config.name == service_name)
+        .cloned()
+    else {
         bail!("service no longer configured; closing");
     };
     match SessionSlot::try_acquire(&service) {
         Some(slot) => {
-            sessions.spawn(session::run(service, slot, client, client_addr, cut_sessions.clone()));
+            sessions.spawn(session::run(
+                service,
+                slot,
+                client,
+                client_addr,
+                cut_sessions.clone(),
+            ));
         }
         None => {
             tracing::debug!(service = %service_name, client = %client_addr, "max_connections reached: 421");

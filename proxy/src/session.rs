@@ -50,7 +50,9 @@ impl SessionSlot {
             service.sessions.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(SessionSlot { service: service.clone() })
+        Some(SessionSlot {
+            service: service.clone(),
+        })
     }
 }
 
@@ -117,20 +119,32 @@ pub async fn run(
         result = serve(client, upstream, idle) => result,
     };
     match result {
-        Ok(()) => debug!(client = %client_addr, backend = %backend_name, elapsed = ?started.elapsed(), "session closed"),
-        Err(error) => debug!(client = %client_addr, backend = %backend_name, "session ended: {error:#}"),
+        Ok(()) => {
+            debug!(client = %client_addr, backend = %backend_name, elapsed = ?started.elapsed(), "session closed")
+        }
+        Err(error) => {
+            debug!(client = %client_addr, backend = %backend_name, "session ended: {error:#}")
+        }
     }
     drop(slot);
 }
 
 /// The PROXY header this session's backends get; the local address is only asked of the
 /// kernel when a header needs it.
-fn proxy_header(service: &Service, client: &TcpStream, client_addr: SocketAddr) -> anyhow::Result<Vec<u8>> {
+fn proxy_header(
+    service: &Service,
+    client: &TcpStream,
+    client_addr: SocketAddr,
+) -> anyhow::Result<Vec<u8>> {
     if service.config.proxy_protocol == ProxyProtocol::None {
         return Ok(Vec::new());
     }
     let local_addr = client.local_addr().context("reading the local address")?;
-    Ok(proxy_protocol::header(service.config.proxy_protocol, client_addr, local_addr))
+    Ok(proxy_protocol::header(
+        service.config.proxy_protocol,
+        client_addr,
+        local_addr,
+    ))
 }
 
 /// A backend connection that has greeted positively, with its count held.
@@ -148,7 +162,9 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
     let mut failures = 0u32;
     // Each round excludes one more backend, so this ends; the bound is belt and braces.
     for _ in 0..service.backends.len() {
-        let index = service.selector.pick(&service.backends, client_ip, &excluded)?;
+        let index = service
+            .selector
+            .pick(&service.backends, client_ip, &excluded)?;
         if excluded.contains(&index) {
             return None;
         }
@@ -161,7 +177,12 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
         match greet(service, backend, header).await {
             Ok((stream, greeting)) => {
                 backend.assigned_total.fetch_add(1, Ordering::Relaxed);
-                return Some(Upstream { backend: backend.clone(), _active: active, stream, greeting });
+                return Some(Upstream {
+                    backend: backend.clone(),
+                    _active: active,
+                    stream,
+                    greeting,
+                });
             }
             Err(failure) => {
                 drop(active);
@@ -200,24 +221,43 @@ impl std::fmt::Display for Failure {
 }
 
 /// Connects to `backend`, sends the PROXY header, and waits for its greeting.
-async fn greet(service: &Service, backend: &Backend, header: &[u8]) -> Result<(TcpStream, Vec<u8>), Failure> {
+async fn greet(
+    service: &Service,
+    backend: &Backend,
+    header: &[u8],
+) -> Result<(TcpStream, Vec<u8>), Failure> {
     let address = backend.config.address;
     let started = Instant::now();
     let attempt = async {
-        let stream = tokio::time::timeout(service.config.connect_timeout, TcpStream::connect(address))
-            .await
-            .map_err(|_| anyhow!("connect to {address} timed out after {:?}", service.config.connect_timeout))?
-            .with_context(|| format!("connect to {address}"))?;
+        let stream =
+            tokio::time::timeout(service.config.connect_timeout, TcpStream::connect(address))
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "connect to {address} timed out after {:?}",
+                        service.config.connect_timeout
+                    )
+                })?
+                .with_context(|| format!("connect to {address}"))?;
         let _ = stream.set_nodelay(true);
         let mut reader = BufReader::with_capacity(1024, stream);
         let greeting = tokio::time::timeout(service.config.greeting_timeout, async {
             if !header.is_empty() {
-                reader.get_mut().write_all(header).await.context("sending PROXY header")?;
+                reader
+                    .get_mut()
+                    .write_all(header)
+                    .await
+                    .context("sending PROXY header")?;
             }
             smtp::read_reply(&mut reader).await
         })
         .await
-        .map_err(|_| anyhow!("no greeting from {address} within {:?}", service.config.greeting_timeout))?
+        .map_err(|_| {
+            anyhow!(
+                "no greeting from {address} within {:?}",
+                service.config.greeting_timeout
+            )
+        })?
         .with_context(|| format!("greeting from {address}"))?;
         anyhow::Ok((reader, greeting))
     };
@@ -248,7 +288,10 @@ async fn greet(service: &Service, backend: &Backend, header: &[u8]) -> Result<(T
 
 /// Sends QUIT to a backend we are leaving, reads its answer briefly, and closes.
 async fn quit_politely(mut stream: TcpStream) {
-    if tokio::time::timeout(LINGER, stream.write_all(b"QUIT\r\n")).await.is_ok() {
+    if tokio::time::timeout(LINGER, stream.write_all(b"QUIT\r\n"))
+        .await
+        .is_ok()
+    {
         let _ = stream.shutdown().await;
         drain(&mut stream).await;
     }
@@ -256,7 +299,12 @@ async fn quit_politely(mut stream: TcpStream) {
 
 /// Relays the greeting, then everything, until both sides closed, an error, or idle timeout.
 async fn serve(client: TcpStream, upstream: Upstream, idle: Duration) -> anyhow::Result<()> {
-    let Upstream { backend: _backend, _active, stream: server, greeting } = upstream;
+    let Upstream {
+        backend: _backend,
+        _active,
+        stream: server,
+        greeting,
+    } = upstream;
     let last_activity = AtomicU64::new(0);
     let epoch = Instant::now();
     let mut client = client;
@@ -378,7 +426,12 @@ fn copy_ready(src: &TcpStream, dst: &TcpStream, pending: &mut Vec<u8>) -> io::Re
     CHUNK.with(|chunk| copy_through(&mut chunk.borrow_mut(), src, dst, pending))
 }
 
-fn copy_through(chunk: &mut [u8], src: &TcpStream, dst: &TcpStream, pending: &mut Vec<u8>) -> io::Result<usize> {
+fn copy_through(
+    chunk: &mut [u8],
+    src: &TcpStream,
+    dst: &TcpStream,
+    pending: &mut Vec<u8>,
+) -> io::Result<usize> {
     let n = read_draining(src, chunk)?;
     if n == 0 {
         return Ok(0);

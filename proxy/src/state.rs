@@ -40,7 +40,6 @@ impl Runtime {
 }
 
 pub struct Snapshot {
-    pub config: Config,
     pub services: Vec<Arc<Service>>,
 }
 
@@ -48,7 +47,7 @@ impl Snapshot {
     /// Builds fresh state for `config`, with one counter slot per backend address in
     /// `counters`: services that share an MTA share its count, so least_conn in any service
     /// (and in the kernel path) sees that MTA's whole load.
-    pub fn build(config: Config, counters: &Arc<CounterTable>) -> Self {
+    pub fn build(config: &Config, counters: &Arc<CounterTable>) -> Self {
         let slots = backend_slots(&config);
         let services = config
             .services
@@ -59,7 +58,11 @@ impl Snapshot {
                     .iter()
                     .map(|backend| {
                         let slot = slots[&backend.address];
-                        Arc::new(Backend::new(backend.clone(), service, ActiveCount::new(counters.clone(), slot)))
+                        Arc::new(Backend::new(
+                            backend.clone(),
+                            service,
+                            ActiveCount::new(counters.clone(), slot),
+                        ))
                     })
                     .collect();
                 Arc::new(Service {
@@ -70,7 +73,7 @@ impl Snapshot {
                 })
             })
             .collect();
-        Self { config, services }
+        Self { services }
     }
 
     /// Backend slots a config needs in the counter table: one per distinct backend address.
@@ -112,7 +115,11 @@ impl Backend {
         Self {
             config,
             active,
-            health: HealthState::new(service.health.kind, service.health.rise, service.health.fall),
+            health: HealthState::new(
+                service.health.kind,
+                service.health.rise,
+                service.health.fall,
+            ),
             response_us: AtomicU32::new(0),
             assigned_total: AtomicU64::new(0),
         }
@@ -124,7 +131,11 @@ impl Backend {
         let _ = self
             .response_us
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(if old == 0 { micros } else { old - old / 8 + micros / 8 })
+                Some(if old == 0 {
+                    micros
+                } else {
+                    old - old / 8 + micros / 8
+                })
             });
     }
 
@@ -134,7 +145,8 @@ impl Backend {
             active: self.active.get(),
             weight: self.config.weight,
             max_connections: self.config.max_connections,
-            healthy: self.health.is_up() as u32,
+            // A drained backend keeps what it has; for choosing, it is as good as down.
+            healthy: (self.health.is_up() && !self.config.drain) as u32,
             response_us: self.response_us.load(Ordering::Relaxed),
         }
     }

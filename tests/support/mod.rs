@@ -149,7 +149,11 @@ impl TestBackend {
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.shared.live_tasks.load(Ordering::SeqCst) > 0 {
-            assert!(Instant::now() < deadline, "test backend {} did not stop", self.shared.name);
+            assert!(
+                Instant::now() < deadline,
+                "test backend {} did not stop",
+                self.shared.name
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -168,7 +172,10 @@ impl TestBackend {
         *self.running.lock() = Some(token.clone());
         let shared = self.shared.clone();
         shared.live_tasks.fetch_add(1, Ordering::SeqCst);
-        let runtime = self.runtime.as_ref().expect("runtime lives as long as the backend");
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("runtime lives as long as the backend");
         runtime.spawn(async move {
             if let Ok(listener) = TcpListener::from_std(listener) {
                 accept_loop(listener, shared.clone(), token).await;
@@ -190,7 +197,11 @@ impl Drop for TestBackend {
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<StdTcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -232,7 +243,9 @@ async fn serve_smtp(stream: TcpStream, shared: &BackendShared) -> anyhow::Result
     match behaviour.proxy {
         ProxyExpect::None => {}
         ProxyExpect::V1 => {
-            let header = read_line(&mut stream, 108).await?.context("EOF before PROXY v1 header")?;
+            let header = read_line(&mut stream, 108)
+                .await?
+                .context("EOF before PROXY v1 header")?;
             shared.proxy_headers.lock().push(header);
         }
         ProxyExpect::V2 => {
@@ -253,7 +266,10 @@ async fn serve_smtp(stream: TcpStream, shared: &BackendShared) -> anyhow::Result
         stream.get_mut().shutdown().await?;
         return Ok(());
     }
-    stream.get_mut().write_all(format!("220 {name} ESMTP test\r\n").as_bytes()).await?;
+    stream
+        .get_mut()
+        .write_all(format!("220 {name} ESMTP test\r\n").as_bytes())
+        .await?;
     let mut accepted_here = 0usize;
     while let Some(line) = read_line(&mut stream, MAX_LINE).await? {
         let text = String::from_utf8_lossy(&line).to_ascii_uppercase();
@@ -271,7 +287,9 @@ async fn serve_smtp(stream: TcpStream, shared: &BackendShared) -> anyhow::Result
                     .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
                 loop {
-                    let line = read_line(&mut stream, MAX_LINE).await?.context("EOF in DATA")?;
+                    let line = read_line(&mut stream, MAX_LINE)
+                        .await?
+                        .context("EOF in DATA")?;
                     if line == b".\r\n" {
                         break;
                     }
@@ -296,14 +314,23 @@ async fn serve_smtp(stream: TcpStream, shared: &BackendShared) -> anyhow::Result
 }
 
 /// One line including its LF; `None` at a clean EOF; an error beyond `max` bytes.
-async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, max: usize) -> anyhow::Result<Option<Vec<u8>>> {
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> anyhow::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
-    let n = (&mut *reader).take(max as u64).read_until(b'\n', &mut line).await?;
+    let n = (&mut *reader)
+        .take(max as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
     if n == 0 {
         return Ok(None);
     }
     if !line.ends_with(b"\n") {
-        bail!("line too long or cut off: {:?}", String::from_utf8_lossy(&line));
+        bail!(
+            "line too long or cut off: {:?}",
+            String::from_utf8_lossy(&line)
+        );
     }
     Ok(Some(line))
 }
@@ -324,7 +351,9 @@ pub async fn read_reply<R: AsyncBufRead + Unpin>(reader: &mut R) -> anyhow::Resu
         if line.len() < 4 {
             bail!("malformed reply line {line:?}");
         }
-        let code: u16 = line[..3].parse().with_context(|| format!("malformed reply line {line:?}"))?;
+        let code: u16 = line[..3]
+            .parse()
+            .with_context(|| format!("malformed reply line {line:?}"))?;
         let last = line.as_bytes()[3] == b' ' || line.as_bytes()[3] == b'\r';
         text.push_str(&line);
         if last {
@@ -333,8 +362,14 @@ pub async fn read_reply<R: AsyncBufRead + Unpin>(reader: &mut R) -> anyhow::Resu
     }
 }
 
-async fn expect(reader: &mut BufReader<TcpStream>, step: &str, want: u16) -> anyhow::Result<String> {
-    let (code, text) = read_reply(reader).await.with_context(|| format!("after {step}"))?;
+async fn expect(
+    reader: &mut BufReader<TcpStream>,
+    step: &str,
+    want: u16,
+) -> anyhow::Result<String> {
+    let (code, text) = read_reply(reader)
+        .await
+        .with_context(|| format!("after {step}"))?;
     if code != want {
         bail!("after {step}: expected {want}, got {text:?}");
     }
@@ -349,9 +384,15 @@ async fn send(reader: &mut BufReader<TcpStream>, line: &str) -> anyhow::Result<(
 }
 
 async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0)).with_context(|| format!("binding to {ip}"))?;
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("binding to {ip}"))?;
     }
     let stream = tokio::time::timeout(STEP_TIMEOUT, socket.connect(addr))
         .await
@@ -361,7 +402,11 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<Tcp
     Ok(stream)
 }
 
-async fn session(addr: SocketAddr, source: Option<IpAddr>, hold: Duration) -> anyhow::Result<String> {
+async fn session(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    hold: Duration,
+) -> anyhow::Result<String> {
     let mut conn = BufReader::new(connect(addr, source).await?);
     let greeting = expect(&mut conn, "connect", 220).await?;
     let name = greeting
@@ -377,7 +422,11 @@ async fn session(addr: SocketAddr, source: Option<IpAddr>, hold: Duration) -> an
     expect(&mut conn, "RCPT", 250).await?;
     send(&mut conn, "DATA\r\n").await?;
     expect(&mut conn, "DATA", 354).await?;
-    send(&mut conn, "Subject: switchyard test\r\n\r\nHello through the proxy.\r\n.\r\n").await?;
+    send(
+        &mut conn,
+        "Subject: switchyard test\r\n\r\nHello through the proxy.\r\n.\r\n",
+    )
+    .await?;
     expect(&mut conn, "end of data", 250).await?;
     tokio::time::sleep(hold).await;
     send(&mut conn, "QUIT\r\n").await?;
@@ -456,7 +505,8 @@ impl Switchyard {
             Some(limit) => {
                 // `exec` keeps the PID, so signals still reach switchyard itself.
                 let mut sh = Command::new("sh");
-                sh.arg("-c").arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""));
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""));
                 sh.arg(env!("CARGO_BIN_EXE_switchyard"));
                 sh
             }
@@ -471,7 +521,13 @@ impl Switchyard {
             .stderr(stderr)
             .spawn()
             .expect("spawn switchyard");
-        let mut sy = Switchyard { child, dir, stderr_path, listen, status: None };
+        let mut sy = Switchyard {
+            child,
+            dir,
+            stderr_path,
+            listen,
+            status: None,
+        };
         sy.wait_ready(Duration::from_secs(10));
         sy
     }
@@ -480,7 +536,11 @@ impl Switchyard {
         let deadline = Instant::now() + limit;
         loop {
             let text = self.stderr_text();
-            if self.listen.iter().all(|a| text.contains(&format!("listening on {a}"))) {
+            if self
+                .listen
+                .iter()
+                .all(|a| text.contains(&format!("listening on {a}")))
+            {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -488,7 +548,10 @@ impl Switchyard {
                 panic!("switchyard exited during startup ({status}); stderr:\n{text}");
             }
             if Instant::now() > deadline {
-                panic!("switchyard not listening on {:?} within {limit:?}; stderr:\n{text}", self.listen);
+                panic!(
+                    "switchyard not listening on {:?} within {limit:?}; stderr:\n{text}",
+                    self.listen
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -552,7 +615,10 @@ impl Switchyard {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         match self.wait_timeout(Duration::from_secs(60)) {
             Some(status) => status,
-            None => panic!("switchyard did not exit within 60 s of SIGTERM; stderr:\n{}", self.stderr_text()),
+            None => panic!(
+                "switchyard did not exit within 60 s of SIGTERM; stderr:\n{}",
+                self.stderr_text()
+            ),
         }
     }
 }
@@ -572,7 +638,11 @@ fn listen_addresses(config_toml: &str) -> Vec<SocketAddr> {
         return Vec::new(); // an invalid config: the process will say why and exit
     };
     let mut out = Vec::new();
-    let services = doc.get("service").and_then(|s| s.as_array()).cloned().unwrap_or_default();
+    let services = doc
+        .get("service")
+        .and_then(|s| s.as_array())
+        .cloned()
+        .unwrap_or_default();
     for service in services {
         // The kernel path does not listen on its VIP; its tests wait for it their own way.
         if service.get("dataplane").and_then(|d| d.as_str()) == Some("xdp") {
@@ -580,9 +650,10 @@ fn listen_addresses(config_toml: &str) -> Vec<SocketAddr> {
         }
         let values = match service.get("listen") {
             Some(toml::Value::String(s)) => vec![s.clone()],
-            Some(toml::Value::Array(list)) => {
-                list.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
-            }
+            Some(toml::Value::Array(list)) => list
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
             _ => Vec::new(),
         };
         out.extend(values.iter().filter_map(|s| s.parse::<SocketAddr>().ok()));

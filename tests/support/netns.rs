@@ -189,6 +189,72 @@ impl Netns {
         }
         command
     }
+
+    /// Like [`Netns::command`], and the process also gets a mount namespace of its own in
+    /// which `bpffs` (a bpffs mount of the test's) is `/sys/fs/bpf`: what it pins there stays
+    /// private to the test, and the host's /sys/fs/bpf is never touched.
+    pub fn command_with_bpffs(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        bpffs: &Path,
+    ) -> Command {
+        use std::os::unix::ffi::OsStrExt;
+        let mut command = self.command(program);
+        let source =
+            std::ffi::CString::new(bpffs.as_os_str().as_bytes()).expect("path without NUL");
+        // SAFETY: only raw syscalls on memory prepared before fork.
+        unsafe {
+            command.pre_exec(move || {
+                let target = c"/sys/fs/bpf";
+                if nix::libc::unshare(nix::libc::CLONE_NEWNS) != 0
+                    || nix::libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        nix::libc::MS_REC | nix::libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || nix::libc::mount(
+                        source.as_ptr(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        nix::libc::MS_BIND,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    }
+}
+
+/// A bpffs instance of the test's own, mounted on a temporary directory; unmounted on drop.
+pub struct PrivateBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateBpffs {
+    pub fn new() -> PrivateBpffs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        must(
+            "mount",
+            &["-t", "bpf", "bpf", dir.path().to_str().expect("utf-8 path")],
+        );
+        PrivateBpffs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        let _ = run("umount", &[self.dir.path().to_str().unwrap_or_default()]);
+    }
 }
 
 impl Drop for Netns {
@@ -686,31 +752,186 @@ pub fn smtp_session(target: SocketAddrV4, hold: Duration) -> Result<String, Stri
 
 /// The same transaction on an already connected stream.
 pub fn smtp_session_on(stream: TcpStream, hold: Duration) -> Result<String, String> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream);
-    let greeting = expect(&mut reader, 220)?;
-    let name = greeting
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    let mut step = |send: &str, code: u16| -> Result<String, String> {
-        writer
+    let mut session = Dialogue::greet(stream)?;
+    session.transaction()?;
+    std::thread::sleep(hold);
+    session.step("QUIT\r\n", 221)?;
+    Ok(session.backend)
+}
+
+/// A client's side of an SMTP session, step by step.
+struct Dialogue {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+    /// The name in the greeting: which backend answered.
+    backend: String,
+}
+
+impl Dialogue {
+    fn greet(stream: TcpStream) -> Result<Dialogue, String> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(stream);
+        let greeting = expect(&mut reader, 220)?;
+        let backend = greeting
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        Ok(Dialogue {
+            writer,
+            reader,
+            backend,
+        })
+    }
+
+    fn step(&mut self, send: &str, code: u16) -> Result<String, String> {
+        self.writer
             .write_all(send.as_bytes())
             .map_err(|e| format!("send {send:?}: {e}"))?;
-        expect(&mut reader, code)
-    };
-    step("EHLO client.test\r\n", 250)?;
-    step("MAIL FROM:<a@client.test>\r\n", 250)?;
-    step("RCPT TO:<b@backend.test>\r\n", 250)?;
-    step("DATA\r\n", 354)?;
-    step("Subject: xdp\r\n\r\nthrough the fast path\r\n.\r\n", 250)?;
-    std::thread::sleep(hold);
-    step("QUIT\r\n", 221)?;
-    Ok(name)
+        expect(&mut self.reader, code)
+    }
+
+    /// EHLO and one message.
+    fn transaction(&mut self) -> Result<(), String> {
+        self.step("EHLO client.test\r\n", 250)?;
+        self.step("MAIL FROM:<a@client.test>\r\n", 250)?;
+        self.step("RCPT TO:<b@backend.test>\r\n", 250)?;
+        self.step("DATA\r\n", 354)?;
+        self.step("Subject: xdp\r\n\r\nthrough the fast path\r\n.\r\n", 250)?;
+        Ok(())
+    }
+}
+
+/// An SMTP session held open from a namespace, with a NOOP every 300 ms so that its flow never
+/// idles, until [`HeldSession::finish`] sends a message and QUIT.
+pub struct HeldSession {
+    /// The backend that greeted.
+    pub backend: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl HeldSession {
+    /// Connects from `ns` to `target` and waits for the greeting.
+    pub fn open(ns: &Netns, target: SocketAddrV4) -> Result<HeldSession, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (greeted_tx, greeted_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            ns.spawn(move || {
+                let stream =
+                    TcpStream::connect_timeout(&SocketAddr::V4(target), Duration::from_secs(5))
+                        .map_err(|e| format!("connect {target}: {e}"));
+                let mut session = match stream.and_then(Dialogue::greet) {
+                    Ok(session) => session,
+                    Err(e) => {
+                        let _ = greeted_tx.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                };
+                let _ = greeted_tx.send(Ok(session.backend.clone()));
+                // Bounded: a forgotten session ends by itself after two minutes.
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(300));
+                    session.step("NOOP\r\n", 250)?;
+                }
+                session.transaction()?;
+                session.step("QUIT\r\n", 221)?;
+                Ok(())
+            })
+        };
+        let backend = greeted_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|e| format!("no greeting from {target}: {e}"))??;
+        Ok(HeldSession {
+            backend,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends a message and QUIT; the session's result.
+    pub fn finish(mut self) -> Result<(), String> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err("the session thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for HeldSession {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Sends one bare TCP SYN from `source` to `target` for each source port in `ports`, through a
+/// raw socket (call it inside a namespace). With a `source` nobody holds, no RST ever answers
+/// the backends' SYN-ACKs: each SYN leaves one open flow in an XDP balancer and nothing else.
+/// Paced, so a veth ring never overflows.
+pub fn send_syns(source: Ipv4Addr, target: SocketAddrV4, ports: std::ops::Range<u16>) {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(nix::libc::IPPROTO_RAW)),
+    )
+    .expect("raw socket (needs root)");
+    let destination: socket2::SockAddr = SocketAddr::V4(target).into();
+    for (i, port) in ports.enumerate() {
+        let packet = syn_packet(source, target, port, i as u32);
+        socket
+            .send_to(&packet, &destination)
+            .unwrap_or_else(|e| panic!("send a SYN to {target}: {e}"));
+        if i % 64 == 63 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// An IPv4 + TCP SYN with correct checksums.
+fn syn_packet(source: Ipv4Addr, target: SocketAddrV4, port: u16, seq: u32) -> [u8; 40] {
+    let mut p = [0u8; 40];
+    p[0] = 0x45; // IPv4, 20-byte header
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40; // don't fragment
+    p[8] = 64; // TTL
+    p[9] = 6; // TCP
+    p[12..16].copy_from_slice(&source.octets());
+    p[16..20].copy_from_slice(&target.ip().octets());
+    let ip_check = checksum(&p[..20], 0);
+    p[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    p[20..22].copy_from_slice(&port.to_be_bytes());
+    p[22..24].copy_from_slice(&target.port().to_be_bytes());
+    p[24..28].copy_from_slice(&seq.wrapping_mul(2654435761).to_be_bytes());
+    p[32] = 5 << 4; // data offset: 5 words
+    p[33] = 0x02; // SYN
+    p[34..36].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = 0u32;
+    for pair in p[12..20].chunks(2) {
+        pseudo += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    pseudo += 6 + 20;
+    let tcp_check = checksum(&p[20..], pseudo);
+    p[36..38].copy_from_slice(&tcp_check.to_be_bytes());
+    p
+}
+
+fn checksum(bytes: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 fn expect(reader: &mut BufReader<TcpStream>, code: u16) -> Result<String, String> {
@@ -744,12 +965,31 @@ pub struct Switchyard {
 impl Switchyard {
     /// Starts it and waits (10 s at most) for `ready` in its log.
     pub fn start(ns: &Netns, config: &str, env: &[(&str, &str)], ready: &str) -> Switchyard {
+        Self::launch(
+            ns.command(env!("CARGO_BIN_EXE_switchyard")),
+            config,
+            env,
+            ready,
+        )
+    }
+
+    /// Starts it with `bpffs` as its /sys/fs/bpf (for `pin = true`), as [`Switchyard::start`].
+    pub fn start_with_bpffs(
+        ns: &Netns,
+        config: &str,
+        bpffs: &PrivateBpffs,
+        ready: &str,
+    ) -> Switchyard {
+        let command = ns.command_with_bpffs(env!("CARGO_BIN_EXE_switchyard"), bpffs.path());
+        Self::launch(command, config, &[], ready)
+    }
+
+    fn launch(mut command: Command, config: &str, env: &[(&str, &str)], ready: &str) -> Switchyard {
         let dir = tempfile::tempdir().expect("temporary directory");
         let config_path = dir.path().join("switchyard.toml");
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.path().join("stderr.log");
         let stderr = File::create(&log).expect("log file");
-        let mut command = ns.command(env!("CARGO_BIN_EXE_switchyard"));
         command
             .arg("run")
             .arg("--config")

@@ -1,6 +1,7 @@
 //! The flow table from userspace: expiring flows that ended without a FIN the kernel saw
-//! (client vanished, RST lost, entry idle), and rebuilding the active counts from it after a
-//! restart, so the shared counts never drift.
+//! (client vanished, RST lost, entry idle), reconciling the shared counts with it (open flows
+//! evicted from a full table take their unit with them), and rebuilding the active counts
+//! from it after a restart, so the shared counts never drift.
 //!
 //! A flow holds one unit of its backend's count while `COUNTED` is set and `CLOSED` is not.
 //! Expiry deletes the entry first and gives the count back only if the deletion succeeded, so
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData};
-use tracing::warn;
 use switchyard_common::maps::{FlowKey, FlowValue, NatReply, flow_flags, names};
+use tracing::warn;
 
 use crate::counters::CounterTable;
 use crate::state::Snapshot;

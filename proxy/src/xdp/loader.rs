@@ -20,15 +20,12 @@ use switchyard_common::{MAGLEV_TABLE_SIZE, MAX_BACKENDS};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{flows, neighbours, tables};
+use super::{flows, neighbours, stats, tables};
 use crate::config::{Config, Dataplane, Forwarding};
 use crate::counters::CounterTable;
 use crate::state::{Runtime, Service, Snapshot};
 
-/// Environment switch for pinning maps and links in bpffs (so a restart keeps established
-/// flows): `1` pins under `/sys/fs/bpf/switchyard/<first xdp service>`; an absolute path pins
-/// under `<path>/<first xdp service>`.
-pub const PIN_ENV: &str = "SWITCHYARD_XDP_PIN";
+/// Where `pin = true` pins the maps and links: `<base>/<first xdp service>`.
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
 
 /// Maps pinned (and reused after a restart) when pinning is on.
@@ -166,6 +163,7 @@ impl XdpPlane {
                 info!("rebuilt active counts from {rebuilt} open flows");
             }
             synced.run(&mut bpf, &snapshot, true)?;
+            stats::install(stats::Stats::take(&mut bpf)?);
         }
         let mut interfaces = BTreeSet::new();
         for service in xdp_services(&snapshot) {
@@ -189,6 +187,7 @@ impl XdpPlane {
         let stop = self.stop.clone();
         self.task = Some(tokio::spawn(async move {
             let mut expiry = flows::Expiry::default();
+            let mut last_stats = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -217,6 +216,12 @@ impl XdpPlane {
                         expiry = exp;
                     }
                     Err(error) => warn!("XDP sync task failed: {error}"),
+                }
+                if last_stats.elapsed() >= STATS_PERIOD {
+                    last_stats = tokio::time::Instant::now();
+                    let snapshot = runtime.snapshot();
+                    // Per-CPU map reads are syscalls: off the async workers too.
+                    let _ = tokio::task::spawn_blocking(move || stats::log(&snapshot)).await;
                 }
             }
         }));
@@ -283,6 +288,7 @@ impl XdpPlane {
 
     /// One slot of the ACTIVE array read through the map (not the mapping): for tests and
     /// diagnostics.
+    #[cfg(test)]
     pub fn active_from_map(&self, slot: u32) -> anyhow::Result<u64> {
         let bpf = self.bpf.lock();
         let map: aya::maps::Array<&aya::maps::MapData, u64> =
@@ -294,6 +300,7 @@ impl XdpPlane {
     /// the program keeps forwarding established flows until the next start takes over.
     pub fn shutdown(mut self) {
         self.stop.cancel();
+        stats::uninstall();
         if let Some(task) = self.task.take() {
             task.abort();
         }
@@ -310,6 +317,9 @@ impl XdpPlane {
         }
     }
 }
+
+/// How often the traffic counters are logged while running.
+const STATS_PERIOD: Duration = Duration::from_secs(60);
 
 /// Per-run memory of what was written, so only changes touch the maps.
 #[derive(Default)]
@@ -331,17 +341,19 @@ impl Sync {
             }
             tables::program_service(bpf, index as u32, service, &states, previous)
                 .with_context(|| format!("service {:?}", service.config.name))?;
-            if let Some(previous) = previous {
-                for (i, backend) in service.backends.iter().enumerate() {
-                    if previous.states[i] != states.states[i] {
-                        let word = if states.states[i] == backend_state::UP {
-                            "takes"
-                        } else {
-                            "gets no"
-                        };
-                        info!(service = %service.config.name, backend = %backend.config.name, "XDP: backend {word} new flows");
-                    }
+            for (i, backend) in service.backends.iter().enumerate() {
+                let was = previous.map(|p| p.states[i]);
+                let now = states.states[i];
+                // A start logs drained backends; later, every change.
+                if was == Some(now) || (was.is_none() && now != backend_state::DRAIN) {
+                    continue;
                 }
+                let what = match now {
+                    backend_state::UP => "takes new flows",
+                    backend_state::DRAIN => "is drained: keeps its flows, gets no new ones",
+                    _ => "gets no new flows",
+                };
+                info!(service = %service.config.name, backend = %backend.config.name, "XDP: backend {what}");
             }
             self.written.insert(service.config.name.clone(), states);
         }
@@ -371,7 +383,9 @@ fn backend_states(service: &Service) -> tables::BackendStates {
         if mac.is_none() {
             neighbours::nudge(ip);
         }
-        let state = if !backend.health.is_up() || mac.is_none() {
+        let state = if backend.config.drain {
+            backend_state::DRAIN
+        } else if !backend.health.is_up() || mac.is_none() {
             backend_state::DOWN
         } else {
             backend_state::UP
@@ -400,19 +414,12 @@ fn sync_period(snapshot: &Snapshot) -> Duration {
 }
 
 fn pin_dir(config: &Config) -> Option<PathBuf> {
-    let value = std::env::var(PIN_ENV)
-        .ok()
-        .filter(|v| !v.is_empty() && v != "0")?;
-    let base = if value == "1" {
-        PathBuf::from(DEFAULT_PIN_BASE)
-    } else {
-        PathBuf::from(value)
-    };
+    // Validation makes every xdp service agree on `pin`.
     let first = config
         .services
         .iter()
-        .find(|s| s.dataplane == Dataplane::Xdp)?;
-    Some(base.join(sanitize(&first.name)))
+        .find(|s| s.xdp.as_ref().is_some_and(|x| x.pin))?;
+    Some(PathBuf::from(DEFAULT_PIN_BASE).join(sanitize(&first.name)))
 }
 
 fn sanitize(name: &str) -> String {

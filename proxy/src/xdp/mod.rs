@@ -7,14 +7,16 @@
 //!    maps the shared active-count array; [`XdpPlane::counters`] is then the [`CounterTable`]
 //!    the whole process counts in (kernel flows and proxy sessions alike).
 //! 2. [`XdpPlane::start`] once the runtime exists: writes services, backends and tables,
-//!    attaches, and spawns the sync task (health → backend state, flow expiry).
+//!    attaches, and spawns the sync task (health and drain → backend state, flow expiry and
+//!    count reconciliation, the traffic counters in the log once a minute).
 //! 3. [`XdpPlane::shutdown`]: stops the task and detaches — unless the maps and links were
-//!    pinned on purpose (`SWITCHYARD_XDP_PIN`), in which case the program keeps steering
+//!    pinned on purpose (`pin = true` in `[service.xdp]`), in which case the program keeps steering
 //!    established flows and the next start takes them over.
 
 mod flows;
 mod loader;
 mod neighbours;
+mod stats;
 mod tables;
 
 use std::sync::Arc;
@@ -24,9 +26,7 @@ use crate::counters::CounterTable;
 use crate::state::Runtime;
 
 pub use loader::XdpPlane;
-
-/// Whether this binary carries the XDP object (see build.rs).
-pub const BUILT_IN: bool = cfg!(switchyard_xdp);
+pub use stats::{backend_fields, service_fields};
 
 /// Said when the fast path is asked for but not built in.
 pub const NOT_BUILT: &str = "this switchyard was built without the XDP fast path (eBPF toolchain not found): run `cargo xtask setup`, then rebuild";

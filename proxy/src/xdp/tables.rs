@@ -87,6 +87,12 @@ pub fn program_service(
                 .context("map BACKENDS missing")?,
         )?;
         for (i, backend) in service.backends.iter().enumerate() {
+            // dsr needs the MAC: while it is unknown the backend takes no new flows, and the
+            // entry keeps the MAC it had (a pinned run's, or an earlier lookup's), so that
+            // established flows go on.
+            if xdp.forwarding == Forwarding::Dsr && states.macs[i] == [0; 6] {
+                continue;
+            }
             let slot = backend.active.slot() as u32;
             let SocketAddr::V4(address) = backend.config.address else {
                 bail!(
