@@ -48,7 +48,7 @@ impl Snapshot {
     /// `counters`: services that share an MTA share its count, so least_conn in any service
     /// (and in the kernel path) sees that MTA's whole load.
     pub fn build(config: &Config, counters: &Arc<CounterTable>) -> Self {
-        let slots = backend_slots(&config);
+        let slots = backend_slots(config);
         let services = config
             .services
             .iter()

@@ -140,7 +140,6 @@ pub fn program_service(
     if unchanged && current.is_some() {
         return Ok(());
     }
-    drop(services);
     let version = current.map_or(0, |c| c.table_version ^ 1);
     let weighted_len = write_tables(bpf, index, version, service, &states.up())?;
     let value = ServiceValue {
