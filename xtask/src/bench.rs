@@ -4,6 +4,10 @@
 //! runs made minutes apart on the same machine. Also switchyard's memory per idle session and
 //! its distribution of sessions over the backends.
 //!
+//! As root, the kernel path too: plain routing, switchyard's proxy and its XDP path (dsr, nat)
+//! take turns in one network-namespace topology in front of the same three sinks
+//! ([`crate::topology`]); each of those runs also records the CPU time every part used.
+//!
 //! Outputs: a markdown table on stdout, `target/bench/results.json`, `target/bench/chart.png`.
 
 use std::collections::BTreeMap;
@@ -19,9 +23,16 @@ use serde::{Deserialize, Serialize};
 use crate::children::{self, Supervised};
 use crate::loadgen::{self, Budget, LoadReport, LoadSpec};
 use crate::sink::{SinkConfig, SinkThread};
+use crate::topology::{Mode, Topology};
 use crate::workspace;
 
-pub const ALGORITHMS: [&str; 5] = ["round_robin", "weighted_round_robin", "least_conn", "ip_hash", "least_time"];
+pub const ALGORITHMS: [&str; 5] = [
+    "round_robin",
+    "weighted_round_robin",
+    "least_conn",
+    "ip_hash",
+    "least_time",
+];
 
 const SINK_PORTS: [u16; 3] = [3601, 3602, 3603];
 const SWITCHYARD_BASE_PORT: u16 = 3611;
@@ -37,6 +48,8 @@ pub struct BenchOptions {
     pub concurrency: usize,
     pub size: usize,
     pub idle_sessions: usize,
+    /// Only the kernel path's contenders (routing, proxy, xdp dsr, xdp nat in namespaces).
+    pub kernel_only: bool,
 }
 
 impl BenchOptions {
@@ -48,6 +61,7 @@ impl BenchOptions {
             concurrency: 50,
             size: 2048,
             idle_sessions: if quick { 1000 } else { 5000 },
+            kernel_only: false,
         }
     }
 }
@@ -70,6 +84,47 @@ pub struct BenchResults {
     pub skipped: Vec<Skipped>,
     pub idle_memory: Option<IdleMemory>,
     pub distribution: Vec<Distribution>,
+    /// The kernel path's ratios, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_path: Option<KernelPath>,
+}
+
+/// The kernel path's ratios (issue 3's targets: XDP >= 0.9x routing, >= 2x the proxy).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KernelPath {
+    pub routing_sessions_per_s: f64,
+    pub proxy_sessions_per_s: f64,
+    /// CPU time per session the proxy adds over plain routing (all CPUs, median runs).
+    pub proxy_added_cpu_us: Option<f64>,
+    pub xdp: Vec<KernelRatio>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KernelRatio {
+    pub name: String,
+    pub vs_routing: f64,
+    pub vs_proxy: f64,
+    /// CPU time per session this mode adds over plain routing: the balancer's own cost.
+    pub added_cpu_us: Option<f64>,
+}
+
+/// CPU time per completed session during one run (or the median over runs), in microseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CpuUse {
+    /// Busy time of all CPUs of the machine.
+    pub total_us: f64,
+    /// Of which in softirq (packet processing: veth, bridge, forwarding, XDP, TCP receive);
+    /// the kernel charges much of it to whichever process was running, so it overlaps the
+    /// per-process figures.
+    pub softirq_us: f64,
+    /// The load generator's process.
+    pub loadgen_us: f64,
+    /// The three sinks' processes.
+    pub sinks_us: f64,
+    /// switchyard's process (userspace proxy or XDP control plane).
+    pub switchyard_us: f64,
+    /// total - loadgen - sinks - switchyard: the kernel's work outside those processes.
+    pub other_us: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -91,6 +146,9 @@ pub struct ContenderResult {
     pub ratio_vs_direct: Option<f64>,
     pub failed_sessions: u64,
     pub runs: Vec<LoadReport>,
+    /// Kernel-path contenders: median CPU time per session over the runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_per_session: Option<CpuUse>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -132,6 +190,9 @@ struct Contender {
     /// Set for switchyard contenders: the algorithm whose distribution its log reports.
     algorithm: Option<String>,
     runs: Vec<LoadReport>,
+    /// Kernel-path contenders: the topology's mode to activate before each run.
+    mode: Option<Mode>,
+    cpu: Vec<CpuUse>,
 }
 
 pub fn bench_dir() -> PathBuf {
@@ -144,7 +205,11 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
     let dir = bench_dir();
     std::fs::create_dir_all(&dir)?;
     let switchyard = workspace::switchyard_release();
-    anyhow::ensure!(switchyard.is_file(), "{} missing: build it with cargo build --release -p switchyard", switchyard.display());
+    anyhow::ensure!(
+        switchyard.is_file(),
+        "{} missing: build it with cargo build --release -p switchyard",
+        switchyard.display()
+    );
     println!(
         "bench: {} round(s) x {} sessions, {} parallel, {} B messages{}",
         opts.rounds,
@@ -154,9 +219,36 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
         if opts.quick { " (quick)" } else { "" }
     );
 
-    let sink_addrs: Vec<SocketAddr> = SINK_PORTS.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
+    let (mut topology, kernel, kernel_skipped) = kernel_contenders(&dir, &switchyard)?;
+    if opts.kernel_only {
+        anyhow::ensure!(
+            topology.is_some(),
+            "--kernel-only needs root (network namespaces and XDP)"
+        );
+        let sinks_kind = topology.as_ref().map_or("", |t| t.sinks_kind);
+        return run_contenders(
+            &opts,
+            &dir,
+            &switchyard,
+            sinks_kind,
+            kernel,
+            kernel_skipped,
+            topology,
+        );
+    }
+    let sink_addrs: Vec<SocketAddr> = SINK_PORTS
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
     let (sinks_kind, _sinks) = start_sinks(&dir, &sink_addrs)?;
     println!("bench: sinks ({sinks_kind}) on {}", list(&sink_addrs));
+    if let Some(topo) = &topology {
+        anyhow::ensure!(
+            topo.sinks_kind == sinks_kind,
+            "the namespace sinks ({}) differ from the loopback ones ({sinks_kind})",
+            topo.sinks_kind
+        );
+    }
 
     let mut skipped = Vec::new();
     let mut contenders = vec![Contender {
@@ -166,21 +258,57 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
         processes: Vec::new(),
         algorithm: None,
         runs: Vec::new(),
+        mode: None,
+        cpu: Vec::new(),
     }];
     for (i, alg) in ALGORITHMS.iter().enumerate() {
-        contenders.push(start_switchyard(&dir, &switchyard, alg, SWITCHYARD_BASE_PORT + i as u16, &sink_addrs)?);
+        contenders.push(start_switchyard(
+            &dir,
+            &switchyard,
+            alg,
+            SWITCHYARD_BASE_PORT + i as u16,
+            &sink_addrs,
+        )?);
     }
     match workspace::find_program("haproxy") {
         Some(bin) => contenders.push(start_haproxy(&dir, &bin, &sink_addrs)?),
-        None => skipped.push(Skipped { name: "haproxy".into(), reason: "haproxy not installed".into() }),
+        None => skipped.push(Skipped {
+            name: "haproxy".into(),
+            reason: "haproxy not installed".into(),
+        }),
     }
     match (workspace::find_program("nginx"), nginx_stream_module()) {
-        (Some(bin), Some(module)) => contenders.push(start_nginx(&dir, &bin, &module, &sink_addrs)?),
-        _ => skipped.push(Skipped { name: "nginx".into(), reason: "nginx or its stream module not installed".into() }),
+        (Some(bin), Some(module)) => {
+            contenders.push(start_nginx(&dir, &bin, &module, &sink_addrs)?)
+        }
+        _ => skipped.push(Skipped {
+            name: "nginx".into(),
+            reason: "nginx or its stream module not installed".into(),
+        }),
     }
-    let (xdp, xdp_skipped) = xdp_contenders(&dir)?;
-    contenders.extend(xdp);
-    skipped.extend(xdp_skipped);
+    contenders.extend(kernel);
+    skipped.extend(kernel_skipped);
+    run_contenders(
+        &opts,
+        &dir,
+        &switchyard,
+        sinks_kind,
+        contenders,
+        skipped,
+        topology.take(),
+    )
+}
+
+/// Runs every contender alternately over the rounds, then writes and checks the results.
+fn run_contenders(
+    opts: &BenchOptions,
+    dir: &Path,
+    switchyard: &Path,
+    sinks_kind: &str,
+    mut contenders: Vec<Contender>,
+    skipped: Vec<Skipped>,
+    mut topology: Option<Topology>,
+) -> Result<BenchResults> {
     for s in &skipped {
         println!("bench: skipping {}: {}", s.name, s.reason);
     }
@@ -197,14 +325,41 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
             for p in &mut c.processes {
                 p.check_running()?;
             }
-            let report = drive(c, &opts, &dir)?;
+            let (report, used) = match (c.mode, topology.as_mut()) {
+                (Some(mode), Some(topo)) => {
+                    topo.activate(mode)?;
+                    let before = CpuSample::take(topo);
+                    let report = drive(c, opts, dir)?;
+                    let used = CpuSample::take(topo).since(&before, report.sessions_ok);
+                    (report, Some(used))
+                }
+                _ => (drive(c, opts, dir)?, None),
+            };
             println!(
                 "  {:<32} {:>7.0} sessions/s  p99 {:>7.2} ms  failed {}",
-                c.name, report.sessions_per_s, report.latency_ms.session.p99, report.sessions_failed
+                c.name,
+                report.sessions_per_s,
+                report.latency_ms.session.p99,
+                report.sessions_failed
             );
+            if let Some(u) = used {
+                println!(
+                    "  {:<32} CPU us/session: {:.0} in all ({:.0} softirq); loadgen {:.0}, sinks {:.0}, switchyard {:.0}, other {:.0}",
+                    "",
+                    u.total_us,
+                    u.softirq_us,
+                    u.loadgen_us,
+                    u.sinks_us,
+                    u.switchyard_us,
+                    u.other_us
+                );
+                c.cpu.push(u);
+            }
             c.runs.push(report);
         }
     }
+    // Stops the balancer and the sinks in the namespaces, then deletes them.
+    drop(topology);
 
     let mut distribution = Vec::new();
     for c in &mut contenders {
@@ -214,31 +369,53 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
         if let (Some(alg), Some(p)) = (&c.algorithm, c.processes.first()) {
             let assigned = parse_assigned(&std::fs::read_to_string(&p.log).unwrap_or_default());
             let max_over_min = max_over_min(&assigned);
-            distribution.push(Distribution { algorithm: alg.clone(), assigned, max_over_min });
+            distribution.push(Distribution {
+                algorithm: alg.clone(),
+                assigned,
+                max_over_min,
+            });
         }
     }
 
-    let idle_memory = match measure_idle_rss(&dir, &switchyard, opts.idle_sessions) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            println!("bench: idle-session memory not measured: {e:#}");
-            None
+    let idle_memory = if opts.kernel_only {
+        None
+    } else {
+        match measure_idle_rss(dir, switchyard, opts.idle_sessions) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                println!("bench: idle-session memory not measured: {e:#}");
+                None
+            }
         }
     };
 
-    let results = summarize(&opts, sinks_kind, contenders, skipped, idle_memory, distribution)?;
+    let results = summarize(
+        opts,
+        sinks_kind,
+        contenders,
+        skipped,
+        idle_memory,
+        distribution,
+    )?;
     print_table(&results);
-    let json = dir.join("results.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&results)?).with_context(|| format!("writing {}", json.display()))?;
+    // A kernel-only run does not replace the full benchmark's results.
+    let stem = if opts.kernel_only { "kernel-" } else { "" };
+    let json = dir.join(format!("{stem}results.json"));
+    std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("writing {}", json.display()))?;
     let validated = validate(&json)?;
-    let chart = dir.join("chart.png");
+    let chart = dir.join(format!("{stem}chart.png"));
     crate::chart::draw(&validated, &chart)?;
     println!("\nbench: wrote {} and {}", json.display(), chart.display());
     Ok(validated)
 }
 
 fn list(addrs: &[SocketAddr]) -> String {
-    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Postfix's smtp-sink when installed, else our own sink in a child process.
@@ -254,14 +431,24 @@ fn start_sinks(dir: &Path, addrs: &[SocketAddr]) -> Result<(&'static str, Vec<Su
                 cmd.args(["-u", "nobody"]);
             }
             cmd.arg(a.to_string()).arg("1024");
-            procs.push(Supervised::start(&format!("smtp-sink {a}"), &mut cmd, &dir.join(format!("sink{}.log", i + 1)))?);
+            procs.push(Supervised::start(
+                &format!("smtp-sink {a}"),
+                &mut cmd,
+                &dir.join(format!("sink{}.log", i + 1)),
+            )?);
         }
         "smtp-sink"
     } else {
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
-        cmd.arg("sink").arg("--listen").args(addrs.iter().map(|a| a.to_string()));
-        procs.push(Supervised::start("xtask sink", &mut cmd, &dir.join("sink.log"))?);
+        cmd.arg("sink")
+            .arg("--listen")
+            .args(addrs.iter().map(|a| a.to_string()));
+        procs.push(Supervised::start(
+            "xtask sink",
+            &mut cmd,
+            &dir.join("sink.log"),
+        )?);
         "xtask sink"
     };
     for a in addrs {
@@ -277,19 +464,35 @@ pub fn switchyard_config(listen: SocketAddr, algorithm: &str, backends: &[Socket
          algorithm = \"{algorithm}\"\nmax_connections = 10000\n\n[service.health]\nkind = \"smtp\"\ninterval = \"2s\"\n"
     );
     for (i, b) in backends.iter().enumerate() {
-        cfg.push_str(&format!("\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{b}\"\n", i + 1));
+        cfg.push_str(&format!(
+            "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{b}\"\n",
+            i + 1
+        ));
     }
     cfg
 }
 
-fn start_switchyard(dir: &Path, bin: &Path, algorithm: &str, port: u16, backends: &[SocketAddr]) -> Result<Contender> {
+fn start_switchyard(
+    dir: &Path,
+    bin: &Path,
+    algorithm: &str,
+    port: u16,
+    backends: &[SocketAddr],
+) -> Result<Contender> {
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
     children::ensure_port_free(listen)?;
     let cfg = dir.join(format!("switchyard-{algorithm}.toml"));
     std::fs::write(&cfg, switchyard_config(listen, algorithm, backends))?;
     let mut cmd = Command::new(bin);
-    cmd.arg("run").arg("--config").arg(&cfg).env("RUST_LOG", "info");
-    let p = Supervised::start(&format!("switchyard {algorithm}"), &mut cmd, &dir.join(format!("switchyard-{algorithm}.log")))?;
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "info");
+    let p = Supervised::start(
+        &format!("switchyard {algorithm}"),
+        &mut cmd,
+        &dir.join(format!("switchyard-{algorithm}.log")),
+    )?;
     Ok(Contender {
         name: format!("switchyard {algorithm}"),
         target: listen,
@@ -297,6 +500,8 @@ fn start_switchyard(dir: &Path, bin: &Path, algorithm: &str, port: u16, backends
         processes: vec![p],
         algorithm: Some(algorithm.to_string()),
         runs: Vec::new(),
+        mode: None,
+        cpu: Vec::new(),
     })
 }
 
@@ -324,17 +529,27 @@ fn start_haproxy(dir: &Path, bin: &Path, backends: &[SocketAddr]) -> Result<Cont
         processes: vec![p],
         algorithm: None,
         runs: Vec::new(),
+        mode: None,
+        cpu: Vec::new(),
     })
 }
 
 fn nginx_stream_module() -> Option<PathBuf> {
-    ["/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/nginx/modules/ngx_stream_module.so"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
+    [
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "/usr/share/nginx/modules/ngx_stream_module.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
 }
 
-fn start_nginx(dir: &Path, bin: &Path, module: &Path, backends: &[SocketAddr]) -> Result<Contender> {
+fn start_nginx(
+    dir: &Path,
+    bin: &Path,
+    module: &Path,
+    backends: &[SocketAddr],
+) -> Result<Contender> {
     let listen = SocketAddr::from(([127, 0, 0, 1], NGINX_PORT));
     children::ensure_port_free(listen)?;
     let prefix = dir.join("nginx");
@@ -356,7 +571,11 @@ fn start_nginx(dir: &Path, bin: &Path, module: &Path, backends: &[SocketAddr]) -
     let path = prefix.join("nginx.conf");
     std::fs::write(&path, cfg)?;
     let mut cmd = Command::new(bin);
-    cmd.arg("-p").arg(&prefix).arg("-c").arg(&path).args(["-g", "daemon off;"]);
+    cmd.arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&path)
+        .args(["-g", "daemon off;"]);
     let p = Supervised::start("nginx", &mut cmd, &dir.join("nginx.log"))?;
     Ok(Contender {
         name: "nginx least_conn".into(),
@@ -365,68 +584,132 @@ fn start_nginx(dir: &Path, bin: &Path, module: &Path, backends: &[SocketAddr]) -
         processes: vec![p],
         algorithm: None,
         runs: Vec::new(),
+        mode: None,
+        cpu: Vec::new(),
     })
 }
 
-/// The XDP path (dsr, nat) as contenders, when this machine can run it.
-///
-/// Contract with the kernel path: an executable `tests/support/xdp-bench-topology` that, as
-/// root, is called `up MODE DIR` (MODE is `dsr` or `nat`) to build the namespace topology
-/// (namespaces prefixed `sy-`, addresses in 198.18.0.0/15, sinks inside it, switchyard with its
-/// XDP program attached), prints `netns=NAME` and `target=ADDR:PORT` lines on stdout, and keeps
-/// running in the foreground until SIGTERM, when it tears everything down. The load generator
-/// then runs inside `netns` against `target`.
-fn xdp_contenders(dir: &Path) -> Result<(Vec<Contender>, Vec<Skipped>)> {
-    let helper = workspace::root().join("tests/support/xdp-bench-topology");
-    let reason = if !workspace::is_root() {
-        Some("needs root (network namespaces and XDP)".to_string())
-    } else if !helper.is_file() {
-        Some(format!("no topology helper at {}", helper.display()))
-    } else {
-        None
-    };
-    if let Some(reason) = reason {
-        let skipped = ["xdp dsr", "xdp nat"]
-            .map(|name| Skipped { name: name.into(), reason: reason.clone() })
-            .into();
-        return Ok((Vec::new(), skipped));
+/// The kernel path as contenders, when this machine can run it: plain routing, switchyard's
+/// proxy and its XDP path (dsr, nat), taking turns in one namespace topology with three sinks
+/// of its own. As root a failure to build it is an error, not a skip (CI is root).
+fn kernel_contenders(
+    dir: &Path,
+    switchyard: &Path,
+) -> Result<(Option<Topology>, Vec<Contender>, Vec<Skipped>)> {
+    if !workspace::is_root() {
+        let skipped = Mode::ALL
+            .iter()
+            .map(|m| Skipped {
+                name: m.contender().into(),
+                reason: "needs root (network namespaces and XDP)".into(),
+            })
+            .collect();
+        return Ok((None, Vec::new(), skipped));
     }
-    let mut contenders = Vec::new();
-    for mode in ["dsr", "nat"] {
-        let out_path = dir.join(format!("xdp-{mode}.out"));
-        let mut cmd = Command::new(&helper);
-        cmd.arg("up").arg(mode).arg(dir);
-        let p = Supervised::start(&format!("xdp topology {mode}"), &mut cmd, &out_path)?;
-        let (netns, target) = wait_for_topology(&out_path)?;
-        contenders.push(Contender {
-            name: format!("switchyard xdp {mode}"),
-            target,
-            driver: Driver::Netns(netns),
-            processes: vec![p],
+    let topo = Topology::build(dir, switchyard)?;
+    println!(
+        "bench: kernel path in namespaces {}-*: client, balancer, three {} sinks; VIP {}",
+        topo.balancer.trim_end_matches("-lb"),
+        topo.sinks_kind,
+        Topology::target(Mode::Dsr)
+    );
+    let contenders = Mode::ALL
+        .iter()
+        .map(|mode| Contender {
+            name: mode.contender().to_string(),
+            target: Topology::target(*mode),
+            driver: Driver::Netns(topo.client.clone()),
+            processes: Vec::new(),
             algorithm: None,
             runs: Vec::new(),
-        });
-    }
-    Ok((contenders, Vec::new()))
+            mode: Some(*mode),
+            cpu: Vec::new(),
+        })
+        .collect();
+    Ok((Some(topo), contenders, Vec::new()))
 }
 
-fn wait_for_topology(out: &Path) -> Result<(String, SocketAddr)> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(out).unwrap_or_default();
-        let field = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
-        };
-        if let (Some(ns), Some(t)) = (field("netns="), field("target=")) {
-            let target = t.parse().with_context(|| format!("{}: bad target={t}", out.display()))?;
-            return Ok((ns, target));
+/// Machine-wide and per-process CPU counters at one instant.
+struct CpuSample {
+    /// Busy and softirq time of all CPUs, in clock ticks.
+    busy: u64,
+    softirq: u64,
+    /// Reaped children (the load generator runs as one), in microseconds.
+    children_us: u64,
+    sinks: u64,
+    switchyard: u64,
+}
+
+impl CpuSample {
+    fn take(topo: &Topology) -> CpuSample {
+        let (busy, softirq) = machine_ticks();
+        let children_us =
+            nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+                .map(|u| {
+                    let us = |t: nix::sys::time::TimeVal| {
+                        t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64
+                    };
+                    us(u.user_time()) + us(u.system_time())
+                })
+                .unwrap_or(0);
+        CpuSample {
+            busy,
+            softirq,
+            children_us,
+            sinks: topo.sink_pids().iter().map(|p| process_ticks(*p)).sum(),
+            switchyard: topo.balancer_pid().map_or(0, process_ticks),
         }
-        if std::time::Instant::now() > deadline {
-            bail!("the XDP topology helper printed no netns=/target= within 30 s; its output:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
+
+    fn since(&self, before: &CpuSample, sessions: u64) -> CpuUse {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) }.max(1) as f64;
+        let n = sessions.max(1) as f64;
+        let per = |ticks: u64| ticks as f64 * 1e6 / hz / n;
+        let total_us = per(self.busy.saturating_sub(before.busy));
+        let loadgen_us = self.children_us.saturating_sub(before.children_us) as f64 / n;
+        let sinks_us = per(self.sinks.saturating_sub(before.sinks));
+        let switchyard_us = per(self.switchyard.saturating_sub(before.switchyard));
+        CpuUse {
+            total_us,
+            softirq_us: per(self.softirq.saturating_sub(before.softirq)),
+            loadgen_us,
+            sinks_us,
+            switchyard_us,
+            other_us: (total_us - loadgen_us - sinks_us - switchyard_us).max(0.0),
+        }
+    }
+}
+
+/// All CPUs' busy (everything but idle and iowait) and softirq ticks, from /proc/stat.
+fn machine_ticks() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    (busy, get(6))
+}
+
+/// utime + stime of a process (all its threads), in clock ticks; 0 if it is gone.
+fn process_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
 }
 
 /// Waits until the contender greets with 220 (for switchyard: its backends are up and healthy).
@@ -436,8 +719,14 @@ fn wait_ready(c: &Contender) -> Result<()> {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let code = children::wait_for_greeting(c.target, Duration::from_secs(10))
-            .with_context(|| format!("{} did not come up; see its log in {}", c.name, bench_dir().display()))?;
+        let code =
+            children::wait_for_greeting(c.target, Duration::from_secs(10)).with_context(|| {
+                format!(
+                    "{} did not come up; see its log in {}",
+                    c.name,
+                    bench_dir().display()
+                )
+            })?;
         if code == 220 {
             return Ok(());
         }
@@ -452,7 +741,11 @@ fn drive(c: &Contender, opts: &BenchOptions, dir: &Path) -> Result<LoadReport> {
     let progress = std::io::stdout().is_terminal();
     match &c.driver {
         Driver::Local => {
-            let mut spec = LoadSpec::new(c.target, opts.concurrency, Budget::Sessions(opts.sessions_per_run));
+            let mut spec = LoadSpec::new(
+                c.target,
+                opts.concurrency,
+                Budget::Sessions(opts.sessions_per_run),
+            );
             spec.size = opts.size;
             spec.progress = progress;
             loadgen::run_blocking(spec)
@@ -477,9 +770,10 @@ fn drive(c: &Contender, opts: &BenchOptions, dir: &Path) -> Result<LoadReport> {
                 .arg(&json)
                 .stdout(std::process::Stdio::null())
                 .status()?;
-            let report: LoadReport = serde_json::from_slice(&std::fs::read(&json).with_context(|| {
-                format!("loadgen in {ns} wrote no result ({status})")
-            })?)?;
+            let report: LoadReport = serde_json::from_slice(
+                &std::fs::read(&json)
+                    .with_context(|| format!("loadgen in {ns} wrote no result ({status})"))?,
+            )?;
             Ok(report)
         }
     }
@@ -490,10 +784,16 @@ fn drive(c: &Contender, opts: &BenchOptions, dir: &Path) -> Result<LoadReport> {
 pub fn parse_assigned(log: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for line in log.lines() {
-        let Some(value) = line.split_whitespace().find_map(|w| w.strip_prefix("assigned=")) else {
+        let Some(value) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("assigned="))
+        else {
             continue;
         };
-        let Ok(n) = value.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>() else {
+        let Ok(n) = value
+            .trim_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u64>()
+        else {
             continue;
         };
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -503,7 +803,10 @@ pub fn parse_assigned(log: &str) -> BTreeMap<String, u64> {
             .and_then(|i| words.get(i + 1))
             .map(|s| s.trim_matches(|c| c == '"' || c == ':').to_string())
             .or_else(|| {
-                words.iter().find_map(|w| w.strip_prefix("backend=").map(|s| s.trim_matches('"').to_string()))
+                words.iter().find_map(|w| {
+                    w.strip_prefix("backend=")
+                        .map(|s| s.trim_matches('"').to_string())
+                })
             });
         if let Some(name) = name {
             out.insert(name, n);
@@ -531,14 +834,21 @@ fn rss_kib(pid: u32) -> Result<u64> {
 /// before and after. Both ends of each session are file descriptors: this process holds 2n
 /// (client and sink side), switchyard 2n, both under the 20000 limit for n = 5000.
 fn measure_idle_rss(dir: &Path, bin: &Path, n: usize) -> Result<IdleMemory> {
-    let sinks = SinkThread::start(&[SocketAddr::from(([127, 0, 0, 1], 0)); 3], SinkConfig::default())?;
+    let sinks = SinkThread::start(
+        &[SocketAddr::from(([127, 0, 0, 1], 0)); 3],
+        SinkConfig::default(),
+    )?;
     let listen = SocketAddr::from(([127, 0, 0, 1], IDLE_PORT));
     children::ensure_port_free(listen)?;
     let cfg = dir.join("switchyard-idle.toml");
     std::fs::write(&cfg, switchyard_config(listen, "least_conn", &sinks.addrs))?;
     let mut cmd = Command::new(bin);
     cmd.arg("run").arg("--config").arg(&cfg);
-    let mut proc = Supervised::start("switchyard (idle sessions)", &mut cmd, &dir.join("switchyard-idle.log"))?;
+    let mut proc = Supervised::start(
+        "switchyard (idle sessions)",
+        &mut cmd,
+        &dir.join("switchyard-idle.log"),
+    )?;
     let c = Contender {
         name: "switchyard idle".into(),
         target: listen,
@@ -546,6 +856,8 @@ fn measure_idle_rss(dir: &Path, bin: &Path, n: usize) -> Result<IdleMemory> {
         processes: Vec::new(),
         algorithm: None,
         runs: Vec::new(),
+        mode: None,
+        cpu: Vec::new(),
     };
     wait_ready(&c)?;
     // Warm up allocator arenas and buffers with a few complete sessions first.
@@ -554,7 +866,9 @@ fn measure_idle_rss(dir: &Path, bin: &Path, n: usize) -> Result<IdleMemory> {
     loadgen::run_blocking(warm)?;
     std::thread::sleep(Duration::from_millis(300));
     let before = rss_kib(proc.pid())?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let held = rt.block_on(open_idle(listen, n))?;
     std::thread::sleep(Duration::from_millis(500));
     let after = rss_kib(proc.pid())?;
@@ -593,7 +907,10 @@ async fn open_idle(addr: SocketAddr, n: usize) -> Result<Vec<tokio::net::TcpStre
                 let mut s = tokio::net::TcpStream::connect(addr).await?;
                 let mut buf = [0u8; 256];
                 let got = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
-                anyhow::ensure!(got >= 3 && &buf[..3] == b"220", "idle session got no 220 greeting");
+                anyhow::ensure!(
+                    got >= 3 && &buf[..3] == b"220",
+                    "idle session got no 220 greeting"
+                );
                 anyhow::Ok(s)
             }));
         }
@@ -638,11 +955,16 @@ fn summarize(
                 ratio_vs_direct: None,
                 failed_sessions: c.runs.iter().map(|r| r.sessions_failed).sum(),
                 runs: c.runs,
+                cpu_per_session: median_cpu(&c.cpu),
             }
         })
         .collect();
+    let kernel_path = kernel_path(&results);
     let find = |prefix: &str, rs: &[ContenderResult]| {
-        rs.iter().find(|r| r.name.starts_with(prefix)).map(|r| r.median_sessions_per_s).filter(|v| *v > 0.0)
+        rs.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map(|r| r.median_sessions_per_s)
+            .filter(|v| *v > 0.0)
     };
     let haproxy = find("haproxy", &results);
     let direct = find("direct", &results);
@@ -661,7 +983,9 @@ fn summarize(
         schema: 1,
         command,
         machine: Machine {
-            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
             kernel: format!("Linux {}", kernel.trim()),
             rustc: rustc.trim().to_string(),
         },
@@ -675,6 +999,49 @@ fn summarize(
         skipped,
         idle_memory,
         distribution,
+        kernel_path,
+    })
+}
+
+fn median_cpu(runs: &[CpuUse]) -> Option<CpuUse> {
+    if runs.is_empty() {
+        return None;
+    }
+    let m = |f: fn(&CpuUse) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+    Some(CpuUse {
+        total_us: m(|c| c.total_us),
+        softirq_us: m(|c| c.softirq_us),
+        loadgen_us: m(|c| c.loadgen_us),
+        sinks_us: m(|c| c.sinks_us),
+        switchyard_us: m(|c| c.switchyard_us),
+        other_us: m(|c| c.other_us),
+    })
+}
+
+/// XDP against plain routing and against the proxy, all from the namespace topology.
+fn kernel_path(results: &[ContenderResult]) -> Option<KernelPath> {
+    let get = |mode: Mode| results.iter().find(|r| r.name == mode.contender());
+    let routing = get(Mode::Routing)?;
+    let proxy = get(Mode::Proxy)?;
+    let added = |r: &ContenderResult| -> Option<f64> {
+        Some(r.cpu_per_session.as_ref()?.total_us - routing.cpu_per_session.as_ref()?.total_us)
+    };
+    let xdp = [Mode::Dsr, Mode::Nat]
+        .into_iter()
+        .filter_map(get)
+        .map(|r| KernelRatio {
+            name: r.name.clone(),
+            vs_routing: r.median_sessions_per_s
+                / routing.median_sessions_per_s.max(f64::MIN_POSITIVE),
+            vs_proxy: r.median_sessions_per_s / proxy.median_sessions_per_s.max(f64::MIN_POSITIVE),
+            added_cpu_us: added(r),
+        })
+        .collect();
+    Some(KernelPath {
+        routing_sessions_per_s: routing.median_sessions_per_s,
+        proxy_sessions_per_s: proxy.median_sessions_per_s,
+        proxy_added_cpu_us: added(proxy),
+        xdp,
     })
 }
 
@@ -686,7 +1053,14 @@ fn ratio(r: Option<f64>) -> String {
 pub fn markdown(res: &BenchResults) -> String {
     let mut s = format!(
         "{} rounds x {} sessions, {} parallel, {} B messages, sinks: {}; {} CPUs, {}, {}\n\n",
-        res.rounds, res.sessions_per_run, res.concurrency, res.message_size, res.sinks, res.machine.cpus, res.machine.kernel, res.machine.rustc
+        res.rounds,
+        res.sessions_per_run,
+        res.concurrency,
+        res.message_size,
+        res.sinks,
+        res.machine.cpus,
+        res.machine.kernel,
+        res.machine.rustc
     );
     s.push_str("| contender | sessions/s (median) | min–max | p99 session (ms) | vs HAProxy | vs direct | failed |\n");
     s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
@@ -710,7 +1084,11 @@ pub fn markdown(res: &BenchResults) -> String {
             s.push_str(&format!(
                 "| {} | {} | {} |\n",
                 d.algorithm,
-                if per.is_empty() { "(not in log)".to_string() } else { per.join(" ") },
+                if per.is_empty() {
+                    "(not in log)".to_string()
+                } else {
+                    per.join(" ")
+                },
                 d.max_over_min.map_or("–".into(), |v| format!("{v:.2}"))
             ));
         }
@@ -721,10 +1099,64 @@ pub fn markdown(res: &BenchResults) -> String {
             m.bytes_per_session, m.sessions, m.rss_before_kib, m.rss_after_kib
         ));
     }
+    s.push_str(&kernel_markdown(res));
     for sk in &res.skipped {
         s.push_str(&format!("\nnot measured: {} ({})", sk.name, sk.reason));
     }
     s.push('\n');
+    s
+}
+
+/// The kernel path's section: ratios against its targets and CPU time per session.
+fn kernel_markdown(res: &BenchResults) -> String {
+    let Some(k) = &res.kernel_path else {
+        return String::new();
+    };
+    let mut s = String::from(
+        "\nKernel path (network namespaces, one veth/bridge segment, three sinks of its own, least_conn):\n\n\
+         | contender | sessions/s | vs routing (target >= 0.9x) | vs proxy (target >= 2x) |\n|---|---:|---:|---:|\n",
+    );
+    for x in &k.xdp {
+        let rate = res
+            .contenders
+            .iter()
+            .find(|c| c.name == x.name)
+            .map_or(0.0, |c| c.median_sessions_per_s);
+        s.push_str(&format!(
+            "| {} | {rate:.0} | {:.2}x | {:.2}x |\n",
+            x.name, x.vs_routing, x.vs_proxy
+        ));
+    }
+    s.push_str(
+        "\n| CPU per session (us, median) | all CPUs | of which softirq | loadgen | sinks | switchyard process | kernel, rest | added over routing |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for c in &res.contenders {
+        let Some(u) = &c.cpu_per_session else {
+            continue;
+        };
+        let added = if c.name == Mode::Proxy.contender() {
+            k.proxy_added_cpu_us
+        } else if c.name == Mode::Routing.contender() {
+            Some(0.0)
+        } else {
+            k.xdp
+                .iter()
+                .find(|x| x.name == c.name)
+                .and_then(|x| x.added_cpu_us)
+        };
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |\n",
+            c.name,
+            u.total_us,
+            u.softirq_us,
+            u.loadgen_us,
+            u.sinks_us,
+            u.switchyard_us,
+            u.other_us,
+            added.map_or("–".into(), |a| format!("{a:+.0}"))
+        ));
+    }
     s
 }
 
@@ -734,12 +1166,30 @@ fn print_table(res: &BenchResults) {
 
 /// Reads results.json back and checks that it is complete and plausible.
 pub fn validate(path: &Path) -> Result<BenchResults> {
-    let res: BenchResults = serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-        .with_context(|| format!("{} is not a well-formed results file", path.display()))?;
-    anyhow::ensure!(res.schema == 1, "{}: schema {} (expected 1)", path.display(), res.schema);
-    anyhow::ensure!(!res.contenders.is_empty(), "{}: no contenders", path.display());
+    let res: BenchResults = serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not a well-formed results file", path.display()))?;
+    anyhow::ensure!(
+        res.schema == 1,
+        "{}: schema {} (expected 1)",
+        path.display(),
+        res.schema
+    );
+    anyhow::ensure!(
+        !res.contenders.is_empty(),
+        "{}: no contenders",
+        path.display()
+    );
     for c in &res.contenders {
-        anyhow::ensure!(c.runs.len() == res.rounds, "{}: {} has {} runs, expected {}", path.display(), c.name, c.runs.len(), res.rounds);
+        anyhow::ensure!(
+            c.runs.len() == res.rounds,
+            "{}: {} has {} runs, expected {}",
+            path.display(),
+            c.name,
+            c.runs.len(),
+            res.rounds
+        );
         for r in &c.runs {
             anyhow::ensure!(
                 r.sessions_ok + r.sessions_failed == res.sessions_per_run,

@@ -44,13 +44,40 @@ pub fn draw(res: &BenchResults, path: &Path) -> Result<()> {
     let rates: Vec<(f64, f64, f64)> = res
         .contenders
         .iter()
-        .map(|c| (c.median_sessions_per_s, c.min_sessions_per_s, c.max_sessions_per_s))
+        .map(|c| {
+            (
+                c.median_sessions_per_s,
+                c.min_sessions_per_s,
+                c.max_sessions_per_s,
+            )
+        })
         .collect();
-    let p99: Vec<(f64, f64, f64)> = res.contenders.iter().map(|c| (c.median_p99_ms, c.median_p99_ms, c.median_p99_ms)).collect();
+    let p99: Vec<(f64, f64, f64)> = res
+        .contenders
+        .iter()
+        .map(|c| (c.median_p99_ms, c.median_p99_ms, c.median_p99_ms))
+        .collect();
     let names: Vec<String> = res.contenders.iter().map(|c| c.name.clone()).collect();
-    panel(&panels[0], "sessions/s (median, min–max)", &names, &rates, RGBColor(46, 110, 180), text, 0)?;
-    panel(&panels[1], "p99 session latency (ms, median of rounds)", &names, &p99, RGBColor(200, 110, 40), text, 2)?;
-    root.present().map_err(|e| anyhow!("chart: writing {}: {e}", path.display()))?;
+    panel(
+        &panels[0],
+        "sessions/s (median, min–max)",
+        &names,
+        &rates,
+        RGBColor(46, 110, 180),
+        text,
+        0,
+    )?;
+    panel(
+        &panels[1],
+        "p99 session latency (ms, median of rounds)",
+        &names,
+        &p99,
+        RGBColor(200, 110, 40),
+        text,
+        2,
+    )?;
+    root.present()
+        .map_err(|e| anyhow!("chart: writing {}: {e}", path.display()))?;
     Ok(())
 }
 
@@ -63,10 +90,17 @@ fn panel(
     text: bool,
     decimals: usize,
 ) -> Result<()> {
-    let max = values.iter().map(|v| v.2.max(v.0)).fold(0.0, f64::max).max(1e-9) * 1.15;
+    let max = values
+        .iter()
+        .map(|v| v.2.max(v.0))
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        * 1.15;
     let n = names.len().max(1) as f64;
     let mut builder = ChartBuilder::on(area);
-    builder.margin(15).x_label_area_size(if text { 30 } else { 0 });
+    builder
+        .margin(15)
+        .x_label_area_size(if text { 30 } else { 0 });
     if text {
         builder.caption(caption, ("sans-serif", 18));
     }
@@ -87,9 +121,16 @@ fn panel(
     for (i, ((median, lo, hi), name)) in values.iter().zip(names).enumerate() {
         // Top to bottom in table order.
         let y = n - i as f64 - 1.0;
-        let fill = if name.starts_with("switchyard") { color.filled() } else { color.mix(0.45).filled() };
+        let fill = if name.starts_with("switchyard") {
+            color.filled()
+        } else {
+            color.mix(0.45).filled()
+        };
         chart
-            .draw_series(std::iter::once(Rectangle::new([(0.0, y + 0.15), (*median, y + 0.85)], fill)))
+            .draw_series(std::iter::once(Rectangle::new(
+                [(0.0, y + 0.15), (*median, y + 0.85)],
+                fill,
+            )))
             .map_err(|e| anyhow!("chart: {e}"))?;
         if hi > lo {
             let whisker = ShapeStyle::from(&BLACK).stroke_width(2);

@@ -52,7 +52,12 @@ impl Supervised {
     /// Fails if the process has already exited (with the tail of its log).
     pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited ({status}); its log {}:\n{}", self.name, self.log.display(), tail(&self.log, 20));
+            bail!(
+                "{} exited ({status}); its log {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log, 20)
+            );
         }
         Ok(())
     }
@@ -99,34 +104,45 @@ pub fn tail(path: &Path, lines: usize) -> String {
 /// On SIGINT or SIGTERM: stop every child by PID, then exit 130. Destructors do not run on a
 /// signal, so this is what keeps an interrupted demo or benchmark from leaving servers behind.
 pub fn stop_children_on_signal() {
-    let _ = std::thread::Builder::new().name("signals".into()).spawn(|| {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-            return;
-        };
-        rt.block_on(async {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(|| {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            });
+            eprintln!("\ninterrupted: stopping child processes");
+            let pids: Vec<u32> = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+            for pid in &pids {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
             }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            for pid in &pids {
+                while Instant::now() < deadline
+                    && kill(Pid::from_raw(*pid as i32), None).is_ok()
+                    && !reaped(*pid)
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            }
+            std::process::exit(130);
         });
-        eprintln!("\ninterrupted: stopping child processes");
-        let pids: Vec<u32> = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
-        for pid in &pids {
-            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for pid in &pids {
-            while Instant::now() < deadline && kill(Pid::from_raw(*pid as i32), None).is_ok() && !reaped(*pid) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
-        }
-        std::process::exit(130);
-    });
 }
 
 /// Reaps `pid` if it has exited (a zombie still answers signal 0).

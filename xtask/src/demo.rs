@@ -23,7 +23,11 @@ use crate::workspace;
 
 /// What config/demo.toml sets; the fallback config uses the same values.
 const LISTEN: &str = "127.0.0.1:2525";
-const BACKENDS: [(&str, &str); 3] = [("sink1", "127.0.0.1:2601"), ("sink2", "127.0.0.1:2602"), ("sink3", "127.0.0.1:2603")];
+const BACKENDS: [(&str, &str); 3] = [
+    ("sink1", "127.0.0.1:2601"),
+    ("sink2", "127.0.0.1:2602"),
+    ("sink3", "127.0.0.1:2603"),
+];
 
 fn fallback_config() -> String {
     let mut cfg = format!(
@@ -32,7 +36,9 @@ fn fallback_config() -> String {
          interval = \"1s\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n"
     );
     for (name, addr) in BACKENDS {
-        cfg.push_str(&format!("\n[[service.backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"));
+        cfg.push_str(&format!(
+            "\n[[service.backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
+        ));
     }
     cfg
 }
@@ -60,7 +66,10 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
     let listen = parse_addr(LISTEN)?;
     children::ensure_port_free(listen)?;
 
-    println!("demo: three SMTP sinks, switchyard in front of them ({}), load for {duration:?}", config.display());
+    println!(
+        "demo: three SMTP sinks, switchyard in front of them ({}), load for {duration:?}",
+        config.display()
+    );
     let exe = std::env::current_exe()?;
     let mut sinks = Vec::new();
     for (name, addr) in BACKENDS {
@@ -68,17 +77,27 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
         children::ensure_port_free(addr)?;
         let mut cmd = Command::new(&exe);
         cmd.args(["sink", "--listen"]).arg(addr.to_string());
-        sinks.push((name, addr, Supervised::start(name, &mut cmd, &dir.join(format!("{name}.log")))?));
+        sinks.push((
+            name,
+            addr,
+            Supervised::start(name, &mut cmd, &dir.join(format!("{name}.log")))?,
+        ));
     }
     for (_, addr, _) in &sinks {
         children::wait_for_greeting(*addr, Duration::from_secs(10))?;
     }
     let switchyard_log = dir.join("switchyard.log");
     let mut cmd = Command::new(workspace::switchyard_release());
-    cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", "info");
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info");
     let mut switchyard = Supervised::start("switchyard", &mut cmd, &switchyard_log)?;
     wait_healthy(listen, &mut switchyard)?;
-    println!("demo: switchyard listens on {listen}; sinks on {}", BACKENDS.map(|b| b.1).join(", "));
+    println!(
+        "demo: switchyard listens on {listen}; sinks on {}",
+        BACKENDS.map(|b| b.1).join(", ")
+    );
 
     let cancel = Arc::new(AtomicBool::new(false));
     let mut spec = LoadSpec::new(listen, 50, Budget::Duration(duration));
@@ -112,11 +131,16 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
     println!("  backend  address           assigned by switchyard   messages at the sink");
     for (name, addr, p) in &sinks {
         let at_sink = sink_messages(&p.log).map_or("?".to_string(), |n| n.to_string());
-        let by_switchyard = assigned.get(*name).map_or("?".to_string(), |n| n.to_string());
+        let by_switchyard = assigned
+            .get(*name)
+            .map_or("?".to_string(), |n| n.to_string());
         println!("  {name:<8} {addr:<17} {by_switchyard:>22}   {at_sink:>20}");
     }
     println!("  (switchyard's count includes the readiness probe, a session without a message)");
-    println!("\n== health transitions (from {})", switchyard_log.display());
+    println!(
+        "\n== health transitions (from {})",
+        switchyard_log.display()
+    );
     let transitions: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(" is UP") || l.contains(" is DOWN") || l.contains("marked down"))
@@ -129,10 +153,16 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
     }
     println!("\n== failed sessions: {}", report.sessions_failed);
     if report.sessions_failed > 0 || report.sessions_ok == 0 {
-        println!("demo: FAILED ({} failed, {} completed)", report.sessions_failed, report.sessions_ok);
+        println!(
+            "demo: FAILED ({} failed, {} completed)",
+            report.sessions_failed, report.sessions_ok
+        );
         return Ok(ExitCode::FAILURE);
     }
-    println!("demo: OK: {} sessions, none failed, across the loss of {victim}", report.sessions_ok);
+    println!(
+        "demo: OK: {} sessions, none failed, across the loss of {victim}",
+        report.sessions_ok
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -196,7 +196,10 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
                     Budget::Sessions(_) => bar.set_position(shared.done.load(Ordering::Relaxed)),
                     Budget::Duration(_) => {
                         bar.set_position(started.elapsed().as_millis() as u64);
-                        bar.set_message(format!("{} sessions", shared.done.load(Ordering::Relaxed)));
+                        bar.set_message(format!(
+                            "{} sessions",
+                            shared.done.load(Ordering::Relaxed)
+                        ));
                     }
                 }
             }
@@ -228,7 +231,12 @@ struct Shared {
 
 impl Shared {
     fn take_session(&self, deadline: Option<Instant>) -> bool {
-        if self.spec.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+        if self
+            .spec
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
             return false;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -296,7 +304,9 @@ fn failure_kind(stage: Stage, failure: &Failure) -> String {
             io::ErrorKind::ConnectionRefused => "connect refused".to_string(),
             io::ErrorKind::ConnectionReset => format!("reset at {at}"),
             io::ErrorKind::BrokenPipe => format!("broken pipe at {at}"),
-            io::ErrorKind::AddrNotAvailable => "no local address (ephemeral ports exhausted)".to_string(),
+            io::ErrorKind::AddrNotAvailable => {
+                "no local address (ephemeral ports exhausted)".to_string()
+            }
             io::ErrorKind::TimedOut => format!("timeout at {at}"),
             kind => format!("{kind} at {at}"),
         },
@@ -357,7 +367,13 @@ impl WorkerStats {
     }
 
     fn report(&self, spec: &LoadSpec, elapsed: f64) -> LoadReport {
-        let per_s = |n: u64| if elapsed > 0.0 { n as f64 / elapsed } else { 0.0 };
+        let per_s = |n: u64| {
+            if elapsed > 0.0 {
+                n as f64 / elapsed
+            } else {
+                0.0
+            }
+        };
         LoadReport {
             target: spec.target.to_string(),
             concurrency: spec.concurrency,
@@ -440,7 +456,10 @@ async fn worker(id: usize, shared: Arc<Shared>, deadline: Option<Instant>) -> Wo
             }
             Err(failure) => {
                 stats.failed += 1;
-                *stats.errors.entry(failure_kind(stage, &failure)).or_default() += 1;
+                *stats
+                    .errors
+                    .entry(failure_kind(stage, &failure))
+                    .or_default() += 1;
             }
         }
         shared.done.fetch_add(1, Ordering::Relaxed);
@@ -482,7 +501,9 @@ async fn session(
     marks.greeted = Some(started.elapsed());
 
     *stage = Stage::Ehlo;
-    stream.write_all(b"EHLO loadgen.switchyard.invalid\r\n").await?;
+    stream
+        .write_all(b"EHLO loadgen.switchyard.invalid\r\n")
+        .await?;
     let ehlo = read_reply(&mut stream, &mut buf.input).await?;
     if ehlo.code != 250 {
         return Err(Failure::Code(ehlo.code));
@@ -490,10 +511,14 @@ async fn session(
     let pipelining = spec.pipelining && ehlo.pipelining;
 
     buf.output.clear();
-    buf.output.extend_from_slice(b"MAIL FROM:<loadgen@switchyard.invalid>\r\n");
+    buf.output
+        .extend_from_slice(b"MAIL FROM:<loadgen@switchyard.invalid>\r\n");
     let envelope_end = buf.output.len();
     for r in 0..spec.recipients {
-        push_fmt(&mut buf.output, format_args!("RCPT TO:<rcpt{r}@switchyard.invalid>\r\n"));
+        push_fmt(
+            &mut buf.output,
+            format_args!("RCPT TO:<rcpt{r}@switchyard.invalid>\r\n"),
+        );
     }
     buf.output.extend_from_slice(b"DATA\r\n");
     if pipelining {
@@ -548,7 +573,10 @@ async fn session(
 }
 
 fn line_len(bytes: &[u8]) -> usize {
-    bytes.iter().position(|&b| b == b'\n').map_or(bytes.len(), |i| i + 1)
+    bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| i + 1)
 }
 
 fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
@@ -670,7 +698,11 @@ mod tests {
         assert!(body.ends_with(b"\r\n.\r\n"));
         let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
         for line in &lines[..lines.len() - 1] {
-            assert!(line.ends_with(b"\r"), "bare LF in {:?}", String::from_utf8_lossy(line));
+            assert!(
+                line.ends_with(b"\r"),
+                "bare LF in {:?}",
+                String::from_utf8_lossy(line)
+            );
             assert!(line.len() <= 1000);
         }
         // Only the final "." line is a lone dot; the stuffed line starts with "..".

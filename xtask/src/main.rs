@@ -49,6 +49,10 @@ enum Cmd {
         /// Sessions per run (default 20000, quick 1000).
         #[arg(long)]
         messages: Option<u64>,
+        /// Only the kernel path (root): plain routing, switchyard's proxy and its XDP path in
+        /// one namespace topology; writes target/bench/kernel-results.json.
+        #[arg(long)]
+        kernel_only: bool,
     },
     /// A fast SMTP sink (used where Postfix's smtp-sink is missing).
     Sink {
@@ -123,22 +127,35 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             reexec_release(&["xtask", "switchyard"])?;
             demo::run(duration)
         }
-        Cmd::Bench { quick, rounds, messages } => {
+        Cmd::Bench {
+            quick,
+            rounds,
+            messages,
+            kernel_only,
+        } => {
             reexec_release(&["xtask", "switchyard"])?;
-            bench::run(bench::BenchOptions::new(quick, rounds, messages)).map(|_| ExitCode::SUCCESS)
+            let mut opts = bench::BenchOptions::new(quick, rounds, messages);
+            opts.kernel_only = kernel_only;
+            bench::run(opts).map(|_| ExitCode::SUCCESS)
         }
         Cmd::Loadgen(args) => {
             reexec_release(&["xtask"])?;
             loadgen_command(args)
         }
-        Cmd::Sink { listen, reject_at, reject_code } => {
+        Cmd::Sink {
+            listen,
+            reject_at,
+            reject_code,
+        } => {
             let reject = match reject_at.as_deref() {
                 None => None,
                 Some("greeting") => Some((RejectAt::Greeting, reject_code)),
                 Some("mail") => Some((RejectAt::Mail, reject_code)),
                 Some("rcpt") => Some((RejectAt::Rcpt, reject_code)),
                 Some("data") => Some((RejectAt::Data, reject_code)),
-                Some(other) => anyhow::bail!("--reject-at {other}: expected greeting, mail, rcpt or data"),
+                Some(other) => {
+                    anyhow::bail!("--reject-at {other}: expected greeting, mail, rcpt or data")
+                }
             };
             workspace::raise_nofile_limit();
             sink::run_process(&listen, SinkConfig { reject }).map(|_| ExitCode::SUCCESS)
@@ -180,5 +197,9 @@ fn loadgen_command(args: LoadgenArgs) -> Result<ExitCode> {
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(if report.sessions_failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.sessions_failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

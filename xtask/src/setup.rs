@@ -71,7 +71,13 @@ pub fn rustc_key(version_line: &str) -> String {
         .collect::<Vec<_>>()
         .join("-")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     cleaned.trim_matches('-').to_string()
 }
@@ -98,14 +104,24 @@ fn ensure_bpf_linker() -> Result<(PathBuf, bool)> {
     let dir = bpf_linker_dir()?;
     let bin = dir.join("bin").join("bpf-linker");
     let built = if bin.is_file() {
-        println!("  bpf-linker {BPF_LINKER_VERSION}: cached at {}", dir.display());
+        println!(
+            "  bpf-linker {BPF_LINKER_VERSION}: cached at {}",
+            dir.display()
+        );
         false
     } else {
         build_bpf_linker(&dir)?;
         true
     };
-    let bin = bin.canonicalize().with_context(|| format!("{} missing after install", bin.display()))?;
-    write_if_changed(&workspace::target_dir().join("tools").join("bpf-linker.path"), &format!("{}\n", bin.display()))?;
+    let bin = bin
+        .canonicalize()
+        .with_context(|| format!("{} missing after install", bin.display()))?;
+    write_if_changed(
+        &workspace::target_dir()
+            .join("tools")
+            .join("bpf-linker.path"),
+        &format!("{}\n", bin.display()),
+    )?;
     Ok((bin, built))
 }
 
@@ -131,7 +147,13 @@ fn build_bpf_linker(root: &Path) -> Result<()> {
         lib = lib.display()
     );
     run(Command::new(workspace::cargo())
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
         .args(["--no-default-features", "--features"])
         .arg(format!("{feature},no-llvm-linking"))
         .arg("--root")
@@ -163,7 +185,9 @@ fn is_installed(package: &str) -> bool {
 
 fn ensure_packages() -> Result<bool> {
     if workspace::find_program("dpkg-query").is_none() {
-        println!("  Debian packages: not a Debian system, skipping (install Postfix, HAProxy, nginx yourself)");
+        println!(
+            "  Debian packages: not a Debian system, skipping (install Postfix, HAProxy, nginx yourself)"
+        );
         return Ok(false);
     }
     let missing: Vec<&str> = PACKAGES
@@ -172,7 +196,14 @@ fn ensure_packages() -> Result<bool> {
         .map(|(p, _)| *p)
         .collect();
     if missing.is_empty() {
-        println!("  Debian packages: all installed ({})", PACKAGES.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", "));
+        println!(
+            "  Debian packages: all installed ({})",
+            PACKAGES
+                .iter()
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         return Ok(false);
     }
     for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
@@ -197,7 +228,9 @@ fn ensure_packages() -> Result<bool> {
         }
         child.wait()?;
     }
-    run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
@@ -211,8 +244,14 @@ mod tests {
 
     #[test]
     fn key_comes_from_rustc_version() {
-        assert_eq!(rustc_key("rustc 1.95.0 (59807616e 2026-04-14)\n"), "1.95.0-59807616e");
-        assert_eq!(rustc_key("rustc 1.96.0-nightly (abc 2026-05-01)"), "1.96.0-nightly-abc");
+        assert_eq!(
+            rustc_key("rustc 1.95.0 (59807616e 2026-04-14)\n"),
+            "1.95.0-59807616e"
+        );
+        assert_eq!(
+            rustc_key("rustc 1.96.0-nightly (abc 2026-05-01)"),
+            "1.96.0-nightly-abc"
+        );
     }
 
     #[test]

@@ -94,7 +94,10 @@ impl SinkThread {
         let thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready_tx.send(Err(anyhow::Error::from(e)));
@@ -112,7 +115,10 @@ impl SinkThread {
                             }
                         }
                     }
-                    let info = started.iter().map(|(a, s, _)| (*a, s.clone())).collect::<Vec<_>>();
+                    let info = started
+                        .iter()
+                        .map(|(a, s, _)| (*a, s.clone()))
+                        .collect::<Vec<_>>();
                     let _ = ready_tx.send(Ok(info));
                     let _ = stop_rx.await;
                     for (_, _, task) in started {
@@ -121,7 +127,9 @@ impl SinkThread {
                 });
             })
             .context("starting the sink thread")?;
-        let info = ready_rx.recv().context("sink thread died while starting")??;
+        let info = ready_rx
+            .recv()
+            .context("sink thread died while starting")??;
         Ok(Self {
             addrs: info.iter().map(|(a, _)| *a).collect(),
             stats: info.into_iter().map(|(_, s)| s).collect(),
@@ -147,16 +155,27 @@ enum Mode {
     Data,
 }
 
-async fn converse(mut stream: TcpStream, config: SinkConfig, stats: &SinkStats) -> std::io::Result<()> {
+async fn converse(
+    mut stream: TcpStream,
+    config: SinkConfig,
+    stats: &SinkStats,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let reject = |at: RejectAt| config.reject.filter(|(stage, _)| *stage == at).map(|(_, c)| c);
+    let reject = |at: RejectAt| {
+        config
+            .reject
+            .filter(|(stage, _)| *stage == at)
+            .map(|(_, c)| c)
+    };
     if let Some(code) = reject(RejectAt::Greeting) {
         stream
             .write_all(format!("{code} sink.switchyard.invalid rejecting\r\n").as_bytes())
             .await?;
         return Ok(());
     }
-    stream.write_all(b"220 sink.switchyard.invalid ESMTP\r\n").await?;
+    stream
+        .write_all(b"220 sink.switchyard.invalid ESMTP\r\n")
+        .await?;
     let mut input: Vec<u8> = Vec::with_capacity(8192);
     let mut output: Vec<u8> = Vec::with_capacity(512);
     let mut mode = Mode::Command;
@@ -179,7 +198,9 @@ async fn converse(mut stream: TcpStream, config: SinkConfig, stats: &SinkStats) 
                     if line == b".\r\n" || line == b".\n" {
                         mode = Mode::Command;
                         stats.messages.fetch_add(1, Ordering::Relaxed);
-                        stats.message_bytes.fetch_add(message_bytes, Ordering::Relaxed);
+                        stats
+                            .message_bytes
+                            .fetch_add(message_bytes, Ordering::Relaxed);
                         output.extend_from_slice(b"250 2.0.0 Ok: queued\r\n");
                     } else {
                         message_bytes += line.len() as u64;
@@ -227,7 +248,9 @@ async fn converse(mut stream: TcpStream, config: SinkConfig, stats: &SinkStats) 
 
 fn reply(output: &mut Vec<u8>, reject: Option<u16>, ok: &[u8]) {
     match reject {
-        Some(code) => output.extend_from_slice(format!("{code} {}.7.1 rejected by test sink\r\n", code / 100).as_bytes()),
+        Some(code) => output.extend_from_slice(
+            format!("{code} {}.7.1 rejected by test sink\r\n", code / 100).as_bytes(),
+        ),
         None => output.extend_from_slice(ok),
     }
 }
@@ -236,7 +259,9 @@ fn reply(output: &mut Vec<u8>, reject: Option<u16>, ok: &[u8]) {
 /// gracefully: closes its listeners at once (new connections are refused) and lets the sessions
 /// in progress finish (up to 10 s). Prints what each address saw before exiting.
 pub fn run_process(addrs: &[SocketAddr], config: SinkConfig) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut served = Vec::new();
@@ -255,11 +280,18 @@ pub fn run_process(addrs: &[SocketAddr], config: SinkConfig) -> Result<()> {
             task.abort();
         }
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while served.iter().any(|(_, s, _)| s.active() > 0) && tokio::time::Instant::now() < deadline {
+        while served.iter().any(|(_, s, _)| s.active() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         for (a, s, _) in &served {
-            println!("sink {a} stopped: sessions={} messages={} unfinished={}", s.sessions(), s.messages(), s.active());
+            println!(
+                "sink {a} stopped: sessions={} messages={} unfinished={}",
+                s.sessions(),
+                s.messages(),
+                s.active()
+            );
         }
         anyhow::Ok(())
     })

@@ -32,7 +32,10 @@ pub fn count_line(line: &str, counts: &mut TestCounts) {
     for part in rest.split(';') {
         let words: Vec<&str> = part.split_whitespace().collect();
         let (n, what) = match words.as_slice() {
-            [.., n, what] => (n.trim_start_matches("ok.").trim_start_matches("FAILED."), *what),
+            [.., n, what] => (
+                n.trim_start_matches("ok.").trim_start_matches("FAILED."),
+                *what,
+            ),
             _ => continue,
         };
         let Ok(n) = n.parse::<u64>() else { continue };
@@ -52,17 +55,33 @@ pub fn run() -> Result<ExitCode> {
 
     let t = Instant::now();
     let linker = setup::setup().context("setup failed; nothing else was run")?;
-    steps.push(Step { name: "setup", ok: true, seconds: t.elapsed().as_secs_f64(), detail: format!("bpf-linker {}", linker.display()) });
+    steps.push(Step {
+        name: "setup",
+        ok: true,
+        seconds: t.elapsed().as_secs_f64(),
+        detail: format!("bpf-linker {}", linker.display()),
+    });
 
     // cargo test --workspace, its output passed through and its result lines counted.
     let t = Instant::now();
     let mut cmd = Command::new(workspace::cargo());
-    cmd.current_dir(&root).args(["test", "--workspace"]).stdout(Stdio::piped());
+    cmd.current_dir(&root)
+        .args(["test", "--workspace"])
+        .stdout(Stdio::piped());
     if ci {
         // In CI a kernel-path or Postfix test that cannot run is a failure, not a skip.
-        cmd.env("SWITCHYARD_REQUIRE_XDP", "1").env("SWITCHYARD_REQUIRE_POSTFIX", "1");
+        cmd.env("SWITCHYARD_REQUIRE_XDP", "1")
+            .env("SWITCHYARD_REQUIRE_POSTFIX", "1");
     }
-    println!("$ {}{}", workspace::display(&cmd), if ci { "  (CI: SWITCHYARD_REQUIRE_XDP=1 SWITCHYARD_REQUIRE_POSTFIX=1)" } else { "" });
+    println!(
+        "$ {}{}",
+        workspace::display(&cmd),
+        if ci {
+            "  (CI: SWITCHYARD_REQUIRE_XDP=1 SWITCHYARD_REQUIRE_POSTFIX=1)"
+        } else {
+            ""
+        }
+    );
     let mut child = cmd.spawn().context("starting cargo test")?;
     let mut counts = TestCounts::default();
     if let Some(out) = child.stdout.take() {
@@ -76,13 +95,18 @@ pub fn run() -> Result<ExitCode> {
         name: "cargo test --workspace",
         ok: status.success() && counts.failed == 0,
         seconds: t.elapsed().as_secs_f64(),
-        detail: format!("{} passed, {} failed, {} ignored ({status})", counts.passed, counts.failed, counts.ignored),
+        detail: format!(
+            "{} passed, {} failed, {} ignored ({status})",
+            counts.passed, counts.failed, counts.ignored
+        ),
     });
 
     // The benchmark and the demo in release builds, as a user runs them.
     let xtask = |args: &[&str]| {
         let mut c = Command::new(workspace::cargo());
-        c.current_dir(&root).args(["run", "--quiet", "--package", "xtask", "--"]).args(args);
+        c.current_dir(&root)
+            .args(["run", "--quiet", "--package", "xtask", "--"])
+            .args(args);
         c
     };
     let t = Instant::now();
@@ -93,7 +117,11 @@ pub fn run() -> Result<ExitCode> {
         ok: bench_ok.is_ok(),
         seconds: t.elapsed().as_secs_f64(),
         detail: match &bench_ok {
-            Ok(r) => format!("results.json valid: {} contenders, {} skipped", r.contenders.len(), r.skipped.len()),
+            Ok(r) => format!(
+                "results.json valid: {} contenders, {} skipped",
+                r.contenders.len(),
+                r.skipped.len()
+            ),
             Err(e) => format!("{e:#}"),
         },
     });
@@ -111,7 +139,13 @@ pub fn run() -> Result<ExitCode> {
 
     println!("\n== cargo xtask test summary");
     for s in &steps {
-        println!("  {}  {:<32} {:>6.0} s  {}", if s.ok { "PASS" } else { "FAIL" }, s.name, s.seconds, s.detail);
+        println!(
+            "  {}  {:<32} {:>6.0} s  {}",
+            if s.ok { "PASS" } else { "FAIL" },
+            s.name,
+            s.seconds,
+            s.detail
+        );
     }
     let failed_steps = steps.iter().filter(|s| !s.ok).count() as u64;
     // bench and demo count as one test each, next to cargo's own counts.
@@ -120,8 +154,16 @@ pub fn run() -> Result<ExitCode> {
     let test_step_failure = u64::from(!steps[1].ok && counts.failed == 0);
     let other_failures = steps[2..].iter().filter(|s| !s.ok).count() as u64;
     let failed = counts.failed + test_step_failure + other_failures;
-    println!("tests: {} passed, {} failed", counts.passed + extra_passed, failed);
-    Ok(if failed_steps == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!(
+        "tests: {} passed, {} failed",
+        counts.passed + extra_passed,
+        failed
+    );
+    Ok(if failed_steps == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[cfg(test)]
@@ -131,9 +173,22 @@ mod tests {
     #[test]
     fn counts_cargo_result_lines() {
         let mut c = TestCounts::default();
-        count_line("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s", &mut c);
-        count_line("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out", &mut c);
+        count_line(
+            "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+            &mut c,
+        );
+        count_line(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+            &mut c,
+        );
         count_line("running 5 tests", &mut c);
-        assert_eq!(c, TestCounts { passed: 15, failed: 2, ignored: 1 });
+        assert_eq!(
+            c,
+            TestCounts {
+                passed: 15,
+                failed: 2,
+                ignored: 1
+            }
+        );
     }
 }

@@ -9,7 +9,10 @@
 //! with the VIP depends on the active [`Mode`]:
 //! - `routing`: no balancer at all, an ECMP route (layer-4 hash) to the three backends, which
 //!   answer the client directly: the physical limit of this network;
-//! - `proxy`: the VIP on the balancer's loopback and switchyard's userspace proxy on it;
+//! - `proxy`: switchyard's userspace proxy on the balancer's own address (not the VIP: the
+//!   proxy's TIME_WAIT sockets would otherwise hold VIP tuples, and the kernel drops a packet
+//!   it should forward when early demux matches it to a local socket, so the next routing run
+//!   would lose connections);
 //! - `dsr`: switchyard's XDP program rewrites the destination MAC and transmits (XDP_TX); the
 //!   backends answer the client directly, as in `routing`;
 //! - `nat`: switchyard's XDP program rewrites to the backend's address and redirects; the
@@ -22,7 +25,7 @@
 
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -87,6 +90,8 @@ pub struct Topology {
     pub sinks_kind: &'static str,
     sinks: Vec<Supervised>,
     active: Option<(Mode, Option<Supervised>)>,
+    /// The pass program's link on the balancer's bridge port; closing it detaches.
+    pass_link: Option<OwnedFd>,
 }
 
 impl Topology {
@@ -106,9 +111,12 @@ impl Topology {
             sinks_kind: "",
             sinks: Vec::new(),
             active: None,
+            pass_link: None,
         };
-        topo.wire().context("building the benchmark's network namespaces")?;
-        topo.start_sinks().context("starting the sinks in the backend namespaces")?;
+        topo.wire()
+            .context("building the benchmark's network namespaces")?;
+        topo.start_sinks()
+            .context("starting the sinks in the backend namespaces")?;
         Ok(topo)
     }
 
@@ -130,8 +138,14 @@ impl Topology {
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
         self.plug(&self.client, "pc", &format!("{CLIENT}/24"))?;
         self.plug(&self.balancer, "plb", &format!("{BALANCER}/24"))?;
+        // The balancer's XDP program transmits (dsr) and redirects (nat) into this port.
+        self.pass_link = Some(in_netns(&sw, || attach_pass("plb"))??);
         for (i, ns) in self.backends.iter().enumerate() {
-            self.plug(ns, &format!("pb{}", i + 1), &format!("{}/24", backend_addr(i)))?;
+            self.plug(
+                ns,
+                &format!("pb{}", i + 1),
+                &format!("{}/24", backend_addr(i)),
+            )?;
             ip(&["-n", ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             sysctl(ns, "net.ipv4.conf.all.arp_ignore", "1")?;
             sysctl(ns, "net.ipv4.conf.all.arp_announce", "2")?;
@@ -139,7 +153,15 @@ impl Topology {
         // The client reaches the VIP through the balancer, takes no redirect to a backend, and
         // has ports enough for tens of thousands of short sessions per run.
         let client = &self.client;
-        ip(&["-n", client, "route", "add", &format!("{VIP}/32"), "via", &BALANCER.to_string()])?;
+        ip(&[
+            "-n",
+            client,
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            &BALANCER.to_string(),
+        ])?;
         sysctl(client, "net.ipv4.conf.all.accept_redirects", "0")?;
         sysctl(client, "net.ipv4.conf.eth0.accept_redirects", "0")?;
         let lb = &self.balancer;
@@ -157,24 +179,38 @@ impl Topology {
 
     /// A veth from `ns` (eth0 there) to the bridge (`port` there). The host end sends complete
     /// checksums: a veth otherwise hands on TCP segments with only the pseudo-header sum, which
-    /// XDP forwards as is. The bridge end has GRO on, which gives it a NAPI instance: a veth
-    /// delivers frames its peer's XDP program transmits or redirects only then (or with an XDP
-    /// program of its own).
+    /// XDP forwards as is (a physical NIC delivers complete checksums).
     fn plug(&self, ns: &str, port: &str, address: &str) -> Result<()> {
-        ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &self.switch])?;
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            &self.switch,
+        ])?;
         ip(&["-n", &self.switch, "link", "set", port, "master", "br0"])?;
         ip(&["-n", &self.switch, "link", "set", port, "up"])?;
         ip(&["-n", ns, "addr", "add", address, "dev", "eth0"])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         ethtool_set(ns, "eth0", ETHTOOL_STXCSUM, 0)?;
-        ethtool_set(&self.switch, port, ETHTOOL_SGRO, 1)?;
         Ok(())
     }
 
     fn start_sinks(&mut self) -> Result<()> {
         let listen = SocketAddr::from(([0, 0, 0, 0], SMTP_PORT)).to_string();
         let smtp_sink = workspace::find_program("smtp-sink");
-        self.sinks_kind = if smtp_sink.is_some() { "smtp-sink" } else { "xtask sink" };
+        self.sinks_kind = if smtp_sink.is_some() {
+            "smtp-sink"
+        } else {
+            "xtask sink"
+        };
         for (i, ns) in self.backends.iter().enumerate() {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", ns]);
@@ -183,15 +219,20 @@ impl Topology {
                     cmd.arg(bin).args(["-u", "nobody"]).arg(&listen).arg("1024");
                 }
                 None => {
-                    cmd.arg(std::env::current_exe()?).args(["sink", "--listen"]).arg(&listen);
+                    cmd.arg(std::env::current_exe()?)
+                        .args(["sink", "--listen"])
+                        .arg(&listen);
                 }
             }
             let log = self.dir.join(format!("netns-sink{}.log", i + 1));
-            self.sinks.push(Supervised::start(&format!("sink in {ns}"), &mut cmd, &log)?);
+            self.sinks
+                .push(Supervised::start(&format!("sink in {ns}"), &mut cmd, &log)?);
         }
         for (i, ns) in self.backends.iter().enumerate() {
             let addr = SocketAddr::from((backend_addr(i), SMTP_PORT));
-            let code = in_netns(ns, move || children::wait_for_greeting(addr, Duration::from_secs(10)))??;
+            let code = in_netns(ns, move || {
+                children::wait_for_greeting(addr, Duration::from_secs(10))
+            })??;
             anyhow::ensure!(code == 220, "sink {addr} in {ns} greeted with {code}");
         }
         Ok(())
@@ -204,12 +245,18 @@ impl Topology {
 
     /// The running switchyard of the active mode, if any.
     pub fn balancer_pid(&self) -> Option<u32> {
-        self.active.as_ref().and_then(|(_, p)| p.as_ref()).map(|p| p.pid())
+        self.active
+            .as_ref()
+            .and_then(|(_, p)| p.as_ref())
+            .map(|p| p.pid())
     }
 
-    /// Where the load generator connects in every mode.
-    pub fn target(&self) -> SocketAddr {
-        SocketAddr::from((VIP, SMTP_PORT))
+    /// Where the load generator connects in `mode`.
+    pub fn target(mode: Mode) -> SocketAddr {
+        match mode {
+            Mode::Proxy => SocketAddr::from((BALANCER, SMTP_PORT)),
+            _ => SocketAddr::from((VIP, SMTP_PORT)),
+        }
     }
 
     /// Switches the balancer to `mode` (a no-op if it is active and still running) and waits
@@ -229,21 +276,31 @@ impl Topology {
         let mut process = None;
         match mode {
             Mode::Routing => {
-                let mut args = vec!["-n".to_string(), lb.clone(), "route".into(), "replace".into(), vip.clone()];
+                let mut args = vec![
+                    "-n".to_string(),
+                    lb.clone(),
+                    "route".into(),
+                    "replace".into(),
+                    vip.clone(),
+                ];
                 for i in 0..BACKENDS {
                     args.extend(["nexthop".into(), "via".into(), backend_addr(i).to_string()]);
                 }
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 ip(&args)?;
             }
-            Mode::Proxy => {
-                ip(&["-n", &lb, "addr", "add", &vip, "dev", "lo"])?;
-                process = Some(self.start_switchyard(mode)?);
-            }
-            Mode::Dsr => process = Some(self.start_switchyard(mode)?),
+            Mode::Dsr | Mode::Proxy => process = Some(self.start_switchyard(mode)?),
             Mode::Nat => {
                 for ns in &self.backends {
-                    ip(&["-n", ns, "route", "replace", &format!("{CLIENT}/32"), "via", &BALANCER.to_string()])?;
+                    ip(&[
+                        "-n",
+                        ns,
+                        "route",
+                        "replace",
+                        &format!("{CLIENT}/32"),
+                        "via",
+                        &BALANCER.to_string(),
+                    ])?;
                 }
                 process = Some(self.start_switchyard(mode)?);
             }
@@ -261,15 +318,17 @@ impl Topology {
         let lb = &self.balancer;
         let vip = format!("{VIP}/32");
         let _ = ip(&["-n", lb, "route", "del", &vip]);
-        let _ = ip(&["-n", lb, "addr", "del", &vip, "dev", "lo"]);
         for ns in &self.backends {
             let _ = ip(&["-n", ns, "route", "del", &format!("{CLIENT}/32")]);
         }
     }
 
     fn start_switchyard(&self, mode: Mode) -> Result<Supervised> {
-        let cfg = self.dir.join(format!("switchyard-netns-{}.toml", mode.word()));
-        std::fs::write(&cfg, switchyard_config(mode)).with_context(|| format!("writing {}", cfg.display()))?;
+        let cfg = self
+            .dir
+            .join(format!("switchyard-netns-{}.toml", mode.word()));
+        std::fs::write(&cfg, switchyard_config(mode))
+            .with_context(|| format!("writing {}", cfg.display()))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.balancer])
             .arg(&self.switchyard)
@@ -277,25 +336,35 @@ impl Topology {
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", "info");
-        let log = self.dir.join(format!("switchyard-netns-{}.log", mode.word()));
-        Supervised::start(&format!("switchyard {} in {}", mode.word(), self.balancer), &mut cmd, &log)
+        let log = self
+            .dir
+            .join(format!("switchyard-netns-{}.log", mode.word()));
+        Supervised::start(
+            &format!("switchyard {} in {}", mode.word(), self.balancer),
+            &mut cmd,
+            &log,
+        )
     }
 
-    /// Until the VIP greets with 220 from the client's namespace (for switchyard: its program
-    /// or listener is up and a backend passed its health checks).
+    /// Until the target greets with 220 from the client's namespace (for switchyard: its
+    /// program or listener is up and a backend passed its health checks).
     fn wait_ready(&mut self, mode: Mode) -> Result<()> {
-        let target = self.target();
+        let target = Self::target(mode);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some((_, Some(p))) = &mut self.active {
                 p.check_running()?;
             }
-            let code = in_netns(&self.client, move || children::wait_for_greeting(target, Duration::from_secs(2)))?;
+            let code = in_netns(&self.client, move || {
+                children::wait_for_greeting(target, Duration::from_secs(2))
+            })?;
             if let Ok(220) = code {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let log = self.dir.join(format!("switchyard-netns-{}.log", mode.word()));
+                let log = self
+                    .dir
+                    .join(format!("switchyard-netns-{}.log", mode.word()));
                 bail!(
                     "{target} did not greet with 220 within 30 s in mode {} (last: {code:?}); switchyard's log {}:\n{}",
                     mode.word(),
@@ -311,6 +380,7 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.deactivate();
+        self.pass_link = None;
         for mut s in self.sinks.drain(..) {
             s.stop(Duration::from_secs(5));
         }
@@ -333,9 +403,10 @@ pub fn switchyard_config(mode: Mode) -> String {
         ),
         _ => ("proxy", String::new()),
     };
+    let listen = Topology::target(mode);
     let mut cfg = format!(
         "# Written by cargo xtask bench (kernel path, mode {}).\nshutdown_timeout = \"5s\"\n\n[[service]]\n\
-         name = \"bench\"\nlisten = \"{VIP}:{SMTP_PORT}\"\ndataplane = \"{dataplane}\"\nalgorithm = \"least_conn\"\n\
+         name = \"bench\"\nlisten = \"{listen}\"\ndataplane = \"{dataplane}\"\nalgorithm = \"least_conn\"\n\
          max_connections = 10000\n\n[service.health]\nkind = \"smtp\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\n{xdp}",
         mode.word()
     );
@@ -357,7 +428,9 @@ fn ip(args: &[&str]) -> Result<()> {
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
     let value = value.to_string();
-    in_netns(ns, move || std::fs::write(&path, &value).with_context(|| format!("sysctl {key}: writing {path}")))?
+    in_netns(ns, move || {
+        std::fs::write(&path, &value).with_context(|| format!("sysctl: writing {value} to {path}"))
+    })?
 }
 
 /// Deletes `sy-bench-<pid>-…` namespaces whose pid is no longer running (a killed run's).
@@ -367,7 +440,10 @@ fn remove_stale_namespaces() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(PREFIX).and_then(|rest| rest.split('-').next()) else {
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+        else {
             continue;
         };
         let Ok(pid) = pid.parse::<u32>() else {
@@ -387,7 +463,8 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     std::thread::spawn(move || {
         // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
         if unsafe { nix::libc::setns(file.as_raw_fd(), nix::libc::CLONE_NEWNET) } != 0 {
-            return Err(anyhow::Error::from(std::io::Error::last_os_error()).context(format!("setns {}", path.display())));
+            return Err(anyhow::Error::from(std::io::Error::last_os_error())
+                .context(format!("setns {}", path.display())));
         }
         Ok(f())
     })
@@ -395,8 +472,65 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     .map_err(|_| anyhow::anyhow!("a thread inside {ns} panicked"))?
 }
 
-const ETHTOOL_SGRO: u32 = 0x2c;
 const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// Attaches an XDP program that passes every frame to `interface` (of the calling thread's
+/// namespace) and returns its link. A veth delivers the frames its peer's XDP program transmits
+/// (XDP_TX) promptly only when it runs an XDP program itself: without one they wait in its
+/// ring until some other packet wakes it. The program is two instructions (`r0 = XDP_PASS;
+/// exit`), loaded with the bpf syscall, so xtask needs neither aya nor switchyard's object.
+fn attach_pass(interface: &str) -> Result<OwnedFd> {
+    const BPF_PROG_LOAD: nix::libc::c_long = 5;
+    const BPF_LINK_CREATE: nix::libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    // mov64 r0, 2 (XDP_PASS); exit
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let bpf = |cmd: nix::libc::c_long, attr: &mut [u64; 18], what: &str| -> Result<OwnedFd> {
+        // SAFETY: attr is a zero-padded union bpf_attr of the size passed; the pointers in it
+        // (instructions, license) outlive the call.
+        let fd = unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr) as u32,
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "{what} for {interface}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let mut attr = [0u64; 18];
+    // prog_type, insn_cnt, insns, license (the first 24 bytes of the PROG_LOAD attributes).
+    attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    let prog = bpf(BPF_PROG_LOAD, &mut attr, "loading the XDP pass program")?;
+    let name = std::ffi::CString::new(interface).context("interface name with a NUL byte")?;
+    // SAFETY: name is a NUL-terminated string.
+    let index = unsafe { nix::libc::if_nametoindex(name.as_ptr()) };
+    anyhow::ensure!(
+        index != 0,
+        "no interface {interface}: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut attr = [0u64; 18];
+    // prog_fd, target_ifindex, attach_type, flags.
+    attr[0] = prog.as_raw_fd() as u64 | (index as u64) << 32;
+    attr[1] = BPF_XDP as u64 | (XDP_FLAGS_DRV_MODE as u64) << 32;
+    bpf(BPF_LINK_CREATE, &mut attr, "attaching the XDP pass program")
+}
 
 /// A legacy ethtool "set value" command through SIOCETHTOOL, inside `ns` (no ethtool binary
 /// needed).
@@ -417,13 +551,20 @@ fn ethtool_set(ns: &str, interface: &str, cmd: u32, data: u32) -> Result<()> {
     let name = interface.to_string();
     in_netns(ns, move || -> Result<()> {
         let mut value = EthtoolValue { cmd, data };
-        let mut req = IfReq { name: [0; 16], data: &mut value, _pad: [0; 16] };
+        let mut req = IfReq {
+            name: [0; 16],
+            data: &mut value,
+            _pad: [0; 16],
+        };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("a socket for SIOCETHTOOL")?;
         // SAFETY: req points at a live ifreq whose data points at a live ethtool_value.
         let rc = unsafe { nix::libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
         if rc != 0 {
-            bail!("ethtool command {cmd:#x} on {name}: {}", std::io::Error::last_os_error());
+            bail!(
+                "ethtool command {cmd:#x} on {name}: {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(())
     })?

@@ -27,11 +27,22 @@ fn counts_exactly_the_sessions_and_messages_the_sink_saw() {
     assert_eq!(sink.stats[0].messages(), 500);
     assert_eq!(report.latency_ms.session.count, 500);
     assert_eq!(report.latency_ms.connect.count, 500);
-    assert!(report.latency_ms.session.p50 > 0.0 && report.latency_ms.session.p50 <= report.latency_ms.session.p99);
+    assert!(
+        report.latency_ms.session.p50 > 0.0
+            && report.latency_ms.session.p50 <= report.latency_ms.session.p99
+    );
     // What the sink read between DATA and "." is the stuffed message without the final dot.
     let per_message = report.bytes / 500;
-    assert_eq!(sink.stats[0].message_bytes.load(std::sync::atomic::Ordering::Relaxed), report.bytes - 500 * 3);
-    assert!((2000..2200).contains(&per_message), "message of {per_message} bytes for --size 2048");
+    assert_eq!(
+        sink.stats[0]
+            .message_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        report.bytes - 500 * 3
+    );
+    assert!(
+        (2000..2200).contains(&per_message),
+        "message of {per_message} bytes for --size 2048"
+    );
 }
 
 #[test]
@@ -41,7 +52,12 @@ fn pipelining_with_several_recipients_delivers_one_message_per_session() {
     s.pipelining = true;
     s.recipients = 3;
     let report = loadgen::run_blocking(s).expect("load runs");
-    assert_eq!((report.sessions_ok, report.sessions_failed, report.messages), (120, 0, 120), "{:?}", report.errors);
+    assert_eq!(
+        (report.sessions_ok, report.sessions_failed, report.messages),
+        (120, 0, 120),
+        "{:?}",
+        report.errors
+    );
     assert_eq!(sink.stats[0].messages(), 120);
 }
 
@@ -56,16 +72,30 @@ fn stops_exactly_at_the_budget_even_with_more_workers_than_sessions() {
 #[test]
 fn duration_budget_stops_by_itself() {
     let sink = SinkThread::start(&[any_port()], SinkConfig::default()).expect("sink starts");
-    let s = LoadSpec::new(sink.addrs[0], 4, Budget::Duration(Duration::from_millis(400)));
+    let s = LoadSpec::new(
+        sink.addrs[0],
+        4,
+        Budget::Duration(Duration::from_millis(400)),
+    );
     let report = loadgen::run_blocking(s).expect("load runs");
-    assert!(report.elapsed_s >= 0.4 && report.elapsed_s < 5.0, "ran {} s", report.elapsed_s);
+    assert!(
+        report.elapsed_s >= 0.4 && report.elapsed_s < 5.0,
+        "ran {} s",
+        report.elapsed_s
+    );
     assert!(report.sessions_ok > 0);
     assert_eq!(report.sessions_failed, 0);
     assert_eq!(sink.stats[0].messages(), report.messages);
 }
 
 fn rejecting(at: RejectAt, code: u16) -> loadgen::LoadReport {
-    let sink = SinkThread::start(&[any_port()], SinkConfig { reject: Some((at, code)) }).expect("sink starts");
+    let sink = SinkThread::start(
+        &[any_port()],
+        SinkConfig {
+            reject: Some((at, code)),
+        },
+    )
+    .expect("sink starts");
     let report = loadgen::run_blocking(spec(sink.addrs[0], 5, 40)).expect("load runs");
     assert_eq!(sink.stats[0].messages(), 0);
     report
@@ -83,7 +113,12 @@ fn rejections_are_counted_by_code_and_stage() {
         assert_eq!(report.sessions_ok, 0, "{kind}");
         assert_eq!(report.sessions_failed, 40, "{kind}");
         assert_eq!(report.messages, 0, "{kind}");
-        assert_eq!(report.errors.get(kind), Some(&40), "{kind}: got {:?}", report.errors);
+        assert_eq!(
+            report.errors.get(kind),
+            Some(&40),
+            "{kind}: got {:?}",
+            report.errors
+        );
         assert_eq!(report.errors.len(), 1, "{kind}: got {:?}", report.errors);
     }
 }
@@ -91,10 +126,17 @@ fn rejections_are_counted_by_code_and_stage() {
 #[test]
 fn refused_connections_are_an_error_kind() {
     // Bind and drop: nothing listens on that port afterwards.
-    let addr = std::net::TcpListener::bind(any_port()).and_then(|l| l.local_addr()).expect("free port");
+    let addr = std::net::TcpListener::bind(any_port())
+        .and_then(|l| l.local_addr())
+        .expect("free port");
     let report = loadgen::run_blocking(spec(addr, 3, 10)).expect("load runs");
     assert_eq!(report.sessions_failed, 10);
-    assert_eq!(report.errors.get("connect refused"), Some(&10), "{:?}", report.errors);
+    assert_eq!(
+        report.errors.get("connect refused"),
+        Some(&10),
+        "{:?}",
+        report.errors
+    );
 }
 
 /// smtp-sink as a child we stop by PID, dumping every message it accepted into `dir`.
@@ -108,9 +150,14 @@ impl Drop for SmtpSink {
 }
 
 fn smtp_sink_path() -> Option<std::path::PathBuf> {
-    let found = ["/usr/sbin/smtp-sink", "/usr/bin/smtp-sink"].into_iter().map(std::path::PathBuf::from).find(|p| p.is_file());
+    let found = ["/usr/sbin/smtp-sink", "/usr/bin/smtp-sink"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file());
     if found.is_none() && std::env::var("SWITCHYARD_REQUIRE_POSTFIX").is_ok_and(|v| v == "1") {
-        panic!("smtp-sink is not installed but SWITCHYARD_REQUIRE_POSTFIX=1 (run cargo xtask setup as root)");
+        panic!(
+            "smtp-sink is not installed but SWITCHYARD_REQUIRE_POSTFIX=1 (run cargo xtask setup as root)"
+        );
     }
     found
 }
@@ -118,25 +165,41 @@ fn smtp_sink_path() -> Option<std::path::PathBuf> {
 #[test]
 fn counts_exactly_what_postfix_smtp_sink_received() {
     let Some(bin) = smtp_sink_path() else {
-        eprintln!("SKIPPED: smtp-sink not installed (set SWITCHYARD_REQUIRE_POSTFIX=1 to make this a failure)");
+        eprintln!(
+            "SKIPPED: smtp-sink not installed (set SWITCHYARD_REQUIRE_POSTFIX=1 to make this a failure)"
+        );
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     // smtp-sink drops to `nobody` as root and must still write its dumps.
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
-    let addr = std::net::TcpListener::bind(any_port()).and_then(|l| l.local_addr()).expect("free port");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let addr = std::net::TcpListener::bind(any_port())
+        .and_then(|l| l.local_addr())
+        .expect("free port");
     let mut cmd = Command::new(bin);
     if nix_is_root() {
         cmd.args(["-u", "nobody"]);
     }
-    cmd.arg("-d").arg(dir.path().join("msg.")).arg(addr.to_string()).arg("256");
+    cmd.arg("-d")
+        .arg(dir.path().join("msg."))
+        .arg(addr.to_string())
+        .arg("256");
     let _sink = SmtpSink(cmd.stdin(Stdio::null()).spawn().expect("smtp-sink starts"));
     xtask::children::wait_for_greeting(addr, Duration::from_secs(10)).expect("smtp-sink greets");
 
     let mut s = spec(addr, 10, 300);
     s.pipelining = true;
     let report = loadgen::run_blocking(s).expect("load runs");
-    assert_eq!((report.sessions_ok, report.sessions_failed, report.messages), (300, 0, 300), "{:?}", report.errors);
+    assert_eq!(
+        (report.sessions_ok, report.sessions_failed, report.messages),
+        (300, 0, 300),
+        "{:?}",
+        report.errors
+    );
     // One dump file per message smtp-sink accepted.
     let dumped = std::fs::read_dir(dir.path()).expect("dump dir").count();
     assert_eq!(dumped, 300);
@@ -146,6 +209,10 @@ fn nix_is_root() -> bool {
     // The effective uid is the third field of the Uid: line.
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
