@@ -32,9 +32,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Runs every service of `config` until SIGTERM/SIGINT, then drains sessions and returns.
 ///
-/// Thread per core: each worker thread runs its own single-threaded runtime with its own
-/// `SO_REUSEPORT` listener per address, so a session lives and dies on one thread and never
-/// pays for cross-thread wake-ups. The main thread keeps signals, health checks and shutdown.
+/// Thread per core: each worker thread runs its own single-threaded runtime and waits on every
+/// listener, so a session lives and dies on the thread that accepted it and never pays for
+/// cross-thread wake-ups. The main thread keeps signals, health checks and shutdown.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -77,7 +77,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let snapshot = state.snapshot();
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    // Every worker gets one listener per address; all binds happen before anything runs, so
+    // Every worker gets a handle on every listener; all binds happen before anything runs, so
     // a bad address fails the start as a whole.
     let mut per_worker: Vec<Vec<(String, SocketAddr, std::net::TcpListener)>> =
         (0..workers).map(|_| Vec::new()).collect();
@@ -87,7 +87,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             continue;
         }
         for &address in &service.config.listen {
-            let sockets = bind_shards(address, workers).with_context(|| {
+            let sockets = bind_for_workers(address, workers).with_context(|| {
                 format!(
                     "service {:?}: cannot listen on {address}",
                     service.config.name
@@ -232,28 +232,29 @@ fn log_backend_totals(state: &Runtime) {
     }
 }
 
-/// `count` listening sockets sharing `address` through `SO_REUSEPORT`, one per worker.
-///
-/// A plain bind comes first: `SO_REUSEPORT` alone would let a second switchyard (or anything
-/// else of the same user) silently share the port; the probe makes that a clear error instead.
-fn bind_shards(address: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    drop(bind(address, false)?);
-    (0..count).map(|_| bind(address, true)).collect()
+/// `count` handles on one listening socket, one per worker: every worker waits on the same
+/// accept queue, so whichever is free takes the next client.
+fn bind_for_workers(
+    address: SocketAddr,
+    count: usize,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let first = bind(address)?;
+    let mut all = Vec::with_capacity(count);
+    for _ in 1..count {
+        all.push(first.try_clone().context("duplicating the listener")?);
+    }
+    all.push(first);
+    Ok(all)
 }
 
 /// A nonblocking listening socket: address reuse so a restart is not blocked by TIME_WAIT,
 /// IPv6 sockets IPv6-only so `[::]` and `0.0.0.0` can be listed side by side.
-fn bind(address: SocketAddr, shared: bool) -> anyhow::Result<std::net::TcpListener> {
+fn bind(address: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let socket =
         Socket::new(Domain::for_address(address), Type::STREAM, None).context("creating socket")?;
     socket
         .set_reuse_address(true)
         .context("setting SO_REUSEADDR")?;
-    if shared {
-        socket
-            .set_reuse_port(true)
-            .context("setting SO_REUSEPORT")?;
-    }
     if address.is_ipv6() {
         socket.set_only_v6(true).context("setting IPV6_V6ONLY")?;
     }
