@@ -11,6 +11,7 @@ mod smtp;
 mod state;
 mod xdp;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -82,5 +83,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes are for people at a terminal, not for journald or log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -149,7 +149,7 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
         println!("  none logged");
     }
     for t in transitions {
-        println!("  {}", strip_ansi(t).trim());
+        println!("  {}", t.trim());
     }
     println!("\n== failed sessions: {}", report.sessions_failed);
     if report.sessions_failed > 0 || report.sessions_ok == 0 {
@@ -164,24 +164,6 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
         report.sessions_ok
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Log lines without terminal colour sequences (ESC [ ... m).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Waits until switchyard greets with 220 through a healthy backend.
