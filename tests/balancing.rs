@@ -362,7 +362,11 @@ async fn a_drained_backend_takes_no_new_sessions_under_any_algorithm() {
             "{algorithm}: {counts:?}"
         );
         if algorithm == "round_robin" {
-            assert_eq!(count(&counts, "dr-a"), 15, "{algorithm}: {counts:?}");
+            // The drained backend's turns are spread, not all handed to its neighbour (which
+            // would be 10/20). Sessions run 3 at a time, so two concurrent picks can both skip
+            // past it: exact halves are not promised, near halves are.
+            let a = count(&counts, "dr-a");
+            assert!((13..=17).contains(&a), "{algorithm}: {counts:?}");
         }
     }
 }
