@@ -62,11 +62,12 @@ pub fn run() -> Result<ExitCode> {
         detail: format!("bpf-linker {}", linker.display()),
     });
 
-    // cargo test --workspace, its output passed through and its result lines counted.
+    // cargo test --workspace (every test binary runs even after a failure, so the count is whole),
+    // its output passed through and its result lines counted.
     let t = Instant::now();
     let mut cmd = Command::new(workspace::cargo());
     cmd.current_dir(&root)
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .stdout(Stdio::piped());
     if ci {
         // In CI a kernel-path or Postfix test that cannot run is a failure, not a skip.
