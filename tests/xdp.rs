@@ -83,6 +83,28 @@ fn active_counts(topo: &Topology) -> Vec<u64> {
     }
     panic!("ACTIVE map not found among program {prog_id}'s maps");
 }
+/// Opens a session from the client namespace to `target`, reads its 220 greeting, and hands
+/// the open connection back so the test decides when (and whether) it ends.
+fn hold_session(topo: &Topology, target: SocketAddrV4) -> std::net::TcpStream {
+    topo.client.run(move || {
+        let stream = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::V4(target),
+            Duration::from_secs(5),
+        )
+        .expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut greeting = [0u8; 64];
+        let n = std::io::Read::read(&mut &stream, &mut greeting).expect("greeting");
+        assert!(
+            greeting[..n].starts_with(b"220 "),
+            "greeting {:?}",
+            String::from_utf8_lossy(&greeting[..n])
+        );
+        stream
+    })
+}
 
 fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -430,24 +452,7 @@ fn idle_flows_without_fin_expire_and_give_their_count_back() {
         .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\"");
     let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
     // A client that connects, reads the greeting, then vanishes without FIN or RST.
-    let held = topo.client.run(|| {
-        let stream = std::net::TcpStream::connect_timeout(
-            &std::net::SocketAddr::V4(vip()),
-            Duration::from_secs(5),
-        )
-        .expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let mut greeting = [0u8; 64];
-        let n = std::io::Read::read(&mut &stream, &mut greeting).expect("greeting");
-        assert!(
-            greeting[..n].starts_with(b"220 "),
-            "greeting {:?}",
-            String::from_utf8_lossy(&greeting[..n])
-        );
-        stream
-    });
+    let held = hold_session(&topo, vip());
     assert_eq!(
         active_counts(&topo).iter().sum::<u64>(),
         1,
@@ -567,24 +572,7 @@ fn proxy_sessions_count_in_the_kernels_shared_array() {
         &format!("listening on {}:2525", netns::BALANCER),
     );
     let proxied = SocketAddrV4::new(netns::BALANCER, 2525);
-    let held = topo.client.run(move || {
-        let stream = std::net::TcpStream::connect_timeout(
-            &std::net::SocketAddr::V4(proxied),
-            Duration::from_secs(5),
-        )
-        .expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let mut greeting = [0u8; 64];
-        let n = std::io::Read::read(&mut &stream, &mut greeting).expect("greeting");
-        assert!(
-            greeting[..n].starts_with(b"220 "),
-            "greeting {:?}",
-            String::from_utf8_lossy(&greeting[..n])
-        );
-        stream
-    });
+    let held = hold_session(&topo, proxied);
     // The proxy's session is counted in the very array the XDP program reads, and in the
     // same slot as the kernel's flows to that MTA: both services share one slot per backend.
     let counts = active_counts(&topo);
