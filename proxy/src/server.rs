@@ -157,7 +157,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             warn!("{error:#}");
         }
     }
-    log_backend_totals(&state);
+    log_totals(&state.snapshot(), false);
     if let Some(plane) = xdp {
         plane.shutdown();
     }
@@ -203,11 +203,15 @@ impl Worker {
     }
 }
 
-/// One line per backend, for operators and for tests checking that no count leaked.
-fn log_backend_totals(state: &Runtime) {
-    for (index, service) in state.snapshot().services.iter().enumerate() {
-        // The kernel path's counters (empty for proxy services and without the kernel path).
+/// One line per backend (and one per xdp service with the kernel's counters), for operators
+/// and for tests checking that no count leaked: at shutdown for every service, and once a
+/// minute from the kernel path's sync task for the xdp services (`xdp_only`).
+pub fn log_totals(snapshot: &Snapshot, xdp_only: bool) {
+    for (index, service) in snapshot.services.iter().enumerate() {
         let xdp = service.config.dataplane == Dataplane::Xdp;
+        if xdp_only && !xdp {
+            continue;
+        }
         for backend in &service.backends {
             info!(
                 "service {} backend {} active={} assigned={}{}",

@@ -221,7 +221,10 @@ impl XdpPlane {
                     last_stats = tokio::time::Instant::now();
                     let snapshot = runtime.snapshot();
                     // Per-CPU map reads are syscalls: off the async workers too.
-                    let _ = tokio::task::spawn_blocking(move || stats::log(&snapshot)).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        crate::server::log_totals(&snapshot, true)
+                    })
+                    .await;
                 }
             }
         }));

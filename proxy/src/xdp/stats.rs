@@ -1,6 +1,6 @@
 //! The kernel path's traffic counters: per backend slot (new flows, packets, bytes) and per
 //! service (forwarded, passed, dropped, no backend), summed over CPUs, for the logs: once a
-//! minute while running and in the shutdown totals.
+//! minute while running and in the shutdown totals (both written by `server::log_totals`).
 //!
 //! The two per-CPU maps are taken out of the loaded object (only this module reads them) and
 //! installed process-wide, so `server`'s shutdown totals can read them without the plane.
@@ -10,10 +10,6 @@ use aya::Ebpf;
 use aya::maps::{MapData, PerCpuArray};
 use parking_lot::Mutex;
 use switchyard_common::maps::{BackendStats, ServiceStats, names};
-use tracing::info;
-
-use crate::config::Dataplane;
-use crate::state::Snapshot;
 
 static INSTALLED: Mutex<Option<Stats>> = Mutex::new(None);
 
@@ -98,27 +94,4 @@ pub fn service_fields(index: usize) -> String {
         " forwarded={} passed={} dropped={} no_backend={}",
         stats.forwarded, stats.passed, stats.dropped, stats.no_backend
     )
-}
-
-/// The periodic log: one line per backend and one per service of the xdp services.
-pub fn log(snapshot: &Snapshot) {
-    for (index, service) in snapshot.services.iter().enumerate() {
-        if service.config.dataplane != Dataplane::Xdp {
-            continue;
-        }
-        for backend in &service.backends {
-            info!(
-                "service {} backend {} active={}{}",
-                service.config.name,
-                backend.config.name,
-                backend.active.get(),
-                backend_fields(backend.active.slot())
-            );
-        }
-        info!(
-            "service {} xdp{}",
-            service.config.name,
-            service_fields(index)
-        );
-    }
 }
