@@ -23,3 +23,13 @@ impl BackendView {
         self.healthy != 0 && (self.max_connections == 0 || self.active < self.max_connections)
     }
 }
+
+/// The view of backend `b` from a slice, unless `b` is excluded or out of range: the
+/// `candidate` every algorithm's slice convenience (`pick_in`) passes to its `pick`.
+#[inline(always)]
+pub fn candidate_in(views: &[BackendView], exclude: &[usize], b: usize) -> Option<BackendView> {
+    if exclude.contains(&b) {
+        return None;
+    }
+    views.get(b).copied()
+}

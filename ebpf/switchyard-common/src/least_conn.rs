@@ -11,7 +11,7 @@
 //! backends take exact turns. Both loops are bounded by [`MAX_BACKENDS`] for the verifier.
 
 use crate::MAX_BACKENDS;
-use crate::backend::BackendView;
+use crate::backend::{BackendView, candidate_in};
 
 /// `a` is strictly less loaded than `b`, relative to their weights (weight 0 counts as 1).
 #[inline(always)]
@@ -92,13 +92,7 @@ pub(crate) fn argmin_taking_turns(
 /// Slice convenience for userspace.
 #[inline]
 pub fn pick_in(turn: usize, views: &[BackendView], exclude: &[usize]) -> Option<usize> {
-    pick(views.len(), turn, |b| {
-        if exclude.contains(&b) {
-            None
-        } else {
-            views.get(b).copied()
-        }
-    })
+    pick(views.len(), turn, |b| candidate_in(views, exclude, b))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! service with `dataplane = "xdp"` may not use `least_time` (issue 3). The code is `no_std` all
 //! the same, so that one crate holds all five algorithms.
 
-use crate::backend::BackendView;
+use crate::backend::{BackendView, candidate_in};
 use crate::least_conn::argmin_taking_turns;
 
 /// The quantity least_time minimises.
@@ -36,13 +36,7 @@ pub fn pick(
 /// Slice convenience for userspace.
 #[inline]
 pub fn pick_in(turn: usize, views: &[BackendView], exclude: &[usize]) -> Option<usize> {
-    pick(views.len(), turn, |b| {
-        if exclude.contains(&b) {
-            None
-        } else {
-            views.get(b).copied()
-        }
-    })
+    pick(views.len(), turn, |b| candidate_in(views, exclude, b))
 }
 
 #[cfg(test)]

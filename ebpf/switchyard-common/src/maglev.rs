@@ -19,7 +19,7 @@
 //! is down move, and they spread over the others in proportion to their slots. Rebuilding the
 //! table without a backend moves about its share of clients too: Maglev's minimal disruption.
 
-use crate::backend::BackendView;
+use crate::backend::{BackendView, candidate_in};
 use crate::weighted_round_robin::scan_any;
 
 /// Slots examined after the client's own before falling back to any available backend.
@@ -72,7 +72,7 @@ pub fn pick_in(
         table.len(),
         views.len(),
         |i| table.get(i).map(|&b| b as usize),
-        |b| crate::weighted_round_robin::candidate_in(views, exclude, b),
+        |b| candidate_in(views, exclude, b),
     )
 }
 

@@ -7,7 +7,7 @@
 //! that keeps the spread even when one is down, are those of
 //! [`weighted_round_robin`](crate::weighted_round_robin).
 
-use crate::backend::BackendView;
+use crate::backend::{BackendView, candidate_in};
 use crate::weighted_round_robin::{self, Choice};
 
 /// Picks the backend under `cursor` among `backends` backends, probing forward past those
@@ -24,9 +24,7 @@ pub fn pick(
 /// Slice convenience for userspace.
 #[inline]
 pub fn pick_in(cursor: usize, views: &[BackendView], exclude: &[usize]) -> Option<Choice> {
-    pick(views.len(), cursor, |b| {
-        weighted_round_robin::candidate_in(views, exclude, b)
-    })
+    pick(views.len(), cursor, |b| candidate_in(views, exclude, b))
 }
 
 /// The weighted table for `backends` equal-weight backends (for the kernel's shared table).

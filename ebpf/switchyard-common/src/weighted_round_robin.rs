@@ -19,7 +19,7 @@
 //! bounded scan over all backends finds any available one.
 
 use crate::MAX_BACKENDS;
-use crate::backend::BackendView;
+use crate::backend::{BackendView, candidate_in};
 
 /// Upper bound on the weighted table's length before scaling (see the module docs).
 pub const WRR_TABLE_MAX: usize = 65536;
@@ -92,19 +92,6 @@ pub fn pick_in(
         |i| table.get(i).map(|&b| b as usize),
         |b| candidate_in(views, exclude, b),
     )
-}
-
-/// The view of backend `b` from a slice, unless `b` is excluded or out of range.
-#[inline(always)]
-pub(crate) fn candidate_in(
-    views: &[BackendView],
-    exclude: &[usize],
-    b: usize,
-) -> Option<BackendView> {
-    if exclude.contains(&b) {
-        return None;
-    }
-    views.get(b).copied()
 }
 
 #[inline(always)]
