@@ -83,6 +83,22 @@ fn active_counts(topo: &Topology) -> Vec<u64> {
     }
     panic!("ACTIVE map not found among program {prog_id}'s maps");
 }
+/// A topology of `layout` with its three SMTP backends running, and a service name unique to it.
+fn running_topology(layout: Layout) -> (Topology, String) {
+    let mut topo = Topology::new(layout, 3);
+    topo.start_backends();
+    let name = format!("sy-{}", topo.suffix);
+    (topo, name)
+}
+
+/// `config` with `pin = true` in its `[service.xdp]` table.
+fn pinned(config: String) -> String {
+    config.replace(
+        "flow_idle_timeout = \"5m\"\n",
+        "flow_idle_timeout = \"5m\"\npin = true\n",
+    )
+}
+
 /// Opens a session from the client namespace to `target`, reads its 220 greeting, and hands
 /// the open connection back so the test decides when (and whether) it ends.
 fn hold_session(topo: &Topology, target: SocketAddrV4) -> std::net::TcpStream {
@@ -118,9 +134,7 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(layout, 3);
-    topo.start_backends();
-    let name = format!("sy-{}", topo.suffix);
+    let (mut topo, name) = running_topology(layout);
     let config = topo.service_toml(&name, "least_conn");
     let mut sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
     if layout == Layout::Dsr {
@@ -227,9 +241,7 @@ fn a_stopped_backend_gets_no_new_flows_and_others_never_fail() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(Layout::Dsr, 3);
-    topo.start_backends();
-    let name = format!("sy-{}", topo.suffix);
+    let (mut topo, name) = running_topology(Layout::Dsr);
     let config = topo.service_toml(&name, "round_robin");
     let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
     let before = sessions(&topo, 6, Duration::ZERO);
@@ -265,9 +277,7 @@ fn non_vip_traffic_is_untouched() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(Layout::Nat, 3);
-    topo.start_backends();
-    let name = format!("sy-{}", topo.suffix);
+    let (mut topo, name) = running_topology(Layout::Nat);
     let config = topo.service_toml(&name, "least_conn");
     let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
     // A backend's own address, same port: routed by the balancer's kernel, not balanced.
@@ -306,8 +316,7 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(Layout::Dsr, 3);
-    topo.start_backends();
+    let (mut topo, name) = running_topology(Layout::Dsr);
     let clients: Vec<Ipv4Addr> = (0..60)
         .map(|i| Ipv4Addr::new(198, 18, 0, 150 + i))
         .collect();
@@ -315,7 +324,6 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
         topo.client
             .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
     }
-    let name = format!("sy-{}", topo.suffix);
     let config = topo.service_toml(&name, "ip_hash");
     let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
     let assign = |topo: &Topology, clients: &[Ipv4Addr]| -> Vec<String> {
@@ -378,15 +386,10 @@ fn restart_keeps_established_sessions() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(Layout::Dsr, 3);
-    topo.start_backends();
+    let (mut topo, name) = running_topology(Layout::Dsr);
     // A private bpffs as the process's /sys/fs/bpf (parallel tests must not share one).
     let bpffs = netns::PrivateBpffs::new();
-    let name = format!("sy-{}", topo.suffix);
-    let config = topo.service_toml(&name, "least_conn").replace(
-        "flow_idle_timeout = \"5m\"\n",
-        "flow_idle_timeout = \"5m\"\npin = true\n",
-    );
+    let config = pinned(topo.service_toml(&name, "least_conn"));
     assert!(config.contains("pin = true"));
     let mut first =
         Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
@@ -444,9 +447,7 @@ fn idle_flows_without_fin_expire_and_give_their_count_back() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(Layout::Dsr, 3);
-    topo.start_backends();
-    let name = format!("sy-{}", topo.suffix);
+    let (mut topo, name) = running_topology(Layout::Dsr);
     let config = topo
         .service_toml(&name, "least_conn")
         .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\"");
@@ -549,9 +550,7 @@ fn proxy_sessions_count_in_the_kernels_shared_array() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(Layout::Dsr, 3);
-    topo.start_backends();
-    let name = format!("sy-{}", topo.suffix);
+    let (mut topo, name) = running_topology(Layout::Dsr);
     let mut config = topo.service_toml(&name, "least_conn");
     // The same backends behind the userspace proxy on the balancer's own address.
     config.push_str(&format!(
@@ -623,9 +622,7 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(Layout::Dsr, 3);
-    topo.start_backends();
-    let name = format!("sy-{}", topo.suffix);
+    let (mut topo, name) = running_topology(Layout::Dsr);
     // The smallest flow table, and a short idle timeout so that the flood's flows expire (and
     // the expiry/reconciliation pass runs every 500 ms).
     let mut config = topo
@@ -702,14 +699,9 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let mut topo = Topology::new(Layout::Dsr, 3);
-    topo.start_backends();
+    let (mut topo, name) = running_topology(Layout::Dsr);
     let bpffs = netns::PrivateBpffs::new();
-    let name = format!("sy-{}", topo.suffix);
-    let config = topo.service_toml(&name, "least_conn").replace(
-        "flow_idle_timeout = \"5m\"\n",
-        "flow_idle_timeout = \"5m\"\npin = true\n",
-    );
+    let config = pinned(topo.service_toml(&name, "least_conn"));
     let mut first =
         Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
     wait_for(
