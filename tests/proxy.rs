@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use support::*;
@@ -408,6 +408,46 @@ async fn greeting_and_data_relayed_byte_for_byte() {
     assert_eq!(echoed.len(), payload.len());
     assert!(echoed == *payload, "echoed bytes differ");
     terminate_and_check_counts(&mut sy, &["echo"]);
+}
+
+/// The relay sends a source's last bytes corked together with its FIN when the FIN is already
+/// in; with a slow client those last bytes outgrow the socket buffers, so the tail waits in
+/// the relay and the FIN must still come after every byte of it.
+#[tokio::test]
+async fn backend_closing_right_after_a_large_reply_loses_nothing() {
+    const REPLY_LEN: usize = 3 * 1024 * 1024;
+    let reply: Arc<Vec<u8>> = Arc::new(
+        (0..REPLY_LEN as u32)
+            .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+            .collect(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let served = reply.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let served = served.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                stream.get_mut().write_all(b"220 bulk ready\r\n").await?;
+                let mut line = String::new();
+                stream.read_line(&mut line).await?;
+                stream.get_mut().write_all(&served).await?;
+                // Dropped right away: the FIN follows the last byte at once.
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    let listen = free_addr();
+    let mut sy = Switchyard::start(&config(&[listen], "", "none", &[("bulk", backend)]));
+    let mut conn = open_greeted(listen).await;
+    conn.get_mut().write_all(b"GO\r\n").await.expect("send");
+    // Let the backend finish and close while nobody reads on the client side.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = read_to_close(&mut conn, Duration::from_secs(30)).await;
+    assert_eq!(received.len(), REPLY_LEN);
+    assert!(received == *reply, "relayed bytes differ");
+    terminate_and_check_counts(&mut sy, &["bulk"]);
 }
 
 #[tokio::test]

@@ -134,7 +134,7 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(layout);
+    let (topo, name) = running_topology(layout);
     let config = topo.service_toml(&name, "least_conn");
     let mut sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
     if layout == Layout::Dsr {
@@ -241,7 +241,7 @@ fn a_stopped_backend_gets_no_new_flows_and_others_never_fail() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(Layout::Dsr);
+    let (topo, name) = running_topology(Layout::Dsr);
     let config = topo.service_toml(&name, "round_robin");
     let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
     let before = sessions(&topo, 6, Duration::ZERO);
@@ -277,7 +277,7 @@ fn non_vip_traffic_is_untouched() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(Layout::Nat);
+    let (topo, name) = running_topology(Layout::Nat);
     let config = topo.service_toml(&name, "least_conn");
     let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
     // A backend's own address, same port: routed by the balancer's kernel, not balanced.
@@ -316,7 +316,7 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(Layout::Dsr);
+    let (topo, name) = running_topology(Layout::Dsr);
     let clients: Vec<Ipv4Addr> = (0..60)
         .map(|i| Ipv4Addr::new(198, 18, 0, 150 + i))
         .collect();
@@ -386,7 +386,7 @@ fn restart_keeps_established_sessions() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(Layout::Dsr);
+    let (topo, name) = running_topology(Layout::Dsr);
     // A private bpffs as the process's /sys/fs/bpf (parallel tests must not share one).
     let bpffs = netns::PrivateBpffs::new();
     let config = pinned(topo.service_toml(&name, "least_conn"));
@@ -447,7 +447,7 @@ fn idle_flows_without_fin_expire_and_give_their_count_back() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(Layout::Dsr);
+    let (topo, name) = running_topology(Layout::Dsr);
     let config = topo
         .service_toml(&name, "least_conn")
         .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\"");
@@ -550,7 +550,7 @@ fn proxy_sessions_count_in_the_kernels_shared_array() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(Layout::Dsr);
+    let (topo, name) = running_topology(Layout::Dsr);
     let mut config = topo.service_toml(&name, "least_conn");
     // The same backends behind the userspace proxy on the balancer's own address.
     config.push_str(&format!(
@@ -622,7 +622,7 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(Layout::Dsr);
+    let (topo, name) = running_topology(Layout::Dsr);
     // The smallest flow table, and a short idle timeout so that the flood's flows expire (and
     // the expiry/reconciliation pass runs every 500 ms).
     let mut config = topo
@@ -699,7 +699,7 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let (mut topo, name) = running_topology(Layout::Dsr);
+    let (topo, name) = running_topology(Layout::Dsr);
     let bpffs = netns::PrivateBpffs::new();
     let config = pinned(topo.service_toml(&name, "least_conn"));
     let mut first =

@@ -184,6 +184,7 @@ impl Worker {
             .build()
             .context("starting a worker runtime")?;
         runtime.block_on(async {
+            tokio::spawn(keep_timer_wake_near());
             for (name, address, listener) in self.listeners {
                 let listener = TcpListener::from_std(listener).with_context(|| {
                     format!("service {name:?}: registering the listener on {address}")
@@ -202,6 +203,21 @@ impl Worker {
         })
     }
 }
+
+/// Tokio wakes its own driver (an eventfd write and one more epoll round) whenever a timer is
+/// armed earlier than the driver's next planned wake-up. Every session arms a connect timeout
+/// of seconds; with an idle-ish thread that was a self-wake per session. A tick nearer than
+/// any session timer keeps the planned wake-up close, so arming them costs nothing.
+async fn keep_timer_wake_near() {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
+}
+
+/// Shorter than the shortest usual session timer (connect timeout, 3 s by default).
+const TIMER_TICK: Duration = Duration::from_millis(500);
 
 /// One line per backend (and one per xdp service with the kernel's counters), for operators
 /// and for tests checking that no count leaked: at shutdown for every service, and once a
@@ -263,6 +279,10 @@ fn bind(address: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
         socket.set_only_v6(true).context("setting IPV6_V6ONLY")?;
     }
     socket.set_nonblocking(true).context("setting O_NONBLOCK")?;
+    // Accepted sockets inherit it: no setsockopt per client.
+    socket
+        .set_tcp_nodelay(true)
+        .context("setting TCP_NODELAY")?;
     socket.bind(&address.into())?;
     socket.listen(BACKLOG).context("listen")?;
     Ok(socket.into())
@@ -320,7 +340,6 @@ fn start_session(
     cut_sessions: &CancellationToken,
     sessions: &TaskTracker,
 ) -> anyhow::Result<()> {
-    let _ = client.set_nodelay(true);
     // The snapshot current at accept time; the session keeps its service for its whole life.
     let snapshot = state.snapshot();
     let Some(service) = snapshot
@@ -347,4 +366,23 @@ fn start_session(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::SockRef;
+
+    /// The listener's TCP_NODELAY is what every client socket relies on (no per-client
+    /// setsockopt): if a kernel stopped copying it on accept, small SMTP replies would wait
+    /// for Nagle.
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let _client = std::net::TcpStream::connect(address).expect("connect");
+        listener.set_nonblocking(false).expect("blocking accept");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(SockRef::from(&accepted).tcp_nodelay().expect("getsockopt"));
+    }
 }

@@ -375,24 +375,37 @@ async fn pump(
             }
             continue;
         }
-        src.readable().await?;
-        match copy_ready(src, dst, &mut pending) {
-            Ok(0) => {
+        // The peer's FIN already in (RDHUP): a read that drains the socket reaches the end of
+        // stream, so the last bytes go out corked with our FIN instead of one segment each
+        // (a 221 and its close), and no further `recv` is needed to learn of the end.
+        let closing = src.ready(Interest::READABLE).await?.is_read_closed();
+        match copy_ready(src, dst, &mut pending, closing) {
+            Ok(Copied::Some) => last_activity.store(stamp(epoch), Ordering::Relaxed),
+            Ok(Copied::End) => {
                 if ended.swap(true, Ordering::AcqRel) {
                     return Ok(());
                 }
                 // Half-close: the peer of `dst` sees EOF; the other direction keeps running.
+                // With bytes still pending the FIN waits for them (the loop above writes them
+                // first; this branch only runs once `pending` is empty).
                 match SockRef::from(dst).shutdown(Shutdown::Write) {
                     Ok(()) => return Ok(()),
                     Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(()),
                     Err(e) => return Err(e),
                 }
             }
-            Ok(_) => last_activity.store(stamp(epoch), Ordering::Relaxed),
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
+}
+
+/// What one [`copy_ready`] did.
+enum Copied {
+    /// Moved some bytes; the stream goes on.
+    Some,
+    /// The source reached its end of stream (any last bytes were moved first).
+    End,
 }
 
 /// Reads what `src` has. A short read means the socket is drained, so readiness is cleared
@@ -421,9 +434,15 @@ thread_local! {
 }
 
 /// Moves what `src` has ready into `dst`, keeping what `dst` cannot take yet in `pending`.
-/// Returns the bytes read (0 = EOF). Synchronous: the thread's buffer is borrowed only here.
-fn copy_ready(src: &TcpStream, dst: &TcpStream, pending: &mut Vec<u8>) -> io::Result<usize> {
-    CHUNK.with(|chunk| copy_through(&mut chunk.borrow_mut(), src, dst, pending))
+/// `closing`: `src`'s peer has already sent its FIN. Synchronous: the thread's buffer is
+/// borrowed only here.
+fn copy_ready(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pending: &mut Vec<u8>,
+    closing: bool,
+) -> io::Result<Copied> {
+    CHUNK.with(|chunk| copy_through(&mut chunk.borrow_mut(), src, dst, pending, closing))
 }
 
 fn copy_through(
@@ -431,21 +450,120 @@ fn copy_through(
     src: &TcpStream,
     dst: &TcpStream,
     pending: &mut Vec<u8>,
-) -> io::Result<usize> {
+    closing: bool,
+) -> io::Result<Copied> {
     let n = read_draining(src, chunk)?;
     if n == 0 {
-        return Ok(0);
+        return Ok(Copied::End);
     }
+    // A short read after the FIN drained everything before it: these are the last bytes.
+    let last = closing && n < chunk.len();
     let mut written = 0;
     while written < n {
-        match dst.try_write(&chunk[written..n]) {
+        match send(dst, &chunk[written..n], last) {
             Ok(w) => written += w,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 pending.extend_from_slice(&chunk[written..n]);
-                break;
+                return Ok(Copied::Some);
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(n)
+    Ok(if last { Copied::End } else { Copied::Some })
+}
+
+/// `try_write`, corked (`MSG_MORE`) when the half-close follows at once: the kernel then sends
+/// these bytes and the FIN in one segment.
+fn send(dst: &TcpStream, bytes: &[u8], fin_follows: bool) -> io::Result<usize> {
+    if !fin_follows {
+        return dst.try_write(bytes);
+    }
+    dst.try_io(Interest::WRITABLE, || {
+        SockRef::from(dst).send_with_flags(bytes, nix::libc::MSG_MORE)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A connected pair over loopback: (ours, peer).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (ours, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (ours.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// Waits until `stream` has its peer's FIN in (it follows the data by a moment).
+    async fn fin_seen(stream: &TcpStream) -> bool {
+        for _ in 0..200 {
+            if stream
+                .ready(Interest::READABLE)
+                .await
+                .expect("ready")
+                .is_read_closed()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    /// The source's last bytes and FIN are in, but the destination cannot take them all: the
+    /// copy must report "more to come" (the rest waits in `pending`), never the end, or the
+    /// half-close would overtake the tail.
+    #[tokio::test]
+    async fn the_end_waits_for_bytes_the_destination_could_not_take() {
+        let (src, mut src_peer) = pair().await;
+        let (dst, _dst_peer_not_reading) = pair().await;
+        // Fill the destination until the kernel refuses more.
+        let filler = vec![0u8; 64 * 1024];
+        loop {
+            match dst.try_write(&filler) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling: {e}"),
+            }
+        }
+        src_peer
+            .write_all(b"221 last words\r\n")
+            .await
+            .expect("send");
+        src_peer.shutdown().await.expect("FIN");
+        let closing = fin_seen(&src).await;
+        assert!(closing, "the FIN should be visible before reading");
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        let mut pending = Vec::new();
+        let copied = copy_through(&mut chunk, &src, &dst, &mut pending, closing).expect("copy");
+        assert!(
+            matches!(copied, Copied::Some),
+            "reported the end with bytes pending"
+        );
+        assert_eq!(pending, b"221 last words\r\n");
+    }
+
+    /// With room at the destination, the last bytes after a FIN end the stream at once: no
+    /// further read is needed to learn of the end.
+    #[tokio::test]
+    async fn last_bytes_after_the_fin_end_the_stream() {
+        let (src, mut src_peer) = pair().await;
+        let (dst, mut dst_peer) = pair().await;
+        src_peer.write_all(b"221 bye\r\n").await.expect("send");
+        src_peer.shutdown().await.expect("FIN");
+        let closing = fin_seen(&src).await;
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        let mut pending = Vec::new();
+        let copied = copy_through(&mut chunk, &src, &dst, &mut pending, closing).expect("copy");
+        assert!(matches!(copied, Copied::End));
+        assert!(pending.is_empty());
+        SockRef::from(&dst)
+            .shutdown(Shutdown::Write)
+            .expect("half-close");
+        let mut got = Vec::new();
+        dst_peer.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"221 bye\r\n");
+    }
 }
