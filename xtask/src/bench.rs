@@ -50,6 +50,9 @@ pub struct BenchOptions {
     pub idle_sessions: usize,
     /// Only the kernel path's contenders (routing, proxy, xdp dsr, xdp nat in namespaces).
     pub kernel_only: bool,
+    /// Drive the loopback contenders with Postfix's smtp-source instead of the built-in load
+    /// generator (issue 2's workload as written: `smtp-source -s 50 -m N -l 2048`).
+    pub smtp_source: bool,
 }
 
 impl BenchOptions {
@@ -62,6 +65,7 @@ impl BenchOptions {
             size: 2048,
             idle_sessions: if quick { 1000 } else { 5000 },
             kernel_only: false,
+            smtp_source: false,
         }
     }
 }
@@ -79,6 +83,9 @@ pub struct BenchResults {
     pub message_size: usize,
     /// "smtp-sink" (Postfix) or "xtask sink".
     pub sinks: String,
+    /// What drove the loopback contenders: "xtask loadgen" or "smtp-source".
+    #[serde(default)]
+    pub load_generator: String,
     pub contenders: Vec<ContenderResult>,
     /// Contenders that could not run here, and why.
     pub skipped: Vec<Skipped>,
@@ -121,9 +128,11 @@ pub struct CpuUse {
     pub loadgen_us: f64,
     /// The three sinks' processes.
     pub sinks_us: f64,
-    /// switchyard's process (userspace proxy or XDP control plane).
-    pub switchyard_us: f64,
-    /// total - loadgen - sinks - switchyard: the kernel's work outside those processes.
+    /// The balancer's processes: switchyard (userspace proxy or XDP control plane), HAProxy,
+    /// nginx; 0 for direct and plain routing.
+    #[serde(alias = "switchyard_us")]
+    pub balancer_us: f64,
+    /// total - loadgen - sinks - balancer: the kernel's work outside those processes.
     pub other_us: f64,
 }
 
@@ -143,10 +152,14 @@ pub struct ContenderResult {
     pub max_sessions_per_s: f64,
     pub median_p99_ms: f64,
     pub ratio_vs_haproxy: Option<f64>,
+    /// Median over rounds of this run's rate over HAProxy's run of the same round: the
+    /// machine's drift between rounds cancels out.
+    #[serde(default)]
+    pub paired_ratio_vs_haproxy: Option<f64>,
     pub ratio_vs_direct: Option<f64>,
     pub failed_sessions: u64,
     pub runs: Vec<LoadReport>,
-    /// Kernel-path contenders: median CPU time per session over the runs.
+    /// Median CPU time per session over the runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_per_session: Option<CpuUse>,
 }
@@ -231,6 +244,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
             &dir,
             &switchyard,
             sinks_kind,
+            &[],
             kernel,
             kernel_skipped,
             topology,
@@ -240,7 +254,8 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
         .iter()
         .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
         .collect();
-    let (sinks_kind, _sinks) = start_sinks(&dir, &sink_addrs)?;
+    let (sinks_kind, sinks) = start_sinks(&dir, &sink_addrs)?;
+    let sink_pids: Vec<u32> = sinks.iter().map(|s| s.pid()).collect();
     println!("bench: sinks ({sinks_kind}) on {}", list(&sink_addrs));
     if let Some(topo) = &topology {
         anyhow::ensure!(
@@ -293,6 +308,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
         &dir,
         &switchyard,
         sinks_kind,
+        &sink_pids,
         contenders,
         skipped,
         topology.take(),
@@ -300,11 +316,13 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
 }
 
 /// Runs every contender alternately over the rounds, then writes and checks the results.
+#[allow(clippy::too_many_arguments)]
 fn run_contenders(
     opts: &BenchOptions,
     dir: &Path,
     switchyard: &Path,
     sinks_kind: &str,
+    sink_pids: &[u32],
     mut contenders: Vec<Contender>,
     skipped: Vec<Skipped>,
     mut topology: Option<Topology>,
@@ -328,12 +346,20 @@ fn run_contenders(
             let (report, used) = match (c.mode, topology.as_mut()) {
                 (Some(mode), Some(topo)) => {
                     topo.activate(mode)?;
-                    let before = CpuSample::take(topo);
+                    let before = CpuSample::of_topology(topo);
                     let report = drive(c, opts, dir)?;
-                    let used = CpuSample::take(topo).since(&before, report.sessions_ok);
-                    (report, Some(used))
+                    let used = CpuSample::of_topology(topo).since(&before, report.sessions_ok);
+                    (report, used)
                 }
-                _ => (drive(c, opts, dir)?, None),
+                _ => {
+                    let balancer =
+                        with_children(&c.processes.iter().map(|p| p.pid()).collect::<Vec<_>>());
+                    let before = CpuSample::take(sink_pids, &balancer);
+                    let report = drive(c, opts, dir)?;
+                    let used =
+                        CpuSample::take(sink_pids, &balancer).since(&before, report.sessions_ok);
+                    (report, used)
+                }
             };
             println!(
                 "  {:<32} {:>7.0} sessions/s  p99 {:>7.2} ms  failed {}",
@@ -342,19 +368,17 @@ fn run_contenders(
                 report.latency_ms.session.p99,
                 report.sessions_failed
             );
-            if let Some(u) = used {
-                println!(
-                    "  {:<32} CPU us/session: {:.0} in all ({:.0} softirq); loadgen {:.0}, sinks {:.0}, switchyard {:.0}, other {:.0}",
-                    "",
-                    u.total_us,
-                    u.softirq_us,
-                    u.loadgen_us,
-                    u.sinks_us,
-                    u.switchyard_us,
-                    u.other_us
-                );
-                c.cpu.push(u);
-            }
+            println!(
+                "  {:<32} CPU us/session: {:.0} in all ({:.0} softirq); loadgen {:.0}, sinks {:.0}, balancer {:.0}, other {:.0}",
+                "",
+                used.total_us,
+                used.softirq_us,
+                used.loadgen_us,
+                used.sinks_us,
+                used.balancer_us,
+                used.other_us
+            );
+            c.cpu.push(used);
             c.runs.push(report);
         }
     }
@@ -634,31 +658,40 @@ struct CpuSample {
     /// Busy and softirq time of all CPUs, in clock ticks.
     busy: u64,
     softirq: u64,
-    /// Reaped children (the load generator runs as one), in microseconds.
-    children_us: u64,
+    /// This process (the built-in load generator runs in it) and its reaped children (the
+    /// load generator in a namespace, smtp-source), in microseconds.
+    loadgen_us: u64,
     sinks: u64,
-    switchyard: u64,
+    balancer: u64,
 }
 
 impl CpuSample {
-    fn take(topo: &Topology) -> CpuSample {
+    fn take(sink_pids: &[u32], balancer_pids: &[u32]) -> CpuSample {
+        use nix::sys::resource::{UsageWho, getrusage};
         let (busy, softirq) = machine_ticks();
-        let children_us =
-            nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        let used = |who| {
+            getrusage(who)
                 .map(|u| {
                     let us = |t: nix::sys::time::TimeVal| {
                         t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64
                     };
                     us(u.user_time()) + us(u.system_time())
                 })
-                .unwrap_or(0);
+                .unwrap_or(0)
+        };
         CpuSample {
             busy,
             softirq,
-            children_us,
-            sinks: topo.sink_pids().iter().map(|p| process_ticks(*p)).sum(),
-            switchyard: topo.balancer_pid().map_or(0, process_ticks),
+            loadgen_us: used(UsageWho::RUSAGE_SELF) + used(UsageWho::RUSAGE_CHILDREN),
+            sinks: sink_pids.iter().map(|p| process_ticks(*p)).sum(),
+            balancer: balancer_pids.iter().map(|p| process_ticks(*p)).sum(),
         }
+    }
+
+    /// For a run in the namespace topology: its sinks and its active balancer.
+    fn of_topology(topo: &Topology) -> CpuSample {
+        let balancer: Vec<u32> = topo.balancer_pid().into_iter().collect();
+        CpuSample::take(&topo.sink_pids(), &balancer)
     }
 
     fn since(&self, before: &CpuSample, sessions: u64) -> CpuUse {
@@ -667,16 +700,16 @@ impl CpuSample {
         let n = sessions.max(1) as f64;
         let per = |ticks: u64| ticks as f64 * 1e6 / hz / n;
         let total_us = per(self.busy.saturating_sub(before.busy));
-        let loadgen_us = self.children_us.saturating_sub(before.children_us) as f64 / n;
+        let loadgen_us = self.loadgen_us.saturating_sub(before.loadgen_us) as f64 / n;
         let sinks_us = per(self.sinks.saturating_sub(before.sinks));
-        let switchyard_us = per(self.switchyard.saturating_sub(before.switchyard));
+        let balancer_us = per(self.balancer.saturating_sub(before.balancer));
         CpuUse {
             total_us,
             softirq_us: per(self.softirq.saturating_sub(before.softirq)),
             loadgen_us,
             sinks_us,
-            switchyard_us,
-            other_us: (total_us - loadgen_us - sinks_us - switchyard_us).max(0.0),
+            balancer_us,
+            other_us: (total_us - loadgen_us - sinks_us - balancer_us).max(0.0),
         }
     }
 }
@@ -696,6 +729,35 @@ fn machine_ticks() -> (u64, u64) {
     let get = |i: usize| v.get(i).copied().unwrap_or(0);
     let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
     (busy, get(6))
+}
+
+/// `pids` and their child processes (nginx's workers under its master).
+fn with_children(pids: &[u32]) -> Vec<u32> {
+    let mut all = pids.to_vec();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return all;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The parent's pid is the second field after the parenthesised command name.
+        let parent = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent.is_some_and(|p| pids.contains(&p)) {
+            all.push(pid);
+        }
+    }
+    all
 }
 
 /// utime + stime of a process (all its threads), in clock ticks; 0 if it is gone.
@@ -740,6 +802,7 @@ fn wait_ready(c: &Contender) -> Result<()> {
 fn drive(c: &Contender, opts: &BenchOptions, dir: &Path) -> Result<LoadReport> {
     let progress = std::io::stdout().is_terminal();
     match &c.driver {
+        Driver::Local if opts.smtp_source => run_smtp_source(c.target, opts),
         Driver::Local => {
             let mut spec = LoadSpec::new(
                 c.target,
@@ -777,6 +840,57 @@ fn drive(c: &Contender, opts: &BenchOptions, dir: &Path) -> Result<LoadReport> {
             Ok(report)
         }
     }
+}
+
+/// One run of Postfix's smtp-source against `target`: `-s` parallel sessions, `-m` one-message
+/// sessions of `-l` bytes. It reports no counts: a clean exit with nothing on stderr means every
+/// session completed; each line it writes there is counted as one failed session.
+fn run_smtp_source(target: SocketAddr, opts: &BenchOptions) -> Result<LoadReport> {
+    let bin = workspace::find_program("smtp-source")
+        .context("--smtp-source: smtp-source (Debian package postfix) is not installed")?;
+    let started = std::time::Instant::now();
+    let output = Command::new(bin)
+        .arg("-s")
+        .arg(opts.concurrency.to_string())
+        .arg("-m")
+        .arg(opts.sessions_per_run.to_string())
+        .arg("-l")
+        .arg(opts.size.to_string())
+        .arg(target.to_string())
+        .output()
+        .context("running smtp-source")?;
+    let elapsed_s = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        *errors
+            .entry(format!("smtp-source: {}", line.trim()))
+            .or_default() += 1;
+    }
+    if !output.status.success() {
+        *errors
+            .entry(format!("smtp-source exited with {}", output.status))
+            .or_default() += 1;
+    }
+    let failed = errors.values().sum::<u64>().min(opts.sessions_per_run);
+    let ok = opts.sessions_per_run - failed;
+    Ok(LoadReport {
+        target: target.to_string(),
+        concurrency: opts.concurrency,
+        size: opts.size,
+        recipients: 1,
+        pipelining: false,
+        elapsed_s,
+        sessions_ok: ok,
+        sessions_failed: failed,
+        messages: ok,
+        bytes: ok * opts.size as u64,
+        sessions_per_s: ok as f64 / elapsed_s.max(f64::MIN_POSITIVE),
+        messages_per_s: ok as f64 / elapsed_s.max(f64::MIN_POSITIVE),
+        mb_per_s: (ok * opts.size as u64) as f64 / 1e6 / elapsed_s.max(f64::MIN_POSITIVE),
+        latency_ms: Default::default(),
+        errors,
+    })
 }
 
 /// Per-backend `assigned=` totals from switchyard's shutdown log lines
@@ -952,6 +1066,7 @@ fn summarize(
                 median_sessions_per_s: median(&mut rates),
                 median_p99_ms: median(&mut p99),
                 ratio_vs_haproxy: None,
+                paired_ratio_vs_haproxy: None,
                 ratio_vs_direct: None,
                 failed_sessions: c.runs.iter().map(|r| r.sessions_failed).sum(),
                 runs: c.runs,
@@ -968,8 +1083,14 @@ fn summarize(
     };
     let haproxy = find("haproxy", &results);
     let direct = find("direct", &results);
+    let haproxy_runs: Vec<f64> = results
+        .iter()
+        .find(|r| r.name.starts_with("haproxy"))
+        .map(|r| r.runs.iter().map(|run| run.sessions_per_s).collect())
+        .unwrap_or_default();
     for r in &mut results {
         r.ratio_vs_haproxy = haproxy.map(|h| r.median_sessions_per_s / h);
+        r.paired_ratio_vs_haproxy = paired_ratio(&r.runs, &haproxy_runs);
         r.ratio_vs_direct = direct.map(|d| r.median_sessions_per_s / d);
     }
     let rustc = workspace::output(Command::new("rustc").arg("-V")).unwrap_or_default();
@@ -995,12 +1116,28 @@ fn summarize(
         concurrency: opts.concurrency,
         message_size: opts.size,
         sinks: sinks.to_string(),
+        load_generator: if opts.smtp_source {
+            "smtp-source".to_string()
+        } else {
+            "xtask loadgen".to_string()
+        },
         contenders: results,
         skipped,
         idle_memory,
         distribution,
         kernel_path,
     })
+}
+
+/// Median over rounds of `runs[i] / baseline[i]` (one run per contender per round).
+fn paired_ratio(runs: &[LoadReport], baseline: &[f64]) -> Option<f64> {
+    let mut ratios: Vec<f64> = runs
+        .iter()
+        .zip(baseline)
+        .filter(|(_, b)| **b > 0.0)
+        .map(|(r, b)| r.sessions_per_s / b)
+        .collect();
+    (!ratios.is_empty()).then(|| median(&mut ratios))
 }
 
 fn median_cpu(runs: &[CpuUse]) -> Option<CpuUse> {
@@ -1013,7 +1150,7 @@ fn median_cpu(runs: &[CpuUse]) -> Option<CpuUse> {
         softirq_us: m(|c| c.softirq_us),
         loadgen_us: m(|c| c.loadgen_us),
         sinks_us: m(|c| c.sinks_us),
-        switchyard_us: m(|c| c.switchyard_us),
+        balancer_us: m(|c| c.balancer_us),
         other_us: m(|c| c.other_us),
     })
 }
@@ -1052,30 +1189,51 @@ fn ratio(r: Option<f64>) -> String {
 /// The markdown table (README material: paste as is).
 pub fn markdown(res: &BenchResults) -> String {
     let mut s = format!(
-        "{} rounds x {} sessions, {} parallel, {} B messages, sinks: {}; {} CPUs, {}, {}\n\n",
+        "{} rounds x {} sessions, {} parallel, {} B messages, load: {}, sinks: {}; {} CPUs, {}, {}\n\n",
         res.rounds,
         res.sessions_per_run,
         res.concurrency,
         res.message_size,
+        res.load_generator,
         res.sinks,
         res.machine.cpus,
         res.machine.kernel,
         res.machine.rustc
     );
-    s.push_str("| contender | sessions/s (median) | min–max | p99 session (ms) | vs HAProxy | vs direct | failed |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| contender | sessions/s (median) | min–max | p99 session (ms) | vs HAProxy | vs HAProxy, paired | vs direct | failed |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for c in &res.contenders {
         s.push_str(&format!(
-            "| {} | {:.0} | {:.0}–{:.0} | {:.2} | {} | {} | {} |\n",
+            "| {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} |\n",
             c.name,
             c.median_sessions_per_s,
             c.min_sessions_per_s,
             c.max_sessions_per_s,
-            c.median_p99_ms,
+            // smtp-source reports no latencies.
+            if c.median_p99_ms > 0.0 {
+                format!("{:.2}", c.median_p99_ms)
+            } else {
+                "–".to_string()
+            },
             ratio(c.ratio_vs_haproxy),
+            ratio(c.paired_ratio_vs_haproxy),
             ratio(c.ratio_vs_direct),
             c.failed_sessions
         ));
+    }
+    s.push_str(
+        "\n| CPU per session (us, median), loopback | all CPUs | load generator | sinks | balancer process | kernel, rest |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for c in &res.contenders {
+        if Mode::ALL.iter().any(|m| m.contender() == c.name) {
+            continue;
+        }
+        if let Some(u) = &c.cpu_per_session {
+            s.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                c.name, u.total_us, u.loadgen_us, u.sinks_us, u.balancer_us, u.other_us
+            ));
+        }
     }
     if !res.distribution.is_empty() {
         s.push_str("\n| algorithm | sessions per backend | max/min |\n|---|---|---:|\n");
@@ -1135,6 +1293,9 @@ fn kernel_markdown(res: &BenchResults) -> String {
         let Some(u) = &c.cpu_per_session else {
             continue;
         };
+        if !Mode::ALL.iter().any(|m| m.contender() == c.name) {
+            continue;
+        }
         let added = if c.name == Mode::Proxy.contender() {
             k.proxy_added_cpu_us
         } else if c.name == Mode::Routing.contender() {
@@ -1152,7 +1313,7 @@ fn kernel_markdown(res: &BenchResults) -> String {
             u.softirq_us,
             u.loadgen_us,
             u.sinks_us,
-            u.switchyard_us,
+            u.balancer_us,
             u.other_us,
             added.map_or("–".into(), |a| format!("{a:+.0}"))
         ));
@@ -1230,5 +1391,29 @@ mod tests {
     fn median_of_even_and_odd() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    /// Round by round: a slow round slows both contenders, and the ratio stays put.
+    #[test]
+    fn paired_ratio_compares_runs_of_the_same_round() {
+        let run = |rate: f64| LoadReport {
+            sessions_per_s: rate,
+            ..Default::default()
+        };
+        let ours = [run(1100.0), run(550.0), run(2200.0)];
+        let baseline = [1000.0, 500.0, 2000.0];
+        let paired = paired_ratio(&ours, &baseline).expect("ratios");
+        assert!((paired - 1.1).abs() < 1e-9, "{paired}");
+        assert_eq!(paired_ratio(&ours, &[]), None);
+    }
+
+    #[test]
+    fn a_process_tree_includes_its_children() {
+        let mut child = Command::new("sleep").arg("5").spawn().expect("spawn sleep");
+        let tree = with_children(&[std::process::id()]);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(tree.contains(&std::process::id()));
+        assert!(tree.contains(&child.id()), "{tree:?}");
     }
 }

@@ -53,6 +53,10 @@ enum Cmd {
         /// one namespace topology; writes target/bench/kernel-results.json.
         #[arg(long)]
         kernel_only: bool,
+        /// Drive the loopback contenders with Postfix's smtp-source (`-s 50 -m N -l 2048`)
+        /// instead of the built-in load generator: issue 2's workload exactly as written.
+        #[arg(long, conflicts_with = "kernel_only")]
+        smtp_source: bool,
     },
     /// A fast SMTP sink (used where Postfix's smtp-sink is missing).
     Sink {
@@ -132,10 +136,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             rounds,
             messages,
             kernel_only,
+            smtp_source,
         } => {
             reexec_release(&["xtask", "switchyard"])?;
             let mut opts = bench::BenchOptions::new(quick, rounds, messages);
             opts.kernel_only = kernel_only;
+            opts.smtp_source = smtp_source;
             bench::run(opts).map(|_| ExitCode::SUCCESS)
         }
         Cmd::Loadgen(args) => {
