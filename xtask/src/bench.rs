@@ -850,13 +850,15 @@ fn run_smtp_source(target: SocketAddr, opts: &BenchOptions) -> Result<LoadReport
         .context("--smtp-source: smtp-source (Debian package postfix) is not installed")?;
     let started = std::time::Instant::now();
     let output = Command::new(bin)
-        .arg("-s")
-        .arg(opts.concurrency.to_string())
-        .arg("-m")
-        .arg(opts.sessions_per_run.to_string())
-        .arg("-l")
-        .arg(opts.size.to_string())
-        .arg(target.to_string())
+        .args([
+            "-s".to_string(),
+            opts.concurrency.to_string(),
+            "-m".to_string(),
+            opts.sessions_per_run.to_string(),
+            "-l".to_string(),
+            opts.size.to_string(),
+            target.to_string(),
+        ])
         .output()
         .context("running smtp-source")?;
     let elapsed_s = started.elapsed().as_secs_f64();
