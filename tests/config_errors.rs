@@ -667,6 +667,26 @@ fn zero_shutdown_timeout_is_rejected() {
 }
 
 #[test]
+fn workers_out_of_range_are_rejected() {
+    for bad in ["0", "1025", "-2"] {
+        assert_rejected(
+            &format!("workers = {bad}\n{}", service_with("")),
+            1,
+            &[&format!("workers must be between 1 and 1024, got {bad}")],
+        );
+    }
+}
+
+#[test]
+fn workers_must_be_a_number() {
+    assert_rejected(
+        &format!("workers = \"auto\"\n{}", service_with("")),
+        1,
+        &["workers", "invalid type"],
+    );
+}
+
+#[test]
 fn zero_health_interval_is_rejected() {
     assert_rejected(
         &service_with("[service.health]\ninterval = \"0s\"\ntimeout = \"0s\"\n"),
@@ -1012,6 +1032,7 @@ fn minimal_config_gets_the_documented_defaults() {
         "{out}"
     );
     assert!(out.contains("shutdown_timeout 30s"), "{out}");
+    assert!(out.contains("workers auto"), "{out}");
     assert!(
         out.contains("backend \"mta1\": 127.0.0.1:2601 weight 1 max_connections unlimited"),
         "{out}"
@@ -1026,6 +1047,7 @@ fn minimal_config_gets_the_documented_defaults() {
 fn full_config_is_summarised() {
     let out = assert_accepted(
         "shutdown_timeout = \"1m\"\n\
+         workers = 3\n\
          [[service]]\n\
          name = \"mx\"\n\
          listen = \"127.0.0.1:2525\"\n\
@@ -1059,6 +1081,7 @@ fn full_config_is_summarised() {
         "{out}"
     );
     assert!(out.contains("shutdown_timeout 1m"), "{out}");
+    assert!(out.contains("workers 3"), "{out}");
 }
 
 fn shipped(name: &str) -> PathBuf {

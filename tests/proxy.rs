@@ -662,6 +662,53 @@ async fn shutdown_timeout_cuts_off_sessions_that_outstay_it() {
     );
 }
 
+/// `workers` decides how many threads accept and relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sets_the_number_of_relay_threads() {
+    let mta = TestBackend::start("mta1", Behaviour::default()).await;
+    let listen = free_addr();
+    let toml = format!(
+        "workers = 3\n{}",
+        config(&[listen], "", "none", &backends_of(&[&mta]))
+    );
+    let mut sy = Switchyard::start(&toml);
+    // The threads start right after the listeners bind.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while worker_threads(sy.pid()).len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        worker_threads(sy.pid()),
+        ["switchyard-0", "switchyard-1", "switchyard-2"]
+    );
+    let sessions: Vec<_> = (0..60)
+        .map(|_| tokio::spawn(smtp_session_hold(listen, Duration::from_millis(300))))
+        .collect();
+    for s in sessions {
+        s.await.expect("task").expect("session");
+    }
+    assert_eq!(mta.sessions_completed(), 60);
+    assert!(
+        sy.stderr_text().contains("3 worker thread(s)"),
+        "{}",
+        sy.stderr_text()
+    );
+    terminate_and_check_counts(&mut sy, &["mta1"]);
+}
+
+/// Names of the process's relay threads (named `switchyard-N`), sorted.
+fn worker_threads(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task list")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with("switchyard-"))
+        .collect();
+    names.sort();
+    names
+}
+
 #[tokio::test]
 async fn listens_on_ipv6_loopback() {
     let mta1 = TestBackend::start("mta1", Behaviour::default()).await;

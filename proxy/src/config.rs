@@ -21,6 +21,8 @@ pub struct Config {
     pub source: PathBuf,
     /// How long active sessions may run on after SIGTERM/SIGINT (top-level `shutdown_timeout`).
     pub shutdown_timeout: Duration,
+    /// Worker threads for the userspace proxy (top-level `workers`); `None` = automatic.
+    pub workers: Option<u32>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -199,6 +201,7 @@ const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Anything longer is surely a typo ("10d" for "10m"), and huge values overflow deadlines.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_WEIGHT: i64 = 1000;
+const WORKERS_RANGE: (i64, i64) = (1, 1024);
 const MAX_RETRIES: i64 = 100;
 const MAX_RISE_FALL: i64 = 100;
 const FLOW_TABLE_RANGE: (i64, i64) = (1024, 1 << 26);
@@ -273,6 +276,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Config {
         pub shutdown_timeout: Option<Spanned<toml::Value>>,
+        pub workers: Option<Spanned<i64>>,
         #[serde(default)]
         pub service: Vec<Spanned<Service>>,
     }
@@ -605,6 +609,10 @@ fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Config {
         "shutdown_timeout",
         DEFAULT_SHUTDOWN_TIMEOUT,
     );
+    let workers = raw
+        .workers
+        .as_ref()
+        .map(|_| report.integer(&raw.workers, "", "workers", WORKERS_RANGE, 1));
 
     if raw.service.is_empty() {
         report.error(
@@ -690,6 +698,7 @@ fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Config {
     Config {
         source: path.to_path_buf(),
         shutdown_timeout,
+        workers,
         services,
     }
 }
@@ -1233,11 +1242,13 @@ impl Config {
         let backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
         let _ = writeln!(
             out,
-            "{}: {} service(s), {} backend(s), shutdown_timeout {}",
+            "{}: {} service(s), {} backend(s), shutdown_timeout {}, workers {}",
             self.source.display(),
             self.services.len(),
             backends,
-            humantime::format_duration(self.shutdown_timeout)
+            humantime::format_duration(self.shutdown_timeout),
+            self.workers
+                .map_or_else(|| "auto".to_string(), |n| n.to_string())
         );
         for s in &self.services {
             let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();

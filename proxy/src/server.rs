@@ -32,9 +32,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Runs every service of `config` until SIGTERM/SIGINT, then drains sessions and returns.
 ///
-/// Thread per core: each worker thread runs its own single-threaded runtime and waits on every
-/// listener, so a session lives and dies on the thread that accepted it and never pays for
-/// cross-thread wake-ups. The main thread keeps signals, health checks and shutdown.
+/// Workers (`workers`, by default one per two CPUs): each worker thread runs its own
+/// single-threaded runtime and waits on every listener, so a session lives and dies on the
+/// thread that accepted it and never pays for cross-thread wake-ups. The main thread keeps
+/// signals, health checks and shutdown.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -75,7 +76,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(Runtime::new(Snapshot::build(&config, &counters)));
     xdp::start_if_loaded(&mut xdp, &state)?;
     let snapshot = state.snapshot();
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = config.workers.map_or_else(auto_workers, |n| n as usize);
+    info!("{workers} worker thread(s)");
 
     // Every worker gets a handle on every listener; all binds happen before anything runs, so
     // a bad address fails the start as a whole.
@@ -250,6 +252,18 @@ pub fn log_totals(snapshot: &Snapshot, xdp_only: bool) {
             );
         }
     }
+}
+
+/// One worker per two CPUs, at least one. Measured on 2 CPUs with smtp-source, three
+/// smtp-sinks and 50 parallel sessions on the same machine: one worker used 8-10% less CPU
+/// per session than two (162 vs 177 µs) and completed 2-4% more sessions/s. Most of a relay's
+/// cost is the kernel's TCP work, which it does on whatever CPU it runs on; every further worker
+/// on the shared accept queue is one more thread woken per new connection, and the rest of the
+/// machine (the kernel's receive processing, an MTA on the same host) needs CPUs too.
+/// `workers = N` sets it.
+fn auto_workers() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / 2).max(1)
 }
 
 /// `count` handles on one listening socket, one per worker: every worker waits on the same
