@@ -32,7 +32,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Runs every service of `config` until SIGTERM/SIGINT, then drains sessions and returns.
 ///
-/// Workers (`workers`, by default one per two CPUs): each worker thread runs its own
+/// Workers (`workers`, by default one per CPU): each worker thread runs its own
 /// single-threaded runtime and waits on every listener, so a session lives and dies on the
 /// thread that accepted it and never pays for cross-thread wake-ups. The main thread keeps
 /// signals, health checks and shutdown.
@@ -254,16 +254,12 @@ pub fn log_totals(snapshot: &Snapshot, xdp_only: bool) {
     }
 }
 
-/// One worker per two CPUs, at least one. Measured on 2 CPUs with smtp-source, three
-/// smtp-sinks and 50 parallel sessions on the same machine: one worker used 8-10% less CPU
-/// per session than two (162 vs 177 µs) and completed 2-4% more sessions/s. Most of a relay's
-/// cost is the kernel's TCP work, which it does on whatever CPU it runs on; every further worker
-/// on the shared accept queue is one more thread woken per new connection, and the rest of the
-/// machine (the kernel's receive processing, an MTA on the same host) needs CPUs too.
-/// `workers = N` sets it.
+/// One worker per CPU. Fewer can be cheaper: on the 2-CPU benchmark machine (smtp-source,
+/// three smtp-sinks and switchyard sharing it) one worker used 7-10% less CPU per session than
+/// two, at the same sessions/s within the run-to-run noise (paired runs ranged from -3% to +4%).
+/// But one thread caps the relay at one CPU, so the default does not bet on it; `workers = N`.
 fn auto_workers() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cpus / 2).max(1)
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// `count` handles on one listening socket, one per worker: every worker waits on the same
