@@ -124,6 +124,11 @@ pub struct CpuUse {
     /// the kernel charges much of it to whichever process was running, so it overlaps the
     /// per-process figures.
     pub softirq_us: f64,
+    /// Time the hypervisor held the vCPUs back while they had work (steal), per session: not
+    /// in `total_us`. Well above zero, the run competed with other guests and its rate is
+    /// suspect.
+    #[serde(default)]
+    pub steal_us: f64,
     /// The load generator's process.
     pub loadgen_us: f64,
     /// The three sinks' processes.
@@ -369,14 +374,15 @@ fn run_contenders(
                 report.sessions_failed
             );
             println!(
-                "  {:<32} CPU us/session: {:.0} in all ({:.0} softirq); loadgen {:.0}, sinks {:.0}, balancer {:.0}, other {:.0}",
+                "  {:<32} CPU us/session: {:.0} in all ({:.0} softirq); loadgen {:.0}, sinks {:.0}, balancer {:.0}, other {:.0}; stolen by the hypervisor {:.0}",
                 "",
                 used.total_us,
                 used.softirq_us,
                 used.loadgen_us,
                 used.sinks_us,
                 used.balancer_us,
-                used.other_us
+                used.other_us,
+                used.steal_us
             );
             c.cpu.push(used);
             c.runs.push(report);
@@ -658,6 +664,7 @@ struct CpuSample {
     /// Busy and softirq time of all CPUs, in clock ticks.
     busy: u64,
     softirq: u64,
+    steal: u64,
     /// This process (the built-in load generator runs in it) and its reaped children (the
     /// load generator in a namespace, smtp-source), in microseconds.
     loadgen_us: u64,
@@ -668,7 +675,7 @@ struct CpuSample {
 impl CpuSample {
     fn take(sink_pids: &[u32], balancer_pids: &[u32]) -> CpuSample {
         use nix::sys::resource::{UsageWho, getrusage};
-        let (busy, softirq) = machine_ticks();
+        let (busy, softirq, steal) = machine_ticks();
         let used = |who| {
             getrusage(who)
                 .map(|u| {
@@ -682,6 +689,7 @@ impl CpuSample {
         CpuSample {
             busy,
             softirq,
+            steal,
             loadgen_us: used(UsageWho::RUSAGE_SELF) + used(UsageWho::RUSAGE_CHILDREN),
             sinks: sink_pids.iter().map(|p| process_ticks(*p)).sum(),
             balancer: balancer_pids.iter().map(|p| process_ticks(*p)).sum(),
@@ -706,6 +714,7 @@ impl CpuSample {
         CpuUse {
             total_us,
             softirq_us: per(self.softirq.saturating_sub(before.softirq)),
+            steal_us: per(self.steal.saturating_sub(before.steal)),
             loadgen_us,
             sinks_us,
             balancer_us,
@@ -714,11 +723,12 @@ impl CpuSample {
     }
 }
 
-/// All CPUs' busy (everything but idle and iowait) and softirq ticks, from /proc/stat.
-fn machine_ticks() -> (u64, u64) {
+/// All CPUs' busy ticks (user, nice, system, irq, softirq: the work this machine did), softirq
+/// ticks, and steal ticks (time the hypervisor gave to other guests), from /proc/stat.
+fn machine_ticks() -> (u64, u64, u64) {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
+        return (0, 0, 0);
     };
     let v: Vec<u64> = line
         .split_whitespace()
@@ -727,8 +737,8 @@ fn machine_ticks() -> (u64, u64) {
         .collect();
     // user nice system idle iowait irq softirq steal (guest time is already in user).
     let get = |i: usize| v.get(i).copied().unwrap_or(0);
-    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
-    (busy, get(6))
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6);
+    (busy, get(6), get(7))
 }
 
 /// `pids` and their child processes (nginx's workers under its master).
@@ -1150,6 +1160,7 @@ fn median_cpu(runs: &[CpuUse]) -> Option<CpuUse> {
     Some(CpuUse {
         total_us: m(|c| c.total_us),
         softirq_us: m(|c| c.softirq_us),
+        steal_us: m(|c| c.steal_us),
         loadgen_us: m(|c| c.loadgen_us),
         sinks_us: m(|c| c.sinks_us),
         balancer_us: m(|c| c.balancer_us),
@@ -1224,7 +1235,7 @@ pub fn markdown(res: &BenchResults) -> String {
         ));
     }
     s.push_str(
-        "\n| CPU per session (us, median), loopback | all CPUs | load generator | sinks | balancer process | kernel, rest |\n|---|---:|---:|---:|---:|---:|\n",
+        "\n| CPU per session (us, median), loopback | all CPUs | load generator | sinks | balancer process | kernel, rest | stolen by the hypervisor |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in &res.contenders {
         if Mode::ALL.iter().any(|m| m.contender() == c.name) {
@@ -1232,8 +1243,8 @@ pub fn markdown(res: &BenchResults) -> String {
         }
         if let Some(u) = &c.cpu_per_session {
             s.push_str(&format!(
-                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
-                c.name, u.total_us, u.loadgen_us, u.sinks_us, u.balancer_us, u.other_us
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                c.name, u.total_us, u.loadgen_us, u.sinks_us, u.balancer_us, u.other_us, u.steal_us
             ));
         }
     }
