@@ -1087,17 +1087,11 @@ fn summarize(
         })
         .collect();
     let kernel_path = kernel_path(&results);
-    let find = |prefix: &str, rs: &[ContenderResult]| {
-        rs.iter()
-            .find(|r| r.name.starts_with(prefix))
-            .map(|r| r.median_sessions_per_s)
-            .filter(|v| *v > 0.0)
-    };
-    let haproxy = find("haproxy", &results);
-    let direct = find("direct", &results);
-    let haproxy_runs: Vec<f64> = results
-        .iter()
-        .find(|r| r.name.starts_with("haproxy"))
+    let find = |prefix: &str| results.iter().find(|r| r.name.starts_with(prefix));
+    let median_of = |r: &ContenderResult| Some(r.median_sessions_per_s).filter(|v| *v > 0.0);
+    let haproxy = find("haproxy").and_then(median_of);
+    let direct = find("direct").and_then(median_of);
+    let haproxy_runs: Vec<f64> = find("haproxy")
         .map(|r| r.runs.iter().map(|run| run.sessions_per_s).collect())
         .unwrap_or_default();
     for r in &mut results {
@@ -1195,6 +1189,12 @@ fn kernel_path(results: &[ContenderResult]) -> Option<KernelPath> {
     })
 }
 
+/// Whether a contender is one of the namespace topology's (routing, proxy, xdp dsr/nat): those
+/// have a CPU table of their own.
+fn on_kernel_path(name: &str) -> bool {
+    Mode::ALL.iter().any(|m| m.contender() == name)
+}
+
 fn ratio(r: Option<f64>) -> String {
     r.map_or("–".to_string(), |v| format!("{v:.2}x"))
 }
@@ -1238,7 +1238,7 @@ pub fn markdown(res: &BenchResults) -> String {
         "\n| CPU per session (us, median), loopback | all CPUs | load generator | sinks | balancer process | kernel, rest | stolen by the hypervisor |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in &res.contenders {
-        if Mode::ALL.iter().any(|m| m.contender() == c.name) {
+        if on_kernel_path(&c.name) {
             continue;
         }
         if let Some(u) = &c.cpu_per_session {
@@ -1306,7 +1306,7 @@ fn kernel_markdown(res: &BenchResults) -> String {
         let Some(u) = &c.cpu_per_session else {
             continue;
         };
-        if !Mode::ALL.iter().any(|m| m.contender() == c.name) {
+        if !on_kernel_path(&c.name) {
             continue;
         }
         let added = if c.name == Mode::Proxy.contender() {
