@@ -2,19 +2,18 @@
 //!
 //! A [`Selector`] is built once per config snapshot: it holds the service's prebuilt tables
 //! (the smooth weighted round-robin table, the Maglev table) and the cursor that rotates
-//! round-robin turns and least-* tie-breaking. Picking reads each backend's live view (health,
-//! shared active count, response time) lazily, only for the backends an algorithm looks at, and
-//! allocates nothing.
+//! round-robin turns and least-* tie-breaking. Picking asks the caller for each backend's live
+//! view (health, shared active count, response time) lazily, only for the backends an algorithm
+//! looks at, and allocates nothing. The selector knows backends only by index, so it does not
+//! depend on how the running state stores them.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use switchyard_common::backend::BackendView;
 use switchyard_common::{hash, least_conn, least_time, maglev, round_robin, weighted_round_robin};
 
 use crate::config::{Algorithm, BackendConfig};
-use crate::state::Backend;
 
 /// Per-service selection state built once per snapshot (weighted table, Maglev table, cursors).
 pub struct Selector {
@@ -54,22 +53,23 @@ impl Selector {
         }
     }
 
-    /// Chooses an available (healthy, not full) backend whose index is not in `exclude`.
-    /// Returns its index in `backends`. Does not count the session: the caller acquires
-    /// `backends[i].active` and, if that fails (it became full), picks again with `i` excluded.
+    /// Chooses an available (healthy, not full) backend among `count`, whose index is not in
+    /// `exclude`; `view(i)` is backend `i`'s view now. Does not count the session: the caller
+    /// acquires backend `i`'s active count and, if that fails (it became full), picks again
+    /// with `i` excluded.
     pub fn pick(
         &self,
-        backends: &[Arc<Backend>],
+        count: usize,
+        view: impl Fn(usize) -> BackendView,
         client: IpAddr,
         exclude: &[usize],
     ) -> Option<usize> {
         let candidate = |i: usize| -> Option<BackendView> {
-            if exclude.contains(&i) {
+            if exclude.contains(&i) || i >= count {
                 return None;
             }
-            backends.get(i).map(|b| b.view())
+            Some(view(i))
         };
-        let count = backends.len();
         match self.algorithm {
             Algorithm::RoundRobin => {
                 let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
@@ -124,15 +124,16 @@ fn client_hash(client: IpAddr) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::path::Path;
 
     use super::*;
     use crate::config::ServiceConfig;
-    use crate::counters::{ActiveCount, CounterTable};
 
-    /// A service parsed from TOML, so these tests follow the config's schema as it grows.
-    fn service(algorithm: &str, weights: &[u32]) -> (ServiceConfig, Vec<Arc<Backend>>) {
+    /// A service parsed from TOML, so these tests follow the config's schema as it grows,
+    /// with its backends' live views (all up, none busy).
+    fn service(algorithm: &str, weights: &[u32]) -> (ServiceConfig, Views) {
         let mut text = format!(
             "[[service]]\nname = \"mx\"\nlisten = \"127.0.0.1:2525\"\nalgorithm = \"{algorithm}\"\n"
         );
@@ -145,109 +146,119 @@ mod tests {
         let config =
             crate::config::parse(Path::new("balance-test.toml"), &text).expect("valid test config");
         let service = config.services[0].clone();
-        let backends = live_backends(&service);
-        (service, backends)
+        let views = Views::of(&service);
+        (service, views)
     }
 
-    fn live_backends(service: &ServiceConfig) -> Vec<Arc<Backend>> {
-        let table = CounterTable::new(service.backends.len());
-        service
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                Arc::new(Backend::new(
-                    b.clone(),
-                    service,
-                    ActiveCount::new(table.clone(), i),
-                ))
-            })
-            .collect()
+    /// The views a session would read, changeable between picks.
+    struct Views(RefCell<Vec<BackendView>>);
+
+    impl Views {
+        fn of(service: &ServiceConfig) -> Views {
+            Views(RefCell::new(
+                service
+                    .backends
+                    .iter()
+                    .map(|b| BackendView {
+                        active: 0,
+                        weight: b.weight,
+                        max_connections: b.max_connections,
+                        healthy: 1,
+                        response_us: 0,
+                    })
+                    .collect(),
+            ))
+        }
+
+        fn pick(&self, selector: &Selector, client: IpAddr, exclude: &[usize]) -> Option<usize> {
+            let views = self.0.borrow();
+            selector.pick(views.len(), |i| views[i], client, exclude)
+        }
+
+        fn set(&self, i: usize, change: impl FnOnce(&mut BackendView)) {
+            change(&mut self.0.borrow_mut()[i]);
+        }
     }
 
     const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 
     #[test]
     fn round_robin_takes_turns_and_skips_down_and_excluded() {
-        let (config, backends) = service("round_robin", &[1, 1, 1]);
+        let (config, views) = service("round_robin", &[1, 1, 1]);
         let selector = Selector::new(config.algorithm, &config.backends);
         let picks: Vec<_> = (0..6)
-            .map(|_| selector.pick(&backends, CLIENT, &[]).unwrap())
+            .map(|_| views.pick(&selector, CLIENT, &[]).unwrap())
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
-        for _ in 0..10 {
-            backends[1].health.record_check(false);
-        }
-        assert!(!backends[1].health.is_up());
+        views.set(1, |v| v.healthy = 0);
         let picks: Vec<_> = (0..4)
-            .map(|_| selector.pick(&backends, CLIENT, &[]).unwrap())
+            .map(|_| views.pick(&selector, CLIENT, &[]).unwrap())
             .collect();
         assert_eq!(picks, [0, 2, 0, 2]);
-        assert_eq!(selector.pick(&backends, CLIENT, &[0, 2]), None);
+        assert_eq!(views.pick(&selector, CLIENT, &[0, 2]), None);
     }
 
     #[test]
     fn weighted_round_robin_follows_weights() {
-        let (config, backends) = service("weighted_round_robin", &[1, 2, 3]);
+        let (config, views) = service("weighted_round_robin", &[1, 2, 3]);
         let selector = Selector::new(config.algorithm, &config.backends);
         let mut counts = [0; 3];
         for _ in 0..600 {
-            counts[selector.pick(&backends, CLIENT, &[]).unwrap()] += 1;
+            counts[views.pick(&selector, CLIENT, &[]).unwrap()] += 1;
         }
         assert_eq!(counts, [100, 200, 300]);
     }
 
     #[test]
-    fn least_conn_reads_the_shared_counts() {
-        let (config, backends) = service("least_conn", &[1, 1, 1]);
+    fn least_conn_reads_the_active_counts() {
+        let (config, views) = service("least_conn", &[1, 1, 1]);
         let selector = Selector::new(config.algorithm, &config.backends);
-        let _held: Vec<_> = (0..3)
-            .map(|_| backends[0].active.try_acquire(0).unwrap())
-            .collect();
-        let _one = backends[2].active.try_acquire(0).unwrap();
+        views.set(0, |v| v.active = 3);
+        views.set(2, |v| v.active = 1);
         for _ in 0..5 {
-            assert_eq!(selector.pick(&backends, CLIENT, &[]), Some(1));
+            assert_eq!(views.pick(&selector, CLIENT, &[]), Some(1));
         }
-        assert_eq!(selector.pick(&backends, CLIENT, &[1]), Some(2));
+        assert_eq!(views.pick(&selector, CLIENT, &[1]), Some(2));
     }
 
     #[test]
     fn least_time_prefers_the_faster_backend() {
-        let (config, backends) = service("least_time", &[1, 1]);
+        let (config, views) = service("least_time", &[1, 1]);
         let selector = Selector::new(config.algorithm, &config.backends);
-        backends[0].record_response(20_000);
-        backends[1].record_response(500);
+        views.set(0, |v| v.response_us = 20_000);
+        views.set(1, |v| v.response_us = 500);
         for _ in 0..5 {
-            assert_eq!(selector.pick(&backends, CLIENT, &[]), Some(1));
+            assert_eq!(views.pick(&selector, CLIENT, &[]), Some(1));
         }
     }
 
     #[test]
     fn ip_hash_is_sticky_and_maps_v4_mapped_v6_like_v4() {
-        let (config, backends) = service("ip_hash", &[1, 1, 1, 1]);
+        let (config, views) = service("ip_hash", &[1, 1, 1, 1]);
         let selector = Selector::new(config.algorithm, &config.backends);
         for last in 1..=50u8 {
             let v4 = Ipv4Addr::new(198, 51, 100, last);
-            let first = selector.pick(&backends, IpAddr::V4(v4), &[]);
+            let first = views.pick(&selector, IpAddr::V4(v4), &[]);
             assert!(first.is_some());
-            assert_eq!(selector.pick(&backends, IpAddr::V4(v4), &[]), first);
+            assert_eq!(views.pick(&selector, IpAddr::V4(v4), &[]), first);
             assert_eq!(
-                selector.pick(&backends, IpAddr::V6(v4.to_ipv6_mapped()), &[]),
+                views.pick(&selector, IpAddr::V6(v4.to_ipv6_mapped()), &[]),
                 first
             );
         }
         let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
-        assert!(selector.pick(&backends, v6, &[]).is_some());
+        assert!(views.pick(&selector, v6, &[]).is_some());
     }
 
     #[test]
     fn full_backends_are_not_chosen() {
-        let (mut config, _) = service("least_conn", &[1, 1]);
-        config.backends[0].max_connections = 1;
-        let backends = live_backends(&config);
+        let (config, views) = service("least_conn", &[1, 1]);
         let selector = Selector::new(config.algorithm, &config.backends);
-        let _guard = backends[0].active.try_acquire(1).unwrap();
-        assert_eq!(selector.pick(&backends, CLIENT, &[]), Some(1));
-        assert_eq!(selector.pick(&backends, CLIENT, &[1]), None);
+        views.set(0, |v| {
+            v.max_connections = 1;
+            v.active = 1;
+        });
+        assert_eq!(views.pick(&selector, CLIENT, &[]), Some(1));
+        assert_eq!(views.pick(&selector, CLIENT, &[1]), None);
     }
 }

@@ -1,21 +1,11 @@
 //! The `switchyard` binary: command line, logging, and the hand-off to the control plane.
 
-mod balance;
-mod config;
-mod counters;
-mod health;
-mod proxy_protocol;
-mod server;
-mod session;
-mod smtp;
-mod state;
-mod xdp;
-
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use switchyard::{config, server};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +25,10 @@ enum Command {
         /// Path to the TOML configuration.
         #[arg(long, short)]
         config: PathBuf,
+        /// At shutdown, also write the per-backend totals to this file as one JSON object
+        /// (the same object the `totals` log line carries).
+        #[arg(long, value_name = "FILE")]
+        totals: Option<PathBuf>,
     },
     /// Validate a configuration and print a summary of its services and backends.
     Check {
@@ -57,7 +51,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, totals } => {
             init_logging();
             let cfg = match config::load(&config) {
                 Ok(cfg) => cfg,
@@ -66,7 +60,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match server::run(cfg) {
+            match server::run(
+                cfg,
+                server::RunOptions {
+                    totals_file: totals,
+                },
+            ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");

@@ -5,8 +5,8 @@
 //! second signal skips the wait.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -20,7 +20,8 @@ use tracing::{info, warn};
 use crate::config::{Config, Dataplane};
 use crate::health;
 use crate::session::{self, SessionSlot};
-use crate::state::{Runtime, Snapshot};
+use crate::state::{LiveState, Snapshot};
+use crate::totals::Totals;
 use crate::xdp;
 
 /// Pending connections the kernel queues per listener (capped by net.core.somaxconn).
@@ -30,18 +31,25 @@ const BACKLOG: i32 = 4096;
 /// full file table does not turn the loop into a busy spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// What `run` is asked besides the config.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Where to write the shutdown totals as JSON (`run --totals FILE`).
+    pub totals_file: Option<PathBuf>,
+}
+
 /// Runs every service of `config` until SIGTERM/SIGINT, then drains sessions and returns.
 ///
 /// Workers (`workers`, by default one per CPU): each worker thread runs its own
 /// single-threaded runtime and waits on every listener, so a session lives and dies on the
 /// thread that accepted it and never pays for cross-thread wake-ups. The main thread keeps
 /// signals, health checks and shutdown.
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the control runtime")?;
-    control.block_on(serve(config))
+    control.block_on(serve(config, options))
 }
 
 struct Signals {
@@ -65,7 +73,7 @@ impl Signals {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     // Before listening, so a signal right after startup is never the default (fatal) action.
     let mut signals = Signals::install()?;
     let shutdown_timeout = config.shutdown_timeout;
@@ -73,7 +81,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // listens, and its shared count array becomes the one every session counts in.
     let mut xdp = xdp::load_if_wanted(&config)?;
     let counters = xdp::counters_for(xdp.as_ref(), &config);
-    let state = Arc::new(Runtime::new(Snapshot::build(&config, &counters)));
+    let state = Arc::new(LiveState::new(Snapshot::build(&config, &counters)));
     xdp::start_if_loaded(&mut xdp, &state)?;
     let snapshot = state.snapshot();
     let workers = config.workers.map_or_else(auto_workers, |n| n as usize);
@@ -159,10 +167,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             warn!("{error:#}");
         }
     }
-    log_totals(&state.snapshot(), false);
+    let totals = Totals::collect(
+        &state.snapshot(),
+        xdp.as_ref().and_then(|plane| plane.kernel_counters()),
+        false,
+    );
     if let Some(plane) = xdp {
         plane.shutdown();
     }
+    report_totals(&totals, options.totals_file.as_deref())?;
     info!("stopped");
     Ok(())
 }
@@ -170,7 +183,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// One worker thread: its listeners, and the sessions they accept, on a runtime of its own.
 struct Worker {
     listeners: Vec<(String, SocketAddr, std::net::TcpListener)>,
-    state: Arc<Runtime>,
+    state: Arc<LiveState>,
     stop_accepting: CancellationToken,
     cut_sessions: CancellationToken,
     /// Cancelled once every session is over: the runtime may then go.
@@ -221,37 +234,16 @@ async fn keep_timer_wake_near() {
 /// Shorter than the shortest usual session timer (connect timeout, 3 s by default).
 const TIMER_TICK: Duration = Duration::from_millis(500);
 
-/// One line per backend (and one per xdp service with the kernel's counters), for operators
-/// and for tests checking that no count leaked: at shutdown for every service, and once a
-/// minute from the kernel path's sync task for the xdp services (`xdp_only`).
-pub fn log_totals(snapshot: &Snapshot, xdp_only: bool) {
-    for (index, service) in snapshot.services.iter().enumerate() {
-        let xdp = service.config.dataplane == Dataplane::Xdp;
-        if xdp_only && !xdp {
-            continue;
-        }
-        for backend in &service.backends {
-            info!(
-                "service {} backend {} active={} assigned={}{}",
-                service.config.name,
-                backend.config.name,
-                backend.active.get(),
-                backend.assigned_total.load(Ordering::Relaxed),
-                if xdp {
-                    xdp::backend_fields(backend.active.slot())
-                } else {
-                    String::new()
-                }
-            );
-        }
-        if xdp {
-            info!(
-                "service {} xdp{}",
-                service.config.name,
-                xdp::service_fields(index)
-            );
-        }
+/// The shutdown totals: human lines, one `totals {json}` line, and the file `--totals` names.
+fn report_totals(totals: &Totals, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    totals.log();
+    let json = totals.to_json();
+    info!(target: "switchyard::totals", "totals {json}");
+    if let Some(path) = file {
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing the totals to {}", path.display()))?;
     }
+    Ok(())
 }
 
 /// One worker per CPU. Fewer can be cheaper: on the 2-CPU benchmark machine (smtp-source,
@@ -301,7 +293,7 @@ fn bind(address: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 async fn accept_loop(
     listener: TcpListener,
     service_name: String,
-    state: Arc<Runtime>,
+    state: Arc<LiveState>,
     stop: CancellationToken,
     cut_sessions: CancellationToken,
     sessions: TaskTracker,
@@ -343,7 +335,7 @@ fn is_per_connection(error: &std::io::Error) -> bool {
 }
 
 fn start_session(
-    state: &Runtime,
+    state: &LiveState,
     service_name: &str,
     client: TcpStream,
     client_addr: SocketAddr,

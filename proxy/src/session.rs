@@ -162,9 +162,7 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
     let mut failures = 0u32;
     // Each round excludes one more backend, so this ends; the bound is belt and braces.
     for _ in 0..service.backends.len() {
-        let index = service
-            .selector
-            .pick(&service.backends, client_ip, &excluded)?;
+        let index = service.pick(client_ip, &excluded)?;
         if excluded.contains(&index) {
             return None;
         }
@@ -380,7 +378,7 @@ async fn pump(
         // (a 221 and its close), and no further `recv` is needed to learn of the end.
         let closing = src.ready(Interest::READABLE).await?.is_read_closed();
         match copy_ready(src, dst, &mut pending, closing) {
-            Ok(Copied::Some) => last_activity.store(stamp(epoch), Ordering::Relaxed),
+            Ok(Copied::Moved) => last_activity.store(stamp(epoch), Ordering::Relaxed),
             Ok(Copied::End) => {
                 if ended.swap(true, Ordering::AcqRel) {
                     return Ok(());
@@ -403,7 +401,7 @@ async fn pump(
 /// What one [`copy_ready`] did.
 enum Copied {
     /// Moved some bytes; the stream goes on.
-    Some,
+    Moved,
     /// The source reached its end of stream (any last bytes were moved first).
     End,
 }
@@ -464,12 +462,12 @@ fn copy_through(
             Ok(w) => written += w,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 pending.extend_from_slice(&chunk[written..n]);
-                return Ok(Copied::Some);
+                return Ok(Copied::Moved);
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(if last { Copied::End } else { Copied::Some })
+    Ok(if last { Copied::End } else { Copied::Moved })
 }
 
 /// `try_write`, corked (`MSG_MORE`) when the half-close follows at once: the kernel then sends
@@ -539,7 +537,7 @@ mod tests {
         let mut pending = Vec::new();
         let copied = copy_through(&mut chunk, &src, &dst, &mut pending, closing).expect("copy");
         assert!(
-            matches!(copied, Copied::Some),
+            matches!(copied, Copied::Moved),
             "reported the end with bytes pending"
         );
         assert_eq!(pending, b"221 last words\r\n");

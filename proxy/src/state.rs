@@ -6,7 +6,7 @@
 //! health live in per-backend objects that a reload can carry over by (service, backend) name.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -16,12 +16,13 @@ use crate::balance::Selector;
 use crate::config::{BackendConfig, Config, HealthKind, ServiceConfig};
 use crate::counters::{ActiveCount, CounterTable};
 
-/// The whole running state, swappable as one unit.
-pub struct Runtime {
+/// The whole running state, swappable as one unit (not a tokio runtime: the services and
+/// backends sessions are served from).
+pub struct LiveState {
     current: RwLock<Arc<Snapshot>>,
 }
 
-impl Runtime {
+impl LiveState {
     pub fn new(snapshot: Snapshot) -> Self {
         Self {
             current: RwLock::new(Arc::new(snapshot)),
@@ -33,7 +34,6 @@ impl Runtime {
     }
 
     /// Makes `next` the state new sessions see; sessions already running keep theirs.
-    #[allow(dead_code)] // used by config reload (a later issue)
     pub fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
         std::mem::replace(&mut *self.current.write(), Arc::new(next))
     }
@@ -98,6 +98,16 @@ pub struct Service {
     pub selector: Selector,
     /// Client sessions currently open on this service (for `max_connections`).
     pub sessions: AtomicU32,
+}
+
+impl Service {
+    /// An available backend for `client` whose index is not in `exclude`, by the service's
+    /// algorithm over its backends' live views (see [`Selector::pick`]).
+    pub fn pick(&self, client: IpAddr, exclude: &[usize]) -> Option<usize> {
+        let backends = &self.backends;
+        self.selector
+            .pick(backends.len(), |i| backends[i].view(), client, exclude)
+    }
 }
 
 pub struct Backend {

@@ -23,7 +23,8 @@ use tracing::{info, warn};
 use super::{flows, neighbours, stats, tables};
 use crate::config::{Config, Dataplane, Forwarding};
 use crate::counters::CounterTable;
-use crate::state::{Runtime, Service, Snapshot};
+use crate::state::{LiveState, Service, Snapshot};
+use crate::totals::{KernelCounters, Totals};
 
 /// Where `pin = true` pins the maps and links: `<base>/<first xdp service>`.
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
@@ -51,6 +52,8 @@ pub struct XdpPlane {
     /// Flows and counts came from pinned maps of a previous run.
     reused: bool,
     links: Vec<(String, XdpLink)>,
+    /// The traffic counter maps, once started (read by the sync task and at shutdown).
+    stats: Option<Arc<stats::Stats>>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -141,6 +144,7 @@ impl XdpPlane {
             pin_dir,
             reused,
             links: Vec::new(),
+            stats: None,
             stop: CancellationToken::new(),
             task: None,
         })
@@ -151,11 +155,11 @@ impl XdpPlane {
         self.counters.clone()
     }
 
-    /// Programs the maps from `runtime`'s snapshot, attaches to every interface the XDP
+    /// Programs the maps from `state`'s snapshot, attaches to every interface the XDP
     /// services name, and spawns the sync task (must run inside the tokio runtime).
-    pub fn start(&mut self, runtime: Arc<Runtime>) -> anyhow::Result<()> {
-        let snapshot = runtime.snapshot();
-        let mut synced = Sync::default();
+    pub fn start(&mut self, state: Arc<LiveState>) -> anyhow::Result<()> {
+        let snapshot = state.snapshot();
+        let mut synced = KernelSync::default();
         {
             let mut bpf = self.bpf.lock();
             if self.reused {
@@ -163,7 +167,7 @@ impl XdpPlane {
                 info!("rebuilt active counts from {rebuilt} open flows");
             }
             synced.run(&mut bpf, &snapshot, true)?;
-            stats::install(stats::Stats::take(&mut bpf)?);
+            self.stats = Some(Arc::new(stats::Stats::take(&mut bpf)?));
         }
         let mut interfaces = BTreeSet::new();
         for service in xdp_services(&snapshot) {
@@ -185,6 +189,7 @@ impl XdpPlane {
         let bpf = self.bpf.clone();
         let counters = self.counters.clone();
         let stop = self.stop.clone();
+        let stats = self.stats.clone();
         self.task = Some(tokio::spawn(async move {
             let mut expiry = flows::Expiry::default();
             let mut last_stats = tokio::time::Instant::now();
@@ -193,36 +198,38 @@ impl XdpPlane {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(period) => {}
                 }
-                let snapshot = runtime.snapshot();
+                let snapshot = state.snapshot();
                 let bpf = bpf.clone();
                 let counters = counters.clone();
-                let mut state = std::mem::take(&mut synced);
+                let mut sync = std::mem::take(&mut synced);
                 let mut exp = std::mem::take(&mut expiry);
                 // Map syscalls and /proc reads block: keep them off the async workers.
                 let joined = tokio::task::spawn_blocking(move || {
                     let mut bpf = bpf.lock();
-                    if let Err(error) = state.run(&mut bpf, &snapshot, false) {
+                    if let Err(error) = sync.run(&mut bpf, &snapshot, false) {
                         warn!("XDP sync: {error:#}");
                     }
                     if let Err(error) = exp.run(&mut bpf, &snapshot, &counters) {
                         warn!("XDP flow expiry: {error:#}");
                     }
-                    (state, exp)
+                    (sync, exp)
                 })
                 .await;
                 match joined {
-                    Ok((state, exp)) => {
-                        synced = state;
+                    Ok((sync, exp)) => {
+                        synced = sync;
                         expiry = exp;
                     }
                     Err(error) => warn!("XDP sync task failed: {error}"),
                 }
                 if last_stats.elapsed() >= STATS_PERIOD {
                     last_stats = tokio::time::Instant::now();
-                    let snapshot = runtime.snapshot();
+                    let snapshot = state.snapshot();
+                    let stats = stats.clone();
                     // Per-CPU map reads are syscalls: off the async workers too.
                     let _ = tokio::task::spawn_blocking(move || {
-                        crate::server::log_totals(&snapshot, true)
+                        let kernel = stats.as_deref().map(|s| s as &dyn KernelCounters);
+                        Totals::collect(&snapshot, kernel, true).log()
                     })
                     .await;
                 }
@@ -289,6 +296,11 @@ impl XdpPlane {
         Ok(XdpLink::try_from(FdLink::from(pinned))?)
     }
 
+    /// The kernel's traffic counters, once started: for the shutdown totals.
+    pub fn kernel_counters(&self) -> Option<&dyn KernelCounters> {
+        self.stats.as_deref().map(|s| s as &dyn KernelCounters)
+    }
+
     /// One slot of the ACTIVE array read through the map (not the mapping): for tests and
     /// diagnostics.
     #[cfg(test)]
@@ -303,7 +315,6 @@ impl XdpPlane {
     /// the program keeps forwarding established flows until the next start takes over.
     pub fn shutdown(mut self) {
         self.stop.cancel();
-        stats::uninstall();
         if let Some(task) = self.task.take() {
             task.abort();
         }
@@ -326,11 +337,11 @@ const STATS_PERIOD: Duration = Duration::from_secs(60);
 
 /// Per-run memory of what was written, so only changes touch the maps.
 #[derive(Default)]
-struct Sync {
+struct KernelSync {
     written: std::collections::HashMap<String, tables::BackendStates>,
 }
 
-impl Sync {
+impl KernelSync {
     /// Brings backend states (health, MACs) and tables up to date for every XDP service.
     fn run(&mut self, bpf: &mut Ebpf, snapshot: &Snapshot, first: bool) -> anyhow::Result<()> {
         for (index, service) in snapshot.services.iter().enumerate() {

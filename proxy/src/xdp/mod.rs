@@ -23,10 +23,9 @@ use std::sync::Arc;
 
 use crate::config::{Config, Dataplane};
 use crate::counters::CounterTable;
-use crate::state::Runtime;
+use crate::state::LiveState;
 
 pub use loader::XdpPlane;
-pub use stats::{backend_fields, service_fields};
 
 /// Said when the fast path is asked for but not built in.
 pub const NOT_BUILT: &str = "this switchyard was built without the XDP fast path (eBPF toolchain not found): run `cargo xtask setup`, then rebuild";
@@ -70,10 +69,10 @@ pub fn counters_for(plane: Option<&XdpPlane>, config: &Config) -> Arc<CounterTab
     }
 }
 
-/// Starts the plane on `runtime` if there is one.
-pub fn start_if_loaded(plane: &mut Option<XdpPlane>, runtime: &Arc<Runtime>) -> anyhow::Result<()> {
+/// Starts the plane on `state` if there is one.
+pub fn start_if_loaded(plane: &mut Option<XdpPlane>, state: &Arc<LiveState>) -> anyhow::Result<()> {
     match plane {
-        Some(plane) => plane.start(runtime.clone()),
+        Some(plane) => plane.start(state.clone()),
         None => Ok(()),
     }
 }

@@ -1,0 +1,16 @@
+//! Switchyard as a library: the control plane and both data planes' userspace side. The
+//! `switchyard` binary (`main.rs`) is a thin command line over [`config`] and [`server`]; tests,
+//! the test kit and xtask call the same modules in process (config parsing, the SMTP reply
+//! parser, the shutdown totals' schema).
+
+pub mod balance;
+pub mod config;
+pub mod counters;
+pub mod health;
+pub mod proxy_protocol;
+pub mod server;
+pub mod session;
+pub mod smtp;
+pub mod state;
+pub mod totals;
+pub mod xdp;

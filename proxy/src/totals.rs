@@ -1,0 +1,188 @@
+//! Per-backend totals: what each backend was assigned and holds, and (for xdp services) the
+//! kernel path's traffic counters, collected from the running state into one structured value.
+//!
+//! This is the machine-readable interface to a run's outcome. At shutdown switchyard logs it
+//! as one line, `totals {json}` (target `switchyard::totals`), and writes the same object to the
+//! file given with `run --totals FILE`. Tests and the benchmark deserialize it with this very
+//! type, never by scraping the human lines [`Totals::log`] also writes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::config::Dataplane;
+use crate::state::Snapshot;
+
+/// Every service's totals, in config order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub services: Vec<ServiceTotals>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceTotals {
+    pub name: String,
+    /// `"proxy"` or `"xdp"`.
+    pub dataplane: String,
+    pub backends: Vec<BackendTotals>,
+    /// The kernel path's per-service packet counters; only for xdp services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelServiceTotals>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendTotals {
+    pub name: String,
+    pub address: SocketAddr,
+    /// The shared active count (both planes) when collected; 0 at a clean shutdown.
+    pub active: u64,
+    /// Sessions the userspace proxy assigned to this backend over the whole run.
+    pub assigned: u64,
+    /// The kernel path's counters for this backend's address; only for xdp services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelBackendTotals>,
+}
+
+/// Summed over CPUs. A backend address shared by several services shares these counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelBackendTotals {
+    pub new_flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Packets, summed over CPUs; `no_backend` counts SYNs that found no backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelServiceTotals {
+    pub forwarded: u64,
+    pub passed: u64,
+    pub dropped: u64,
+    pub no_backend: u64,
+}
+
+/// Where the kernel path's counters come from (the loaded program's per-CPU maps). Passed in,
+/// so collecting totals needs no reach into the kernel path's internals.
+pub trait KernelCounters {
+    /// Counters of a backend slot (one per distinct backend address).
+    fn backend(&self, slot: usize) -> Option<KernelBackendTotals>;
+    /// Counters of the service at `index` in the snapshot.
+    fn service(&self, index: usize) -> Option<KernelServiceTotals>;
+}
+
+impl Totals {
+    /// Reads the counts of `snapshot` now. `kernel` fills the xdp services' kernel fields;
+    /// `xdp_only` leaves the proxy services out (the kernel path's periodic report).
+    pub fn collect(
+        snapshot: &Snapshot,
+        kernel: Option<&dyn KernelCounters>,
+        xdp_only: bool,
+    ) -> Totals {
+        let mut services = Vec::new();
+        for (index, service) in snapshot.services.iter().enumerate() {
+            let xdp = service.config.dataplane == Dataplane::Xdp;
+            if xdp_only && !xdp {
+                continue;
+            }
+            let kernel = kernel.filter(|_| xdp);
+            let backends = service
+                .backends
+                .iter()
+                .map(|backend| BackendTotals {
+                    name: backend.config.name.clone(),
+                    address: backend.config.address,
+                    active: u64::from(backend.active.get()),
+                    assigned: backend.assigned_total.load(Ordering::Relaxed),
+                    kernel: kernel.and_then(|k| k.backend(backend.active.slot())),
+                })
+                .collect();
+            services.push(ServiceTotals {
+                name: service.config.name.clone(),
+                dataplane: if xdp { "xdp" } else { "proxy" }.to_string(),
+                backends,
+                kernel: kernel.and_then(|k| k.service(index)),
+            });
+        }
+        Totals { services }
+    }
+
+    /// The totals of one backend, by service and backend name.
+    pub fn backend(&self, service: &str, backend: &str) -> Option<&BackendTotals> {
+        self.services
+            .iter()
+            .find(|s| s.name == service)?
+            .backends
+            .iter()
+            .find(|b| b.name == backend)
+    }
+
+    /// Every backend of every service, with its service's name.
+    pub fn backends(&self) -> impl Iterator<Item = (&str, &BackendTotals)> {
+        self.services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(move |b| (s.name.as_str(), b)))
+    }
+
+    /// One line per backend and one per xdp service, for people reading the log.
+    pub fn log(&self) {
+        for service in &self.services {
+            for backend in &service.backends {
+                let kernel = backend.kernel.map_or_else(String::new, |k| {
+                    format!(
+                        " xdp_new_flows={} xdp_packets={} xdp_bytes={}",
+                        k.new_flows, k.packets, k.bytes
+                    )
+                });
+                info!(
+                    "service {} backend {} active={} assigned={}{kernel}",
+                    service.name, backend.name, backend.active, backend.assigned
+                );
+            }
+            if let Some(k) = service.kernel {
+                info!(
+                    "service {} xdp forwarded={} passed={} dropped={} no_backend={}",
+                    service.name, k.forwarded, k.passed, k.dropped, k.no_backend
+                );
+            }
+        }
+    }
+
+    /// The whole value as one line of JSON.
+    pub fn to_json(&self) -> String {
+        // Plain data with string keys: serialization cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|error| format!("{{\"error\":\"{error}\"}}"))
+    }
+
+    pub fn from_json(text: &str) -> Result<Totals, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_and_leaves_absent_kernel_fields_out() {
+        let totals = Totals {
+            services: vec![ServiceTotals {
+                name: "mx".into(),
+                dataplane: "proxy".into(),
+                backends: vec![BackendTotals {
+                    name: "mta1".into(),
+                    address: "127.0.0.1:2601".parse().expect("address"),
+                    active: 0,
+                    assigned: 12,
+                    kernel: None,
+                }],
+                kernel: None,
+            }],
+        };
+        let json = totals.to_json();
+        assert!(!json.contains("kernel"), "{json}");
+        assert_eq!(Totals::from_json(&json).expect("parse"), totals);
+        assert_eq!(totals.backend("mx", "mta1").map(|b| b.assigned), Some(12));
+        assert!(totals.backend("mx", "mta2").is_none());
+    }
+}

@@ -1,0 +1,4 @@
+//! Switchyard's test kit, used by the integration tests, the benchmarks and xtask (never by the
+//! product): one copy of each test tool.
+
+pub mod netns;
