@@ -1,0 +1,189 @@
+//! The TOML configuration: the validated types the rest of the program uses, and the two
+//! entry points that produce them (`load` a file, `parse` its text). Every error names the
+//! file, line and key; a config with errors changes nothing (`check` exits 1, `run` refuses to
+//! start).
+//!
+//! Parsing happens in two steps. serde reads the file into the structs of `schema.rs`, which keep
+//! every value's byte span (`toml::Spanned`) and reject unknown keys; a structural problem
+//! (TOML syntax, an unknown key, a value of the wrong type) stops there, as serde stops at the
+//! first one. `validate.rs` (with `values.rs` for single values) then checks every value and
+//! collects *all* remaining problems, each located through its span by `errors.rs`;
+//! `summary.rs` renders a valid config for `switchyard check`.
+
+mod errors;
+mod schema;
+mod summary;
+mod validate;
+mod values;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use errors::ConfigErrors;
+
+/// A whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: PathBuf,
+    /// How long active sessions may run on after SIGTERM/SIGINT (top-level `shutdown_timeout`).
+    pub shutdown_timeout: Duration,
+    /// Worker threads for the userspace proxy (top-level `workers`); `None` = automatic.
+    pub workers: Option<u32>,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub algorithm: Algorithm,
+    pub proxy_protocol: ProxyProtocol,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+    /// How long to wait for a backend's 220 greeting before trying another backend.
+    pub greeting_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    pub health: HealthConfig,
+    pub backends: Vec<BackendConfig>,
+    /// Which data plane carries this service's traffic.
+    pub dataplane: Dataplane,
+    /// Present exactly when `dataplane` is [`Dataplane::Xdp`]; then `listen` is one IPv4
+    /// VIP:port and every backend address is IPv4.
+    pub xdp: Option<XdpConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConn,
+    IpHash,
+    LeastTime,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    None,
+    V1,
+    V2,
+}
+
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub ehlo: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthKind {
+    None,
+    Tcp,
+    Smtp,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    /// 1..=1000.
+    pub weight: u32,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    /// Operator drain: keeps the sessions and flows it has, takes no new ones (both planes).
+    pub drain: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dataplane {
+    /// The userspace proxy: accepts TCP and relays bytes; needs no privileges.
+    Proxy,
+    /// The XDP kernel fast path: steers packets of each flow to its backend.
+    Xdp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    /// Direct server return: rewrite the destination MAC; backends hold the VIP and answer
+    /// clients directly.
+    Dsr,
+    /// Destination NAT to the backend; replies are rewritten back to the VIP on the
+    /// backend-facing interface.
+    Nat,
+}
+
+/// The `[service.xdp]` table.
+#[derive(Clone, Debug)]
+pub struct XdpConfig {
+    /// Where client packets arrive.
+    pub interface: String,
+    pub forwarding: Forwarding,
+    /// Where backends are reached (nat); defaults to `interface`.
+    pub backend_interface: String,
+    /// Entries of the LRU flow table.
+    pub flow_table_size: u32,
+    /// A flow with no packets for this long (and no FIN/RST seen) is expired and uncounted.
+    pub flow_idle_timeout: Duration,
+    /// Pin the program's maps and links in bpffs: shutdown leaves the program steering
+    /// established flows, and the next start takes them over. The same for every xdp service
+    /// (they share one program).
+    pub pin: bool,
+}
+
+/// Reads and validates the configuration at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        errors: vec![format!(
+            "{}: cannot read the configuration: {e}",
+            path.display()
+        )],
+    })?;
+    parse(path, &text)
+}
+
+/// Validates `text` as the contents of the file `path` (used in messages and `Config::source`).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let raw: schema::Config = toml::from_str(text).map_err(|e| ConfigErrors {
+        errors: vec![errors::structural_error(path, text, e)],
+    })?;
+    let mut report = errors::Report::new(path, text);
+    let config = validate::validate(path, raw, &mut report);
+    report.finish().map(|()| config)
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(schema::name_of(schema::ALGORITHMS, *self))
+    }
+}
+
+impl fmt::Display for ProxyProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(schema::name_of(schema::PROXY_PROTOCOLS, *self))
+    }
+}
+
+impl fmt::Display for HealthKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(schema::name_of(schema::HEALTH_KINDS, *self))
+    }
+}
+
+impl fmt::Display for Dataplane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(schema::name_of(schema::DATAPLANES, *self))
+    }
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(schema::name_of(schema::FORWARDINGS, *self))
+    }
+}

@@ -1,0 +1,665 @@
+//! Raw to typed: every service, listen address, health check, backend and XDP table checked
+//! against the others (duplicate names, conflicting listeners, what the kernel path can do,
+//! one pin setting for all XDP services), with defaults filled in.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use super::errors::Report;
+use super::schema::{
+    self as raw, ALGORITHMS, DATAPLANES, DEFAULT_ALGORITHM, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EHLO,
+    DEFAULT_FALL, DEFAULT_FLOW_IDLE_TIMEOUT, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_GREETING_TIMEOUT,
+    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RETRIES, DEFAULT_RISE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WEIGHT, FORWARDINGS,
+    HEALTH_KINDS, PROXY_PROTOCOLS,
+};
+use super::values::{
+    FLOW_TABLE_RANGE, MAX_IFNAME, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT, WORKERS_RANGE,
+    interface_ok, parse_address,
+};
+use super::{
+    Algorithm, BackendConfig, Config, Dataplane, Forwarding, HealthConfig, HealthKind,
+    ProxyProtocol, ServiceConfig, XdpConfig,
+};
+
+/// Two listen addresses conflict when binding both would fail: same port and family, and the
+/// same IP or either one the wildcard address.
+fn listen_conflict(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Config {
+    let shutdown_timeout = report.duration(
+        &raw.shutdown_timeout,
+        "",
+        "shutdown_timeout",
+        DEFAULT_SHUTDOWN_TIMEOUT,
+    );
+    let workers = raw
+        .workers
+        .as_ref()
+        .map(|_| report.integer(&raw.workers, "", "workers", WORKERS_RANGE, 1));
+
+    if raw.service.is_empty() {
+        report.error(
+            &(0..0),
+            "",
+            "no [[service]] defined; the configuration needs at least one",
+        );
+    }
+
+    let mut services = Vec::new();
+    // name -> line of its first definition
+    let mut names: HashMap<String, usize> = HashMap::new();
+    // (address, service index, service name, line) of every listen address seen so far
+    let mut listeners: Vec<(SocketAddr, usize, String, usize)> = Vec::new();
+    // (pin, service name) of the first xdp service
+    let mut first_pin: Option<(bool, String)> = None;
+
+    for (index, service) in raw.service.iter().enumerate() {
+        let header = service.span();
+        let service = service.get_ref();
+        let name = match &service.name {
+            Some(name) => {
+                let context = format!("service \"{}\"", name.get_ref());
+                report.name(name, &context);
+                let line = report.line(&name.span());
+                if let Some(first) = names.get(name.get_ref()) {
+                    report.error(
+                        &name.span(),
+                        &context,
+                        format_args!("duplicate service name (first defined on line {first})"),
+                    );
+                } else {
+                    names.insert(name.get_ref().clone(), line);
+                }
+                name.get_ref().clone()
+            }
+            None => {
+                report.error(
+                    &header,
+                    &format!("service #{}", index + 1),
+                    "name is missing",
+                );
+                format!("#{}", index + 1)
+            }
+        };
+        let context = if service.name.is_some() {
+            format!("service \"{name}\"")
+        } else {
+            format!("service {name}")
+        };
+        let validated = validate_service(service, &header, name, &context, report);
+
+        if let Some(listen) = &service.listen {
+            let line = report.line(&listen.span());
+            for addr in &validated.listen {
+                let clash = listeners
+                    .iter()
+                    .find(|(other, _, _, _)| listen_conflict(addr, other))
+                    .map(|(other, owner, owner_name, other_line)| {
+                        (*other, *owner, owner_name.clone(), *other_line)
+                    });
+                if let Some((other, owner, owner_name, other_line)) = clash {
+                    let whose = if owner == index {
+                        "this service".to_owned()
+                    } else {
+                        format!("service \"{owner_name}\"")
+                    };
+                    report.error(
+                        &listen.span(),
+                        &context,
+                        format_args!(
+                            "listen {addr} conflicts with {other} of {whose} (line {other_line}): same port and address family"
+                        ),
+                    );
+                }
+                listeners.push((*addr, index, validated.name.clone(), line));
+            }
+        }
+        check_pin_agrees(service, &validated, &context, &mut first_pin, report);
+        services.push(validated);
+    }
+
+    Config {
+        source: path.to_path_buf(),
+        shutdown_timeout,
+        workers,
+        services,
+    }
+}
+
+/// Every xdp service runs in the one XDP program, which is pinned or not as a whole.
+fn check_pin_agrees(
+    service: &raw::Service,
+    validated: &ServiceConfig,
+    context: &str,
+    first_pin: &mut Option<(bool, String)>,
+    report: &mut Report,
+) {
+    let (Some(xdp), Some(raw_xdp)) = (&validated.xdp, &service.xdp) else {
+        return;
+    };
+    match first_pin {
+        None => *first_pin = Some((xdp.pin, validated.name.clone())),
+        Some((pin, first)) if *pin != xdp.pin => {
+            let span = raw_xdp
+                .get_ref()
+                .pin
+                .as_ref()
+                .map_or(raw_xdp.span(), |p| p.span());
+            report.error(
+                &span,
+                context,
+                format_args!(
+                    "xdp.pin = {} differs from service \"{first}\" (pin = {pin}); every xdp service shares one XDP program, so give them all the same pin",
+                    xdp.pin
+                ),
+            );
+        }
+        Some(_) => {}
+    }
+}
+
+fn validate_service(
+    service: &raw::Service,
+    header: &Range<usize>,
+    name: String,
+    context: &str,
+    report: &mut Report,
+) -> ServiceConfig {
+    let listen = validate_listen(service, header, context, report);
+    let dataplane = report.choice(
+        &service.dataplane,
+        context,
+        "dataplane",
+        DATAPLANES,
+        Dataplane::Proxy,
+    );
+    let algorithm = report.choice(
+        &service.algorithm,
+        context,
+        "algorithm",
+        ALGORITHMS,
+        DEFAULT_ALGORITHM,
+    );
+    let proxy_protocol = report.choice(
+        &service.proxy_protocol,
+        context,
+        "proxy_protocol",
+        PROXY_PROTOCOLS,
+        ProxyProtocol::None,
+    );
+    let max_connections = report.integer(
+        &service.max_connections,
+        context,
+        "max_connections",
+        (0, i64::from(u32::MAX)),
+        DEFAULT_MAX_CONNECTIONS,
+    );
+    let connect_timeout = report.duration(
+        &service.connect_timeout,
+        context,
+        "connect_timeout",
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let greeting_timeout = report.duration(
+        &service.greeting_timeout,
+        context,
+        "greeting_timeout",
+        DEFAULT_GREETING_TIMEOUT,
+    );
+    let idle_timeout = report.duration(
+        &service.idle_timeout,
+        context,
+        "idle_timeout",
+        DEFAULT_IDLE_TIMEOUT,
+    );
+    let retries = report.integer(
+        &service.retries,
+        context,
+        "retries",
+        (0, MAX_RETRIES),
+        DEFAULT_RETRIES,
+    );
+    let health = validate_health(service.health.as_ref(), context, report);
+    let backends = validate_backends(service, header, context, report);
+    let xdp = match (&service.xdp, dataplane) {
+        (Some(xdp), Dataplane::Xdp) => Some(validate_xdp(xdp.get_ref(), context, report)),
+        (None, Dataplane::Xdp) => {
+            let span = service
+                .dataplane
+                .as_ref()
+                .map_or(header.clone(), |d| d.span());
+            report.error(
+                &span,
+                context,
+                "dataplane = \"xdp\" needs a [service.xdp] table (interface, forwarding, ...)",
+            );
+            None
+        }
+        (Some(xdp), Dataplane::Proxy) => {
+            report.error(
+                &xdp.span(),
+                context,
+                "[service.xdp] is only allowed with dataplane = \"xdp\" (this service uses the proxy data plane)",
+            );
+            None
+        }
+        (None, Dataplane::Proxy) => None,
+    };
+
+    if dataplane == Dataplane::Xdp {
+        check_xdp_service(
+            service,
+            header,
+            &listen,
+            algorithm,
+            proxy_protocol,
+            context,
+            report,
+        );
+    }
+
+    ServiceConfig {
+        name,
+        listen,
+        algorithm,
+        proxy_protocol,
+        max_connections,
+        connect_timeout,
+        greeting_timeout,
+        idle_timeout,
+        retries,
+        health,
+        backends,
+        dataplane,
+        xdp,
+    }
+}
+
+fn validate_listen(
+    service: &raw::Service,
+    header: &Range<usize>,
+    context: &str,
+    report: &mut Report,
+) -> Vec<SocketAddr> {
+    let Some(listen) = &service.listen else {
+        report.error(
+            header,
+            context,
+            "listen is missing; write e.g. listen = \"127.0.0.1:2525\"",
+        );
+        return Vec::new();
+    };
+    let items: Vec<(String, Range<usize>)> = match listen.get_ref() {
+        raw::Listen::One(s) => vec![(s.clone(), listen.span())],
+        raw::Listen::Many(all) => all
+            .iter()
+            .map(|s| (s.get_ref().clone(), s.span()))
+            .collect(),
+    };
+    if items.is_empty() {
+        report.error(
+            &listen.span(),
+            context,
+            "listen is an empty list; give at least one address",
+        );
+    }
+    let mut addresses: Vec<SocketAddr> = Vec::new();
+    for (text, span) in items {
+        match parse_address(&text) {
+            Ok(addr) if addresses.contains(&addr) => {
+                report.error(&span, context, format_args!("listen {addr} is given twice"));
+            }
+            Ok(addr) => addresses.push(addr),
+            Err(message) => report.error(&span, context, format_args!("listen {message}")),
+        }
+    }
+    addresses
+}
+
+fn validate_health(
+    health: Option<&toml::Spanned<raw::Health>>,
+    context: &str,
+    report: &mut Report,
+) -> HealthConfig {
+    let Some(health) = health else {
+        return HealthConfig {
+            kind: HealthKind::Smtp,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            ehlo: DEFAULT_EHLO.to_owned(),
+        };
+    };
+    let h = health.get_ref();
+    let kind = report.choice(
+        &h.kind,
+        context,
+        "health.kind",
+        HEALTH_KINDS,
+        HealthKind::Smtp,
+    );
+    let interval = report.duration(
+        &h.interval,
+        context,
+        "health.interval",
+        DEFAULT_HEALTH_INTERVAL,
+    );
+    let timeout = report.duration(
+        &h.timeout,
+        context,
+        "health.timeout",
+        DEFAULT_HEALTH_TIMEOUT,
+    );
+    let rise = report.integer(
+        &h.rise,
+        context,
+        "health.rise",
+        (1, MAX_RISE_FALL),
+        DEFAULT_RISE,
+    );
+    let fall = report.integer(
+        &h.fall,
+        context,
+        "health.fall",
+        (1, MAX_RISE_FALL),
+        DEFAULT_FALL,
+    );
+    if timeout > interval {
+        // A check that may outlast its interval would overlap the next one.
+        let span = h
+            .timeout
+            .as_ref()
+            .or(h.interval.as_ref())
+            .map_or(health.span(), |v| v.span());
+        report.error(
+            &span,
+            context,
+            format_args!(
+                "health.timeout ({}) must not exceed health.interval ({})",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ),
+        );
+    }
+    let ehlo = match &h.ehlo {
+        Some(ehlo) => {
+            let name = ehlo.get_ref();
+            // It is sent verbatim in "EHLO <name>\r\n": no spaces or control characters.
+            if name.is_empty() || name.len() > 255 || !name.chars().all(|c| c.is_ascii_graphic()) {
+                report.error(
+                    &ehlo.span(),
+                    context,
+                    format_args!(
+                        "health.ehlo \"{}\" is not a valid EHLO name; use a host name such as \"lb1.example.net\"",
+                        name.escape_debug()
+                    ),
+                );
+            }
+            name.clone()
+        }
+        None => DEFAULT_EHLO.to_owned(),
+    };
+    HealthConfig {
+        kind,
+        interval,
+        timeout,
+        rise,
+        fall,
+        ehlo,
+    }
+}
+
+fn validate_backends(
+    service: &raw::Service,
+    header: &Range<usize>,
+    context: &str,
+    report: &mut Report,
+) -> Vec<BackendConfig> {
+    if service.backend.is_empty() {
+        report.error(
+            header,
+            context,
+            "no backends; add at least one [[service.backend]] with a name and an address",
+        );
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut backends = Vec::new();
+    for (index, backend) in service.backend.iter().enumerate() {
+        let backend_header = backend.span();
+        let b = backend.get_ref();
+        let (name, backend_context) = match &b.name {
+            Some(name) => {
+                let backend_context = format!("{context} backend \"{}\"", name.get_ref());
+                report.name(name, &backend_context);
+                let line = report.line(&name.span());
+                match names.get(name.get_ref()) {
+                    Some(first) => report.error(
+                        &name.span(),
+                        &backend_context,
+                        format_args!(
+                            "duplicate backend name in this service (first defined on line {first})"
+                        ),
+                    ),
+                    None => {
+                        names.insert(name.get_ref().clone(), line);
+                    }
+                }
+                (name.get_ref().clone(), backend_context)
+            }
+            None => {
+                let backend_context = format!("{context} backend #{}", index + 1);
+                report.error(&backend_header, &backend_context, "name is missing");
+                (format!("#{}", index + 1), backend_context)
+            }
+        };
+        let address = match &b.address {
+            Some(address) => {
+                match parse_address(address.get_ref()) {
+                    Ok(addr) if addr.ip().is_unspecified() => {
+                        report.error(
+                        &address.span(),
+                        &backend_context,
+                        format_args!("address {addr} is the wildcard address; give the backend's own address"),
+                    );
+                        None
+                    }
+                    Ok(addr) => Some(addr),
+                    Err(message) => {
+                        report.error(
+                            &address.span(),
+                            &backend_context,
+                            format_args!("address {message}"),
+                        );
+                        None
+                    }
+                }
+            }
+            None => {
+                report.error(
+                    &backend_header,
+                    &backend_context,
+                    "address is missing; write e.g. address = \"127.0.0.1:2601\"",
+                );
+                None
+            }
+        };
+        let weight = report.integer(
+            &b.weight,
+            &backend_context,
+            "weight",
+            (1, MAX_WEIGHT),
+            DEFAULT_WEIGHT,
+        );
+        let max_connections = report.integer(
+            &b.max_connections,
+            &backend_context,
+            "max_connections",
+            (0, i64::from(u32::MAX)),
+            0,
+        );
+        if let Some(address) = address {
+            backends.push(BackendConfig {
+                name,
+                address,
+                weight,
+                max_connections,
+                drain: b.drain.as_ref().is_some_and(|d| *d.get_ref()),
+            });
+        }
+    }
+    backends
+}
+
+fn validate_xdp(xdp: &raw::Xdp, context: &str, report: &mut Report) -> XdpConfig {
+    let mut interface_name = |value: &Option<toml::Spanned<String>>, key: &str| -> Option<String> {
+        let value = value.as_ref()?;
+        if !interface_ok(value.get_ref()) {
+            report.error(
+                &value.span(),
+                context,
+                format_args!(
+                    "{key} \"{}\" is not a network interface name (1 to {MAX_IFNAME} characters, no '/', ':' or spaces)",
+                    value.get_ref().escape_debug()
+                ),
+            );
+        }
+        Some(value.get_ref().clone())
+    };
+    let interface = interface_name(&xdp.interface, "xdp.interface");
+    let backend_interface = interface_name(&xdp.backend_interface, "xdp.backend_interface");
+    let interface = match interface {
+        Some(interface) => interface,
+        None => {
+            // The [service.xdp] header line is the best place to point at.
+            let span = xdp
+                .forwarding
+                .as_ref()
+                .map(|f| f.span())
+                .or(xdp.backend_interface.as_ref().map(|f| f.span()))
+                .or(xdp.flow_table_size.as_ref().map(|f| f.span()))
+                .or(xdp.flow_idle_timeout.as_ref().map(|f| f.span()))
+                .unwrap_or(0..0);
+            report.error(
+                &span,
+                context,
+                "xdp.interface is missing; name the interface where client packets arrive, e.g. interface = \"eth0\"",
+            );
+            String::new()
+        }
+    };
+    let forwarding = report.choice(
+        &xdp.forwarding,
+        context,
+        "xdp.forwarding",
+        FORWARDINGS,
+        Forwarding::Dsr,
+    );
+    let flow_table_size = report.integer(
+        &xdp.flow_table_size,
+        context,
+        "xdp.flow_table_size",
+        FLOW_TABLE_RANGE,
+        DEFAULT_FLOW_TABLE_SIZE,
+    );
+    let flow_idle_timeout = report.duration(
+        &xdp.flow_idle_timeout,
+        context,
+        "xdp.flow_idle_timeout",
+        DEFAULT_FLOW_IDLE_TIMEOUT,
+    );
+    XdpConfig {
+        backend_interface: backend_interface.unwrap_or_else(|| interface.clone()),
+        interface,
+        forwarding,
+        flow_table_size,
+        flow_idle_timeout,
+        pin: xdp.pin.as_ref().is_some_and(|p| *p.get_ref()),
+    }
+}
+
+/// What the kernel path can do: IPv4 only, one VIP, no PROXY header, no response-time metric.
+fn check_xdp_service(
+    service: &raw::Service,
+    header: &Range<usize>,
+    listen: &[SocketAddr],
+    algorithm: Algorithm,
+    proxy_protocol: ProxyProtocol,
+    context: &str,
+    report: &mut Report,
+) {
+    if algorithm == Algorithm::LeastTime {
+        let span = service
+            .algorithm
+            .as_ref()
+            .map_or(header.clone(), |a| a.span());
+        report.error(
+            &span,
+            context,
+            "algorithm \"least_time\" is not available with dataplane = \"xdp\" (the kernel does not see greeting latency); use least_conn, ip_hash, round_robin or weighted_round_robin",
+        );
+    }
+    if proxy_protocol != ProxyProtocol::None {
+        let span = service
+            .proxy_protocol
+            .as_ref()
+            .map_or(header.clone(), |p| p.span());
+        report.error(
+            &span,
+            context,
+            "proxy_protocol must be \"none\" with dataplane = \"xdp\": packets are forwarded unchanged and backends see the client address directly",
+        );
+    }
+    if let Some(listen_value) = &service.listen {
+        let span = listen_value.span();
+        let count = match listen_value.get_ref() {
+            raw::Listen::One(_) => 1,
+            raw::Listen::Many(all) => all.len(),
+        };
+        if count != 1 {
+            report.error(
+                &span,
+                context,
+                "with dataplane = \"xdp\", listen must be exactly one IPv4 address:port (the VIP)",
+            );
+        } else if let Some(vip) = listen.first()
+            && (!vip.is_ipv4() || vip.ip().is_unspecified())
+        {
+            report.error(
+                &span,
+                context,
+                format_args!(
+                    "with dataplane = \"xdp\", listen must be a concrete IPv4 address (the VIP), not {vip}"
+                ),
+            );
+        }
+    }
+    // Checked on the raw entries: `backends` leaves out those whose address did not parse.
+    for raw_backend in &service.backend {
+        let raw_backend = raw_backend.get_ref();
+        let Some(address) = &raw_backend.address else {
+            continue;
+        };
+        let Ok(addr) = parse_address(address.get_ref()) else {
+            continue;
+        };
+        if addr.is_ipv6() {
+            let name = raw_backend
+                .name
+                .as_ref()
+                .map_or("?", |n| n.get_ref().as_str());
+            report.error(
+                &address.span(),
+                &format!("{context} backend \"{name}\""),
+                format_args!("address {addr} is IPv6; dataplane = \"xdp\" forwards IPv4 only"),
+            );
+        }
+    }
+}
