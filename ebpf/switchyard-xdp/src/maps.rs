@@ -1,0 +1,50 @@
+//! The program's maps, one static each; their key and value layouts live in
+//! `switchyard_common::maps`, shared with the control plane that sizes, fills and reads them.
+//! The static's name is the map's name the loader looks up.
+
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use switchyard_common::MAGLEV_TABLE_SIZE;
+use switchyard_common::MAX_BACKENDS;
+use switchyard_common::maps::{
+    ActiveCell, BackendEntry, BackendStats, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS, DEFAULT_SERVICES,
+    FlowKey, FlowValue, NatReply, ServiceBackend, ServiceKey, ServiceStats, ServiceValue,
+    WEIGHTED_TABLE_SIZE,
+};
+
+/// `BPF_F_MMAPABLE`: the control plane maps the active counts into its address space.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+#[map]
+pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
+/// Per service, its backends' slots and policy (weight, cap, state), `MAX_BACKENDS` entries each.
+#[map]
+pub static SERVICE_BACKENDS: Array<ServiceBackend> =
+    Array::with_max_entries(DEFAULT_SERVICES * MAX_BACKENDS as u32, 0);
+/// The shared per-backend active counts (the proxy's `CounterTable` maps this array).
+#[map]
+pub static ACTIVE: Array<ActiveCell> =
+    Array::with_max_entries(DEFAULT_BACKEND_SLOTS, BPF_F_MMAPABLE);
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
+#[map]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats> =
+    PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+#[map]
+pub static NAT_REPLIES: LruHashMap<FlowKey, NatReply> =
+    LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+/// Two Maglev tables per service (double buffer); entries are backend indexes within the service.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(2 * MAGLEV_TABLE_SIZE as u32, 0);
+/// Two weighted round-robin tables per service (double buffer).
+#[map]
+pub static WEIGHTED: Array<u32> = Array::with_max_entries(2 * WEIGHTED_TABLE_SIZE, 0);
+/// Each CPU walks the weighted table with its own cursor: no cross-CPU read-modify-write race.
+#[map]
+pub static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
