@@ -8,6 +8,7 @@ pub mod config;
 pub mod counters;
 pub mod health;
 pub mod proxy_protocol;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod smtp;
