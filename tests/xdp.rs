@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netns::{Layout, SMTP_PORT, Switchyard, Topology, VIP, smtp_session};
+use netns::{Layout, Plan, SMTP_PORT, SmtpServer, Switchyard, Topology, VIP, smtp_session};
 
 /// Whether the binary embeds the XDP object: build.rs sets this cfg for every target of the
 /// package when it built the object.
@@ -83,12 +83,53 @@ fn active_counts(topo: &Topology) -> Vec<u64> {
     }
     panic!("ACTIVE map not found among program {prog_id}'s maps");
 }
-/// A topology of `layout` with its three SMTP backends running, and a service name unique to it.
-fn running_topology(layout: Layout) -> (Topology, String) {
-    let mut topo = Topology::new(layout, 3);
-    topo.start_backends();
+/// The test network with an SMTP server in every backend namespace. Field order is drop order:
+/// the servers stop before the namespaces go.
+struct Network {
+    servers: Vec<SmtpServer>,
+    topo: Topology,
+}
+
+impl std::ops::Deref for Network {
+    type Target = Topology;
+
+    fn deref(&self) -> &Topology {
+        &self.topo
+    }
+}
+
+impl Network {
+    /// The `[[service]]` table for this network (health checks every 500 ms, fall 2).
+    fn service_toml(&self, name: &str, algorithm: &str) -> String {
+        let forwarding = match self.layout {
+            Layout::Dsr => "dsr",
+            Layout::Nat => "nat",
+        };
+        let mut text = format!(
+            "shutdown_timeout = \"2s\"\n\n[[service]]\nname = \"{name}\"\nlisten = \"{VIP}:{SMTP_PORT}\"\ndataplane = \"xdp\"\nalgorithm = \"{algorithm}\"\n\n[service.health]\nkind = \"smtp\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nrise = 2\nfall = 2\n\n[service.xdp]\ninterface = \"{}\"\nforwarding = \"{forwarding}\"\nbackend_interface = \"{}\"\nflow_table_size = 65536\nflow_idle_timeout = \"5m\"\n",
+            self.lb_interface,
+            match self.layout {
+                Layout::Dsr => self.lb_interface,
+                Layout::Nat => self.lb_backend_interface,
+            },
+        );
+        for i in 0..self.backends.len() {
+            text.push_str(&format!(
+                "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{}:{SMTP_PORT}\"\n",
+                i + 1,
+                self.backend_addr(i)
+            ));
+        }
+        text
+    }
+}
+
+/// A network of `layout` with its three SMTP backends running, and a service name unique to it.
+fn running_topology(layout: Layout) -> (Network, String) {
+    let topo = Topology::build(&Plan::tests(layout, 3)).expect("the test network");
+    let servers = netns::start_servers(&topo);
     let name = format!("sy-{}", topo.suffix);
-    (topo, name)
+    (Network { servers, topo }, name)
 }
 
 /// `config` with `pin = true` in its `[service.xdp]` table.
@@ -154,7 +195,7 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
         "{layout:?}: failed sessions {failures:?}\n{}",
         sy.log_text()
     );
-    for backend in &topo.backends {
+    for backend in &topo.servers {
         // Every connection a backend got from outside came from the real client address.
         let from_client = backend.sessions_from(netns::CLIENT);
         assert_eq!(
@@ -193,7 +234,7 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     // The kernel's traffic counters in the shutdown totals: 3 new flows per backend, with
     // their packets and bytes, and the service's forwarded packets.
     let log = sy.log_text();
-    for backend in &topo.backends {
+    for backend in &topo.servers {
         let prefix = format!(
             "service {name} backend {} active=0 assigned=0 xdp_new_flows=3 xdp_packets=",
             backend.name
@@ -247,8 +288,8 @@ fn a_stopped_backend_gets_no_new_flows_and_others_never_fail() {
     let before = sessions(&topo, 6, Duration::ZERO);
     assert!(before.iter().all(|r| r.is_ok()), "before: {before:?}");
 
-    topo.backends[0].pause();
-    let stopped_at = topo.backends[0].sessions_from(netns::CLIENT);
+    topo.servers[0].pause();
+    let stopped_at = topo.servers[0].sessions_from(netns::CLIENT);
     // fall = 2 checks every 500 ms, plus one sync period: well within 2.5 s.
     std::thread::sleep(Duration::from_millis(2500));
     let after = sessions(&topo, 12, Duration::ZERO);
@@ -258,13 +299,12 @@ fn a_stopped_backend_gets_no_new_flows_and_others_never_fail() {
         "sessions failed after the backend went down: {failed:?}"
     );
     assert_eq!(
-        topo.backends[0].sessions_from(netns::CLIENT),
+        topo.servers[0].sessions_from(netns::CLIENT),
         stopped_at,
         "the stopped backend got new flows"
     );
     assert_eq!(
-        topo.backends[1].sessions_from(netns::CLIENT)
-            + topo.backends[2].sessions_from(netns::CLIENT),
+        topo.servers[1].sessions_from(netns::CLIENT) + topo.servers[2].sessions_from(netns::CLIENT),
         12 + 6 - stopped_at
     );
     wait_for("active counts back to 0", Duration::from_secs(5), || {
@@ -304,8 +344,7 @@ fn non_vip_traffic_is_untouched() {
     });
     assert!(result.is_err(), "VIP:26 is not balanced");
     assert_eq!(
-        topo.backends[0].sessions_from(netns::CLIENT)
-            + topo.backends[2].sessions_from(netns::CLIENT),
+        topo.servers[0].sessions_from(netns::CLIENT) + topo.servers[2].sessions_from(netns::CLIENT),
         0
     );
     assert!(active_counts(&topo).iter().all(|&c| c == 0));
@@ -322,7 +361,8 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
         .collect();
     for ip in &clients {
         topo.client
-            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+            .expect("a client address");
     }
     let config = topo.service_toml(&name, "ip_hash");
     let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
@@ -348,7 +388,7 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
         "60 clients should use all 3 backends: {first:?}"
     );
 
-    topo.backends[2].pause();
+    topo.servers[2].pause();
     std::thread::sleep(Duration::from_millis(2500));
     let third = assign(&topo, &clients);
     let moved = first.iter().zip(&third).filter(|(a, b)| a != b).count();
@@ -388,7 +428,7 @@ fn restart_keeps_established_sessions() {
     }
     let (topo, name) = running_topology(Layout::Dsr);
     // A private bpffs as the process's /sys/fs/bpf (parallel tests must not share one).
-    let bpffs = netns::PrivateBpffs::new();
+    let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
     let config = pinned(topo.service_toml(&name, "least_conn"));
     assert!(config.contains("pin = true"));
     let mut first =
@@ -459,7 +499,9 @@ fn idle_flows_without_fin_expire_and_give_their_count_back() {
         1,
         "the open session counts once"
     );
-    topo.client.ip(&["link", "set", "eth0", "down"]);
+    topo.client
+        .ip(&["link", "set", "eth0", "down"])
+        .expect("the client's link down");
     // 2 s idle plus at most one expiry period (500 ms) and one sync period.
     wait_for("the idle flow to expire", Duration::from_secs(8), || {
         active_counts(&topo).iter().all(|&c| c == 0)
@@ -472,7 +514,7 @@ fn falls_back_to_generic_mode_with_a_warning() {
     if !netns::require_xdp(object_built()) {
         return;
     }
-    let ns = netns::Netns::new(format!("sy-g-{}", netns::suffix()));
+    let ns = netns::Netns::new(format!("sy-g-{}", netns::suffix())).expect("a namespace");
     // Loopback has no native XDP support (its own namespace's `lo`).
     let config = format!(
         "[[service]]\nname = \"{}\"\nlisten = \"198.18.2.100:25\"\ndataplane = \"xdp\"\n[service.health]\nkind = \"none\"\n[service.xdp]\ninterface = \"lo\"\n[[service.backend]]\nname = \"a\"\naddress = \"198.18.2.11:25\"\n",
@@ -652,7 +694,8 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     const FLOOD: u64 = 2000;
     let spoofed = Ipv4Addr::new(198, 18, 0, 250);
     topo.client
-        .run(move || netns::send_syns(spoofed, vip(), 20000..20000 + FLOOD as u16));
+        .run(move || netns::send_syns(spoofed, vip(), 20000..20000 + FLOOD as u16))
+        .expect("the SYN flood");
     wait_for(
         "the flood's flows to be counted beyond the table's size",
         Duration::from_secs(5),
@@ -700,7 +743,7 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
         return;
     }
     let (topo, name) = running_topology(Layout::Dsr);
-    let bpffs = netns::PrivateBpffs::new();
+    let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
     let config = pinned(topo.service_toml(&name, "least_conn"));
     let mut first =
         Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
@@ -726,7 +769,7 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
     wait_for("mta1 drained", Duration::from_secs(5), || {
         second.log_text().contains("XDP: backend is drained")
     });
-    let before = topo.backends[0].sessions_from(netns::CLIENT);
+    let before = topo.servers[0].sessions_from(netns::CLIENT);
     let results = sessions(&topo, 9, Duration::from_millis(300));
     assert!(
         results.iter().all(|r| r.is_ok()),
@@ -734,7 +777,7 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
         second.log_text()
     );
     assert_eq!(
-        topo.backends[0].sessions_from(netns::CLIENT),
+        topo.servers[0].sessions_from(netns::CLIENT),
         before,
         "the drained backend got a new flow"
     );

@@ -2,3 +2,5 @@
 //! product): one copy of each test tool.
 
 pub mod netns;
+pub mod raw_syn;
+pub mod topology;

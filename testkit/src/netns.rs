@@ -5,6 +5,10 @@
 //! Safety rules (DEVELOPERS.md): names start with `sy-`; addresses come from 198.18.0.0/15 and
 //! 2001:2::/48, which get a blackhole route in the root namespace before any topology is built;
 //! teardown is unconditional (`Drop`, also on panic).
+//!
+//! Errors: whatever can fail returns `anyhow::Result` with the step in its context (tests
+//! `expect` it). Entering a namespace that a live [`Netns`] owns cannot fail short of a broken
+//! kernel, so [`Netns::run`], [`Netns::spawn`] and [`Netns::command`] panic there instead.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -12,6 +16,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, bail, ensure};
 
 /// Why the kernel-path tests cannot run here, if they cannot.
 pub fn unavailable(object_expected: bool) -> Option<String> {
@@ -46,27 +52,19 @@ pub fn require_xdp(object_expected: bool) -> bool {
 }
 
 /// Runs `program ARGS`; the error carries the command and its stderr.
-pub fn run(program: &str, args: &[&str]) -> Result<(), String> {
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
     let output = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
+        .with_context(|| format!("starting {program}"))?;
+    if !output.status.success() {
+        bail!(
             "`{program} {}` failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
-        ))
+        );
     }
-}
-
-/// [`run`], panicking with the command's message on failure.
-pub fn must(program: &str, args: &[&str]) {
-    if let Err(e) = run(program, args) {
-        panic!("{e}");
-    }
+    Ok(())
 }
 
 /// A unique, short suffix: interface names are limited to 15 bytes.
@@ -85,20 +83,23 @@ pub struct Netns {
 }
 
 impl Netns {
-    pub fn new(name: String) -> Netns {
-        assert!(name.starts_with("sy-"), "test namespaces are prefixed sy-");
+    pub fn new(name: String) -> Result<Netns> {
+        ensure!(
+            name.starts_with("sy-"),
+            "namespace {name}: test namespaces are prefixed sy-"
+        );
         let _ = run("ip", &["netns", "del", &name]); // a leftover of a killed run
-        must("ip", &["netns", "add", &name]);
+        run("ip", &["netns", "add", &name])?;
         let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
     }
 
-    /// `ip -n <ns> ARGS`, panicking with ip's message on failure.
-    pub fn ip(&self, args: &[&str]) {
+    /// `ip -n <ns> ARGS`, failing with ip's message.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
-        must("ip", &full);
+        run("ip", &full)
     }
 
     fn path(&self) -> PathBuf {
@@ -129,37 +130,43 @@ impl Netns {
     }
 
     /// Writes a sysctl of this namespace (`net.ipv4.ip_forward` → /proc/sys/net/ipv4/ip_forward).
-    pub fn sysctl(&self, key: &str, value: &str) {
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let file = format!("/proc/sys/{}", key.replace('.', "/"));
         let value = value.to_string();
+        let name = self.name.clone();
         self.run(move || {
-            std::fs::write(&file, &value).unwrap_or_else(|e| panic!("sysctl {file}: {e}"))
-        });
+            std::fs::write(&file, &value)
+                .with_context(|| format!("sysctl in {name}: writing {value} to {file}"))
+        })
     }
 
     /// Turns GRO on for a veth end (so its NAPI runs: redirected frames are polled).
-    pub fn enable_gro(&self, interface: &str) {
+    pub fn enable_gro(&self, interface: &str) -> Result<()> {
         let interface = interface.to_string();
-        self.run(move || ethtool_set(&interface, ETHTOOL_SGRO, 1));
+        self.run(move || ethtool_set(&interface, ETHTOOL_SGRO, 1))
     }
 
     /// Turns transmit checksum offload off: a veth otherwise hands on TCP segments with only
     /// the pseudo-header sum (CHECKSUM_PARTIAL), which XDP cannot see and forwards as is. A
     /// physical NIC delivers complete checksums, so only the test network needs this.
-    pub fn disable_tx_checksum(&self, interface: &str) {
+    pub fn disable_tx_checksum(&self, interface: &str) -> Result<()> {
         let interface = interface.to_string();
-        self.run(move || ethtool_set(&interface, ETHTOOL_STXCSUM, 0));
+        self.run(move || ethtool_set(&interface, ETHTOOL_STXCSUM, 0))
     }
 
     /// Attaches switchyard's pass-everything XDP program to `interface`: a veth delivers
     /// frames that its peer's XDP program transmits (XDP_TX) or redirects only when the
     /// receiving end runs an XDP program itself. Kept attached for the life of the returned
     /// object.
-    pub fn attach_pass(&self, interface: &str) -> PassProgram {
+    pub fn attach_pass(&self, interface: &str) -> Result<PassProgram> {
         let interface = interface.to_string();
-        PassProgram {
-            _attached: self.run(move || attach_pass(&interface)),
-        }
+        let name = self.name.clone();
+        let attached = self
+            .run(move || attach_pass(&interface))
+            .with_context(|| format!("the pass program in {name}"))?;
+        Ok(PassProgram {
+            _attached: attached,
+        })
     }
 
     /// Builds a command that runs inside this namespace (it enters before `exec`).
@@ -226,13 +233,14 @@ pub struct PrivateBpffs {
 }
 
 impl PrivateBpffs {
-    pub fn new() -> PrivateBpffs {
-        let dir = tempfile::tempdir().expect("tempdir");
-        must(
-            "mount",
-            &["-t", "bpf", "bpf", dir.path().to_str().expect("utf-8 path")],
-        );
-        PrivateBpffs { dir }
+    pub fn new() -> Result<PrivateBpffs> {
+        let dir = tempfile::tempdir().context("a directory for a private bpffs")?;
+        let path = dir
+            .path()
+            .to_str()
+            .context("temporary directory path is not UTF-8")?;
+        run("mount", &["-t", "bpf", "bpf", path])?;
+        Ok(PrivateBpffs { dir })
     }
 
     pub fn path(&self) -> &Path {
@@ -267,8 +275,8 @@ const ETHTOOL_SGRO: u32 = 0x2c;
 const ETHTOOL_STXCSUM: u32 = 0x17;
 
 /// The object the binary embeds.
-fn xdp_object() -> &'static [u8] {
-    switchyard::xdp::object().expect("switchyard was built without the XDP object")
+fn xdp_object() -> Result<&'static [u8]> {
+    switchyard::xdp::object().context("switchyard was built without the XDP object")
 }
 
 /// A loaded pass program; dropping it detaches.
@@ -276,29 +284,29 @@ pub struct PassProgram {
     _attached: aya::Ebpf,
 }
 
-fn attach_pass(interface: &str) -> aya::Ebpf {
+fn attach_pass(interface: &str) -> Result<aya::Ebpf> {
     let mut bpf = aya::EbpfLoader::new()
         // Unused by the pass program; kept small.
         .map_max_entries("MAGLEV", 1)
         .map_max_entries("WEIGHTED", 1)
         .map_max_entries("FLOWS", 1)
         .map_max_entries("NAT_REPLIES", 1)
-        .load(xdp_object())
-        .expect("load the XDP object");
+        .load(xdp_object()?)
+        .context("loading the XDP object")?;
     let program: &mut aya::programs::Xdp = bpf
         .program_mut("switchyard_pass")
-        .expect("pass program")
+        .context("the object has no switchyard_pass program")?
         .try_into()
-        .expect("an XDP program");
-    program.load().expect("load the pass program");
+        .context("switchyard_pass is not an XDP program")?;
+    program.load().context("loading the pass program")?;
     program
         .attach(interface, aya::programs::XdpMode::Driver)
-        .unwrap_or_else(|e| panic!("attach the pass program to {interface}: {e}"));
-    bpf
+        .with_context(|| format!("attaching the pass program to {interface}"))?;
+    Ok(bpf)
 }
 
 /// A legacy ethtool "set value" command through SIOCETHTOOL (no ethtool binary needed).
-fn ethtool_set(interface: &str, cmd: u32, data: u32) {
+fn ethtool_set(interface: &str, cmd: u32, data: u32) -> Result<()> {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
@@ -311,6 +319,7 @@ fn ethtool_set(interface: &str, cmd: u32, data: u32) {
         _pad: [u8; 16],
     }
     const SIOCETHTOOL: u64 = 0x8946;
+    ensure!(interface.len() < 16, "interface name {interface} too long");
     let mut value = EthtoolValue { cmd, data };
     let mut req = IfReq {
         name: [0; 16],
@@ -318,12 +327,14 @@ fn ethtool_set(interface: &str, cmd: u32, data: u32) {
         _pad: [0; 16],
     };
     req.name[..interface.len()].copy_from_slice(interface.as_bytes());
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket for ioctl");
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("a socket for SIOCETHTOOL")?;
+    // SAFETY: req points at a live ifreq whose data points at a live ethtool_value.
     let rc = unsafe { nix::libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
     if rc != 0 {
-        panic!(
+        bail!(
             "ethtool command {cmd:#x} on {interface}: {}",
             std::io::Error::last_os_error()
         );
     }
+    Ok(())
 }

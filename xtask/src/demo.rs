@@ -87,10 +87,14 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
         children::wait_for_greeting(*addr, Duration::from_secs(10))?;
     }
     let switchyard_log = dir.join("switchyard.log");
+    let totals = dir.join("switchyard-totals.json");
+    let _ = std::fs::remove_file(&totals);
     let mut cmd = Command::new(workspace::switchyard_release());
     cmd.arg("run")
         .arg("--config")
         .arg(&config)
+        .arg("--totals")
+        .arg(&totals)
         .env("RUST_LOG", "info");
     let mut switchyard = Supervised::start("switchyard", &mut cmd, &switchyard_log)?;
     wait_healthy(listen, &mut switchyard)?;
@@ -123,7 +127,10 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
         p.stop(Duration::from_secs(15));
     }
     let log = std::fs::read_to_string(&switchyard_log).unwrap_or_default();
-    let assigned = crate::bench::parse_assigned(&log);
+    let assigned = crate::bench::assigned_from_totals(&totals).unwrap_or_else(|e| {
+        println!("demo: no totals from switchyard: {e:#}");
+        Default::default()
+    });
 
     println!("\n== load");
     report.print();

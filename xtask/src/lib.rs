@@ -9,5 +9,4 @@ pub mod loadgen;
 pub mod setup;
 pub mod sink;
 pub mod suite;
-pub mod topology;
 pub mod workspace;

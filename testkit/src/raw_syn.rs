@@ -1,0 +1,93 @@
+//! Bare TCP SYNs through a raw socket: open flows in an XDP balancer without any TCP stack
+//! behind them (a SYN flood in miniature, for flow-table tests).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+/// Sends one bare TCP SYN from `source` to `target` for each source port in `ports`, through a
+/// raw socket (call it inside a namespace). With a `source` nobody holds, no RST ever answers
+/// the backends' SYN-ACKs: each SYN leaves one open flow in an XDP balancer and nothing else.
+/// Paced, so a veth ring never overflows.
+pub fn send_syns(
+    source: Ipv4Addr,
+    target: SocketAddrV4,
+    ports: std::ops::Range<u16>,
+) -> Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(nix::libc::IPPROTO_RAW)),
+    )
+    .context("a raw socket (needs root)")?;
+    let destination: socket2::SockAddr = SocketAddr::V4(target).into();
+    for (i, port) in ports.enumerate() {
+        let packet = syn_packet(source, target, port, i as u32);
+        socket
+            .send_to(&packet, &destination)
+            .with_context(|| format!("sending a SYN to {target}"))?;
+        if i % 64 == 63 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(())
+}
+
+/// An IPv4 + TCP SYN with correct checksums.
+fn syn_packet(source: Ipv4Addr, target: SocketAddrV4, port: u16, seq: u32) -> [u8; 40] {
+    let mut p = [0u8; 40];
+    p[0] = 0x45; // IPv4, 20-byte header
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40; // don't fragment
+    p[8] = 64; // TTL
+    p[9] = 6; // TCP
+    p[12..16].copy_from_slice(&source.octets());
+    p[16..20].copy_from_slice(&target.ip().octets());
+    let ip_check = checksum(&p[..20], 0);
+    p[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    p[20..22].copy_from_slice(&port.to_be_bytes());
+    p[22..24].copy_from_slice(&target.port().to_be_bytes());
+    p[24..28].copy_from_slice(&seq.wrapping_mul(2654435761).to_be_bytes());
+    p[32] = 5 << 4; // data offset: 5 words
+    p[33] = 0x02; // SYN
+    p[34..36].copy_from_slice(&64240u16.to_be_bytes());
+    let tcp_check = checksum(&p[20..], pseudo_header_sum(&p));
+    p[36..38].copy_from_slice(&tcp_check.to_be_bytes());
+    p
+}
+
+/// The TCP pseudo-header's sum: addresses, protocol and TCP length (20, no options).
+fn pseudo_header_sum(p: &[u8; 40]) -> u32 {
+    let addresses: u32 = p[12..20]
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
+        .sum();
+    addresses + 6 + 20
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`, starting from `initial`.
+fn checksum(bytes: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header with its checksum filled in sums to zero.
+    #[test]
+    fn checksums_verify() {
+        let target = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 25);
+        let p = syn_packet(Ipv4Addr::new(198, 18, 0, 250), target, 20000, 7);
+        assert_eq!(checksum(&p[..20], 0), 0);
+        assert_eq!(checksum(&p[20..], pseudo_header_sum(&p)), 0);
+    }
+}

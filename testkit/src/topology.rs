@@ -1,0 +1,309 @@
+//! The kernel path's test network, one builder for the tests and the benchmark: a client, a
+//! balancer and backends in network namespaces, joined by veth pairs and a bridge (in a switch
+//! namespace of its own), with their addresses, routes, sysctls and the pass programs the
+//! balancer's XDP_TX/redirected frames need. It builds the network only: what runs in it (SMTP
+//! servers, sinks, balancers) is the caller's.
+//!
+//! Two layouts ([`Layout`]): `dsr`, one L2 segment where backends hold the VIP on loopback (as
+//! LVS-DR real servers), and `nat`, client and backends on two subnets with the balancer
+//! routing between them. Addresses: client 198.18.0.1, balancer 198.18.0.2 (and 198.18.1.1 in
+//! nat), backend `i` 198.18.0.(11+i) in dsr and 198.18.1.(11+i) in nat, VIP 198.18.0.100.
+//!
+//! Safety rules (DEVELOPERS.md): before anything is created the root namespace gets
+//! `ip route replace blackhole 198.18.0.0/15`, so nothing addressed to a test host can leave the
+//! machine. Namespaces are named `sy-<tag>-<pid>-<n>-<role>`; `Drop` deletes them (also on
+//! panic), and a build deletes those of its tag whose pid no longer runs (a killed run's).
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result};
+
+use crate::netns::{Netns, PassProgram, run};
+
+/// The VIP every topology balances.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const BALANCER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Balancer's address towards the backends in the nat layout.
+pub const BALANCER_INSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const SMTP_PORT: u16 = 25;
+
+/// Which forwarding layout to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// One L2 segment (a bridge): client, balancer and backends; backends hold the VIP on lo
+    /// and answer no ARP for it.
+    Dsr,
+    /// Client ↔ balancer on 198.18.0.0/24, balancer ↔ backends on 198.18.1.0/24; backends
+    /// route through the balancer.
+    Nat,
+}
+
+/// Which veth ends run the pass-everything XDP program. A veth delivers the frames its peer's
+/// XDP program transmits (XDP_TX) or redirects promptly only when the receiving end runs an
+/// XDP program itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passes {
+    /// Every bridge port, and in nat the client's end (which receives the replies redirected
+    /// from the backend side).
+    EveryReceiver,
+    /// Only the bridge port facing the balancer, where its transmitted and redirected frames
+    /// enter the bridge.
+    BalancerPort,
+}
+
+/// Kernel settings beyond what the layout itself needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tuning {
+    None,
+    /// The balancer can route the VIP itself (forwarding on, multipath by layer-4 hash, no
+    /// redirects sent, and the client takes none), and client and balancer have ports enough
+    /// for tens of thousands of short sessions per run (the whole port range, TIME_WAIT reuse).
+    RoutingUnderLoad,
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub layout: Layout,
+    pub backends: usize,
+    /// The `<tag>` of the namespace names: whose namespaces they are (for stale-run cleanup).
+    pub tag: &'static str,
+    pub passes: Passes,
+    pub tuning: Tuning,
+}
+
+impl Plan {
+    /// The integration tests' network: pass programs on every receiving end, no tuning.
+    pub fn tests(layout: Layout, backends: usize) -> Plan {
+        Plan {
+            layout,
+            backends,
+            tag: "test",
+            passes: Passes::EveryReceiver,
+            tuning: Tuning::None,
+        }
+    }
+
+    /// The benchmark's network: dsr, three backends, a pass program on the balancer's port,
+    /// tuned for plain routing as a contender and for many short sessions.
+    pub fn benchmark() -> Plan {
+        Plan {
+            layout: Layout::Dsr,
+            backends: 3,
+            tag: "bench",
+            passes: Passes::BalancerPort,
+            tuning: Tuning::RoutingUnderLoad,
+        }
+    }
+}
+
+/// The built network. Field order is drop order: the pass programs detach before the
+/// namespaces (and with them every veth) go.
+pub struct Topology {
+    passes: Vec<PassProgram>,
+    pub layout: Layout,
+    /// `<tag>-<pid>-<n>`: unique to this topology on the machine.
+    pub suffix: String,
+    pub client: Netns,
+    pub balancer: Netns,
+    /// One namespace per backend, in config order.
+    pub backends: Vec<Netns>,
+    pub switch: Netns,
+    /// Balancer interface facing clients (and backends in dsr).
+    pub lb_interface: &'static str,
+    /// Balancer interface facing backends (nat).
+    pub lb_backend_interface: &'static str,
+}
+
+impl Topology {
+    /// Builds `plan`. On failure, what was built is torn down (the namespaces' `Drop`).
+    pub fn build(plan: &Plan) -> Result<Topology> {
+        run("ip", &["route", "replace", "blackhole", "198.18.0.0/15"])
+            .context("blackholing 198.18.0.0/15 in the root namespace")?;
+        remove_stale_namespaces(plan.tag);
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let suffix = format!(
+            "{}-{}-{}",
+            plan.tag,
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let ns = |role: &str| Netns::new(format!("sy-{suffix}-{role}"));
+        let mut topo = Topology {
+            passes: Vec::new(),
+            layout: plan.layout,
+            client: ns("client")?,
+            balancer: ns("lb")?,
+            switch: ns("switch")?,
+            backends: (1..=plan.backends)
+                .map(|i| ns(&format!("mta{i}")))
+                .collect::<Result<_>>()?,
+            suffix,
+            lb_interface: "eth0",
+            lb_backend_interface: "eth1",
+        };
+        topo.switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        topo.switch.ip(&["link", "set", "br0", "up"])?;
+        match plan.layout {
+            Layout::Dsr => topo.wire_dsr(),
+            Layout::Nat => topo.wire_nat(),
+        }
+        .with_context(|| format!("wiring the {:?} layout", plan.layout))?;
+        topo.attach_passes(plan.passes)?;
+        if plan.tuning == Tuning::RoutingUnderLoad {
+            topo.tune_for_routing_under_load()?;
+        }
+        Ok(topo)
+    }
+
+    /// Address of backend `i` (config order).
+    pub fn backend_addr(&self, i: usize) -> Ipv4Addr {
+        match self.layout {
+            Layout::Dsr => Ipv4Addr::new(198, 18, 0, 11 + i as u8),
+            Layout::Nat => Ipv4Addr::new(198, 18, 1, 11 + i as u8),
+        }
+    }
+
+    /// Every namespace of this topology.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Netns> {
+        [&self.client, &self.balancer, &self.switch]
+            .into_iter()
+            .chain(&self.backends)
+    }
+
+    /// A veth from `ns` (named `inner` there) to the switch's bridge (named `port` there). The
+    /// host end sends complete checksums: a veth otherwise hands on TCP segments with only the
+    /// pseudo-header sum (CHECKSUM_PARTIAL), which XDP forwards as is (a physical NIC delivers
+    /// complete checksums).
+    fn plug(&self, ns: &Netns, inner: &str, port: &str, address: &str) -> Result<()> {
+        veth(ns, inner, &self.switch, port)?;
+        self.switch.ip(&["link", "set", port, "master", "br0"])?;
+        self.switch.ip(&["link", "set", port, "up"])?;
+        ns.ip(&["addr", "add", address, "dev", inner])?;
+        ns.ip(&["link", "set", inner, "up"])?;
+        ns.disable_tx_checksum(inner)
+    }
+
+    fn wire_dsr(&self) -> Result<()> {
+        self.plug(&self.client, "eth0", "pc", &format!("{CLIENT}/24"))?;
+        self.plug(&self.balancer, "eth0", "plb", &format!("{BALANCER}/24"))?;
+        // Clients reach the VIP through the balancer; it does not hold the VIP itself.
+        self.client.ip(&[
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            &BALANCER.to_string(),
+        ])?;
+        for (i, ns) in self.backends.iter().enumerate() {
+            let address = format!("{}/24", self.backend_addr(i));
+            self.plug(ns, "eth0", &bridge_port(i), &address)?;
+            ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            // Like LVS-DR real servers: never answer or announce ARP for the VIP.
+            ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+            ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+        }
+        Ok(())
+    }
+
+    fn wire_nat(&self) -> Result<()> {
+        let (client, lb) = (&self.client, &self.balancer);
+        veth(client, "eth0", lb, "eth0")?;
+        client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
+        client.ip(&["link", "set", "eth0", "up"])?;
+        client.disable_tx_checksum("eth0")?;
+        lb.ip(&["addr", "add", &format!("{BALANCER}/24"), "dev", "eth0"])?;
+        lb.ip(&["link", "set", "eth0", "up"])?;
+        lb.disable_tx_checksum("eth0")?;
+        // The VIP sits in the client's own /24: route it (and the backends' net) via the balancer.
+        let via = BALANCER.to_string();
+        client.ip(&["route", "add", &format!("{VIP}/32"), "via", &via])?;
+        client.ip(&["route", "add", "198.18.1.0/24", "via", &via])?;
+        self.plug(lb, "eth1", "plb", &format!("{BALANCER_INSIDE}/24"))?;
+        lb.sysctl("net.ipv4.ip_forward", "1")?;
+        for (i, ns) in self.backends.iter().enumerate() {
+            let address = format!("{}/24", self.backend_addr(i));
+            self.plug(ns, "eth0", &bridge_port(i), &address)?;
+            ns.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &BALANCER_INSIDE.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn attach_passes(&mut self, passes: Passes) -> Result<()> {
+        let mut ports = vec!["plb".to_string()];
+        if passes == Passes::EveryReceiver {
+            if self.layout == Layout::Dsr {
+                ports.push("pc".into());
+            } else {
+                self.passes.push(self.client.attach_pass("eth0")?);
+            }
+            ports.extend((0..self.backends.len()).map(bridge_port));
+        }
+        for port in ports {
+            self.passes.push(self.switch.attach_pass(&port)?);
+        }
+        Ok(())
+    }
+
+    fn tune_for_routing_under_load(&self) -> Result<()> {
+        let (client, lb) = (&self.client, &self.balancer);
+        client.sysctl("net.ipv4.conf.all.accept_redirects", "0")?;
+        client.sysctl("net.ipv4.conf.eth0.accept_redirects", "0")?;
+        // Forwarding: plain routing's whole job, and bpf_fib_lookup (nat) wants it too.
+        lb.sysctl("net.ipv4.ip_forward", "1")?;
+        lb.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+        lb.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
+        lb.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+        for ns in [client, lb] {
+            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        }
+        Ok(())
+    }
+}
+
+/// The bridge port of backend `i`.
+fn bridge_port(i: usize) -> String {
+    format!("pb{i}")
+}
+
+/// A veth pair: `a_end` in `a`, `b_end` in `b`.
+fn veth(a: &Netns, a_end: &str, b: &Netns, b_end: &str) -> Result<()> {
+    run(
+        "ip",
+        &[
+            "link", "add", a_end, "netns", &a.name, "type", "veth", "peer", "name", b_end, "netns",
+            &b.name,
+        ],
+    )
+}
+
+/// Deletes `sy-<tag>-<pid>-…` namespaces whose pid no longer runs (a killed run's).
+fn remove_stale_namespaces(tag: &str) {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    let prefix = format!("sy-{tag}-");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run("ip", &["netns", "del", &name]);
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! `cargo xtask bench`: the side-by-side benchmark. Three sink MTAs, then the load generator
+//! against every contender (direct to one sink, switchyard with each algorithm, HAProxy, nginx,
+//! the XDP path where available), alternately over several rounds, so that every ratio compares
+//! runs made minutes apart on the same machine. Also memory per idle session (switchyard and
+//! HAProxy side by side) and switchyard's distribution of sessions over the backends.
+//!
+//! As root, the kernel path too: plain routing, switchyard's proxy and its XDP path (dsr, nat)
+//! take turns in one network-namespace testbed in front of the same three sinks
+//! ([`testbed`]); each of those runs also records the CPU time every part used.
+//!
+//! This module holds the options and the orchestration; [`contenders`] starts what is measured,
+//! [`drive`] runs load through it, [`cpu`] accounts CPU time, [`idle`] measures idle memory,
+//! [`stats`] summarizes, [`results`] is results.json's schema and [`report`] its tables.
+//!
+//! Outputs: a markdown table on stdout, `target/bench/results.json`, `target/bench/chart.png`.
+
+mod contenders;
+mod cpu;
+mod drive;
+mod idle;
+mod report;
+pub mod results;
+mod stats;
+mod testbed;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::children;
+use crate::workspace;
+use contenders::Contender;
+use cpu::{CpuSample, with_children};
+use results::{Distribution, Skipped};
+use testbed::Testbed;
+
+pub use contenders::assigned_from_totals;
+pub use report::markdown;
+pub use results::{BenchResults, validate};
+
+pub const ALGORITHMS: [&str; 5] = [
+    "round_robin",
+    "weighted_round_robin",
+    "least_conn",
+    "ip_hash",
+    "least_time",
+];
+
+const SINK_PORTS: [u16; 3] = [3601, 3602, 3603];
+const SWITCHYARD_BASE_PORT: u16 = 3611;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub quick: bool,
+    pub rounds: usize,
+    pub sessions_per_run: u64,
+    pub concurrency: usize,
+    pub size: usize,
+    pub idle_sessions: usize,
+    /// Only the kernel path's contenders (routing, proxy, xdp dsr, xdp nat in namespaces).
+    pub kernel_only: bool,
+    /// Drive the loopback contenders with Postfix's smtp-source instead of the built-in load
+    /// generator (issue 2's workload as written: `smtp-source -s 50 -m N -l 2048`).
+    pub smtp_source: bool,
+}
+
+impl BenchOptions {
+    pub fn new(quick: bool, rounds: Option<usize>, messages: Option<u64>) -> Self {
+        Self {
+            quick,
+            rounds: rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
+            sessions_per_run: messages.unwrap_or(if quick { 1000 } else { 20_000 }),
+            concurrency: 50,
+            size: 2048,
+            idle_sessions: if quick { 1000 } else { 5000 },
+            kernel_only: false,
+            smtp_source: false,
+        }
+    }
+}
+
+pub fn bench_dir() -> PathBuf {
+    workspace::target_dir().join("bench")
+}
+
+pub fn run(opts: BenchOptions) -> Result<BenchResults> {
+    children::stop_children_on_signal();
+    workspace::raise_nofile_limit();
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir)?;
+    let switchyard = workspace::switchyard_release();
+    anyhow::ensure!(
+        switchyard.is_file(),
+        "{} missing: build it with cargo build --release -p switchyard",
+        switchyard.display()
+    );
+    println!(
+        "bench: {} round(s) x {} sessions, {} parallel, {} B messages{}",
+        opts.rounds,
+        opts.sessions_per_run,
+        opts.concurrency,
+        opts.size,
+        if opts.quick { " (quick)" } else { "" }
+    );
+
+    let (mut testbed, kernel, kernel_skipped) = contenders::kernel_contenders(&dir, &switchyard)?;
+    if opts.kernel_only {
+        anyhow::ensure!(
+            testbed.is_some(),
+            "--kernel-only needs root (network namespaces and XDP)"
+        );
+        let sinks_kind = testbed.as_ref().map_or("", |t| t.sinks_kind);
+        return run_contenders(
+            &opts,
+            &dir,
+            &switchyard,
+            sinks_kind,
+            &[],
+            kernel,
+            kernel_skipped,
+            testbed,
+        );
+    }
+    let sink_addrs: Vec<SocketAddr> = SINK_PORTS
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let (sinks_kind, sinks) = contenders::start_sinks(&dir, &sink_addrs)?;
+    let sink_pids: Vec<u32> = sinks.iter().map(|s| s.pid()).collect();
+    println!("bench: sinks ({sinks_kind}) on {}", list(&sink_addrs));
+    if let Some(testbed) = &testbed {
+        anyhow::ensure!(
+            testbed.sinks_kind == sinks_kind,
+            "the namespace sinks ({}) differ from the loopback ones ({sinks_kind})",
+            testbed.sinks_kind
+        );
+    }
+
+    let mut skipped = Vec::new();
+    let mut contenders = vec![Contender::local("direct", sink_addrs[0], Vec::new())];
+    for (i, alg) in ALGORITHMS.iter().enumerate() {
+        contenders.push(contenders::start_switchyard(
+            &dir,
+            &switchyard,
+            alg,
+            SWITCHYARD_BASE_PORT + i as u16,
+            &sink_addrs,
+        )?);
+    }
+    match workspace::find_program("haproxy") {
+        Some(bin) => contenders.push(contenders::start_haproxy(&dir, &bin, &sink_addrs)?),
+        None => skipped.push(Skipped {
+            name: "haproxy".into(),
+            reason: "haproxy not installed".into(),
+        }),
+    }
+    match (
+        workspace::find_program("nginx"),
+        contenders::nginx_stream_module(),
+    ) {
+        (Some(bin), Some(module)) => {
+            contenders.push(contenders::start_nginx(&dir, &bin, &module, &sink_addrs)?)
+        }
+        _ => skipped.push(Skipped {
+            name: "nginx".into(),
+            reason: "nginx or its stream module not installed".into(),
+        }),
+    }
+    contenders.extend(kernel);
+    skipped.extend(kernel_skipped);
+    run_contenders(
+        &opts,
+        &dir,
+        &switchyard,
+        sinks_kind,
+        &sink_pids,
+        contenders,
+        skipped,
+        testbed.take(),
+    )
+}
+
+/// Runs every contender alternately over the rounds, then writes and checks the results.
+#[allow(clippy::too_many_arguments)]
+fn run_contenders(
+    opts: &BenchOptions,
+    dir: &Path,
+    switchyard: &Path,
+    sinks_kind: &str,
+    sink_pids: &[u32],
+    mut contenders: Vec<Contender>,
+    mut skipped: Vec<Skipped>,
+    mut testbed: Option<Testbed>,
+) -> Result<BenchResults> {
+    for s in &skipped {
+        println!("bench: skipping {}: {}", s.name, s.reason);
+    }
+    for c in &contenders {
+        drive::wait_ready(c)?;
+    }
+    for round in 0..opts.rounds {
+        println!("bench: round {}/{}", round + 1, opts.rounds);
+        // Rotate the order so that no contender always runs first or right after another.
+        let n = contenders.len();
+        for k in 0..n {
+            let c = &mut contenders[(k + round) % n];
+            run_once(c, opts, dir, sink_pids, testbed.as_mut())?;
+        }
+    }
+    // Stops the balancer and the sinks in the namespaces, then deletes them.
+    drop(testbed);
+
+    let distribution = stop_and_collect_distributions(&mut contenders);
+    let idle_memory = if opts.kernel_only {
+        None
+    } else {
+        idle_memory(opts, dir, switchyard, &mut skipped)
+    };
+    let results = stats::summarize(
+        opts,
+        sinks_kind,
+        contenders,
+        skipped,
+        idle_memory,
+        distribution,
+    )?;
+    report::print_table(&results);
+    // A kernel-only run does not replace the full benchmark's results.
+    let stem = if opts.kernel_only { "kernel-" } else { "" };
+    let json = dir.join(format!("{stem}results.json"));
+    std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let validated = validate(&json)?;
+    let chart = dir.join(format!("{stem}chart.png"));
+    crate::chart::draw(&validated, &chart)?;
+    println!("\nbench: wrote {} and {}", json.display(), chart.display());
+    Ok(validated)
+}
+
+/// One run of load through `c`, with the CPU time every part used; printed and recorded.
+fn run_once(
+    c: &mut Contender,
+    opts: &BenchOptions,
+    dir: &Path,
+    sink_pids: &[u32],
+    testbed: Option<&mut Testbed>,
+) -> Result<()> {
+    for p in &mut c.processes {
+        p.check_running()?;
+    }
+    let (report, used) = match (c.mode, testbed) {
+        (Some(mode), Some(testbed)) => {
+            testbed.activate(mode)?;
+            let before = testbed.cpu_sample();
+            let report = drive::drive(c, opts, dir)?;
+            let used = testbed.cpu_sample().since(&before, report.sessions_ok);
+            (report, used)
+        }
+        _ => {
+            let balancer = with_children(&c.processes.iter().map(|p| p.pid()).collect::<Vec<_>>());
+            let before = CpuSample::take(sink_pids, &balancer);
+            let report = drive::drive(c, opts, dir)?;
+            let used = CpuSample::take(sink_pids, &balancer).since(&before, report.sessions_ok);
+            (report, used)
+        }
+    };
+    println!(
+        "  {:<32} {:>7.0} sessions/s  p99 {:>7.2} ms  failed {}",
+        c.name, report.sessions_per_s, report.latency_ms.session.p99, report.sessions_failed
+    );
+    println!(
+        "  {:<32} CPU us/session: {:.0} in all ({:.0} softirq); loadgen {:.0}, sinks {:.0}, balancer {:.0}, other {:.0}; stolen by the hypervisor {:.0}",
+        "",
+        used.total_us,
+        used.softirq_us,
+        used.loadgen_us,
+        used.sinks_us,
+        used.balancer_us,
+        used.other_us,
+        used.steal_us
+    );
+    c.cpu.push(used);
+    c.runs.push(report);
+    Ok(())
+}
+
+/// Stops every contender's processes and reads each switchyard's sessions per backend from
+/// the totals it wrote at shutdown.
+fn stop_and_collect_distributions(contenders: &mut [Contender]) -> Vec<Distribution> {
+    let mut distribution = Vec::new();
+    for c in contenders {
+        for p in &mut c.processes {
+            p.stop(Duration::from_secs(10));
+        }
+        let (Some(algorithm), Some(totals)) = (&c.algorithm, &c.totals) else {
+            continue;
+        };
+        let assigned = assigned_from_totals(totals).unwrap_or_else(|e| {
+            println!("bench: no distribution for {}: {e:#}", c.name);
+            Default::default()
+        });
+        distribution.push(Distribution {
+            algorithm: algorithm.clone(),
+            max_over_min: stats::max_over_min(&assigned),
+            assigned,
+        });
+    }
+    distribution
+}
+
+/// switchyard's memory per idle session, and HAProxy's beside it when installed (a failure of
+/// HAProxy's alone is listed in `skipped`).
+fn idle_memory(
+    opts: &BenchOptions,
+    dir: &Path,
+    switchyard: &Path,
+    skipped: &mut Vec<Skipped>,
+) -> Option<results::IdleMemory> {
+    let haproxy = workspace::find_program("haproxy");
+    match idle::measure(dir, switchyard, haproxy.as_deref(), opts.idle_sessions) {
+        Ok((memory, haproxy_skipped)) => {
+            skipped.extend(haproxy_skipped);
+            Some(memory)
+        }
+        Err(e) => {
+            println!("bench: idle-session memory not measured: {e:#}");
+            None
+        }
+    }
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

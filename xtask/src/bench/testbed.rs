@@ -1,0 +1,301 @@
+//! The kernel path's benchmark testbed: the test kit's benchmark network
+//! (`testkit::topology::Plan::benchmark`) with a sink MTA in each of its three backends, in
+//! which plain IP routing, switchyard's userspace proxy and switchyard's XDP path (dsr and nat)
+//! take turns in front of the same sinks, so their figures compare like for like.
+//!
+//! The network is one L2 segment: client 198.18.0.1, balancer 198.18.0.2, backends
+//! 198.18.0.11-13, each holding the VIP 198.18.0.100 on its loopback (as LVS-DR real servers);
+//! the client reaches the VIP through the balancer. What the balancer does with the VIP depends
+//! on the active [`Mode`]:
+//! - `routing`: no balancer at all, an ECMP route (layer-4 hash) to the three backends, which
+//!   answer the client directly: the physical limit of this network;
+//! - `proxy`: switchyard's userspace proxy on the balancer's own address (not the VIP: the
+//!   proxy's TIME_WAIT sockets would otherwise hold VIP tuples, and the kernel drops a packet
+//!   it should forward when early demux matches it to a local socket, so the next routing run
+//!   would lose connections);
+//! - `dsr`: switchyard's XDP program rewrites the destination MAC and transmits (XDP_TX); the
+//!   backends answer the client directly, as in `routing`;
+//! - `nat`: switchyard's XDP program rewrites to the backend's address and redirects; the
+//!   backends route their replies to the client back through the balancer.
+//!
+//! `Drop` stops the processes inside the namespaces before the network goes.
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use testkit::topology::{BALANCER, CLIENT, Plan, SMTP_PORT, Topology, VIP};
+
+use super::cpu::CpuSample;
+use crate::children::{self, Supervised};
+use crate::workspace;
+
+/// What stands between the client and the backends during a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Routing,
+    Proxy,
+    Dsr,
+    Nat,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Routing, Mode::Proxy, Mode::Dsr, Mode::Nat];
+
+    /// The contender's name in the benchmark's table.
+    pub fn contender(self) -> &'static str {
+        match self {
+            Mode::Routing => "kernel routing (no balancer)",
+            Mode::Proxy => "switchyard proxy (netns)",
+            Mode::Dsr => "switchyard xdp dsr",
+            Mode::Nat => "switchyard xdp nat",
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Mode::Routing => "routing",
+            Mode::Proxy => "proxy",
+            Mode::Dsr => "dsr",
+            Mode::Nat => "nat",
+        }
+    }
+}
+
+/// The network, its sinks, and the balancer of the active mode.
+pub struct Testbed {
+    dir: PathBuf,
+    switchyard: PathBuf,
+    /// "smtp-sink" (Postfix) or "xtask sink".
+    pub sinks_kind: &'static str,
+    sinks: Vec<Supervised>,
+    active: Option<(Mode, Option<Supervised>)>,
+    /// Last: the namespaces go after `Drop` has stopped what runs in them.
+    pub net: Topology,
+}
+
+impl Testbed {
+    /// Builds the network and starts a sink in each backend. Fails (after tearing down what
+    /// it built) if any step fails.
+    pub fn build(dir: &Path, switchyard: &Path) -> Result<Testbed> {
+        let net = Topology::build(&Plan::benchmark())
+            .context("building the benchmark's network namespaces")?;
+        let mut testbed = Testbed {
+            dir: dir.to_path_buf(),
+            switchyard: switchyard.to_path_buf(),
+            sinks_kind: "",
+            sinks: Vec::new(),
+            active: None,
+            net,
+        };
+        testbed
+            .start_sinks()
+            .context("starting the sinks in the backend namespaces")?;
+        Ok(testbed)
+    }
+
+    fn start_sinks(&mut self) -> Result<()> {
+        let listen = SocketAddr::from(([0, 0, 0, 0], SMTP_PORT)).to_string();
+        let smtp_sink = workspace::find_program("smtp-sink");
+        self.sinks_kind = if smtp_sink.is_some() {
+            "smtp-sink"
+        } else {
+            "xtask sink"
+        };
+        for (i, ns) in self.net.backends.iter().enumerate() {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &ns.name]);
+            match &smtp_sink {
+                Some(bin) => {
+                    cmd.arg(bin).args(["-u", "nobody"]).arg(&listen).arg("1024");
+                }
+                None => {
+                    cmd.arg(std::env::current_exe()?)
+                        .args(["sink", "--listen"])
+                        .arg(&listen);
+                }
+            }
+            let log = self.dir.join(format!("netns-sink{}.log", i + 1));
+            let name = format!("sink in {}", ns.name);
+            self.sinks.push(Supervised::start(&name, &mut cmd, &log)?);
+        }
+        for (i, ns) in self.net.backends.iter().enumerate() {
+            let addr = SocketAddr::from((self.net.backend_addr(i), SMTP_PORT));
+            let code =
+                ns.run(move || children::wait_for_greeting(addr, Duration::from_secs(10)))?;
+            anyhow::ensure!(
+                code == 220,
+                "sink {addr} in {} greeted with {code}",
+                ns.name
+            );
+        }
+        Ok(())
+    }
+
+    /// CPU counters now, with the sinks and the active balancer as the processes of interest.
+    pub fn cpu_sample(&self) -> CpuSample {
+        let sinks: Vec<u32> = self.sinks.iter().map(|s| s.pid()).collect();
+        let balancer: Vec<u32> = self
+            .active
+            .as_ref()
+            .and_then(|(_, p)| p.as_ref())
+            .map(|p| p.pid())
+            .into_iter()
+            .collect();
+        CpuSample::take(&sinks, &balancer)
+    }
+
+    /// Where the load generator connects in `mode`.
+    pub fn target(mode: Mode) -> SocketAddr {
+        match mode {
+            Mode::Proxy => SocketAddr::from((BALANCER, SMTP_PORT)),
+            _ => SocketAddr::from((VIP, SMTP_PORT)),
+        }
+    }
+
+    /// Switches the balancer to `mode` (a no-op if it is active and still running) and waits
+    /// until the VIP greets the client with 220.
+    pub fn activate(&mut self, mode: Mode) -> Result<()> {
+        if let Some((active, process)) = &mut self.active
+            && *active == mode
+        {
+            if let Some(p) = process {
+                p.check_running()?;
+            }
+            return Ok(());
+        }
+        self.deactivate();
+        let mut process = None;
+        match mode {
+            Mode::Routing => {
+                let mut args = vec!["route".to_string(), "replace".into(), format!("{VIP}/32")];
+                for i in 0..self.net.backends.len() {
+                    let via = self.net.backend_addr(i).to_string();
+                    args.extend(["nexthop".into(), "via".into(), via]);
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.net.balancer.ip(&args)?;
+            }
+            Mode::Dsr | Mode::Proxy => process = Some(self.start_switchyard(mode)?),
+            Mode::Nat => {
+                for ns in &self.net.backends {
+                    let client = format!("{CLIENT}/32");
+                    ns.ip(&["route", "replace", &client, "via", &BALANCER.to_string()])?;
+                }
+                process = Some(self.start_switchyard(mode)?);
+            }
+        }
+        self.active = Some((mode, process));
+        self.wait_ready(mode)
+    }
+
+    /// Stops the active balancer and undoes what its mode set up.
+    fn deactivate(&mut self) {
+        if let Some((_, Some(mut p))) = self.active.take() {
+            // Graceful: switchyard detaches its XDP program on SIGTERM.
+            p.stop(Duration::from_secs(10));
+        }
+        let _ = self
+            .net
+            .balancer
+            .ip(&["route", "del", &format!("{VIP}/32")]);
+        for ns in &self.net.backends {
+            let _ = ns.ip(&["route", "del", &format!("{CLIENT}/32")]);
+        }
+    }
+
+    fn start_switchyard(&self, mode: Mode) -> Result<Supervised> {
+        let cfg = self
+            .dir
+            .join(format!("switchyard-netns-{}.toml", mode.word()));
+        std::fs::write(&cfg, self.switchyard_config(mode))
+            .with_context(|| format!("writing {}", cfg.display()))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.net.balancer.name])
+            .arg(&self.switchyard)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info");
+        let log = self
+            .dir
+            .join(format!("switchyard-netns-{}.log", mode.word()));
+        Supervised::start(
+            &format!("switchyard {} in {}", mode.word(), self.net.balancer.name),
+            &mut cmd,
+            &log,
+        )
+    }
+
+    /// Until the target greets with 220 from the client's namespace (for switchyard: its
+    /// program or listener is up and a backend passed its health checks).
+    fn wait_ready(&mut self, mode: Mode) -> Result<()> {
+        let target = Self::target(mode);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((_, Some(p))) = &mut self.active {
+                p.check_running()?;
+            }
+            let code = self
+                .net
+                .client
+                .run(move || children::wait_for_greeting(target, Duration::from_secs(2)));
+            if let Ok(220) = code {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = self
+                    .dir
+                    .join(format!("switchyard-netns-{}.log", mode.word()));
+                bail!(
+                    "{target} did not greet with 220 within 30 s in mode {} (last: {code:?}); switchyard's log {}:\n{}",
+                    mode.word(),
+                    log.display(),
+                    children::tail(&log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The switchyard config of a mode: least_conn over the three sinks, on the VIP.
+    fn switchyard_config(&self, mode: Mode) -> String {
+        let (dataplane, xdp) = match mode {
+            Mode::Dsr | Mode::Nat => (
+                "xdp",
+                format!(
+                    "\n[service.xdp]\ninterface = \"eth0\"\nforwarding = \"{}\"\nbackend_interface = \"eth0\"\n\
+                     flow_table_size = 262144\nflow_idle_timeout = \"2m\"\n",
+                    mode.word()
+                ),
+            ),
+            _ => ("proxy", String::new()),
+        };
+        let listen = Self::target(mode);
+        let mut cfg = format!(
+            "# Written by cargo xtask bench (kernel path, mode {}).\nshutdown_timeout = \"5s\"\n\n[[service]]\n\
+             name = \"bench\"\nlisten = \"{listen}\"\ndataplane = \"{dataplane}\"\nalgorithm = \"least_conn\"\n\
+             max_connections = 10000\n\n[service.health]\nkind = \"smtp\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\n{xdp}",
+            mode.word()
+        );
+        for i in 0..self.net.backends.len() {
+            cfg.push_str(&format!(
+                "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{}\"\n",
+                i + 1,
+                SocketAddrV4::new(self.net.backend_addr(i), SMTP_PORT)
+            ));
+        }
+        cfg
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.deactivate();
+        for mut s in self.sinks.drain(..) {
+            s.stop(Duration::from_secs(5));
+        }
+    }
+}
