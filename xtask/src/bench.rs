@@ -20,11 +20,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::children::{self, Supervised};
 use crate::loadgen::{self, Budget, LoadReport, LoadSpec};
 use crate::sink::{SinkConfig, SinkThread};
 use crate::topology::{Mode, Topology};
 use crate::workspace;
+use testkit::supervise::{self as children, Supervised};
 
 pub const ALGORITHMS: [&str; 5] = [
     "round_robin",
@@ -998,7 +998,7 @@ fn measure_idle_rss(dir: &Path, bin: &Path, n: usize) -> Result<IdleMemory> {
     let held = rt.block_on(open_idle(listen, n))?;
     std::thread::sleep(Duration::from_millis(500));
     let after = rss_kib(proc.pid())?;
-    let at_sinks: u64 = sinks.stats.iter().map(|s| s.active()).sum();
+    let at_sinks: u64 = sinks.servers.iter().map(|s| s.open()).sum();
     proc.check_running()?;
     drop(held);
     proc.stop(Duration::from_secs(10));

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::children::{self, Supervised};
 use crate::workspace;
+use testkit::supervise::{self as children, Supervised};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
