@@ -90,10 +90,10 @@ pub struct Connection {
 
 #[derive(Default)]
 struct Counters {
-    connections: AtomicU64,
-    open: AtomicU64,
-    sessions_completed: AtomicU64,
-    messages: AtomicU64,
+    connections: AtomicUsize,
+    open: AtomicUsize,
+    sessions_completed: AtomicUsize,
+    messages: AtomicUsize,
     message_bytes: AtomicU64,
 }
 
@@ -176,24 +176,24 @@ impl SmtpServer {
     }
 
     /// TCP connections accepted (health checks included).
-    pub fn connections(&self) -> u64 {
+    pub fn connections(&self) -> usize {
         self.shared.counters.connections.load(Ordering::SeqCst)
     }
 
     /// Connections open right now.
-    pub fn open(&self) -> u64 {
+    pub fn open(&self) -> usize {
         self.shared.counters.open.load(Ordering::SeqCst)
     }
 
     /// Sessions that reached QUIT after at least one accepted message.
-    pub fn sessions_completed(&self) -> u64 {
+    pub fn sessions_completed(&self) -> usize {
         self.shared
             .counters
             .sessions_completed
             .load(Ordering::SeqCst)
     }
 
-    pub fn messages(&self) -> u64 {
+    pub fn messages(&self) -> usize {
         self.shared.counters.messages.load(Ordering::SeqCst)
     }
 
@@ -561,19 +561,20 @@ impl<'a> Conversation<'a> {
                 }
             }
             self.input.drain(..consumed);
+            // Counted before the 221 goes out: a client that has read it sees the count.
+            if quit && self.messages > 0 {
+                self.shared
+                    .counters
+                    .sessions_completed
+                    .fetch_add(1, Ordering::SeqCst);
+                self.update_record(|r| r.completed = true);
+            }
             // Answer everything that arrived together in one write, as a pipelining MTA does.
             if !self.output.is_empty() {
                 self.stream.write_all(&self.output).await?;
                 self.output.clear();
             }
             if quit {
-                if self.messages > 0 {
-                    self.shared
-                        .counters
-                        .sessions_completed
-                        .fetch_add(1, Ordering::SeqCst);
-                    self.update_record(|r| r.completed = true);
-                }
                 self.stream.shutdown().await?;
                 return Ok(());
             }
