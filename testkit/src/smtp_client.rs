@@ -426,7 +426,7 @@ pub struct HeldSession {
 impl HeldSession {
     /// Connects from the calling thread's namespace and waits for the greeting.
     pub fn open(target: SocketAddr) -> anyhow::Result<HeldSession> {
-        Self::start(target, |f| std::thread::spawn(f))
+        Self::start(target, std::thread::spawn)
     }
 
     /// Connects from inside `ns` and waits for the greeting.

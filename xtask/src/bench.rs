@@ -998,7 +998,7 @@ fn measure_idle_rss(dir: &Path, bin: &Path, n: usize) -> Result<IdleMemory> {
     let held = rt.block_on(open_idle(listen, n))?;
     std::thread::sleep(Duration::from_millis(500));
     let after = rss_kib(proc.pid())?;
-    let at_sinks: u64 = sinks.servers.iter().map(|s| s.open()).sum();
+    let at_sinks: u64 = sinks.servers.iter().map(|s| s.open() as u64).sum();
     proc.check_running()?;
     drop(held);
     proc.stop(Duration::from_secs(10));

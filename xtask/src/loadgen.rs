@@ -390,11 +390,12 @@ async fn worker(id: usize, shared: Arc<Shared>, deadline: Option<Instant>) -> Wo
     let mut buffers = Some(Buffers::default());
     let mut message = Vec::with_capacity(shared.body.len() + 128);
     let mut seq = 0u64;
+    let pid = std::process::id();
     while shared.take_session(deadline) {
         let started = Instant::now();
         seq += 1;
         message.clear();
-        push_message_id(&mut message, id, seq);
+        push_message_id(&mut message, pid, id, seq);
         message.extend_from_slice(&shared.body);
         let mut trace = Trace::default();
         let outcome = tokio::time::timeout(
@@ -463,12 +464,11 @@ async fn session(
     done.map_err(|e| e.failure)
 }
 
-fn push_message_id(out: &mut Vec<u8>, worker: usize, seq: u64) {
+fn push_message_id(out: &mut Vec<u8>, pid: u32, worker: usize, seq: u64) {
     use std::io::Write;
     // Writing into a Vec cannot fail.
     let _ = write!(
         out,
-        "Message-ID: <{}.{worker}.{seq}@loadgen.switchyard.invalid>\r\n",
-        std::process::id()
+        "Message-ID: <{pid}.{worker}.{seq}@loadgen.switchyard.invalid>\r\n"
     );
 }

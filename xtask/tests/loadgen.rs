@@ -81,7 +81,7 @@ fn duration_budget_stops_by_itself() {
     );
     assert!(report.sessions_ok > 0);
     assert_eq!(report.sessions_failed, 0);
-    assert_eq!(sink.servers[0].messages(), report.messages);
+    assert_eq!(sink.servers[0].messages() as u64, report.messages);
 }
 
 fn rejecting(reject: Reject) -> loadgen::LoadReport {
