@@ -3,24 +3,25 @@
 //! greeting. Exact where the algorithm is deterministic (round robin, weighted ratios, ties),
 //! bounded where timing decides (uneven session lengths, response times).
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use support::*;
+use testkit::harness::{Switchyard, free_addr};
+use testkit::smtp_client::{Session, SessionOptions, smtp_session, smtp_session_from};
+use testkit::smtp_server::{Behaviour, SmtpServer};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 /// One service on a fresh loopback port in front of `backends` as (backend, weight).
 fn config(
     listen: SocketAddr,
     algorithm: &str,
     health: &str,
-    backends: &[(&TestBackend, u32)],
+    backends: &[(&SmtpServer, u32)],
 ) -> String {
     let mut toml = format!(
         "[[service]]\nname = \"mx\"\nlisten = \"{listen}\"\nalgorithm = \"{algorithm}\"\nretries = 2\n\n\
@@ -36,10 +37,10 @@ fn config(
     toml
 }
 
-async fn start_backends(names: &[&str], behaviour: Behaviour) -> Vec<TestBackend> {
+async fn start_backends(names: &[&str], behaviour: Behaviour) -> Vec<SmtpServer> {
     let mut out = Vec::new();
     for name in names {
-        out.push(TestBackend::start(name, behaviour.clone()).await);
+        out.push(SmtpServer::start(name, behaviour.clone()));
     }
     out
 }
@@ -69,46 +70,12 @@ fn count(counts: &HashMap<String, usize>, name: &str) -> usize {
     counts.get(name).copied().unwrap_or(0)
 }
 
-/// A client that has read its greeting and holds the session open until `quit`.
-struct HeldSession {
-    backend: String,
-    conn: BufReader<TcpStream>,
-}
-
-impl HeldSession {
-    async fn open(addr: SocketAddr) -> HeldSession {
-        let mut conn = BufReader::new(
-            TcpStream::connect(addr)
-                .await
-                .expect("connect to switchyard"),
-        );
-        let (code, text) = read_reply(&mut conn).await.expect("greeting");
-        assert_eq!(code, 220, "greeting {text:?}");
-        let backend = text
-            .split_whitespace()
-            .nth(1)
-            .expect("backend name in greeting")
-            .to_string();
-        HeldSession { backend, conn }
-    }
-
-    async fn quit(mut self) {
-        self.conn
-            .get_mut()
-            .write_all(b"QUIT\r\n")
-            .await
-            .expect("send QUIT");
-        let (code, text) = read_reply(&mut self.conn).await.expect("QUIT reply");
-        assert_eq!(code, 221, "QUIT reply {text:?}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_evenly() {
     let backends = start_backends(&["rr-a", "rr-b", "rr-c"], Behaviour::default()).await;
     let listen = free_addr();
     let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
-    let _sy = Switchyard::start(&config(listen, "round_robin", "none", &list));
+    let _sy = Switchyard::start(BIN, &config(listen, "round_robin", "none", &list));
 
     // One at a time, every pick takes the next turn: exactly even.
     let counts = run_sessions(listen, 300, 1).await;
@@ -127,7 +94,7 @@ async fn weighted_round_robin_follows_weights() {
     let backends = start_backends(&["wrr-1", "wrr-2", "wrr-3"], Behaviour::default()).await;
     let listen = free_addr();
     let list: Vec<_> = backends.iter().zip([1, 2, 3]).collect();
-    let _sy = Switchyard::start(&config(listen, "weighted_round_robin", "none", &list));
+    let _sy = Switchyard::start(BIN, &config(listen, "weighted_round_robin", "none", &list));
 
     let counts = run_sessions(listen, 600, 8).await;
     assert_eq!(count(&counts, "wrr-1"), 100, "{counts:?}");
@@ -140,12 +107,16 @@ async fn least_conn_sends_new_sessions_around_long_ones() {
     let backends = start_backends(&["lc-a", "lc-b", "lc-c"], Behaviour::default()).await;
     let listen = free_addr();
     let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
-    let _sy = Switchyard::start(&config(listen, "least_conn", "none", &list));
+    let _sy = Switchyard::start(BIN, &config(listen, "least_conn", "none", &list));
 
     // Seven long sessions opened one after another: least connections spreads them 3/2/2.
     let mut held = Vec::new();
     for _ in 0..7 {
-        held.push(HeldSession::open(listen).await);
+        held.push(
+            Session::open(listen, &SessionOptions::default())
+                .await
+                .expect("a greeted session through switchyard"),
+        );
     }
     let mut load: HashMap<String, usize> = HashMap::new();
     for h in &held {
@@ -173,8 +144,8 @@ async fn least_conn_sends_new_sessions_around_long_ones() {
             assert_eq!(count(&counts, b.name()), 20, "{counts:?}");
         }
     }
-    for h in held {
-        h.quit().await;
+    for mut h in held {
+        h.quit().await.expect("QUIT answered with 221");
     }
 }
 
@@ -183,18 +154,17 @@ async fn least_conn_gives_a_slow_backend_fewer_sessions() {
     // lc-slow delays every reply by 50 ms, so its sessions last ~300 ms while the others'
     // take a millisecond or two: with 6 clients in parallel it carries more open sessions and
     // must get far fewer new ones than the third round robin would give it.
-    let slow = TestBackend::start(
+    let slow = SmtpServer::start(
         "lc-slow",
         Behaviour {
             reply_delay: Duration::from_millis(50),
             ..Behaviour::default()
         },
-    )
-    .await;
+    );
     let fast = start_backends(&["lc-fast1", "lc-fast2"], Behaviour::default()).await;
     let listen = free_addr();
     let list = vec![(&slow, 1), (&fast[0], 1), (&fast[1], 1)];
-    let _sy = Switchyard::start(&config(listen, "least_conn", "none", &list));
+    let _sy = Switchyard::start(BIN, &config(listen, "least_conn", "none", &list));
 
     let counts = run_sessions(listen, 300, 6).await;
     eprintln!("least_conn with a slow backend: {counts:?}");
@@ -243,7 +213,7 @@ async fn ip_hash_is_sticky_and_remaps_about_one_nth() {
     let backends = start_backends(&["ih-a", "ih-b", "ih-c", "ih-d"], Behaviour::default()).await;
     let listen = free_addr();
     let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
-    let _sy = Switchyard::start(&config(listen, "ip_hash", "tcp", &list));
+    let _sy = Switchyard::start(BIN, &config(listen, "ip_hash", "tcp", &list));
     let clients = client_addrs();
 
     let first = backend_per_client(listen, &clients).await;
@@ -302,22 +272,19 @@ async fn ip_hash_is_sticky_and_remaps_about_one_nth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_time_prefers_the_fast_backend() {
-    let slow = TestBackend::start(
+    let slow = SmtpServer::start(
         "lt-slow",
         Behaviour {
             greeting_delay: Duration::from_millis(40),
             ..Behaviour::default()
         },
-    )
-    .await;
-    let fast = TestBackend::start("lt-fast", Behaviour::default()).await;
+    );
+    let fast = SmtpServer::start("lt-fast", Behaviour::default());
     let listen = free_addr();
-    let _sy = Switchyard::start(&config(
-        listen,
-        "least_time",
-        "none",
-        &[(&slow, 1), (&fast, 1)],
-    ));
+    let _sy = Switchyard::start(
+        BIN,
+        &config(listen, "least_time", "none", &[(&slow, 1), (&fast, 1)]),
+    );
 
     // Unmeasured backends come first (so each is measured), then the fast one wins.
     let counts = run_sessions(listen, 60, 1).await;
@@ -349,7 +316,7 @@ async fn a_drained_backend_takes_no_new_sessions_under_any_algorithm() {
         let toml = config(listen, algorithm, "smtp", &list)
             .replace("name = \"dr-b\"\n", "name = \"dr-b\"\ndrain = true\n");
         assert!(toml.contains("drain = true"));
-        let _sy = Switchyard::start(&toml);
+        let _sy = Switchyard::start(BIN, &toml);
         let counts = run_sessions(listen, 30, 3).await;
         assert_eq!(
             count(&counts, "dr-b"),

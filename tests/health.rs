@@ -1,8 +1,6 @@
 //! Active health checks and PROXY protocol, end to end: the real binary checking real SMTP
 //! servers on loopback, and the exact header bytes real backends receive.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +9,12 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::*;
+use testkit::harness::{Switchyard, free_addr};
+use testkit::smtp_client::smtp_session;
+use testkit::smtp_server::{Behaviour, ProxyExpect, SmtpServer};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 const SIGNATURE: [u8; 12] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
@@ -81,20 +84,23 @@ async fn sessions(addr: SocketAddr, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_falls_after_fall_checks_and_rises_after_rise_checks() {
     let (interval, rise, fall) = (200u64, 3u32, 3u32);
-    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
-    let mta2 = TestBackend::start("mta2", Behaviour::default()).await;
-    let mta3 = TestBackend::start("mta3", Behaviour::default()).await;
+    let mta1 = SmtpServer::start("mta1", Behaviour::default());
+    let mta2 = SmtpServer::start("mta2", Behaviour::default());
+    let mta3 = SmtpServer::start("mta3", Behaviour::default());
     let listen = free_addr();
-    let sy = Switchyard::start(&config(
-        &[listen],
-        "none",
-        &smtp_health(interval, rise, fall),
-        &[
-            ("mta1", mta1.addr()),
-            ("mta2", mta2.addr()),
-            ("mta3", mta3.addr()),
-        ],
-    ));
+    let sy = Switchyard::start(
+        BIN,
+        &config(
+            &[listen],
+            "none",
+            &smtp_health(interval, rise, fall),
+            &[
+                ("mta1", mta1.addr()),
+                ("mta2", mta2.addr()),
+                ("mta3", mta3.addr()),
+            ],
+        ),
+    );
     tokio::time::sleep(Duration::from_millis(interval * 2)).await;
     assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
     assert!(mta2.connections() >= 1, "the first check runs at once");
@@ -201,12 +207,12 @@ async fn backend_falls_after_fall_checks_and_rises_after_rise_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
     let interval = 200u64;
-    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let mta1 = SmtpServer::start("mta1", Behaviour::default());
     let busy = Behaviour {
         greeting_code: 421,
         ..Behaviour::default()
     };
-    let mta2 = TestBackend::start("mta2", busy).await;
+    let mta2 = SmtpServer::start("mta2", busy);
     let smtp_listen = free_addr();
     let tcp_listen = free_addr();
     let mut toml = config(
@@ -225,7 +231,7 @@ async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
         )
         .replace("name = \"mx\"", "name = \"mx-tcp\""),
     );
-    let sy = Switchyard::start(&toml);
+    let sy = Switchyard::start(BIN, &toml);
 
     wait_for_log(
         &sy,
@@ -280,14 +286,17 @@ async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kind_none_runs_no_checks() {
-    let mta1 = TestBackend::start("mta1", Behaviour::default()).await;
+    let mta1 = SmtpServer::start("mta1", Behaviour::default());
     let listen = free_addr();
-    let sy = Switchyard::start(&config(
-        &[listen],
-        "none",
-        "kind = \"none\"\ninterval = \"100ms\"\ntimeout = \"100ms\"",
-        &[("mta1", mta1.addr())],
-    ));
+    let sy = Switchyard::start(
+        BIN,
+        &config(
+            &[listen],
+            "none",
+            "kind = \"none\"\ninterval = \"100ms\"\ntimeout = \"100ms\"",
+            &[("mta1", mta1.addr())],
+        ),
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         mta1.connections(),
@@ -413,7 +422,7 @@ async fn check_conversation(
     let listen = free_addr();
     let health = "kind = \"smtp\"\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\n\
                   ehlo = \"checker.test\"";
-    let sy = Switchyard::start(&config(&[listen], proxy, health, &[("rec", backend)]));
+    let sy = Switchyard::start(BIN, &config(&[listen], proxy, health, &[("rec", backend)]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while conversations.lock().len() < 2 {
         assert!(
@@ -482,14 +491,17 @@ async fn smtp_check_passes_through_a_backend_requiring_proxy_v2() {
         proxy: ProxyExpect::V2,
         ..Behaviour::default()
     };
-    let mta1 = TestBackend::start("mta1", behaviour).await;
+    let mta1 = SmtpServer::start("mta1", behaviour);
     let listen = free_addr();
-    let sy = Switchyard::start(&config(
-        &[listen],
-        "v2",
-        &smtp_health(100, 1, 1),
-        &[("mta1", mta1.addr())],
-    ));
+    let sy = Switchyard::start(
+        BIN,
+        &config(
+            &[listen],
+            "v2",
+            &smtp_health(100, 1, 1),
+            &[("mta1", mta1.addr())],
+        ),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while mta1.proxy_headers().len() < 3 {
         assert!(
@@ -590,14 +602,17 @@ async fn client_headers(proxy: ProxyExpect, version: &str) {
         proxy,
         ..Behaviour::default()
     };
-    let mta1 = TestBackend::start("mta1", behaviour).await;
+    let mta1 = SmtpServer::start("mta1", behaviour);
     let (v4, v6) = (free_addr(), free_addr_v6());
-    let sy = Switchyard::start(&config(
-        &[v4, v6],
-        version,
-        "kind = \"none\"",
-        &[("mta1", mta1.addr())],
-    ));
+    let sy = Switchyard::start(
+        BIN,
+        &config(
+            &[v4, v6],
+            version,
+            "kind = \"none\"",
+            &[("mta1", mta1.addr())],
+        ),
+    );
     for listen in [v4, v6] {
         let client = greet_and_quit(listen).await;
         assert_eq!(client.ip(), listen.ip());

@@ -2,15 +2,16 @@
 //! `smtp-sink` as the MTA pool. Where they are not installed the tests print a loud SKIP, and
 //! fail instead when SWITCHYARD_REQUIRE_POSTFIX=1 (as CI sets it).
 
-mod support;
-
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use testkit::harness::{Switchyard, free_addr};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 const SMTP_SOURCE: &str = "/usr/sbin/smtp-source";
@@ -123,7 +124,7 @@ fn smtp_source_through_switchyard_to_three_smtp_sinks() {
             sink.addr
         ));
     }
-    let sy = Switchyard::start(&toml);
+    let sy = Switchyard::start(BIN, &toml);
 
     let source_out = dir.path().join("source.out");
     let source_err = dir.path().join("source.err");
@@ -440,7 +441,7 @@ async fn postfix_smtpd_logs_the_real_client_address_through_proxy_v1_and_v2() {
         )
     };
     let toml = service("pf-v1", "v1", v1) + &service("pf-v2", "v2", v2);
-    let sy = Switchyard::start(&toml);
+    let sy = Switchyard::start(BIN, &toml);
     let source_v4: std::net::IpAddr = "127.0.0.2".parse().expect("literal");
     let source_v6: std::net::IpAddr = "::1".parse().expect("literal");
 

@@ -13,7 +13,41 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netns::{Layout, Plan, SMTP_PORT, SmtpServer, Switchyard, Topology, VIP, smtp_session};
+use netns::{Layout, Netns, Plan, PrivateBpffs, SMTP_PORT, SmtpServer, Topology, VIP};
+use testkit::harness::{Launch, Switchyard};
+use testkit::smtp_client::{HeldSession, SessionOptions, smtp_session_blocking};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// Starts switchyard in `ns` and waits until it has logged `ready`.
+fn start_switchyard(ns: &Netns, config: &str, ready: &str) -> Switchyard {
+    Launch::new(BIN)
+        .ready_when_logged(ready)
+        .start_in(ns, config)
+}
+
+/// [`start_switchyard`] with `bpffs` as its /sys/fs/bpf (for `pin = true`).
+fn start_switchyard_with_bpffs(
+    ns: &Netns,
+    config: &str,
+    bpffs: &PrivateBpffs,
+    ready: &str,
+) -> Switchyard {
+    Launch::new(BIN)
+        .ready_when_logged(ready)
+        .start_in_with_bpffs(ns, bpffs, config)
+}
+
+/// One SMTP session to `target` from the calling thread's namespace, held `hold` before QUIT;
+/// the backend that greeted.
+fn smtp_session(target: SocketAddrV4, hold: Duration) -> anyhow::Result<String> {
+    let options = SessionOptions {
+        hold,
+        ..SessionOptions::default()
+    };
+    smtp_session_blocking(target.into(), &options)
+}
 
 /// Whether the binary embeds the XDP object: build.rs sets this cfg for every target of the
 /// package when it built the object.
@@ -31,14 +65,17 @@ fn vip() -> SocketAddrV4 {
 
 /// Runs `count` sessions in parallel from the client namespace, each held `hold`; returns
 /// each session's result.
-fn sessions(topo: &Topology, count: usize, hold: Duration) -> Vec<Result<String, String>> {
+fn sessions(topo: &Topology, count: usize, hold: Duration) -> Vec<anyhow::Result<String>> {
     topo.client.run(move || {
         let workers: Vec<_> = (0..count)
             .map(|_| std::thread::spawn(move || smtp_session(vip(), hold)))
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err("client panicked".into())))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+            })
             .collect()
     })
 }
@@ -177,13 +214,13 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     }
     let (topo, name) = running_topology(layout);
     let config = topo.service_toml(&name, "least_conn");
-    let mut sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
+    let mut sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
     if layout == Layout::Dsr {
         // dsr learns the backends' MACs first (SYNs before that are dropped, and retried).
         wait_for(
             "every backend to take flows",
             Duration::from_secs(5),
-            || sy.log_text().matches("backend takes new flows").count() == 3,
+            || sy.stderr_text().matches("backend takes new flows").count() == 3,
         );
     }
 
@@ -193,15 +230,16 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     assert!(
         failures.is_empty(),
         "{layout:?}: failed sessions {failures:?}\n{}",
-        sy.log_text()
+        sy.stderr_text()
     );
     for backend in &topo.servers {
         // Every connection a backend got from outside came from the real client address.
         let from_client = backend.sessions_from(netns::CLIENT);
         assert_eq!(
-            from_client, 3,
+            from_client,
+            3,
             "{layout:?}: {} got {from_client} of 9 long sessions: least_conn should spread 3/3/3",
-            backend.name
+            backend.name()
         );
         for peer in backend.peers() {
             let ip = match peer.ip() {
@@ -211,12 +249,12 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
             assert!(
                 ip == netns::CLIENT || ip == netns::BALANCER || ip == netns::BALANCER_INSIDE,
                 "{layout:?}: {} saw {ip}: not the client's own address",
-                backend.name
+                backend.name()
             );
         }
         // The server counts a session after its 221 is sent: allow it a moment.
         wait_for(
-            &format!("{layout:?}: 3 sessions completed at {}", backend.name),
+            &format!("{layout:?}: 3 sessions completed at {}", backend.name()),
             Duration::from_secs(3),
             || backend.sessions_completed() == 3,
         );
@@ -229,42 +267,33 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     assert!(
         status.success(),
         "switchyard exit: {status}\n{}",
-        sy.log_text()
+        sy.stderr_text()
     );
     // The kernel's traffic counters in the shutdown totals: 3 new flows per backend, with
     // their packets and bytes, and the service's forwarded packets.
-    let log = sy.log_text();
+    let totals = sy.totals();
     for backend in &topo.servers {
-        let prefix = format!(
-            "service {name} backend {} active=0 assigned=0 xdp_new_flows=3 xdp_packets=",
-            backend.name
-        );
-        let line = log
-            .lines()
-            .find(|l| l.contains(&prefix))
-            .unwrap_or_else(|| panic!("{layout:?}: no totals line {prefix:?}:\n{log}"));
-        let field = |key: &str| -> u64 {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(key))
-                .and_then(|v| {
-                    v.trim_end_matches(|c: char| !c.is_ascii_digit())
-                        .parse()
-                        .ok()
-                })
-                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        };
+        let counted = totals
+            .backend(&name, backend.name())
+            .unwrap_or_else(|| panic!("{layout:?}: no totals for {}: {totals:?}", backend.name()));
+        assert_eq!((counted.active, counted.assigned), (0, 0), "{counted:?}");
+        let kernel = counted
+            .kernel
+            .unwrap_or_else(|| panic!("{layout:?}: no kernel counters: {counted:?}"));
+        assert_eq!(kernel.new_flows, 3, "{counted:?}");
         // At least SYN, ACK, 6 commands with the message, FIN: client to VIP, per session.
-        assert!(field("xdp_packets=") >= 3 * 8, "{line}");
-        assert!(field("xdp_bytes=") > field("xdp_packets=") * 54, "{line}");
+        assert!(kernel.packets >= 3 * 8, "{counted:?}");
+        assert!(kernel.bytes > kernel.packets * 54, "{counted:?}");
     }
-    let service_line = log
-        .lines()
-        .find(|l| l.contains(&format!("service {name} xdp forwarded=")))
-        .unwrap_or_else(|| panic!("{layout:?}: no service totals line:\n{log}"));
-    assert!(
-        service_line.contains("dropped=0 no_backend=0"),
-        "{service_line}"
-    );
+    let service = totals
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("{layout:?}: no service totals: {totals:?}"));
+    let kernel = service
+        .kernel
+        .unwrap_or_else(|| panic!("{layout:?}: no kernel service counters: {service:?}"));
+    assert_eq!((kernel.dropped, kernel.no_backend), (0, 0), "{kernel:?}");
 }
 
 #[test]
@@ -284,7 +313,7 @@ fn a_stopped_backend_gets_no_new_flows_and_others_never_fail() {
     }
     let (topo, name) = running_topology(Layout::Dsr);
     let config = topo.service_toml(&name, "round_robin");
-    let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
+    let _sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
     let before = sessions(&topo, 6, Duration::ZERO);
     assert!(before.iter().all(|r| r.is_ok()), "before: {before:?}");
 
@@ -319,13 +348,13 @@ fn non_vip_traffic_is_untouched() {
     }
     let (topo, name) = running_topology(Layout::Nat);
     let config = topo.service_toml(&name, "least_conn");
-    let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
+    let _sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
     // A backend's own address, same port: routed by the balancer's kernel, not balanced.
     let direct = SocketAddrV4::new(topo.backend_addr(1), SMTP_PORT);
     for _ in 0..3 {
         let got = topo
             .client
-            .run(move || smtp_session(direct, Duration::ZERO));
+            .run(move || smtp_session(direct, Duration::ZERO).map_err(|e| format!("{e:#}")));
         assert_eq!(
             got.as_deref(),
             Ok("mta2"),
@@ -365,7 +394,7 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
             .expect("a client address");
     }
     let config = topo.service_toml(&name, "ip_hash");
-    let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
+    let _sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
     let assign = |topo: &Topology, clients: &[Ipv4Addr]| -> Vec<String> {
         let clients = clients.to_vec();
         topo.client.run(move || {
@@ -405,20 +434,13 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
     );
 }
 
-fn session_from(source: Ipv4Addr) -> Result<String, String> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .map_err(|e| e.to_string())?;
-    socket
-        .bind(&std::net::SocketAddr::V4(SocketAddrV4::new(source, 0)).into())
-        .map_err(|e| format!("bind {source}: {e}"))?;
-    socket
-        .connect_timeout(
-            &std::net::SocketAddr::V4(vip()).into(),
-            Duration::from_secs(5),
-        )
-        .map_err(|e| format!("connect from {source}: {e}"))?;
-    let stream: std::net::TcpStream = socket.into();
-    netns::smtp_session_on(stream, Duration::ZERO)
+/// One SMTP session to the VIP from `source` (an address of the calling thread's namespace).
+fn session_from(source: Ipv4Addr) -> anyhow::Result<String> {
+    let options = SessionOptions {
+        source: Some(source.into()),
+        ..SessionOptions::default()
+    };
+    smtp_session_blocking(vip().into(), &options)
 }
 
 #[test]
@@ -432,7 +454,7 @@ fn restart_keeps_established_sessions() {
     let config = pinned(topo.service_toml(&name, "least_conn"));
     assert!(config.contains("pin = true"));
     let mut first =
-        Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
+        start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
     assert!(
         bpffs
             .path()
@@ -450,32 +472,35 @@ fn restart_keeps_established_sessions() {
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err("panicked".into())))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
+            })
             .collect::<Vec<_>>()
     });
     std::thread::sleep(Duration::from_millis(1000));
     assert!(first.terminate().success());
     assert!(
         first
-            .log_text()
+            .stderr_text()
             .contains("XDP program left attached to eth0"),
         "{}",
-        first.log_text()
+        first.stderr_text()
     );
     let second =
-        Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, "XDP program replaced on");
+        start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, "XDP program replaced on");
     let results = held.join().expect("client thread");
     assert!(
         results.iter().all(|r| r.is_ok()),
         "sessions across the restart: {results:?}\n{}",
-        second.log_text()
+        second.stderr_text()
     );
     assert!(
         second
-            .log_text()
+            .stderr_text()
             .contains("rebuilt active counts from 3 open flows"),
         "{}",
-        second.log_text()
+        second.stderr_text()
     );
     wait_for("active counts back to 0", Duration::from_secs(5), || {
         active_counts(&topo).iter().all(|&c| c == 0)
@@ -491,7 +516,7 @@ fn idle_flows_without_fin_expire_and_give_their_count_back() {
     let config = topo
         .service_toml(&name, "least_conn")
         .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\"");
-    let _sy = Switchyard::start(&topo.balancer, &config, &[], &ready_line(&topo));
+    let _sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
     // A client that connects, reads the greeting, then vanishes without FIN or RST.
     let held = hold_session(&topo, vip());
     assert_eq!(
@@ -520,22 +545,21 @@ fn falls_back_to_generic_mode_with_a_warning() {
         "[[service]]\nname = \"{}\"\nlisten = \"198.18.2.100:25\"\ndataplane = \"xdp\"\n[service.health]\nkind = \"none\"\n[service.xdp]\ninterface = \"lo\"\n[[service.backend]]\nname = \"a\"\naddress = \"198.18.2.11:25\"\n",
         ns.name
     );
-    let mut sy = Switchyard::start(
+    let mut sy = start_switchyard(
         &ns,
         &config,
-        &[],
         "XDP program attached to lo in generic (skb) mode",
     );
     assert!(
-        sy.log_text().contains("WARN"),
+        sy.stderr_text().contains("WARN"),
         "the fallback is a warning:\n{}",
-        sy.log_text()
+        sy.stderr_text()
     );
     assert!(sy.terminate().success());
     assert!(
-        sy.log_text().contains("XDP program detached from lo"),
+        sy.stderr_text().contains("XDP program detached from lo"),
         "{}",
-        sy.log_text()
+        sy.stderr_text()
     );
     let link = Command::new("ip")
         .args(["-n", &ns.name, "-d", "link", "show", "lo"])
@@ -606,10 +630,9 @@ fn proxy_sessions_count_in_the_kernels_shared_array() {
             topo.backend_addr(i)
         ));
     }
-    let _sy = Switchyard::start(
+    let _sy = start_switchyard(
         &topo.balancer,
         &config,
-        &[],
         &format!("listening on {}:2525", netns::BALANCER),
     );
     let proxied = SocketAddrV4::new(netns::BALANCER, 2525);
@@ -672,10 +695,9 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
         .replace("flow_table_size = 65536", "flow_table_size = 1024")
         .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\"");
     add_proxy_service(&topo, &mut config, &name);
-    let mut sy = Switchyard::start(
+    let mut sy = start_switchyard(
         &topo.balancer,
         &config,
-        &[],
         &format!("listening on {}:2525", netns::BALANCER),
     );
     assert_eq!(
@@ -687,7 +709,7 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     wait_for(
         "every backend to take flows",
         Duration::from_secs(5),
-        || sy.log_text().matches("backend takes new flows").count() == 3,
+        || sy.stderr_text().matches("backend takes new flows").count() == 3,
     );
 
     // 2000 flows into a table of 1024: the LRU evicts open flows, and their units leak.
@@ -705,10 +727,10 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     // Live sessions in both planes while the counts are corrected: they must stay counted.
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(netns::HeldSession::open(&topo.client, vip()).expect("session via the VIP"));
+        held.push(HeldSession::open_in(&topo.client, vip().into()).expect("session via the VIP"));
     }
     let proxied = SocketAddrV4::new(netns::BALANCER, 2525);
-    held.push(netns::HeldSession::open(&topo.client, proxied).expect("session via the proxy"));
+    held.push(HeldSession::open_in(&topo.client, proxied.into()).expect("session via the proxy"));
     let mut expected = vec![0u64; 3];
     for session in &held {
         expected[backend_index(&session.backend)] += 1;
@@ -719,14 +741,14 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
         || active_counts(&topo) == expected,
     );
     assert!(
-        sy.log_text()
+        sy.stderr_text()
             .contains("corrected active counts that drifted"),
         "the correction is logged:\n{}",
-        sy.log_text()
+        sy.stderr_text()
     );
     // Several more passes: nothing is taken from live sessions.
     std::thread::sleep(Duration::from_millis(1600));
-    assert_eq!(active_counts(&topo), expected, "{}", sy.log_text());
+    assert_eq!(active_counts(&topo), expected, "{}", sy.stderr_text());
 
     for session in held {
         session.finish().expect("held session completes");
@@ -734,7 +756,7 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     wait_for("active counts back to 0", Duration::from_secs(5), || {
         active_counts(&topo).iter().all(|&c| c == 0)
     });
-    assert!(sy.terminate().success(), "{}", sy.log_text());
+    assert!(sy.terminate().success(), "{}", sy.stderr_text());
 }
 
 #[test]
@@ -746,35 +768,41 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
     let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
     let config = pinned(topo.service_toml(&name, "least_conn"));
     let mut first =
-        Switchyard::start_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
+        start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
     wait_for(
         "every backend to take flows",
         Duration::from_secs(5),
-        || first.log_text().matches("backend takes new flows").count() == 3,
+        || {
+            first
+                .stderr_text()
+                .matches("backend takes new flows")
+                .count()
+                == 3
+        },
     );
     // One long session on each backend (least_conn).
     let held: Vec<_> = (0..3)
-        .map(|_| netns::HeldSession::open(&topo.client, vip()).expect("held session"))
+        .map(|_| HeldSession::open_in(&topo.client, vip().into()).expect("held session"))
         .collect();
     let mut on: Vec<&str> = held.iter().map(|h| h.backend.as_str()).collect();
     on.sort();
     assert_eq!(on, ["mta1", "mta2", "mta3"], "least_conn spreads 1/1/1");
-    assert!(first.terminate().success(), "{}", first.log_text());
+    assert!(first.terminate().success(), "{}", first.stderr_text());
 
     // The operator drains mta1 and restarts: the pinned flows go on.
     let drained = config.replace("name = \"mta1\"\n", "name = \"mta1\"\ndrain = true\n");
     assert!(drained.contains("drain = true"));
     let mut second =
-        Switchyard::start_with_bpffs(&topo.balancer, &drained, &bpffs, "XDP program replaced on");
+        start_switchyard_with_bpffs(&topo.balancer, &drained, &bpffs, "XDP program replaced on");
     wait_for("mta1 drained", Duration::from_secs(5), || {
-        second.log_text().contains("XDP: backend is drained")
+        second.stderr_text().contains("XDP: backend is drained")
     });
     let before = topo.servers[0].sessions_from(netns::CLIENT);
     let results = sessions(&topo, 9, Duration::from_millis(300));
     assert!(
         results.iter().all(|r| r.is_ok()),
         "new sessions with mta1 drained: {results:?}\n{}",
-        second.log_text()
+        second.stderr_text()
     );
     assert_eq!(
         topo.servers[0].sessions_from(netns::CLIENT),
@@ -786,10 +814,10 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
         let backend = session.backend.clone();
         session
             .finish()
-            .unwrap_or_else(|e| panic!("held session on {backend}: {e}\n{}", second.log_text()));
+            .unwrap_or_else(|e| panic!("held session on {backend}: {e}\n{}", second.stderr_text()));
     }
     wait_for("active counts back to 0", Duration::from_secs(5), || {
         active_counts(&topo).iter().all(|&c| c == 0)
     });
-    assert!(second.terminate().success(), "{}", second.log_text());
+    assert!(second.terminate().success(), "{}", second.stderr_text());
 }

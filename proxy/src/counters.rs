@@ -81,6 +81,10 @@ impl CounterTable {
         }))
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         match &self.cells {
             Cells::Heap(cells) => cells.len(),
@@ -89,7 +93,6 @@ impl CounterTable {
     }
 
     /// Whether the kernel fast path shares these counts.
-    #[allow(dead_code)] // read by logs and tests of the kernel path
     pub fn is_shared_with_kernel(&self) -> bool {
         matches!(self.cells, Cells::Mapped { .. })
     }
@@ -106,19 +109,16 @@ impl CounterTable {
     }
 
     /// The raw count of `slot` (for reconciliation by the kernel path's control plane).
-    #[allow(dead_code)] // used when the kernel path is built in
     pub fn load(&self, slot: usize) -> u64 {
         self.cell(slot).load(Ordering::Acquire)
     }
 
     /// This process's proxy sessions counted in `slot` (the rest of the count is kernel flows).
-    #[allow(dead_code)] // used when the kernel path is built in
     pub fn sessions(&self, slot: usize) -> u64 {
         self.sessions[slot].load(Ordering::Acquire)
     }
 
     /// Adds `delta` (two's complement for a decrease) to `slot`.
-    #[allow(dead_code)] // used when the kernel path is built in
     pub fn add(&self, slot: usize, delta: i64) {
         self.cell(slot).fetch_add(delta as u64, Ordering::AcqRel);
     }
@@ -153,7 +153,6 @@ impl ActiveCount {
     }
 
     /// This backend's slot: its index in the kernel path's per-backend maps too.
-    #[allow(dead_code)] // used when the kernel path is built in
     pub fn slot(&self) -> usize {
         self.slot
     }

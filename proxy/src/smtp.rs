@@ -81,9 +81,10 @@ pub async fn read_tcp_reply(stream: &mut TcpStream) -> anyhow::Result<Reply> {
     }
 }
 
-/// Incremental reply parser: fed bytes in any split, it says where the reply ends.
+/// Incremental reply parser: fed bytes in any split, it says where the reply ends. Public for
+/// SMTP clients that buffer their own input (the test kit's client and load generator).
 #[derive(Default)]
-struct ReplyParser {
+pub struct ReplyParser {
     raw: Vec<u8>,
     /// Offset in `raw` where the current (incomplete) line starts.
     line_start: usize,
@@ -95,7 +96,7 @@ struct ReplyParser {
 impl ReplyParser {
     /// Takes bytes from `input` up to the end of the reply; returns how many were taken and
     /// the reply once complete. Never takes a byte past the final line ending.
-    fn push(&mut self, input: &[u8]) -> anyhow::Result<(usize, Option<Reply>)> {
+    pub fn push(&mut self, input: &[u8]) -> anyhow::Result<(usize, Option<Reply>)> {
         for (i, &b) in input.iter().enumerate() {
             if self.raw.len() >= MAX_REPLY {
                 bail!(
@@ -142,7 +143,8 @@ impl ReplyParser {
         Ok(content.get(3) != Some(&b'-'))
     }
 
-    fn eof_error(&self) -> anyhow::Error {
+    /// The error for a connection that closed before the reply was complete.
+    pub fn eof_error(&self) -> anyhow::Error {
         if self.raw.is_empty() {
             anyhow::anyhow!("connection closed before an SMTP reply")
         } else {

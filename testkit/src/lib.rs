@@ -1,6 +1,10 @@
 //! Switchyard's test kit, used by the integration tests, the benchmarks and xtask (never by the
 //! product): one copy of each test tool.
 
+pub mod harness;
 pub mod netns;
 pub mod raw_syn;
+pub mod smtp_client;
+pub mod smtp_server;
+pub mod supervise;
 pub mod topology;

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::children::{self, Supervised};
 use crate::loadgen::{self, Budget, LoadSpec};
 use crate::workspace;
+use testkit::supervise::{self, Supervised};
 
 /// What config/demo.toml sets; the fallback config uses the same values.
 const LISTEN: &str = "127.0.0.1:2525";
@@ -58,13 +58,13 @@ fn parse_addr(s: &str) -> Result<SocketAddr> {
 }
 
 pub fn run(duration: Duration) -> Result<ExitCode> {
-    children::stop_children_on_signal();
+    supervise::stop_children_on_signal();
     workspace::raise_nofile_limit();
     let dir = workspace::target_dir().join("demo");
     std::fs::create_dir_all(&dir)?;
     let config = config_path(&dir)?;
     let listen = parse_addr(LISTEN)?;
-    children::ensure_port_free(listen)?;
+    supervise::ensure_port_free(listen)?;
 
     println!(
         "demo: three SMTP sinks, switchyard in front of them ({}), load for {duration:?}",
@@ -74,7 +74,7 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
     let mut sinks = Vec::new();
     for (name, addr) in BACKENDS {
         let addr = parse_addr(addr)?;
-        children::ensure_port_free(addr)?;
+        supervise::ensure_port_free(addr)?;
         let mut cmd = Command::new(&exe);
         cmd.args(["sink", "--listen"]).arg(addr.to_string());
         sinks.push((
@@ -84,7 +84,7 @@ pub fn run(duration: Duration) -> Result<ExitCode> {
         ));
     }
     for (_, addr, _) in &sinks {
-        children::wait_for_greeting(*addr, Duration::from_secs(10))?;
+        supervise::wait_for_greeting(*addr, Duration::from_secs(10))?;
     }
     let switchyard_log = dir.join("switchyard.log");
     let totals = dir.join("switchyard-totals.json");
@@ -178,13 +178,13 @@ fn wait_healthy(listen: SocketAddr, switchyard: &mut Supervised) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         switchyard.check_running()?;
-        if let Ok(220) = children::wait_for_greeting(listen, Duration::from_secs(1)) {
+        if let Ok(220) = supervise::wait_for_greeting(listen, Duration::from_secs(1)) {
             return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
             "switchyard did not greet with 220 within 20 s; its log:\n{}",
-            children::tail(&switchyard.log, 20)
+            supervise::tail(&switchyard.log, 20)
         );
         std::thread::sleep(Duration::from_millis(200));
     }

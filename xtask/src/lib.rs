@@ -3,7 +3,6 @@
 
 pub mod bench;
 pub mod chart;
-pub mod children;
 pub mod demo;
 pub mod loadgen;
 pub mod setup;

@@ -3,7 +3,8 @@
 //! code, and the report they add up to (rates, HDR latency percentiles, errors by kind).
 //!
 //! Each worker owns its buffers and histograms and merges them once at the end, so the hot loop
-//! shares nothing but two atomics (the session budget and the progress count).
+//! shares nothing but two atomics (the session budget and the progress count). The SMTP
+//! sessions themselves are the test kit's client (`testkit::smtp_client`).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,8 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use testkit::smtp_client::{Buffers, Failure, Session, SessionOptions, Stage, Trace, message_body};
 
 /// When the load stops.
 #[derive(Clone, Copy, Debug)]
@@ -260,43 +260,6 @@ fn progress_bar(spec: &LoadSpec) -> indicatif::ProgressBar {
     bar
 }
 
-/// The SMTP steps, named in error kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    Connect,
-    Greeting,
-    Ehlo,
-    Mail,
-    Rcpt,
-    Data,
-    Message,
-    Quit,
-}
-
-impl Stage {
-    fn name(self) -> &'static str {
-        match self {
-            Stage::Connect => "CONNECT",
-            Stage::Greeting => "GREETING",
-            Stage::Ehlo => "EHLO",
-            Stage::Mail => "MAIL",
-            Stage::Rcpt => "RCPT",
-            Stage::Data => "DATA",
-            Stage::Message => "END-OF-DATA",
-            Stage::Quit => "QUIT",
-        }
-    }
-}
-
-/// Why a session failed; rendered as the key of `errors`.
-#[derive(Debug)]
-enum Failure {
-    Io(io::Error),
-    Closed,
-    Code(u16),
-    Malformed,
-}
-
 fn failure_kind(stage: Stage, failure: &Failure) -> String {
     let at = stage.name();
     match failure {
@@ -310,15 +273,10 @@ fn failure_kind(stage: Stage, failure: &Failure) -> String {
             io::ErrorKind::TimedOut => format!("timeout at {at}"),
             kind => format!("{kind} at {at}"),
         },
+        Failure::Timeout => format!("timeout at {at}"),
         Failure::Closed => format!("closed by server at {at}"),
-        Failure::Code(code) => format!("unexpected code {code} at {at}"),
-        Failure::Malformed => format!("malformed reply at {at}"),
-    }
-}
-
-impl From<io::Error> for Failure {
-    fn from(e: io::Error) -> Self {
-        Failure::Io(e)
+        Failure::Code(reply) => format!("unexpected code {} at {at}", reply.code),
+        Failure::Malformed(_) => format!("malformed reply at {at}"),
     }
 }
 
@@ -420,296 +378,97 @@ fn micros(d: Duration) -> u64 {
 
 async fn worker(id: usize, shared: Arc<Shared>, deadline: Option<Instant>) -> WorkerStats {
     let mut stats = WorkerStats::new();
-    let mut conn = Buffers {
-        input: Vec::with_capacity(4096),
-        output: Vec::with_capacity(shared.body.len() + 1024),
-        worker: id,
-        seq: 0,
+    let options = SessionOptions {
+        // The whole session has one timeout (below); per-step timers would only cost.
+        step_timeout: None,
+        ehlo: "loadgen.switchyard.invalid".into(),
+        mail_from: "loadgen@switchyard.invalid".into(),
+        recipients: shared.spec.recipients,
+        pipelining: shared.spec.pipelining,
+        ..SessionOptions::default()
     };
+    let mut buffers = Some(Buffers::default());
+    let mut message = Vec::with_capacity(shared.body.len() + 128);
+    let mut seq = 0u64;
+    let pid = std::process::id();
     while shared.take_session(deadline) {
         let started = Instant::now();
-        let mut stage = Stage::Connect;
-        let mut marks = Marks::default();
+        seq += 1;
+        message.clear();
+        push_message_id(&mut message, pid, id, seq);
+        message.extend_from_slice(&shared.body);
+        let mut trace = Trace::default();
         let outcome = tokio::time::timeout(
             shared.spec.session_timeout,
-            session(&shared, &mut conn, &mut stage, &mut marks, started),
+            session(&shared, &options, &mut buffers, &message, &mut trace),
         )
         .await;
         let result = match outcome {
             Ok(r) => r,
             Err(_) => Err(Failure::Io(io::Error::from(io::ErrorKind::TimedOut))),
         };
-        if let Some(c) = marks.connected {
-            let _ = stats.connect.record(micros(c));
-        }
-        if let Some(g) = marks.greeted {
-            let _ = stats.greeting.record(micros(g));
-        }
-        if marks.accepted {
-            stats.messages += 1;
-            stats.bytes += marks.bytes;
-        }
-        match result {
-            Ok(()) => {
-                stats.ok += 1;
-                let _ = stats.session.record(micros(started.elapsed()));
-            }
-            Err(failure) => {
-                stats.failed += 1;
-                *stats
-                    .errors
-                    .entry(failure_kind(stage, &failure))
-                    .or_default() += 1;
-            }
-        }
+        stats.record(started, &trace, result);
         shared.done.fetch_add(1, Ordering::Relaxed);
     }
     stats
 }
 
-#[derive(Default)]
-struct Marks {
-    connected: Option<Duration>,
-    greeted: Option<Duration>,
-    accepted: bool,
-    bytes: u64,
+impl WorkerStats {
+    fn record(&mut self, started: Instant, trace: &Trace, result: Result<(), Failure>) {
+        if let Some(c) = trace.connected {
+            let _ = self.connect.record(micros(c - started));
+        }
+        if let Some(g) = trace.greeted {
+            let _ = self.greeting.record(micros(g - started));
+        }
+        if let Some(bytes) = trace.accepted_bytes {
+            self.messages += 1;
+            self.bytes += bytes;
+        }
+        match result {
+            Ok(()) => {
+                self.ok += 1;
+                let _ = self.session.record(micros(started.elapsed()));
+            }
+            Err(failure) => {
+                self.failed += 1;
+                *self
+                    .errors
+                    .entry(failure_kind(trace.stage, &failure))
+                    .or_default() += 1;
+            }
+        }
+    }
 }
 
-/// A worker's reusable buffers: nothing is allocated per session once they have grown.
-struct Buffers {
-    input: Vec<u8>,
-    output: Vec<u8>,
-    worker: usize,
-    seq: u64,
-}
-
+/// One session, reusing the worker's buffers (taken out and put back, so that a session the
+/// timeout cancels costs only a fresh set).
 async fn session(
     shared: &Shared,
-    buf: &mut Buffers,
-    stage: &mut Stage,
-    marks: &mut Marks,
-    started: Instant,
+    options: &SessionOptions,
+    buffers: &mut Option<Buffers>,
+    message: &[u8],
+    trace: &mut Trace,
 ) -> Result<(), Failure> {
-    let spec = &shared.spec;
-    buf.input.clear();
-    let mut stream = TcpStream::connect(spec.target).await?;
-    marks.connected = Some(started.elapsed());
-    stream.set_nodelay(true)?;
-
-    *stage = Stage::Greeting;
-    expect(&mut stream, &mut buf.input, 220).await?;
-    marks.greeted = Some(started.elapsed());
-
-    *stage = Stage::Ehlo;
-    stream
-        .write_all(b"EHLO loadgen.switchyard.invalid\r\n")
-        .await?;
-    let ehlo = read_reply(&mut stream, &mut buf.input).await?;
-    if ehlo.code != 250 {
-        return Err(Failure::Code(ehlo.code));
+    let reused = buffers.take().unwrap_or_default();
+    let mut session = Session::open_traced(shared.spec.target, options, reused, trace)
+        .await
+        .map_err(|e| e.failure)?;
+    let done = async {
+        session.transaction(options, message, trace).await?;
+        trace.stage = Stage::Quit;
+        session.quit().await
     }
-    let pipelining = spec.pipelining && ehlo.pipelining;
-
-    buf.output.clear();
-    buf.output
-        .extend_from_slice(b"MAIL FROM:<loadgen@switchyard.invalid>\r\n");
-    let envelope_end = buf.output.len();
-    for r in 0..spec.recipients {
-        push_fmt(
-            &mut buf.output,
-            format_args!("RCPT TO:<rcpt{r}@switchyard.invalid>\r\n"),
-        );
-    }
-    buf.output.extend_from_slice(b"DATA\r\n");
-    if pipelining {
-        stream.write_all(&buf.output).await?;
-        *stage = Stage::Mail;
-        expect(&mut stream, &mut buf.input, 250).await?;
-        *stage = Stage::Rcpt;
-        for _ in 0..spec.recipients {
-            expect(&mut stream, &mut buf.input, 250).await?;
-        }
-        *stage = Stage::Data;
-        expect(&mut stream, &mut buf.input, 354).await?;
-    } else {
-        *stage = Stage::Mail;
-        stream.write_all(&buf.output[..envelope_end]).await?;
-        expect(&mut stream, &mut buf.input, 250).await?;
-        *stage = Stage::Rcpt;
-        let mut start = envelope_end;
-        for _ in 0..spec.recipients {
-            let end = start + line_len(&buf.output[start..]);
-            stream.write_all(&buf.output[start..end]).await?;
-            expect(&mut stream, &mut buf.input, 250).await?;
-            start = end;
-        }
-        *stage = Stage::Data;
-        stream.write_all(b"DATA\r\n").await?;
-        expect(&mut stream, &mut buf.input, 354).await?;
-    }
-
-    *stage = Stage::Message;
-    buf.output.clear();
-    buf.seq += 1;
-    push_fmt(
-        &mut buf.output,
-        format_args!(
-            "Message-ID: <{}.{}.{}@loadgen.switchyard.invalid>\r\n",
-            std::process::id(),
-            buf.worker,
-            buf.seq
-        ),
-    );
-    buf.output.extend_from_slice(&shared.body);
-    stream.write_all(&buf.output).await?;
-    expect(&mut stream, &mut buf.input, 250).await?;
-    marks.accepted = true;
-    marks.bytes = buf.output.len() as u64;
-
-    *stage = Stage::Quit;
-    stream.write_all(b"QUIT\r\n").await?;
-    expect(&mut stream, &mut buf.input, 221).await?;
-    Ok(())
+    .await;
+    *buffers = Some(session.into_buffers());
+    done.map_err(|e| e.failure)
 }
 
-fn line_len(bytes: &[u8]) -> usize {
-    bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .map_or(bytes.len(), |i| i + 1)
-}
-
-fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
+fn push_message_id(out: &mut Vec<u8>, pid: u32, worker: usize, seq: u64) {
     use std::io::Write;
     // Writing into a Vec cannot fail.
-    let _ = out.write_fmt(args);
-}
-
-struct Reply {
-    code: u16,
-    pipelining: bool,
-}
-
-async fn expect(stream: &mut TcpStream, input: &mut Vec<u8>, code: u16) -> Result<(), Failure> {
-    let reply = read_reply(stream, input).await?;
-    if reply.code == code {
-        Ok(())
-    } else {
-        Err(Failure::Code(reply.code))
-    }
-}
-
-/// Reads one (possibly multi-line) reply; bytes of later replies stay in `input` for the next
-/// call, which is what lets pipelined replies arrive in one segment.
-async fn read_reply(stream: &mut TcpStream, input: &mut Vec<u8>) -> Result<Reply, Failure> {
-    let mut scanned = 0;
-    let mut pipelining = false;
-    loop {
-        while let Some(nl) = input[scanned..].iter().position(|&b| b == b'\n') {
-            let line = &input[scanned..scanned + nl + 1];
-            if line.len() < 5 || !line[..3].iter().all(u8::is_ascii_digit) {
-                return Err(Failure::Malformed);
-            }
-            let text = &line[4..];
-            if text.len() >= 10 && text[..10].eq_ignore_ascii_case(b"PIPELINING") {
-                pipelining = true;
-            }
-            scanned += nl + 1;
-            match line[3] {
-                b'-' => continue,
-                b' ' | b'\r' => {
-                    let code = (line[0] - b'0') as u16 * 100
-                        + (line[1] - b'0') as u16 * 10
-                        + (line[2] - b'0') as u16;
-                    input.drain(..scanned);
-                    return Ok(Reply { code, pipelining });
-                }
-                _ => return Err(Failure::Malformed),
-            }
-        }
-        if input.len() > 64 * 1024 {
-            return Err(Failure::Malformed);
-        }
-        let len = input.len();
-        input.resize(len + 4096, 0);
-        let n = stream.read(&mut input[len..]).await;
-        let n = match n {
-            Ok(n) => n,
-            Err(e) => {
-                input.truncate(len);
-                return Err(e.into());
-            }
-        };
-        input.truncate(len + n);
-        if n == 0 {
-            return Err(Failure::Closed);
-        }
-    }
-}
-
-/// The message after its Message-ID: RFC 5322 headers and a body of 76-column lines padded to
-/// `size` bytes in total, dot-stuffed, CRLF, ending with the lone ".". One body line starts with
-/// a dot so that every run exercises dot-stuffing.
-pub fn message_body(size: usize) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(size + 256);
-    msg.extend_from_slice(
-        b"Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n\
-          From: Load Generator <loadgen@switchyard.invalid>\r\n\
-          To: Sink <rcpt0@switchyard.invalid>\r\n\
-          Subject: switchyard load test\r\n\
-          MIME-Version: 1.0\r\n\
-          Content-Type: text/plain; charset=us-ascii\r\n\
-          \r\n",
+    let _ = write!(
+        out,
+        "Message-ID: <{pid}.{worker}.{seq}@loadgen.switchyard.invalid>\r\n"
     );
-    // The Message-ID line the session prepends is about 60 bytes.
-    let header_len = msg.len() + 60;
-    let mut body_len = size.saturating_sub(header_len);
-    let text = b"The quick brown fox jumps over the lazy dog while the mail queue drains. ";
-    let mut line_no = 0usize;
-    while body_len > 0 {
-        let want = body_len.min(78).saturating_sub(2).max(1);
-        let mut line = Vec::with_capacity(want + 3);
-        if line_no == 1 {
-            line.push(b'.');
-        }
-        while line.len() < want {
-            line.push(text[(line.len() + line_no) % text.len()]);
-        }
-        line.truncate(want);
-        body_len = body_len.saturating_sub(want + 2);
-        if line[0] == b'.' {
-            msg.push(b'.');
-        }
-        msg.extend_from_slice(&line);
-        msg.extend_from_slice(b"\r\n");
-        line_no += 1;
-    }
-    msg.extend_from_slice(b".\r\n");
-    msg
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn body_is_dot_stuffed_crlf_and_about_the_requested_size() {
-        let body = message_body(2048);
-        assert!(body.ends_with(b"\r\n.\r\n"));
-        let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
-        for line in &lines[..lines.len() - 1] {
-            assert!(
-                line.ends_with(b"\r"),
-                "bare LF in {:?}",
-                String::from_utf8_lossy(line)
-            );
-            assert!(line.len() <= 1000);
-        }
-        // Only the final "." line is a lone dot; the stuffed line starts with "..".
-        let lone_dots = lines.iter().filter(|l| *l == b".\r").count();
-        assert_eq!(lone_dots, 1);
-        assert!(lines.iter().any(|l| l.starts_with(b"..")));
-        let total = body.len() + 60;
-        assert!((2000..2100).contains(&total), "size {total}");
-    }
 }

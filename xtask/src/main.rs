@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use testkit::smtp_server::RejectAt;
 use xtask::loadgen::{self, Budget, LoadSpec};
-use xtask::sink::{self, RejectAt, SinkConfig};
+use xtask::sink::{self, Reject, SinkConfig};
 use xtask::{bench, demo, setup, suite, workspace};
 
 #[derive(Parser)]
@@ -54,7 +55,7 @@ enum Cmd {
         #[arg(long)]
         kernel_only: bool,
         /// Drive the loopback contenders with Postfix's smtp-source (`-s 50 -m N -l 2048`)
-        /// instead of the built-in load generator: issue 2's workload exactly as written.
+        /// instead of the built-in load generator: the workload the proxy's goal against HAProxy is stated in.
         #[arg(long, conflicts_with = "kernel_only")]
         smtp_source: bool,
     },
@@ -155,10 +156,10 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         } => {
             let reject = match reject_at.as_deref() {
                 None => None,
-                Some("greeting") => Some((RejectAt::Greeting, reject_code)),
-                Some("mail") => Some((RejectAt::Mail, reject_code)),
-                Some("rcpt") => Some((RejectAt::Rcpt, reject_code)),
-                Some("data") => Some((RejectAt::Data, reject_code)),
+                Some("greeting") => Some(Reject::Greeting(reject_code)),
+                Some("mail") => Some(Reject::At(RejectAt::Mail, reject_code)),
+                Some("rcpt") => Some(Reject::At(RejectAt::Rcpt, reject_code)),
+                Some("data") => Some(Reject::At(RejectAt::Data, reject_code)),
                 Some(other) => {
                     anyhow::bail!("--reject-at {other}: expected greeting, mail, rcpt or data")
                 }

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use testkit::smtp_server::RejectAt;
 use xtask::loadgen::{self, Budget, LoadSpec};
-use xtask::sink::{RejectAt, SinkConfig, SinkThread};
+use xtask::sink::{Reject, SinkConfig, SinkThread};
 
 fn any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -23,8 +24,8 @@ fn counts_exactly_the_sessions_and_messages_the_sink_saw() {
     assert_eq!(report.sessions_ok, 500);
     assert_eq!(report.sessions_failed, 0, "errors: {:?}", report.errors);
     assert_eq!(report.messages, 500);
-    assert_eq!(sink.stats[0].sessions(), 500);
-    assert_eq!(sink.stats[0].messages(), 500);
+    assert_eq!(sink.servers[0].connections(), 500);
+    assert_eq!(sink.servers[0].messages(), 500);
     assert_eq!(report.latency_ms.session.count, 500);
     assert_eq!(report.latency_ms.connect.count, 500);
     assert!(
@@ -33,12 +34,7 @@ fn counts_exactly_the_sessions_and_messages_the_sink_saw() {
     );
     // What the sink read between DATA and "." is the stuffed message without the final dot.
     let per_message = report.bytes / 500;
-    assert_eq!(
-        sink.stats[0]
-            .message_bytes
-            .load(std::sync::atomic::Ordering::Relaxed),
-        report.bytes - 500 * 3
-    );
+    assert_eq!(sink.servers[0].message_bytes(), report.bytes - 500 * 3);
     assert!(
         (2000..2200).contains(&per_message),
         "message of {per_message} bytes for --size 2048"
@@ -58,7 +54,7 @@ fn pipelining_with_several_recipients_delivers_one_message_per_session() {
         "{:?}",
         report.errors
     );
-    assert_eq!(sink.stats[0].messages(), 120);
+    assert_eq!(sink.servers[0].messages(), 120);
 }
 
 #[test]
@@ -66,7 +62,7 @@ fn stops_exactly_at_the_budget_even_with_more_workers_than_sessions() {
     let sink = SinkThread::start(&[any_port()], SinkConfig::default()).expect("sink starts");
     let report = loadgen::run_blocking(spec(sink.addrs[0], 50, 7)).expect("load runs");
     assert_eq!(report.sessions_ok, 7);
-    assert_eq!(sink.stats[0].sessions(), 7);
+    assert_eq!(sink.servers[0].connections(), 7);
 }
 
 #[test]
@@ -85,31 +81,40 @@ fn duration_budget_stops_by_itself() {
     );
     assert!(report.sessions_ok > 0);
     assert_eq!(report.sessions_failed, 0);
-    assert_eq!(sink.stats[0].messages(), report.messages);
+    assert_eq!(sink.servers[0].messages() as u64, report.messages);
 }
 
-fn rejecting(at: RejectAt, code: u16) -> loadgen::LoadReport {
+fn rejecting(reject: Reject) -> loadgen::LoadReport {
     let sink = SinkThread::start(
         &[any_port()],
         SinkConfig {
-            reject: Some((at, code)),
+            reject: Some(reject),
         },
     )
     .expect("sink starts");
     let report = loadgen::run_blocking(spec(sink.addrs[0], 5, 40)).expect("load runs");
-    assert_eq!(sink.stats[0].messages(), 0);
+    assert_eq!(sink.servers[0].messages(), 0);
     report
 }
 
 #[test]
 fn rejections_are_counted_by_code_and_stage() {
-    for (at, code, kind) in [
-        (RejectAt::Rcpt, 550, "unexpected code 550 at RCPT"),
-        (RejectAt::Mail, 451, "unexpected code 451 at MAIL"),
-        (RejectAt::Data, 554, "unexpected code 554 at DATA"),
-        (RejectAt::Greeting, 421, "unexpected code 421 at GREETING"),
+    for (reject, kind) in [
+        (
+            Reject::At(RejectAt::Rcpt, 550),
+            "unexpected code 550 at RCPT",
+        ),
+        (
+            Reject::At(RejectAt::Mail, 451),
+            "unexpected code 451 at MAIL",
+        ),
+        (
+            Reject::At(RejectAt::Data, 554),
+            "unexpected code 554 at DATA",
+        ),
+        (Reject::Greeting(421), "unexpected code 421 at GREETING"),
     ] {
-        let report = rejecting(at, code);
+        let report = rejecting(reject);
         assert_eq!(report.sessions_ok, 0, "{kind}");
         assert_eq!(report.sessions_failed, 40, "{kind}");
         assert_eq!(report.messages, 0, "{kind}");
@@ -189,7 +194,7 @@ fn counts_exactly_what_postfix_smtp_sink_received() {
         .arg(addr.to_string())
         .arg("256");
     let _sink = SmtpSink(cmd.stdin(Stdio::null()).spawn().expect("smtp-sink starts"));
-    xtask::children::wait_for_greeting(addr, Duration::from_secs(10)).expect("smtp-sink greets");
+    testkit::supervise::wait_for_greeting(addr, Duration::from_secs(10)).expect("smtp-sink greets");
 
     let mut s = spec(addr, 10, 300);
     s.pipelining = true;

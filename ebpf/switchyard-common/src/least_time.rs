@@ -9,7 +9,7 @@
 //! Weights are not part of the score: the response time already reflects a backend's capacity.
 //!
 //! Only the userspace proxy uses this algorithm: the XDP program has no greeting to time, so a
-//! service with `dataplane = "xdp"` may not use `least_time` (issue 3). The code is `no_std` all
+//! service with `dataplane = "xdp"` may not use `least_time` (`check` refuses it). The code is `no_std` all
 //! the same, so that one crate holds all five algorithms.
 
 use crate::backend::{BackendView, candidate_in};

@@ -234,15 +234,3 @@ fn write_tables(
         Algorithm::LeastConn | Algorithm::LeastTime => Ok(0),
     }
 }
-
-/// Removes the service's entry (new flows to its VIP then pass to the stack).
-#[allow(dead_code)] // for config reload
-pub fn remove_service(bpf: &mut Ebpf, vip: SocketAddr) -> anyhow::Result<()> {
-    let key = service_key(vip)?;
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
-        bpf.map_mut(names::SERVICES)
-            .context("map SERVICES missing")?,
-    )?;
-    let _ = services.remove(&key);
-    Ok(())
-}

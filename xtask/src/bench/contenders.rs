@@ -13,9 +13,9 @@ use switchyard::totals::Totals;
 
 use super::results::{CpuUse, Skipped};
 use super::testbed::{Mode, Testbed};
-use crate::children::{self, Supervised};
 use crate::loadgen::LoadReport;
 use crate::workspace;
+use testkit::supervise::{self, Supervised};
 
 pub const HAPROXY_PORT: u16 = 3620;
 const NGINX_PORT: u16 = 3621;
@@ -64,7 +64,7 @@ impl Contender {
 /// Postfix's smtp-sink when installed, else our own sink in a child process.
 pub fn start_sinks(dir: &Path, addrs: &[SocketAddr]) -> Result<(&'static str, Vec<Supervised>)> {
     for a in addrs {
-        children::ensure_port_free(*a)?;
+        supervise::ensure_port_free(*a)?;
     }
     let mut procs = Vec::new();
     let kind = if let Some(bin) = workspace::find_program("smtp-sink") {
@@ -95,7 +95,7 @@ pub fn start_sinks(dir: &Path, addrs: &[SocketAddr]) -> Result<(&'static str, Ve
         "xtask sink"
     };
     for a in addrs {
-        let code = children::wait_for_greeting(*a, Duration::from_secs(10))?;
+        let code = supervise::wait_for_greeting(*a, Duration::from_secs(10))?;
         anyhow::ensure!(code == 220, "sink {a} greeted with {code}");
     }
     Ok((kind, procs))
@@ -125,7 +125,7 @@ pub fn start_switchyard_process(
     algorithm: &str,
     backends: &[SocketAddr],
 ) -> Result<(Supervised, PathBuf)> {
-    children::ensure_port_free(listen)?;
+    supervise::ensure_port_free(listen)?;
     let cfg = dir.join(format!("{stem}.toml"));
     std::fs::write(&cfg, switchyard_config(listen, algorithm, backends))
         .with_context(|| format!("writing {}", cfg.display()))?;
@@ -191,7 +191,7 @@ pub fn start_haproxy_process(
     listen: SocketAddr,
     backends: &[SocketAddr],
 ) -> Result<Supervised> {
-    children::ensure_port_free(listen)?;
+    supervise::ensure_port_free(listen)?;
     let path = dir.join(format!("{stem}.cfg"));
     std::fs::write(&path, haproxy_config(listen, backends))
         .with_context(|| format!("writing {}", path.display()))?;
@@ -223,7 +223,7 @@ pub fn start_nginx(
     backends: &[SocketAddr],
 ) -> Result<Contender> {
     let listen = SocketAddr::from(([127, 0, 0, 1], NGINX_PORT));
-    children::ensure_port_free(listen)?;
+    supervise::ensure_port_free(listen)?;
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs"))?;
     let mut cfg = format!(

@@ -13,9 +13,9 @@ use anyhow::{Context, Result, bail};
 
 use super::contenders::{Contender, Driver};
 use super::{BenchOptions, bench_dir};
-use crate::children;
 use crate::loadgen::{self, Budget, LoadReport, LoadSpec};
 use crate::workspace;
+use testkit::supervise;
 
 /// Waits until a loopback contender greets with 220 (for switchyard: its backends are up and
 /// healthy); the kernel path's contenders wait when their mode is activated.
@@ -31,7 +31,7 @@ pub fn wait_until_greeting(name: &str, target: SocketAddr) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let code =
-            children::wait_for_greeting(target, Duration::from_secs(10)).with_context(|| {
+            supervise::wait_for_greeting(target, Duration::from_secs(10)).with_context(|| {
                 format!(
                     "{name} did not come up; see its log in {}",
                     bench_dir().display()

@@ -12,9 +12,9 @@ use super::contenders::{start_haproxy_process, start_switchyard_process};
 use super::cpu::with_children;
 use super::drive::wait_until_greeting;
 use super::results::{HAPROXY_IDLE, IdleMemory, IdleRss, Skipped};
-use crate::children::Supervised;
 use crate::loadgen::{self, Budget, LoadSpec};
 use crate::sink::{SinkConfig, SinkThread};
+use testkit::supervise::Supervised;
 
 const SWITCHYARD_IDLE_PORT: u16 = 3630;
 const HAPROXY_IDLE_PORT: u16 = 3631;
@@ -86,7 +86,7 @@ fn measure_one(
     let held = rt.block_on(open_idle(listen, n))?;
     std::thread::sleep(Duration::from_millis(500));
     let after = tree_rss_kib(process.pid())?;
-    let at_sinks: u64 = sinks.stats.iter().map(|s| s.active()).sum();
+    let at_sinks: u64 = sinks.servers.iter().map(|s| s.open() as u64).sum();
     process.check_running()?;
     drop(held);
     process.stop(Duration::from_secs(10));
@@ -106,7 +106,7 @@ fn measure_one(
 fn wait_for_idle_sinks(sinks: &SinkThread) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let active: u64 = sinks.stats.iter().map(|s| s.active()).sum();
+        let active: u64 = sinks.servers.iter().map(|s| s.open() as u64).sum();
         if active == 0 {
             return Ok(());
         }

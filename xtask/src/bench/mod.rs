@@ -29,12 +29,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::children;
 use crate::workspace;
 use contenders::Contender;
 use cpu::{CpuSample, with_children};
 use results::{Distribution, Skipped};
 use testbed::Testbed;
+use testkit::supervise;
 
 pub use contenders::assigned_from_totals;
 pub use report::markdown;
@@ -62,7 +62,7 @@ pub struct BenchOptions {
     /// Only the kernel path's contenders (routing, proxy, xdp dsr, xdp nat in namespaces).
     pub kernel_only: bool,
     /// Drive the loopback contenders with Postfix's smtp-source instead of the built-in load
-    /// generator (issue 2's workload as written: `smtp-source -s 50 -m N -l 2048`).
+    /// generator (the workload the proxy's goal against HAProxy is stated in: `smtp-source -s 50 -m N -l 2048`).
     pub smtp_source: bool,
 }
 
@@ -86,7 +86,7 @@ pub fn bench_dir() -> PathBuf {
 }
 
 pub fn run(opts: BenchOptions) -> Result<BenchResults> {
-    children::stop_children_on_signal();
+    supervise::stop_children_on_signal();
     workspace::raise_nofile_limit();
     let dir = bench_dir();
     std::fs::create_dir_all(&dir)?;

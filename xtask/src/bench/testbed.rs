@@ -29,8 +29,8 @@ use anyhow::{Context, Result, bail};
 use testkit::topology::{BALANCER, CLIENT, Plan, SMTP_PORT, Topology, VIP};
 
 use super::cpu::CpuSample;
-use crate::children::{self, Supervised};
 use crate::workspace;
+use testkit::supervise::{self, Supervised};
 
 /// What stands between the client and the backends during a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,7 +124,7 @@ impl Testbed {
         for (i, ns) in self.net.backends.iter().enumerate() {
             let addr = SocketAddr::from((self.net.backend_addr(i), SMTP_PORT));
             let code =
-                ns.run(move || children::wait_for_greeting(addr, Duration::from_secs(10)))?;
+                ns.run(move || supervise::wait_for_greeting(addr, Duration::from_secs(10)))?;
             anyhow::ensure!(
                 code == 220,
                 "sink {addr} in {} greeted with {code}",
@@ -241,7 +241,7 @@ impl Testbed {
             let code = self
                 .net
                 .client
-                .run(move || children::wait_for_greeting(target, Duration::from_secs(2)));
+                .run(move || supervise::wait_for_greeting(target, Duration::from_secs(2)));
             if let Ok(220) = code {
                 return Ok(());
             }
@@ -253,7 +253,7 @@ impl Testbed {
                     "{target} did not greet with 220 within 30 s in mode {} (last: {code:?}); switchyard's log {}:\n{}",
                     mode.word(),
                     log.display(),
-                    children::tail(&log, 20)
+                    supervise::tail(&log, 20)
                 );
             }
             std::thread::sleep(Duration::from_millis(200));

@@ -1,5 +1,6 @@
-//! Child processes that xtask starts (sinks, balancers): started with their output in a log
-//! file, stopped by PID with SIGTERM then SIGKILL, and stopped on Ctrl-C or SIGTERM too.
+//! Child processes that xtask and the benchmark topologies start (sinks, balancers): started
+//! with their output in a log file, stopped by PID with SIGTERM then SIGKILL, and stopped on
+//! Ctrl-C or SIGTERM too; and the checks around them (a port is free, a server greets).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::workspace::display;
+use crate::smtp_client::read_greeting;
 
 /// PIDs of every child still running, for the signal handler.
 static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
@@ -94,6 +95,16 @@ impl Drop for Supervised {
     }
 }
 
+/// A command as one would type it, for messages.
+pub fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
 /// The last `lines` lines of a log file.
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -156,19 +167,16 @@ fn reaped(pid: u32) -> bool {
 
 /// Waits until `addr` greets with an SMTP reply code (returns it), or `timeout` passes.
 pub fn wait_for_greeting(addr: std::net::SocketAddr, timeout: Duration) -> Result<u16> {
-    use std::io::Read;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("runtime for the greeting probe")?;
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 512];
-            if let Ok(n) = s.read(&mut buf)
-                && n >= 3
-                && let Ok(code) = std::str::from_utf8(&buf[..3]).unwrap_or("").parse::<u16>()
-            {
-                let _ = std::io::Write::write_all(&mut s, b"QUIT\r\n");
-                return Ok(code);
-            }
+        let probe =
+            async { tokio::time::timeout(Duration::from_secs(2), read_greeting(addr)).await };
+        if let Ok(Ok((code, _))) = runtime.block_on(probe) {
+            return Ok(code);
         }
         if Instant::now() >= deadline {
             bail!("nothing greeted on {addr} within {timeout:?}");
