@@ -22,8 +22,12 @@ const NGINX_PORT: u16 = 3621;
 
 /// How the load reaches a contender.
 pub enum Driver {
-    /// From this process, over loopback.
+    /// From this process, over loopback (the built-in load generator, or smtp-source with
+    /// `--smtp-source`).
     Local,
+    /// Postfix's smtp-source over loopback, whatever the options: the yardstick of the load
+    /// generator itself.
+    SmtpSource,
     /// From inside a network namespace: the release xtask binary runs `loadgen --json` there.
     Netns(String),
 }
@@ -43,6 +47,10 @@ pub struct Contender {
     pub mode: Option<Mode>,
     pub cpu: Vec<CpuUse>,
 }
+
+/// The name of the run of smtp-source straight at a sink, beside `direct` (the load generator
+/// straight at the same sink).
+pub const DIRECT_SMTP_SOURCE: &str = "direct (smtp-source)";
 
 impl Contender {
     /// A contender on loopback, made of `processes` (none: the target is a sink itself).

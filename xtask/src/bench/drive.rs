@@ -21,7 +21,7 @@ use testkit::supervise;
 /// healthy); the kernel path's contenders wait when their mode is activated.
 pub fn wait_ready(c: &Contender) -> Result<()> {
     match c.driver {
-        Driver::Local => wait_until_greeting(&c.name, c.target),
+        Driver::Local | Driver::SmtpSource => wait_until_greeting(&c.name, c.target),
         Driver::Netns(_) => Ok(()),
     }
 }
@@ -51,6 +51,7 @@ pub fn drive(c: &Contender, opts: &BenchOptions, dir: &Path) -> Result<LoadRepor
     let progress = std::io::stdout().is_terminal();
     match &c.driver {
         Driver::Local if opts.smtp_source => run_smtp_source(c.target, opts),
+        Driver::SmtpSource => run_smtp_source(c.target, opts),
         Driver::Local => {
             let mut spec = LoadSpec::new(
                 c.target,
@@ -95,7 +96,7 @@ pub fn drive(c: &Contender, opts: &BenchOptions, dir: &Path) -> Result<LoadRepor
 /// session completed; each line it writes there is counted as one failed session.
 fn run_smtp_source(target: SocketAddr, opts: &BenchOptions) -> Result<LoadReport> {
     let bin = workspace::find_program("smtp-source")
-        .context("--smtp-source: smtp-source (Debian package postfix) is not installed")?;
+        .context("smtp-source (Debian package postfix) is not installed")?;
     let started = std::time::Instant::now();
     let output = Command::new(bin)
         .args([

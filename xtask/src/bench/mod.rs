@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::workspace;
-use contenders::Contender;
+use contenders::{Contender, DIRECT_SMTP_SOURCE, Driver};
 use cpu::{CpuSample, with_children};
 use results::{Distribution, Skipped};
 use testbed::Testbed;
@@ -140,6 +140,21 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
 
     let mut skipped = Vec::new();
     let mut contenders = vec![Contender::local("direct", sink_addrs[0], Vec::new())];
+    // The load generator must never be what limits a comparison: smtp-source straight at the
+    // same sink, in the same rounds, shows whether it keeps up.
+    if !opts.smtp_source {
+        match workspace::find_program("smtp-source") {
+            Some(_) => {
+                let mut yardstick = Contender::local(DIRECT_SMTP_SOURCE, sink_addrs[0], Vec::new());
+                yardstick.driver = Driver::SmtpSource;
+                contenders.push(yardstick);
+            }
+            None => skipped.push(Skipped {
+                name: DIRECT_SMTP_SOURCE.into(),
+                reason: "smtp-source (Debian package postfix) not installed".into(),
+            }),
+        }
+    }
     for (i, alg) in ALGORITHMS.iter().enumerate() {
         contenders.push(contenders::start_switchyard(
             &dir,

@@ -82,6 +82,12 @@ pub fn markdown(res: &BenchResults) -> String {
     if let Some(m) = &res.idle_memory {
         s.push_str(&idle_markdown(m));
     }
+    if let Some(r) = res.loadgen_vs_smtp_source {
+        s.push_str(&format!(
+            "\nload generator vs Postfix smtp-source, both straight at one sink, paired: {} (target: at least 1x)\n",
+            ratio(Some(r))
+        ));
+    }
     s.push_str(&kernel_markdown(res));
     for sk in &res.skipped {
         s.push_str(&format!("\nnot measured: {} ({})", sk.name, sk.reason));

@@ -33,6 +33,10 @@ pub struct BenchResults {
     /// The kernel path's ratios, when it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_path: Option<KernelPath>,
+    /// The built-in load generator's rate over smtp-source's, both straight at the same sink,
+    /// median of the per-round ratios (at least 1: the generator never limits a comparison).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loadgen_vs_smtp_source: Option<f64>,
 }
 
 /// The kernel path's ratios (targets: XDP >= 0.9x plain routing, >= 2x the proxy).

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::Result;
 
 use super::BenchOptions;
-use super::contenders::Contender;
+use super::contenders::{Contender, DIRECT_SMTP_SOURCE};
 use super::results::{
     BenchResults, ContenderResult, CpuUse, Distribution, IdleMemory, KernelPath, KernelRatio,
     Machine, Skipped,
@@ -69,6 +69,13 @@ pub fn summarize(
     let haproxy_runs: Vec<f64> = find("haproxy")
         .map(|r| r.runs.iter().map(|run| run.sessions_per_s).collect())
         .unwrap_or_default();
+    let loadgen_vs_smtp_source = {
+        let named = |name: &str| results.iter().find(|r| r.name == name);
+        let yardstick: Vec<f64> = named(DIRECT_SMTP_SOURCE)
+            .map(|r| r.runs.iter().map(|run| run.sessions_per_s).collect())
+            .unwrap_or_default();
+        named("direct").and_then(|direct| paired_ratio(&direct.runs, &yardstick))
+    };
     for r in &mut results {
         r.ratio_vs_haproxy = haproxy.map(|h| r.median_sessions_per_s / h);
         r.paired_ratio_vs_haproxy = paired_ratio(&r.runs, &haproxy_runs);
@@ -107,6 +114,7 @@ pub fn summarize(
         idle_memory,
         distribution,
         kernel_path,
+        loadgen_vs_smtp_source,
     })
 }
 
