@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -281,16 +281,15 @@ async fn greet(
                 })?
                 .with_context(|| format!("connect to {address}"))?;
         let _ = stream.set_nodelay(true);
-        let mut reader = BufReader::with_capacity(1024, stream);
+        let mut stream = stream;
         let greeting = tokio::time::timeout(service.config.greeting_timeout, async {
             if !header.is_empty() {
-                reader
-                    .get_mut()
+                stream
                     .write_all(header)
                     .await
                     .context("sending PROXY header")?;
             }
-            smtp::read_reply(&mut reader).await
+            smtp::read_greeting(&stream).await
         })
         .await
         .map_err(|_| {
@@ -300,9 +299,9 @@ async fn greet(
             )
         })?
         .with_context(|| format!("greeting from {address}"))?;
-        anyhow::Ok((reader, greeting))
+        anyhow::Ok((stream, greeting))
     };
-    let (reader, greeting) = match attempt.await {
+    let (stream, (greeting, talked_ahead)) = match attempt.await {
         Ok(done) => done,
         Err(error) => {
             if let Some(up) = backend.health.record_passive_failure() {
@@ -314,7 +313,6 @@ async fn greet(
     if !greeting.is_positive() {
         let why = format!("{address} greeted with {}", greeting.code);
         // Take leave as SMTP expects, without making the client wait for it.
-        let stream = reader.into_inner();
         tokio::spawn(quit_politely(stream));
         return Err(Failure::Refused(why));
     }
@@ -323,8 +321,8 @@ async fn greet(
     backend.health.record_passive_success();
     let mut bytes = greeting.raw;
     // A backend that talks ahead of the client (rare) must not lose those bytes.
-    bytes.extend_from_slice(reader.buffer());
-    Ok((reader.into_inner(), bytes))
+    bytes.extend_from_slice(&talked_ahead);
+    Ok((stream, bytes))
 }
 
 /// Sends QUIT to a backend we are leaving, reads its answer briefly, and closes.

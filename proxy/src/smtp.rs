@@ -81,6 +81,39 @@ pub async fn read_tcp_reply(stream: &mut TcpStream) -> anyhow::Result<Reply> {
     }
 }
 
+/// Reads a backend's greeting: reads whatever `stream` has (no peeking, so a greeting costs one
+/// `recv` as a rule) until one complete reply is in, and returns it with any bytes that came
+/// after it (a backend that talks ahead), which the caller relays after the greeting. Reads go
+/// through a small buffer of the thread's, so a session waiting for its greeting holds no read
+/// buffer of its own: with thousands of clients connecting at once, every waiting session's
+/// buffer would otherwise stay behind as heap fragmentation once they all relay.
+pub async fn read_greeting(stream: &TcpStream) -> anyhow::Result<(Reply, Vec<u8>)> {
+    let mut parser = ReplyParser::default();
+    loop {
+        stream.readable().await.context("reading SMTP reply")?;
+        let step = GREETING_READS.with(|buffer| -> anyhow::Result<Option<(Reply, Vec<u8>)>> {
+            let mut buffer = buffer.borrow_mut();
+            let n = match stream.try_read(&mut buffer[..]) {
+                Ok(0) => return Err(parser.eof_error()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(anyhow::Error::new(e).context("reading SMTP reply")),
+            };
+            let (used, reply) = parser.push(&buffer[..n])?;
+            Ok(reply.map(|reply| (reply, buffer[used..n].to_vec())))
+        })?;
+        if let Some(done) = step {
+            return Ok(done);
+        }
+    }
+}
+
+thread_local! {
+    /// The read buffer of [`read_greeting`], one per thread.
+    static GREETING_READS: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; 2048].into_boxed_slice());
+}
+
 /// Incremental reply parser: fed bytes in any split, it says where the reply ends. Public for
 /// SMTP clients that buffer their own input (the test kit's client and load generator).
 #[derive(Default)]
@@ -381,5 +414,50 @@ mod tests {
         assert!(format!("{err:#}").contains("longer than 64 KiB"), "{err:#}");
         drop(stream);
         server.await.unwrap();
+    }
+
+    /// A greeting split over several segments, with bytes after it: the reply is exact and the
+    /// bytes after it come back apart, none lost.
+    #[tokio::test]
+    async fn greeting_split_over_segments_keeps_what_came_after() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (ours, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (ours, (mut backend, _)) = (ours.expect("connect"), accepted.expect("accept"));
+        let writer = tokio::spawn(async move {
+            for part in [&b"220-mx.exa"[..], b"mple ESMTP\r\n220 ready\r", b"\nEARLY"] {
+                backend.write_all(part).await.expect("write");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            backend
+        });
+        let (reply, rest) = read_greeting(&ours).await.expect("greeting");
+        assert_eq!(reply.code, 220);
+        assert_eq!(reply.raw, b"220-mx.example ESMTP\r\n220 ready\r\n");
+        let _backend = writer.await.expect("writer");
+        let mut rest = rest;
+        while rest.len() < 5 {
+            ours.readable().await.expect("readable");
+            let mut more = [0u8; 16];
+            if let Ok(n) = ours.try_read(&mut more) {
+                rest.extend_from_slice(&more[..n]);
+            }
+        }
+        assert_eq!(rest, b"EARLY");
+    }
+
+    #[tokio::test]
+    async fn greeting_cut_short_is_an_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (ours, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (ours, (mut backend, _)) = (ours.expect("connect"), accepted.expect("accept"));
+        backend.write_all(b"220 half").await.expect("write");
+        drop(backend);
+        assert!(read_greeting(&ours).await.is_err());
     }
 }
