@@ -24,6 +24,19 @@ impl BackendView {
     }
 }
 
+#[cfg(test)]
+impl BackendView {
+    /// A healthy backend of `weight` with no sessions, no cap and no measurement yet: what
+    /// every algorithm's tests build their views from.
+    pub(crate) fn up(weight: u32) -> BackendView {
+        BackendView {
+            weight,
+            healthy: 1,
+            ..BackendView::default()
+        }
+    }
+}
+
 /// The view of backend `b` from a slice, unless `b` is excluded or out of range: the
 /// `candidate` every algorithm's slice convenience (`pick_in`) passes to its `pick`.
 #[inline(always)]

@@ -106,9 +106,7 @@ mod tests {
     fn view(active: u32, weight: u32) -> BackendView {
         BackendView {
             active,
-            weight,
-            healthy: 1,
-            ..Default::default()
+            ..BackendView::up(weight)
         }
     }
 

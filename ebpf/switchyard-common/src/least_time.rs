@@ -51,10 +51,8 @@ mod tests {
     fn view(active: u32, response_us: u32) -> BackendView {
         BackendView {
             active,
-            weight: 1,
-            healthy: 1,
             response_us,
-            ..Default::default()
+            ..BackendView::up(1)
         }
     }
 
