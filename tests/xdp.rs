@@ -191,6 +191,17 @@ fn pinned(config: String) -> String {
     )
 }
 
+/// Switchyard with the least_conn service `name` pinning its maps (`pin = true`) in a private
+/// bpffs as its /sys/fs/bpf (parallel tests must not share one): the bpffs and the config for
+/// the restarts, and the first process.
+fn start_pinned(topo: &Network, name: &str) -> (PrivateBpffs, String, Switchyard) {
+    let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
+    let config = pinned(topo.service_toml(name, "least_conn"));
+    assert!(config.contains("pin = true"));
+    let first = start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(topo));
+    (bpffs, config, first)
+}
+
 /// Opens a session from the client namespace to `target`, reads its 220 greeting, and hands
 /// the open connection back so the test decides when (and whether) it ends.
 fn hold_session(topo: &Topology, target: SocketAddrV4) -> std::net::TcpStream {
@@ -242,8 +253,7 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     let Some((topo, name)) = running_topology(layout) else {
         return;
     };
-    let config = topo.service_toml(&name, "least_conn");
-    let mut sy = topo.start(&config);
+    let mut sy = topo.start(&topo.service_toml(&name, "least_conn"));
     if layout == Layout::Dsr {
         // dsr learns the backends' MACs first (SYNs before that are dropped, and retried).
         wait_for_every_backend_to_take_flows(&sy);
@@ -334,8 +344,7 @@ fn a_stopped_backend_gets_no_new_flows_and_others_never_fail() {
     let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
     };
-    let config = topo.service_toml(&name, "round_robin");
-    let _sy = topo.start(&config);
+    let _sy = topo.start(&topo.service_toml(&name, "round_robin"));
     let before = sessions(&topo, 6, Duration::ZERO);
     assert!(before.iter().all(|r| r.is_ok()), "before: {before:?}");
 
@@ -366,8 +375,7 @@ fn non_vip_traffic_is_untouched() {
     let Some((topo, name)) = running_topology(Layout::Nat) else {
         return;
     };
-    let config = topo.service_toml(&name, "least_conn");
-    let _sy = topo.start(&config);
+    let _sy = topo.start(&topo.service_toml(&name, "least_conn"));
     // A backend's own address, same port: routed by the balancer's kernel, not balanced.
     let direct = SocketAddrV4::new(topo.backend_addr(1), SMTP_PORT);
     for _ in 0..3 {
@@ -411,8 +419,7 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
             .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
             .expect("a client address");
     }
-    let config = topo.service_toml(&name, "ip_hash");
-    let _sy = topo.start(&config);
+    let _sy = topo.start(&topo.service_toml(&name, "ip_hash"));
     let assign = |topo: &Topology, clients: &[Ipv4Addr]| -> Vec<String> {
         let clients = clients.to_vec();
         topo.client.run(move || {
@@ -466,12 +473,7 @@ fn restart_keeps_established_sessions() {
     let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
     };
-    // A private bpffs as the process's /sys/fs/bpf (parallel tests must not share one).
-    let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
-    let config = pinned(topo.service_toml(&name, "least_conn"));
-    assert!(config.contains("pin = true"));
-    let mut first =
-        start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
+    let (bpffs, config, mut first) = start_pinned(&topo, &name);
     assert!(
         bpffs
             .path()
@@ -734,10 +736,7 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
     let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
     };
-    let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
-    let config = pinned(topo.service_toml(&name, "least_conn"));
-    let mut first =
-        start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
+    let (bpffs, config, mut first) = start_pinned(&topo, &name);
     wait_for_every_backend_to_take_flows(&first);
     // One long session on each backend (least_conn).
     let held: Vec<_> = (0..3)
