@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
+use testkit::config_toml::ServiceToml;
 use testkit::harness::{Switchyard, free_addr};
 use testkit::smtp_client::{Session, SessionOptions, smtp_session, smtp_session_from};
 use testkit::smtp_server::{Behaviour, SmtpServer};
@@ -16,25 +17,42 @@ use testkit::smtp_server::{Behaviour, SmtpServer};
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
-/// One service on a fresh loopback port in front of `backends` as (backend, weight).
+/// The service "mx" on `listen` with `algorithm`, checks of kind `health` every 200 ms, in
+/// front of `backends` as (backend, weight).
 fn config(
     listen: SocketAddr,
     algorithm: &str,
     health: &str,
     backends: &[(&SmtpServer, u32)],
 ) -> String {
-    let mut toml = format!(
-        "[[service]]\nname = \"mx\"\nlisten = \"{listen}\"\nalgorithm = \"{algorithm}\"\nretries = 2\n\n\
-         [service.health]\nkind = \"{health}\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n"
-    );
-    for (backend, weight) in backends {
-        toml.push_str(&format!(
-            "\n[[service.backend]]\nname = \"{}\"\naddress = \"{}\"\nweight = {weight}\n",
-            backend.name(),
-            backend.addr()
+    let service = ServiceToml::new("mx", &[listen])
+        .keys(&format!("algorithm = \"{algorithm}\"\nretries = 2"))
+        .health(&format!(
+            "kind = \"{health}\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1"
         ));
-    }
-    toml
+    backends
+        .iter()
+        .fold(service, |service, (backend, weight)| {
+            service.backend_with(
+                backend.name(),
+                backend.addr(),
+                &format!("weight = {weight}"),
+            )
+        })
+        .to_string()
+}
+
+/// Switchyard with the service "mx" on a fresh loopback port, without health checks.
+fn start_in_front_of(algorithm: &str, backends: &[(&SmtpServer, u32)]) -> (SocketAddr, Switchyard) {
+    let listen = free_addr();
+    let sy = Switchyard::start(BIN, &config(listen, algorithm, "none", backends));
+    (listen, sy)
+}
+
+/// [`start_in_front_of`] with every backend of weight 1.
+fn start_unweighted(algorithm: &str, backends: &[SmtpServer]) -> (SocketAddr, Switchyard) {
+    let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
+    start_in_front_of(algorithm, &list)
 }
 
 async fn start_backends(names: &[&str], behaviour: Behaviour) -> Vec<SmtpServer> {
@@ -73,9 +91,7 @@ fn count(counts: &HashMap<String, usize>, name: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_evenly() {
     let backends = start_backends(&["rr-a", "rr-b", "rr-c"], Behaviour::default()).await;
-    let listen = free_addr();
-    let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
-    let _sy = Switchyard::start(BIN, &config(listen, "round_robin", "none", &list));
+    let (listen, _sy) = start_unweighted("round_robin", &backends);
 
     // One at a time, every pick takes the next turn: exactly even.
     let counts = run_sessions(listen, 300, 1).await;
@@ -92,9 +108,8 @@ async fn round_robin_spreads_evenly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_follows_weights() {
     let backends = start_backends(&["wrr-1", "wrr-2", "wrr-3"], Behaviour::default()).await;
-    let listen = free_addr();
     let list: Vec<_> = backends.iter().zip([1, 2, 3]).collect();
-    let _sy = Switchyard::start(BIN, &config(listen, "weighted_round_robin", "none", &list));
+    let (listen, _sy) = start_in_front_of("weighted_round_robin", &list);
 
     let counts = run_sessions(listen, 600, 8).await;
     assert_eq!(count(&counts, "wrr-1"), 100, "{counts:?}");
@@ -105,9 +120,7 @@ async fn weighted_round_robin_follows_weights() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_sends_new_sessions_around_long_ones() {
     let backends = start_backends(&["lc-a", "lc-b", "lc-c"], Behaviour::default()).await;
-    let listen = free_addr();
-    let list: Vec<_> = backends.iter().map(|b| (b, 1)).collect();
-    let _sy = Switchyard::start(BIN, &config(listen, "least_conn", "none", &list));
+    let (listen, _sy) = start_unweighted("least_conn", &backends);
 
     // Seven long sessions opened one after another: least connections spreads them 3/2/2.
     let mut held = Vec::new();
@@ -156,15 +169,11 @@ async fn least_conn_gives_a_slow_backend_fewer_sessions() {
     // must get far fewer new ones than the third round robin would give it.
     let slow = SmtpServer::start(
         "lc-slow",
-        Behaviour {
-            reply_delay: Duration::from_millis(50),
-            ..Behaviour::default()
-        },
+        Behaviour::slow_replies(Duration::from_millis(50)),
     );
     let fast = start_backends(&["lc-fast1", "lc-fast2"], Behaviour::default()).await;
-    let listen = free_addr();
-    let list = vec![(&slow, 1), (&fast[0], 1), (&fast[1], 1)];
-    let _sy = Switchyard::start(BIN, &config(listen, "least_conn", "none", &list));
+    let list = [(&slow, 1), (&fast[0], 1), (&fast[1], 1)];
+    let (listen, _sy) = start_in_front_of("least_conn", &list);
 
     let counts = run_sessions(listen, 300, 6).await;
     eprintln!("least_conn with a slow backend: {counts:?}");
@@ -274,17 +283,10 @@ async fn ip_hash_is_sticky_and_remaps_about_one_nth() {
 async fn least_time_prefers_the_fast_backend() {
     let slow = SmtpServer::start(
         "lt-slow",
-        Behaviour {
-            greeting_delay: Duration::from_millis(40),
-            ..Behaviour::default()
-        },
+        Behaviour::slow_greeting(Duration::from_millis(40)),
     );
     let fast = SmtpServer::start("lt-fast", Behaviour::default());
-    let listen = free_addr();
-    let _sy = Switchyard::start(
-        BIN,
-        &config(listen, "least_time", "none", &[(&slow, 1), (&fast, 1)]),
-    );
+    let (listen, _sy) = start_in_front_of("least_time", &[(&slow, 1), (&fast, 1)]);
 
     // Unmeasured backends come first (so each is measured), then the fast one wins.
     let counts = run_sessions(listen, 60, 1).await;

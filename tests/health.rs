@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use testkit::config_toml::ServiceToml;
 use testkit::harness::{Switchyard, free_addr};
 use testkit::smtp_client::smtp_session;
 use testkit::smtp_server::{Behaviour, ProxyExpect, SmtpServer};
@@ -20,26 +21,33 @@ const SIGNATURE: [u8; 12] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
 ];
 
-/// A one-service config: `health` is the body of `[service.health]`.
-fn config(
-    listen: &[SocketAddr],
+/// The PROXY v2 LOCAL header (no addresses) health checks send.
+fn local_v2_header() -> Vec<u8> {
+    let mut local = SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    local
+}
+
+/// The round-robin service `name` on `listen` with PROXY headers `proxy` ("none", "v1",
+/// "v2"); `health` is the body of `[service.health]`.
+fn service(name: &str, listen: &[SocketAddr], proxy: &str, health: &str) -> ServiceToml {
+    ServiceToml::new(name, listen)
+        .keys(&format!(
+            "algorithm = \"round_robin\"\nproxy_protocol = \"{proxy}\"\n\
+             connect_timeout = \"1s\"\nretries = 2"
+        ))
+        .health(health)
+}
+
+/// Switchyard with the service "mx" on a fresh loopback port in front of `backends`.
+fn start_in_front_of(
+    backends: &[&SmtpServer],
     proxy: &str,
     health: &str,
-    backends: &[(&str, SocketAddr)],
-) -> String {
-    let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
-    let mut toml = format!(
-        "[[service]]\nname = \"mx\"\nlisten = [{}]\nalgorithm = \"round_robin\"\n\
-         proxy_protocol = \"{proxy}\"\nconnect_timeout = \"1s\"\nretries = 2\n\n\
-         [service.health]\n{health}\n",
-        listen.join(", ")
-    );
-    for (name, addr) in backends {
-        toml.push_str(&format!(
-            "\n[[service.backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
-        ));
-    }
-    toml
+) -> (SocketAddr, Switchyard) {
+    let listen = free_addr();
+    let toml = service("mx", &[listen], proxy, health).servers(backends);
+    (listen, Switchyard::start(BIN, &toml.to_string()))
 }
 
 fn smtp_health(interval_ms: u64, rise: u32, fall: u32) -> String {
@@ -49,24 +57,68 @@ fn smtp_health(interval_ms: u64, rise: u32, fall: u32) -> String {
     )
 }
 
-/// Waits until `needle` has been logged `count` times; returns how long that took.
-async fn wait_for_log(sy: &Switchyard, needle: &str, count: usize, limit: Duration) -> Duration {
+/// Waits until `done` (at most `limit`, else fails with `what` and the log); returns how long
+/// that took.
+async fn wait_until(
+    sy: &Switchyard,
+    what: &str,
+    limit: Duration,
+    done: impl Fn() -> bool,
+) -> Duration {
     let started = Instant::now();
-    loop {
-        if sy.stderr_text().matches(needle).count() >= count {
-            return started.elapsed();
-        }
+    while !done() {
         assert!(
             started.elapsed() < limit,
-            "{needle:?} not logged {count} time(s) within {limit:?}; stderr:\n{}",
+            "{what} not within {limit:?}; stderr:\n{}",
             sy.stderr_text()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    started.elapsed()
+}
+
+/// Waits until `needle` has been logged `count` times; returns how long that took.
+async fn wait_for_log(sy: &Switchyard, needle: &str, count: usize, limit: Duration) -> Duration {
+    let what = format!("{needle:?} logged {count} time(s)");
+    wait_until(sy, &what, limit, || log_count(sy, needle) >= count).await
+}
+
+/// Waits (at most 10 s) until backend `backend` of the service "mx" has been logged `state`
+/// ("DOWN" or "UP") for the `times`th time; how long that took, and the first such line.
+async fn wait_for_state(
+    sy: &Switchyard,
+    backend: &str,
+    state: &str,
+    times: usize,
+) -> (Duration, String) {
+    let needle = format!("backend {backend} of service mx is {state}");
+    let took = wait_for_log(sy, &needle, times, Duration::from_secs(10)).await;
+    let line = sy
+        .stderr_text()
+        .lines()
+        .find(|l| l.contains(&needle))
+        .unwrap_or_default()
+        .to_string();
+    (took, line)
+}
+
+/// A change of state `took` must have needed `checks` checks `interval_ms` apart (the first
+/// runs at once).
+fn assert_not_before_checks(took: Duration, state: &str, checks: u32, interval_ms: u64) {
+    let at_least = Duration::from_millis(interval_ms * u64::from(checks - 1) - 50);
+    assert!(
+        took >= at_least,
+        "{state} after {took:?}, before {checks} checks could decide"
+    );
 }
 
 fn log_count(sy: &Switchyard, needle: &str) -> usize {
     sy.stderr_text().matches(needle).count()
+}
+
+/// `needle` has been logged exactly `count` times.
+fn assert_log_count(sy: &Switchyard, needle: &str, count: usize) {
+    assert_eq!(log_count(sy, needle), count, "{}", sy.stderr_text());
 }
 
 async fn sessions(addr: SocketAddr, n: usize) -> Vec<String> {
@@ -87,42 +139,18 @@ async fn backend_falls_after_fall_checks_and_rises_after_rise_checks() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
     let mta2 = SmtpServer::start("mta2", Behaviour::default());
     let mta3 = SmtpServer::start("mta3", Behaviour::default());
-    let listen = free_addr();
-    let sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "none",
-            &smtp_health(interval, rise, fall),
-            &[
-                ("mta1", mta1.addr()),
-                ("mta2", mta2.addr()),
-                ("mta3", mta3.addr()),
-            ],
-        ),
+    let (listen, sy) = start_in_front_of(
+        &[&mta1, &mta2, &mta3],
+        "none",
+        &smtp_health(interval, rise, fall),
     );
     tokio::time::sleep(Duration::from_millis(interval * 2)).await;
-    assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
+    assert_log_count(&sy, "is DOWN", 0);
     assert!(mta2.connections() >= 1, "the first check runs at once");
 
     mta2.stop();
-    let took = wait_for_log(
-        &sy,
-        "backend mta2 of service mx is DOWN",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
-    let at_least = Duration::from_millis(interval * u64::from(fall - 1) - 50);
-    assert!(
-        took >= at_least,
-        "DOWN after {took:?}, before {fall} checks could fail"
-    );
-    let text = sy.stderr_text();
-    let line = text
-        .lines()
-        .find(|l| l.contains("mta2 of service mx is DOWN"))
-        .unwrap_or_default();
+    let (took, line) = wait_for_state(&sy, "mta2", "DOWN", 1).await;
+    assert_not_before_checks(took, "DOWN", fall, interval);
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("connect failed"), "reason missing: {line}");
     assert!(
@@ -137,23 +165,8 @@ async fn backend_falls_after_fall_checks_and_rises_after_rise_checks() {
     );
 
     mta2.restart();
-    let took = wait_for_log(
-        &sy,
-        "backend mta2 of service mx is UP",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
-    let at_least = Duration::from_millis(interval * u64::from(rise - 1) - 50);
-    assert!(
-        took >= at_least,
-        "UP after {took:?}, before {rise} checks could pass"
-    );
-    let text = sy.stderr_text();
-    let line = text
-        .lines()
-        .find(|l| l.contains("mta2 of service mx is UP"))
-        .unwrap_or_default();
+    let (took, line) = wait_for_state(&sy, "mta2", "UP", 1).await;
+    assert_not_before_checks(took, "UP", rise, interval);
     assert!(line.contains("INFO"), "{line}");
 
     let names = sessions(listen, 12).await;
@@ -165,86 +178,38 @@ async fn backend_falls_after_fall_checks_and_rises_after_rise_checks() {
 
     // Many more checks later, each change is still logged exactly once.
     tokio::time::sleep(Duration::from_millis(interval * 5)).await;
-    assert_eq!(
-        log_count(&sy, "backend mta2 of service mx is DOWN"),
-        1,
-        "{}",
-        sy.stderr_text()
-    );
-    assert_eq!(
-        log_count(&sy, "backend mta2 of service mx is UP"),
-        1,
-        "{}",
-        sy.stderr_text()
-    );
+    assert_log_count(&sy, "backend mta2 of service mx is DOWN", 1);
+    assert_log_count(&sy, "backend mta2 of service mx is UP", 1);
     for other in ["mta1", "mta3"] {
-        assert_eq!(
-            log_count(&sy, &format!("backend {other} of service")),
-            0,
-            "{}",
-            sy.stderr_text()
-        );
+        assert_log_count(&sy, &format!("backend {other} of service"), 0);
     }
 
     // And a second outage is a second (single) line.
     mta2.stop();
-    wait_for_log(
-        &sy,
-        "backend mta2 of service mx is DOWN",
-        2,
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_for_state(&sy, "mta2", "DOWN", 2).await;
     tokio::time::sleep(Duration::from_millis(interval * 4)).await;
-    assert_eq!(
-        log_count(&sy, "backend mta2 of service mx is DOWN"),
-        2,
-        "{}",
-        sy.stderr_text()
-    );
+    assert_log_count(&sy, "backend mta2 of service mx is DOWN", 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
     let interval = 200u64;
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
-    let busy = Behaviour {
-        greeting_code: 421,
-        ..Behaviour::default()
-    };
-    let mta2 = SmtpServer::start("mta2", busy);
+    let mta2 = SmtpServer::start("mta2", Behaviour::greeting_with(421));
     let smtp_listen = free_addr();
     let tcp_listen = free_addr();
-    let mut toml = config(
-        &[smtp_listen],
-        "none",
-        &smtp_health(interval, 2, 2),
-        &[("mta1", mta1.addr()), ("mta2", mta2.addr())],
+    let tcp_health = format!(
+        "kind = \"tcp\"\ninterval = \"{interval}ms\"\ntimeout = \"{interval}ms\"\nrise = 2\nfall = 2"
     );
-    toml.push('\n');
-    toml.push_str(
-        &config(
-            &[tcp_listen],
-            "none",
-            &format!("kind = \"tcp\"\ninterval = \"{interval}ms\"\ntimeout = \"{interval}ms\"\nrise = 2\nfall = 2"),
-            &[("mta1", mta1.addr()), ("mta2", mta2.addr())],
-        )
-        .replace("name = \"mx\"", "name = \"mx-tcp\""),
+    let toml = format!(
+        "{}{}",
+        service("mx", &[smtp_listen], "none", &smtp_health(interval, 2, 2))
+            .servers(&[&mta1, &mta2]),
+        service("mx-tcp", &[tcp_listen], "none", &tcp_health).servers(&[&mta1, &mta2]),
     );
     let sy = Switchyard::start(BIN, &toml);
 
-    wait_for_log(
-        &sy,
-        "backend mta2 of service mx is DOWN",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
-    let text = sy.stderr_text();
-    let line = text
-        .lines()
-        .find(|l| l.contains("mta2 of service mx is DOWN"))
-        .unwrap_or_default();
+    let (_, line) = wait_for_state(&sy, "mta2", "DOWN", 1).await;
     assert!(
         line.contains("greeting 421 mta2 busy"),
         "reason missing: {line}"
@@ -265,21 +230,10 @@ async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
 
     // The tcp check only connects, so it keeps the 421 backend up.
     tokio::time::sleep(Duration::from_millis(interval * 3)).await;
-    assert_eq!(
-        log_count(&sy, "of service mx-tcp is DOWN"),
-        0,
-        "{}",
-        sy.stderr_text()
-    );
+    assert_log_count(&sy, "of service mx-tcp is DOWN", 0);
 
     mta2.set_greeting_code(220);
-    wait_for_log(
-        &sy,
-        "backend mta2 of service mx is UP",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_for_state(&sy, "mta2", "UP", 1).await;
     let names = sessions(smtp_listen, 6).await;
     assert!(names.iter().any(|n| n == "mta2"), "{names:?}");
 }
@@ -287,15 +241,10 @@ async fn smtp_check_marks_a_421_backend_down_and_tcp_check_does_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kind_none_runs_no_checks() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
-    let listen = free_addr();
-    let sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "none",
-            "kind = \"none\"\ninterval = \"100ms\"\ntimeout = \"100ms\"",
-            &[("mta1", mta1.addr())],
-        ),
+    let (_, sy) = start_in_front_of(
+        &[&mta1],
+        "none",
+        "kind = \"none\"\ninterval = \"100ms\"\ntimeout = \"100ms\"",
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
@@ -306,7 +255,7 @@ async fn kind_none_runs_no_checks() {
     );
     mta1.stop();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
+    assert_log_count(&sy, "is DOWN", 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -422,16 +371,12 @@ async fn check_conversation(
     let listen = free_addr();
     let health = "kind = \"smtp\"\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\n\
                   ehlo = \"checker.test\"";
-    let sy = Switchyard::start(BIN, &config(&[listen], proxy, health, &[("rec", backend)]));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while conversations.lock().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no two checks in 10 s; stderr:\n{}",
-            sy.stderr_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let toml = service("mx", &[listen], proxy, health).backend("rec", backend);
+    let sy = Switchyard::start(BIN, &toml.to_string());
+    wait_until(&sy, "two checks", Duration::from_secs(10), || {
+        conversations.lock().len() >= 2
+    })
+    .await;
     for conv in conversations.lock().iter() {
         let (peer, local) = (
             conv.peer.expect("peer address"),
@@ -453,7 +398,7 @@ async fn check_conversation(
         );
         assert!(conv.closed_after_quit, "the check closes after 221");
     }
-    assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
+    assert_log_count(&sy, "is DOWN", 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,45 +425,23 @@ async fn smtp_check_sends_proxy_v1_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_check_sends_proxy_v2_local_first() {
-    let mut local = SIGNATURE.to_vec();
-    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
-    check_conversation("v2", move |_, _| local.clone()).await;
+    check_conversation("v2", |_, _| local_v2_header()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_check_passes_through_a_backend_requiring_proxy_v2() {
-    let behaviour = Behaviour {
-        proxy: ProxyExpect::V2,
-        ..Behaviour::default()
-    };
-    let mta1 = SmtpServer::start("mta1", behaviour);
-    let listen = free_addr();
-    let sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "v2",
-            &smtp_health(100, 1, 1),
-            &[("mta1", mta1.addr())],
-        ),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while mta1.proxy_headers().len() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "checks did not arrive; stderr:\n{}",
-            sy.stderr_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut local = SIGNATURE.to_vec();
-    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    let mta1 = SmtpServer::start("mta1", Behaviour::expecting_proxy(ProxyExpect::V2));
+    let (_, sy) = start_in_front_of(&[&mta1], "v2", &smtp_health(100, 1, 1));
+    wait_until(&sy, "three checks", Duration::from_secs(10), || {
+        mta1.proxy_headers().len() >= 3
+    })
+    .await;
     assert!(
-        mta1.proxy_headers().iter().all(|h| *h == local),
+        mta1.proxy_headers().iter().all(|h| *h == local_v2_header()),
         "{:?}",
         mta1.proxy_headers()
     );
-    assert_eq!(log_count(&sy, "is DOWN"), 0, "{}", sy.stderr_text());
+    assert_log_count(&sy, "is DOWN", 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -598,21 +521,10 @@ fn expected_v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
 }
 
 async fn client_headers(proxy: ProxyExpect, version: &str) {
-    let behaviour = Behaviour {
-        proxy,
-        ..Behaviour::default()
-    };
-    let mta1 = SmtpServer::start("mta1", behaviour);
+    let mta1 = SmtpServer::start("mta1", Behaviour::expecting_proxy(proxy));
     let (v4, v6) = (free_addr(), free_addr_v6());
-    let sy = Switchyard::start(
-        BIN,
-        &config(
-            &[v4, v6],
-            version,
-            "kind = \"none\"",
-            &[("mta1", mta1.addr())],
-        ),
-    );
+    let toml = service("mx", &[v4, v6], version, "kind = \"none\"").servers(&[&mta1]);
+    let sy = Switchyard::start(BIN, &toml.to_string());
     for listen in [v4, v6] {
         let client = greet_and_quit(listen).await;
         assert_eq!(client.ip(), listen.ip());

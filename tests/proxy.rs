@@ -11,6 +11,7 @@ use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+use testkit::config_toml::ServiceToml;
 use testkit::harness::{Launch, Switchyard, free_addr};
 use testkit::smtp_client::{read_greeting, read_reply, smtp_session, smtp_session_hold};
 use testkit::smtp_server::{Behaviour, SmtpServer};
@@ -20,30 +21,38 @@ const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 const UNAVAILABLE: &str = "421 4.3.2 Service not available\r\n";
 
-/// A config with one service on `listen` in front of `backends`; `service_keys` are extra
-/// lines for the `[[service]]` table, `health` the `kind` of checks.
-fn config(
-    listen: &[SocketAddr],
-    service_keys: &str,
-    health: &str,
-    backends: &[(&str, SocketAddr)],
-) -> String {
-    let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
-    let mut toml = format!(
-        "shutdown_timeout = \"10s\"\n\n[[service]]\nname = \"mx\"\nlisten = [{}]\n{service_keys}\n\n\
-         [service.health]\nkind = \"{health}\"\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n",
-        listen.join(", ")
-    );
-    for (name, address) in backends {
-        toml.push_str(&format!(
-            "\n[[service.backend]]\nname = \"{name}\"\naddress = \"{address}\"\n"
-        ));
-    }
-    toml
+/// The service "mx" on `listen`: `service_keys` are extra lines of its table, `health` the
+/// `kind` of its checks.
+fn mx(listen: &[SocketAddr], service_keys: &str, health: &str) -> ServiceToml {
+    ServiceToml::new("mx", listen)
+        .keys(service_keys)
+        .health(&format!(
+            "kind = \"{health}\"\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 2\nfall = 2"
+        ))
 }
 
-fn backends_of<'a>(list: &'a [&'a SmtpServer]) -> Vec<(&'a str, SocketAddr)> {
-    list.iter().map(|b| (b.name(), b.addr())).collect()
+/// The whole config around `service`: a 10 s shutdown timeout.
+fn config(service: ServiceToml) -> String {
+    format!("shutdown_timeout = \"10s\"\n{service}")
+}
+
+/// Switchyard with the service "mx" on a fresh loopback port in front of `backends`.
+fn start_in_front_of(
+    backends: &[&SmtpServer],
+    service_keys: &str,
+    health: &str,
+) -> (SocketAddr, Switchyard) {
+    let listen = free_addr();
+    let toml = config(mx(&[listen], service_keys, health).servers(backends));
+    (listen, Switchyard::start(BIN, &toml))
+}
+
+/// Switchyard with the service "mx" on a fresh loopback port in front of one backend that is
+/// not an [`SmtpServer`].
+fn start_in_front_of_addr(name: &str, backend: SocketAddr) -> (SocketAddr, Switchyard) {
+    let listen = free_addr();
+    let toml = config(mx(&[listen], "", "none").backend(name, backend));
+    (listen, Switchyard::start(BIN, &toml))
 }
 
 /// Stops the process with SIGTERM (exit 0 expected) and checks the shutdown totals: every
@@ -67,6 +76,20 @@ fn terminate_and_check_counts(sy: &mut Switchyard, names: &[&str]) -> Vec<u64> {
             backend.assigned
         })
         .collect()
+}
+
+/// SIGTERM and the wait for a successful exit on a blocking thread, so that this runtime's own
+/// sessions keep running meanwhile; the stopped process, for its totals.
+async fn terminate_off_thread(mut sy: Switchyard) -> Switchyard {
+    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy))
+        .await
+        .expect("terminating thread");
+    assert!(
+        status.success(),
+        "exit status {status}; stderr:\n{}",
+        sy.stderr_text()
+    );
+    sy
 }
 
 /// The shutdown totals' active count of backend `name` of the service "mx".
@@ -124,15 +147,10 @@ async fn failover_when_a_backend_stops_mid_load() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
     let mta2 = SmtpServer::start("mta2", Behaviour::default());
     let mta3 = SmtpServer::start("mta3", Behaviour::default());
-    let listen = free_addr();
-    let mut sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "algorithm = \"round_robin\"\nretries = 2\nconnect_timeout = \"1s\"",
-            "smtp",
-            &backends_of(&[&mta1, &mta2, &mta3]),
-        ),
+    let (listen, mut sy) = start_in_front_of(
+        &[&mta1, &mta2, &mta3],
+        "algorithm = \"round_robin\"\nretries = 2\nconnect_timeout = \"1s\"",
+        "smtp",
     );
 
     const TOTAL: usize = 300;
@@ -212,26 +230,15 @@ async fn failover_when_a_backend_stops_mid_load() {
 
 #[tokio::test]
 async fn backend_greeting_421_fails_over_unseen_by_clients() {
-    let busy = SmtpServer::start(
-        "busy",
-        Behaviour {
-            greeting_code: 421,
-            ..Default::default()
-        },
-    );
+    let busy = SmtpServer::start("busy", Behaviour::greeting_with(421));
     let mta2 = SmtpServer::start("mta2", Behaviour::default());
     let mta3 = SmtpServer::start("mta3", Behaviour::default());
-    let listen = free_addr();
     // No active checks, so the busy backend stays "up" and only greeting failover protects
     // clients from it.
-    let mut sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "algorithm = \"round_robin\"\nretries = 2",
-            "none",
-            &backends_of(&[&busy, &mta2, &mta3]),
-        ),
+    let (listen, mut sy) = start_in_front_of(
+        &[&busy, &mta2, &mta3],
+        "algorithm = \"round_robin\"\nretries = 2",
+        "none",
     );
     for _ in 0..30 {
         let name = smtp_session(listen)
@@ -245,11 +252,7 @@ async fn backend_greeting_421_fails_over_unseen_by_clients() {
         busy.connections()
     );
     assert_eq!(mta2.messages() + mta3.messages(), 30);
-    assert!(
-        sy.stderr_text().contains("greeted with 421"),
-        "{}",
-        sy.stderr_text()
-    );
+    sy.assert_logged("greeted with 421");
     let assigned = terminate_and_check_counts(&mut sy, &["busy", "mta2", "mta3"]);
     assert_eq!(assigned[0], 0, "a 421-greeting backend is never assigned");
     assert_eq!(assigned.iter().sum::<u64>(), 30);
@@ -258,32 +261,17 @@ async fn backend_greeting_421_fails_over_unseen_by_clients() {
 #[tokio::test]
 async fn backend_that_hangs_before_greeting_is_skipped() {
     // Accepts, then says nothing.
-    let hang = SmtpServer::start(
-        "hang",
-        Behaviour {
-            hang: true,
-            ..Behaviour::default()
-        },
-    );
+    let hang = SmtpServer::start("hang", Behaviour::hung());
     let mta2 = SmtpServer::start("mta2", Behaviour::default());
-    let listen = free_addr();
-    let mut sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "algorithm = \"round_robin\"\nretries = 1\ngreeting_timeout = \"1s\"",
-            "none",
-            &backends_of(&[&hang, &mta2]),
-        ),
+    let (listen, mut sy) = start_in_front_of(
+        &[&hang, &mta2],
+        "algorithm = \"round_robin\"\nretries = 1\ngreeting_timeout = \"1s\"",
+        "none",
     );
     for _ in 0..4 {
         assert_eq!(smtp_session(listen).await.expect("session"), "mta2");
     }
-    assert!(
-        sy.stderr_text().contains("no greeting from"),
-        "{}",
-        sy.stderr_text()
-    );
+    sy.assert_logged("no greeting from");
     terminate_and_check_counts(&mut sy, &["hang", "mta2"]);
 }
 
@@ -291,15 +279,10 @@ async fn backend_that_hangs_before_greeting_is_skipped() {
 async fn no_backend_available_gives_421() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
     let mta2 = SmtpServer::start("mta2", Behaviour::default());
-    let listen = free_addr();
-    let mut sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "algorithm = \"least_conn\"\nretries = 2",
-            "none",
-            &backends_of(&[&mta1, &mta2]),
-        ),
+    let (listen, mut sy) = start_in_front_of(
+        &[&mta1, &mta2],
+        "algorithm = \"least_conn\"\nretries = 2",
+        "none",
     );
     assert_eq!(
         smtp_session(listen).await.expect("session while up").len(),
@@ -332,16 +315,7 @@ async fn no_backend_available_gives_421() {
 #[tokio::test]
 async fn max_connections_gives_421_beyond_the_limit() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
-    let listen = free_addr();
-    let mut sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "max_connections = 2",
-            "none",
-            &backends_of(&[&mta1]),
-        ),
-    );
+    let (listen, mut sy) = start_in_front_of(&[&mta1], "max_connections = 2", "none");
     let first = open_greeted(listen).await;
     let second = open_greeted(listen).await;
     let mut third = TcpStream::connect(listen).await.expect("connect");
@@ -393,8 +367,7 @@ async fn greeting_and_data_relayed_byte_for_byte() {
     const GREETING: &[u8] =
         b"220-mx.example.test ESMTP first line\r\n220-second line \xc3\xa9\r\n220 last line\r\n";
     let echo = echo_backend(GREETING).await;
-    let listen = free_addr();
-    let mut sy = Switchyard::start(BIN, &config(&[listen], "", "none", &[("echo", echo)]));
+    let (listen, mut sy) = start_in_front_of_addr("echo", echo);
 
     let mut conn = TcpStream::connect(listen).await.expect("connect");
     let mut greeting = vec![0u8; GREETING.len()];
@@ -454,8 +427,7 @@ async fn backend_closing_right_after_a_large_reply_loses_nothing() {
             });
         }
     });
-    let listen = free_addr();
-    let mut sy = Switchyard::start(BIN, &config(&[listen], "", "none", &[("bulk", backend)]));
+    let (listen, mut sy) = start_in_front_of_addr("bulk", backend);
     let mut conn = open_greeted(listen).await;
     conn.get_mut().write_all(b"GO\r\n").await.expect("send");
     // Let the backend finish and close while nobody reads on the client side.
@@ -487,8 +459,7 @@ async fn half_close_is_propagated_and_the_other_direction_keeps_running() {
             });
         }
     });
-    let listen = free_addr();
-    let mut sy = Switchyard::start(BIN, &config(&[listen], "", "none", &[("counter", backend)]));
+    let (listen, mut sy) = start_in_front_of_addr("counter", backend);
     let mut conn = TcpStream::connect(listen).await.expect("connect");
     conn.write_all(&[b'x'; 100_000]).await.expect("send");
     conn.shutdown().await.expect("half-close");
@@ -503,16 +474,7 @@ async fn half_close_is_propagated_and_the_other_direction_keeps_running() {
 #[tokio::test]
 async fn idle_timeout_closes_a_silent_session_but_not_a_talking_one() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
-    let listen = free_addr();
-    let mut sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "idle_timeout = \"1s\"",
-            "none",
-            &backends_of(&[&mta1]),
-        ),
-    );
+    let (listen, mut sy) = start_in_front_of(&[&mta1], "idle_timeout = \"1s\"", "none");
 
     let talking = tokio::spawn(async move {
         let mut conn = open_greeted(listen).await;
@@ -543,23 +505,12 @@ async fn idle_timeout_closes_a_silent_session_but_not_a_talking_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_vanishing_clients_do_not_hurt() {
-    let slow = SmtpServer::start(
-        "slow",
-        Behaviour {
-            greeting_delay: Duration::from_millis(300),
-            ..Default::default()
-        },
-    );
+    let slow = SmtpServer::start("slow", Behaviour::slow_greeting(Duration::from_millis(300)));
     let mta2 = SmtpServer::start("mta2", Behaviour::default());
-    let listen = free_addr();
-    let mut sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "algorithm = \"round_robin\"\nidle_timeout = \"5s\"",
-            "none",
-            &backends_of(&[&slow, &mta2]),
-        ),
+    let (listen, mut sy) = start_in_front_of(
+        &[&slow, &mta2],
+        "algorithm = \"round_robin\"\nidle_timeout = \"5s\"",
+        "none",
     );
 
     let mut tasks = Vec::new();
@@ -610,8 +561,7 @@ async fn garbage_and_vanishing_clients_do_not_hurt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_active_sessions_finish_and_refuses_new_ones() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
-    let listen = free_addr();
-    let mut sy = Switchyard::start(BIN, &config(&[listen], "", "none", &backends_of(&[&mta1])));
+    let (listen, mut sy) = start_in_front_of(&[&mta1], "", "none");
 
     let held = tokio::spawn(smtp_session_hold(listen, Duration::from_millis(1500)));
     while mta1.messages() == 0 {
@@ -651,22 +601,15 @@ async fn sigterm_lets_active_sessions_finish_and_refuses_new_ones() {
 async fn shutdown_timeout_cuts_off_sessions_that_outstay_it() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
     let listen = free_addr();
-    let toml = config(&[listen], "", "none", &backends_of(&[&mta1]))
+    let toml = config(mx(&[listen], "", "none").servers(&[&mta1]))
         .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"500ms\"");
-    let mut sy = Switchyard::start(BIN, &toml);
+    let sy = Switchyard::start(BIN, &toml);
     let held = tokio::spawn(smtp_session_hold(listen, Duration::from_secs(3)));
     while mta1.messages() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let started = Instant::now();
-    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy))
-        .await
-        .expect("wait");
-    assert!(
-        status.success(),
-        "exit status {status}; stderr:\n{}",
-        sy.stderr_text()
-    );
+    let sy = terminate_off_thread(sy).await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -686,7 +629,7 @@ async fn workers_sets_the_number_of_relay_threads() {
     let listen = free_addr();
     let toml = format!(
         "workers = 3\n{}",
-        config(&[listen], "", "none", &backends_of(&[&mta]))
+        config(mx(&[listen], "", "none").servers(&[&mta]))
     );
     let mut sy = Switchyard::start(BIN, &toml);
     // The threads start right after the listeners bind.
@@ -705,11 +648,7 @@ async fn workers_sets_the_number_of_relay_threads() {
         s.await.expect("task").expect("session");
     }
     assert_eq!(mta.sessions_completed(), 60);
-    assert!(
-        sy.stderr_text().contains("3 worker thread(s)"),
-        "{}",
-        sy.stderr_text()
-    );
+    sy.assert_logged("3 worker thread(s)");
     terminate_and_check_counts(&mut sy, &["mta1"]);
 }
 
@@ -734,15 +673,8 @@ async fn listens_on_ipv6_loopback() {
         let l = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
         l.local_addr().expect("addr")
     };
-    let mut sy = Switchyard::start(
-        BIN,
-        &config(
-            &[v4, v6],
-            "proxy_protocol = \"none\"",
-            "none",
-            &backends_of(&[&mta1]),
-        ),
-    );
+    let toml = config(mx(&[v4, v6], "proxy_protocol = \"none\"", "none").servers(&[&mta1]));
+    let mut sy = Switchyard::start(BIN, &toml);
     assert_eq!(smtp_session(v6).await.expect("session over IPv6"), "mta1");
     assert_eq!(smtp_session(v4).await.expect("session over IPv4"), "mta1");
     terminate_and_check_counts(&mut sy, &["mta1"]);
@@ -754,7 +686,11 @@ async fn bind_failure_names_service_and_address() {
     let addr = taken.local_addr().expect("addr");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("s.toml");
-    std::fs::write(&path, config(&[addr], "", "none", &[("mta1", free_addr())])).expect("write");
+    std::fs::write(
+        &path,
+        config(mx(&[addr], "", "none").backend("mta1", free_addr())),
+    )
+    .expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["run", "--config"])
         .arg(&path)
@@ -773,12 +709,9 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     let mta1 = SmtpServer::start("mta1", Behaviour::default());
     let listen = free_addr();
     // A tiny descriptor table: two dozen sessions exhaust it.
-    let mut sy = Launch::new(BIN).open_files(48).start(&config(
-        &[listen],
-        "",
-        "none",
-        &backends_of(&[&mta1]),
-    ));
+    let sy = Launch::new(BIN)
+        .open_files(48)
+        .start(&config(mx(&[listen], "", "none").servers(&[&mta1])));
     let mut held = Vec::new();
     for _ in 0..60 {
         if let Ok(conn) = TcpStream::connect(listen).await {
@@ -806,9 +739,6 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     .await
     .expect("serving again once descriptors are free");
     assert_eq!(served, "mta1");
-    let (status, sy) = tokio::task::spawn_blocking(move || (sy.terminate(), sy))
-        .await
-        .expect("join");
-    assert!(status.success(), "{status}\n{}", sy.stderr_text());
+    let sy = terminate_off_thread(sy).await;
     assert_eq!(active_at_shutdown(&sy, "mta1"), 0, "{}", sy.stderr_text());
 }

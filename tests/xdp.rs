@@ -9,11 +9,12 @@
 #[path = "support/netns.rs"]
 mod netns;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netns::{Layout, Netns, Plan, PrivateBpffs, SMTP_PORT, SmtpServer, Topology, VIP};
+use testkit::config_toml::ServiceToml;
 use testkit::harness::{Launch, Switchyard};
 use testkit::smtp_client::{HeldSession, SessionOptions, smtp_session_blocking};
 
@@ -66,18 +67,22 @@ fn vip() -> SocketAddrV4 {
 /// Runs `count` sessions in parallel from the client namespace, each held `hold`; returns
 /// each session's result.
 fn sessions(topo: &Topology, count: usize, hold: Duration) -> Vec<anyhow::Result<String>> {
-    topo.client.run(move || {
-        let workers: Vec<_> = (0..count)
-            .map(|_| std::thread::spawn(move || smtp_session(vip(), hold)))
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
-            })
-            .collect()
-    })
+    topo.client.run(move || parallel_sessions(count, hold))
+}
+
+/// `count` sessions to the VIP in parallel from the calling thread's namespace, each held
+/// `hold`; each session's result.
+fn parallel_sessions(count: usize, hold: Duration) -> Vec<anyhow::Result<String>> {
+    let workers: Vec<_> = (0..count)
+        .map(|_| std::thread::spawn(move || smtp_session(vip(), hold)))
+        .collect();
+    workers
+        .into_iter()
+        .map(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+        })
+        .collect()
 }
 
 /// The XDP program's shared active counts, read from the kernel: the ACTIVE map of the
@@ -136,6 +141,11 @@ impl std::ops::Deref for Network {
 }
 
 impl Network {
+    /// Switchyard in the balancer namespace, ready once its program is attached.
+    fn start(&self, config: &str) -> Switchyard {
+        start_switchyard(&self.balancer, config, &ready_line(self))
+    }
+
     /// The `[[service]]` table for this network (health checks every 500 ms, fall 2).
     fn service_toml(&self, name: &str, algorithm: &str) -> String {
         let forwarding = match self.layout {
@@ -161,12 +171,16 @@ impl Network {
     }
 }
 
-/// A network of `layout` with its three SMTP backends running, and a service name unique to it.
-fn running_topology(layout: Layout) -> (Network, String) {
+/// A network of `layout` with its three SMTP backends running, and a service name unique to it;
+/// `None` (after a loud SKIP) where the kernel path cannot be tested.
+fn running_topology(layout: Layout) -> Option<(Network, String)> {
+    if !netns::require_xdp(object_built()) {
+        return None;
+    }
     let topo = Topology::build(&Plan::tests(layout, 3)).expect("the test network");
     let servers = netns::start_servers(&topo);
     let name = format!("sy-{}", topo.suffix);
-    (Network { servers, topo }, name)
+    Some((Network { servers, topo }, name))
 }
 
 /// `config` with `pin = true` in its `[service.xdp]` table.
@@ -175,6 +189,17 @@ fn pinned(config: String) -> String {
         "flow_idle_timeout = \"5m\"\n",
         "flow_idle_timeout = \"5m\"\npin = true\n",
     )
+}
+
+/// Switchyard with the least_conn service `name` pinning its maps (`pin = true`) in a private
+/// bpffs as its /sys/fs/bpf (parallel tests must not share one): the bpffs and the config for
+/// the restarts, and the first process.
+fn start_pinned(topo: &Network, name: &str) -> (PrivateBpffs, String, Switchyard) {
+    let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
+    let config = pinned(topo.service_toml(name, "least_conn"));
+    assert!(config.contains("pin = true"));
+    let first = start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(topo));
+    (bpffs, config, first)
 }
 
 /// Opens a session from the client namespace to `target`, reads its 220 greeting, and hands
@@ -208,20 +233,30 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Every flow has ended: the kernel's shared active counts are back to 0.
+fn wait_for_counts_back_to_zero(topo: &Topology) {
+    wait_for("active counts back to 0", Duration::from_secs(5), || {
+        active_counts(topo).iter().all(|&c| c == 0)
+    });
+}
+
+/// dsr learns the backends' MACs first: until then (logged per backend) they take no flows.
+fn wait_for_every_backend_to_take_flows(sy: &Switchyard) {
+    wait_for(
+        "every backend to take flows",
+        Duration::from_secs(5),
+        || sy.stderr_text().matches("backend takes new flows").count() == 3,
+    );
+}
+
 fn dsr_or_nat_sessions_complete(layout: Layout) {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(layout) else {
         return;
-    }
-    let (topo, name) = running_topology(layout);
-    let config = topo.service_toml(&name, "least_conn");
-    let mut sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
+    };
+    let mut sy = topo.start(&topo.service_toml(&name, "least_conn"));
     if layout == Layout::Dsr {
         // dsr learns the backends' MACs first (SYNs before that are dropped, and retried).
-        wait_for(
-            "every backend to take flows",
-            Duration::from_secs(5),
-            || sy.stderr_text().matches("backend takes new flows").count() == 3,
-        );
+        wait_for_every_backend_to_take_flows(&sy);
     }
 
     // Long-lived sessions: least_conn must spread them evenly (3 each).
@@ -260,9 +295,7 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
         );
     }
     // Every flow ended with the client's FIN: the shared counts are back to 0.
-    wait_for("active counts back to 0", Duration::from_secs(5), || {
-        active_counts(&topo).iter().all(|&c| c == 0)
-    });
+    wait_for_counts_back_to_zero(&topo);
     let status = sy.terminate();
     assert!(
         status.success(),
@@ -308,12 +341,10 @@ fn nat_sessions_complete_spread_and_keep_the_client_address() {
 
 #[test]
 fn a_stopped_backend_gets_no_new_flows_and_others_never_fail() {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
-    }
-    let (topo, name) = running_topology(Layout::Dsr);
-    let config = topo.service_toml(&name, "round_robin");
-    let _sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
+    };
+    let _sy = topo.start(&topo.service_toml(&name, "round_robin"));
     let before = sessions(&topo, 6, Duration::ZERO);
     assert!(before.iter().all(|r| r.is_ok()), "before: {before:?}");
 
@@ -336,19 +367,15 @@ fn a_stopped_backend_gets_no_new_flows_and_others_never_fail() {
         topo.servers[1].sessions_from(netns::CLIENT) + topo.servers[2].sessions_from(netns::CLIENT),
         12 + 6 - stopped_at
     );
-    wait_for("active counts back to 0", Duration::from_secs(5), || {
-        active_counts(&topo).iter().all(|&c| c == 0)
-    });
+    wait_for_counts_back_to_zero(&topo);
 }
 
 #[test]
 fn non_vip_traffic_is_untouched() {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
         return;
-    }
-    let (topo, name) = running_topology(Layout::Nat);
-    let config = topo.service_toml(&name, "least_conn");
-    let _sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
+    };
+    let _sy = topo.start(&topo.service_toml(&name, "least_conn"));
     // A backend's own address, same port: routed by the balancer's kernel, not balanced.
     let direct = SocketAddrV4::new(topo.backend_addr(1), SMTP_PORT);
     for _ in 0..3 {
@@ -381,10 +408,9 @@ fn non_vip_traffic_is_untouched() {
 
 #[test]
 fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
-    }
-    let (topo, name) = running_topology(Layout::Dsr);
+    };
     let clients: Vec<Ipv4Addr> = (0..60)
         .map(|i| Ipv4Addr::new(198, 18, 0, 150 + i))
         .collect();
@@ -393,8 +419,7 @@ fn ip_hash_is_sticky_and_remaps_about_one_in_n() {
             .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
             .expect("a client address");
     }
-    let config = topo.service_toml(&name, "ip_hash");
-    let _sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
+    let _sy = topo.start(&topo.service_toml(&name, "ip_hash"));
     let assign = |topo: &Topology, clients: &[Ipv4Addr]| -> Vec<String> {
         let clients = clients.to_vec();
         topo.client.run(move || {
@@ -445,16 +470,10 @@ fn session_from(source: Ipv4Addr) -> anyhow::Result<String> {
 
 #[test]
 fn restart_keeps_established_sessions() {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
-    }
-    let (topo, name) = running_topology(Layout::Dsr);
-    // A private bpffs as the process's /sys/fs/bpf (parallel tests must not share one).
-    let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
-    let config = pinned(topo.service_toml(&name, "least_conn"));
-    assert!(config.contains("pin = true"));
-    let mut first =
-        start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
+    };
+    let (bpffs, config, mut first) = start_pinned(&topo, &name);
     assert!(
         bpffs
             .path()
@@ -466,27 +485,12 @@ fn restart_keeps_established_sessions() {
     );
 
     // Sessions that stay open across the restart.
-    let held = topo.client.spawn(|| {
-        let workers: Vec<_> = (0..3)
-            .map(|_| std::thread::spawn(|| smtp_session(vip(), Duration::from_secs(4))))
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
-            })
-            .collect::<Vec<_>>()
-    });
+    let held = topo
+        .client
+        .spawn(|| parallel_sessions(3, Duration::from_secs(4)));
     std::thread::sleep(Duration::from_millis(1000));
     assert!(first.terminate().success());
-    assert!(
-        first
-            .stderr_text()
-            .contains("XDP program left attached to eth0"),
-        "{}",
-        first.stderr_text()
-    );
+    first.assert_logged("XDP program left attached to eth0");
     let second =
         start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, "XDP program replaced on");
     let results = held.join().expect("client thread");
@@ -495,28 +499,19 @@ fn restart_keeps_established_sessions() {
         "sessions across the restart: {results:?}\n{}",
         second.stderr_text()
     );
-    assert!(
-        second
-            .stderr_text()
-            .contains("rebuilt active counts from 3 open flows"),
-        "{}",
-        second.stderr_text()
-    );
-    wait_for("active counts back to 0", Duration::from_secs(5), || {
-        active_counts(&topo).iter().all(|&c| c == 0)
-    });
+    second.assert_logged("rebuilt active counts from 3 open flows");
+    wait_for_counts_back_to_zero(&topo);
 }
 
 #[test]
 fn idle_flows_without_fin_expire_and_give_their_count_back() {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
-    }
-    let (topo, name) = running_topology(Layout::Dsr);
+    };
     let config = topo
         .service_toml(&name, "least_conn")
         .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\"");
-    let _sy = start_switchyard(&topo.balancer, &config, &ready_line(&topo));
+    let _sy = topo.start(&config);
     // A client that connects, reads the greeting, then vanishes without FIN or RST.
     let held = hold_session(&topo, vip());
     assert_eq!(
@@ -556,11 +551,7 @@ fn falls_back_to_generic_mode_with_a_warning() {
         sy.stderr_text()
     );
     assert!(sy.terminate().success());
-    assert!(
-        sy.stderr_text().contains("XDP program detached from lo"),
-        "{}",
-        sy.stderr_text()
-    );
+    sy.assert_logged("XDP program detached from lo");
     let link = Command::new("ip")
         .args(["-n", &ns.name, "-d", "link", "show", "lo"])
         .output()
@@ -613,23 +604,13 @@ fn without_capabilities_the_error_names_them() {
 
 #[test]
 fn proxy_sessions_count_in_the_kernels_shared_array() {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
-    }
-    let (topo, name) = running_topology(Layout::Dsr);
+    };
     let mut config = topo.service_toml(&name, "least_conn");
-    // The same backends behind the userspace proxy on the balancer's own address.
-    config.push_str(&format!(
-        "\n[[service]]\nname = \"{name}-proxy\"\nlisten = \"{}:2525\"\nalgorithm = \"least_conn\"\n",
-        netns::BALANCER
-    ));
-    for i in 0..3 {
-        config.push_str(&format!(
-            "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{}:25\"\n",
-            i + 1,
-            topo.backend_addr(i)
-        ));
-    }
+    // The same backends behind the userspace proxy on the balancer's own address, with the
+    // default health checks.
+    add_proxy_service(&topo, &mut config, &name, None);
     let _sy = start_switchyard(
         &topo.balancer,
         &config,
@@ -651,27 +632,25 @@ fn proxy_sessions_count_in_the_kernels_shared_array() {
         "the proxied session in the kernel's array: {counts:?}"
     );
     drop(held);
-    wait_for(
-        "the proxied session to be given back",
-        Duration::from_secs(5),
-        || active_counts(&topo).iter().all(|&c| c == 0),
-    );
+    // The proxied session is given back.
+    wait_for_counts_back_to_zero(&topo);
 }
 
 /// Adds a userspace-proxy service on the balancer's own address (port 2525) in front of the
-/// same backends, so both data planes count in the same slots.
-fn add_proxy_service(topo: &Topology, config: &mut String, name: &str) {
-    config.push_str(&format!(
-        "\n[[service]]\nname = \"{name}-proxy\"\nlisten = \"{}:2525\"\nalgorithm = \"least_conn\"\n[service.health]\nkind = \"none\"\n",
-        netns::BALANCER
-    ));
-    for i in 0..topo.backends.len() {
-        config.push_str(&format!(
-            "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{}:25\"\n",
-            i + 1,
-            topo.backend_addr(i)
-        ));
+/// same backends, so both data planes count in the same slots; `health` is the body of its
+/// `[service.health]` table (`None`: the default checks).
+fn add_proxy_service(topo: &Topology, config: &mut String, name: &str, health: Option<&str>) {
+    let listen = SocketAddr::from((netns::BALANCER, 2525));
+    let mut service =
+        ServiceToml::new(&format!("{name}-proxy"), &[listen]).keys("algorithm = \"least_conn\"");
+    if let Some(health) = health {
+        service = service.health(health);
     }
+    for i in 0..topo.backends.len() {
+        let address = SocketAddrV4::new(topo.backend_addr(i), SMTP_PORT);
+        service = service.backend(&format!("mta{}", i + 1), address);
+    }
+    config.push_str(&service.to_string());
 }
 
 /// Index (config order, which is also the counter slot here) of the backend named `name`.
@@ -684,17 +663,16 @@ fn backend_index(name: &str) -> usize {
 
 #[test]
 fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
-    }
-    let (topo, name) = running_topology(Layout::Dsr);
+    };
     // The smallest flow table, and a short idle timeout so that the flood's flows expire (and
     // the expiry/reconciliation pass runs every 500 ms).
     let mut config = topo
         .service_toml(&name, "least_conn")
         .replace("flow_table_size = 65536", "flow_table_size = 1024")
         .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\"");
-    add_proxy_service(&topo, &mut config, &name);
+    add_proxy_service(&topo, &mut config, &name, Some("kind = \"none\""));
     let mut sy = start_switchyard(
         &topo.balancer,
         &config,
@@ -706,11 +684,7 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
         "one slot per backend address"
     );
     // dsr learns the backends' MACs first: until then they take no flows.
-    wait_for(
-        "every backend to take flows",
-        Duration::from_secs(5),
-        || sy.stderr_text().matches("backend takes new flows").count() == 3,
-    );
+    wait_for_every_backend_to_take_flows(&sy);
 
     // 2000 flows into a table of 1024: the LRU evicts open flows, and their units leak.
     const FLOOD: u64 = 2000;
@@ -753,33 +727,17 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     for session in held {
         session.finish().expect("held session completes");
     }
-    wait_for("active counts back to 0", Duration::from_secs(5), || {
-        active_counts(&topo).iter().all(|&c| c == 0)
-    });
+    wait_for_counts_back_to_zero(&topo);
     assert!(sy.terminate().success(), "{}", sy.stderr_text());
 }
 
 #[test]
 fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
-    if !netns::require_xdp(object_built()) {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
         return;
-    }
-    let (topo, name) = running_topology(Layout::Dsr);
-    let bpffs = netns::PrivateBpffs::new().expect("a private bpffs");
-    let config = pinned(topo.service_toml(&name, "least_conn"));
-    let mut first =
-        start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, &ready_line(&topo));
-    wait_for(
-        "every backend to take flows",
-        Duration::from_secs(5),
-        || {
-            first
-                .stderr_text()
-                .matches("backend takes new flows")
-                .count()
-                == 3
-        },
-    );
+    };
+    let (bpffs, config, mut first) = start_pinned(&topo, &name);
+    wait_for_every_backend_to_take_flows(&first);
     // One long session on each backend (least_conn).
     let held: Vec<_> = (0..3)
         .map(|_| HeldSession::open_in(&topo.client, vip().into()).expect("held session"))
@@ -816,8 +774,6 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
             .finish()
             .unwrap_or_else(|e| panic!("held session on {backend}: {e}\n{}", second.stderr_text()));
     }
-    wait_for("active counts back to 0", Duration::from_secs(5), || {
-        active_counts(&topo).iter().all(|&c| c == 0)
-    });
+    wait_for_counts_back_to_zero(&topo);
     assert!(second.terminate().success(), "{}", second.stderr_text());
 }

@@ -208,6 +208,12 @@ impl Switchyard {
             .unwrap_or_default()
     }
 
+    /// Panics, with everything logged, unless `text` has been logged.
+    pub fn assert_logged(&self, text: &str) {
+        let log = self.stderr_text();
+        assert!(log.contains(text), "{text:?} not logged; stderr:\n{log}");
+    }
+
     /// Sends a signal without waiting.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         if self.status.is_some() {

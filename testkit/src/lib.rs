@@ -1,6 +1,7 @@
 //! Switchyard's test kit, used by the integration tests, the benchmarks and xtask (never by the
 //! product): one copy of each test tool.
 
+pub mod config_toml;
 pub mod harness;
 pub mod netns;
 pub mod raw_syn;

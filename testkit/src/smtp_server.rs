@@ -76,6 +76,49 @@ impl Default for Behaviour {
     }
 }
 
+/// The usual variations on the prompt MTA, each in one call.
+impl Behaviour {
+    /// Greets with `code`; anything but 220 (e.g. 421 busy) greets and closes.
+    pub fn greeting_with(code: u16) -> Behaviour {
+        Behaviour {
+            greeting_code: code,
+            ..Behaviour::default()
+        }
+    }
+
+    /// Greets only after `delay`.
+    pub fn slow_greeting(delay: Duration) -> Behaviour {
+        Behaviour {
+            greeting_delay: delay,
+            ..Behaviour::default()
+        }
+    }
+
+    /// Waits `delay` before every reply after the greeting.
+    pub fn slow_replies(delay: Duration) -> Behaviour {
+        Behaviour {
+            reply_delay: delay,
+            ..Behaviour::default()
+        }
+    }
+
+    /// Accepts and never says anything.
+    pub fn hung() -> Behaviour {
+        Behaviour {
+            hang: true,
+            ..Behaviour::default()
+        }
+    }
+
+    /// Reads a `proxy` header before it greets.
+    pub fn expecting_proxy(proxy: ProxyExpect) -> Behaviour {
+        Behaviour {
+            proxy,
+            ..Behaviour::default()
+        }
+    }
+}
+
 /// What the server saw on one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connection {

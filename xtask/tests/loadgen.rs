@@ -13,13 +13,35 @@ fn any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// xtask's sink on a loopback port, accepting everything.
+fn prompt_sink() -> SinkThread {
+    SinkThread::start(&[any_port()], SinkConfig::default()).expect("sink starts")
+}
+
+/// A loopback port nothing listens on (bound, then dropped).
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind(any_port())
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// Every one of `sessions` sessions succeeded with one message each.
+fn assert_all_delivered(report: &loadgen::LoadReport, sessions: u64) {
+    assert_eq!(
+        (report.sessions_ok, report.sessions_failed, report.messages),
+        (sessions, 0, sessions),
+        "{:?}",
+        report.errors
+    );
+}
+
 fn spec(target: SocketAddr, concurrency: usize, sessions: u64) -> LoadSpec {
     LoadSpec::new(target, concurrency, Budget::Sessions(sessions))
 }
 
 #[test]
 fn counts_exactly_the_sessions_and_messages_the_sink_saw() {
-    let sink = SinkThread::start(&[any_port()], SinkConfig::default()).expect("sink starts");
+    let sink = prompt_sink();
     let report = loadgen::run_blocking(spec(sink.addrs[0], 20, 500)).expect("load runs");
     assert_eq!(report.sessions_ok, 500);
     assert_eq!(report.sessions_failed, 0, "errors: {:?}", report.errors);
@@ -43,23 +65,18 @@ fn counts_exactly_the_sessions_and_messages_the_sink_saw() {
 
 #[test]
 fn pipelining_with_several_recipients_delivers_one_message_per_session() {
-    let sink = SinkThread::start(&[any_port()], SinkConfig::default()).expect("sink starts");
+    let sink = prompt_sink();
     let mut s = spec(sink.addrs[0], 8, 120);
     s.pipelining = true;
     s.recipients = 3;
     let report = loadgen::run_blocking(s).expect("load runs");
-    assert_eq!(
-        (report.sessions_ok, report.sessions_failed, report.messages),
-        (120, 0, 120),
-        "{:?}",
-        report.errors
-    );
+    assert_all_delivered(&report, 120);
     assert_eq!(sink.servers[0].messages(), 120);
 }
 
 #[test]
 fn stops_exactly_at_the_budget_even_with_more_workers_than_sessions() {
-    let sink = SinkThread::start(&[any_port()], SinkConfig::default()).expect("sink starts");
+    let sink = prompt_sink();
     let report = loadgen::run_blocking(spec(sink.addrs[0], 50, 7)).expect("load runs");
     assert_eq!(report.sessions_ok, 7);
     assert_eq!(sink.servers[0].connections(), 7);
@@ -67,7 +84,7 @@ fn stops_exactly_at_the_budget_even_with_more_workers_than_sessions() {
 
 #[test]
 fn duration_budget_stops_by_itself() {
-    let sink = SinkThread::start(&[any_port()], SinkConfig::default()).expect("sink starts");
+    let sink = prompt_sink();
     let s = LoadSpec::new(
         sink.addrs[0],
         4,
@@ -130,10 +147,7 @@ fn rejections_are_counted_by_code_and_stage() {
 
 #[test]
 fn refused_connections_are_an_error_kind() {
-    // Bind and drop: nothing listens on that port afterwards.
-    let addr = std::net::TcpListener::bind(any_port())
-        .and_then(|l| l.local_addr())
-        .expect("free port");
+    let addr = free_port();
     let report = loadgen::run_blocking(spec(addr, 3, 10)).expect("load runs");
     assert_eq!(report.sessions_failed, 10);
     assert_eq!(
@@ -182,9 +196,7 @@ fn counts_exactly_what_postfix_smtp_sink_received() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .expect("chmod");
-    let addr = std::net::TcpListener::bind(any_port())
-        .and_then(|l| l.local_addr())
-        .expect("free port");
+    let addr = free_port();
     let mut cmd = Command::new(bin);
     if nix_is_root() {
         cmd.args(["-u", "nobody"]);
@@ -199,12 +211,7 @@ fn counts_exactly_what_postfix_smtp_sink_received() {
     let mut s = spec(addr, 10, 300);
     s.pipelining = true;
     let report = loadgen::run_blocking(s).expect("load runs");
-    assert_eq!(
-        (report.sessions_ok, report.sessions_failed, report.messages),
-        (300, 0, 300),
-        "{:?}",
-        report.errors
-    );
+    assert_all_delivered(&report, 300);
     // One dump file per message smtp-sink accepted.
     let dumped = std::fs::read_dir(dir.path()).expect("dump dir").count();
     assert_eq!(dumped, 300);

@@ -24,6 +24,35 @@ impl BackendView {
     }
 }
 
+#[cfg(test)]
+impl BackendView {
+    /// A healthy backend of `weight` with no sessions, no cap and no measurement yet: what
+    /// every algorithm's tests build their views from.
+    pub(crate) fn up(weight: u32) -> BackendView {
+        BackendView {
+            weight,
+            healthy: 1,
+            ..BackendView::default()
+        }
+    }
+}
+
+/// What every scoring algorithm does with backends it may not choose, checked through its
+/// slice convenience at one turn (`pick_in`) on `views`, where backend 1 scores better than
+/// backend 2: an unhealthy backend is skipped, an excluded one too, and one at its cap too.
+#[cfg(test)]
+pub(crate) fn assert_skips_unavailable_excluded_and_full(
+    mut views: [BackendView; 3],
+    pick_in: impl Fn(&[BackendView], &[usize]) -> Option<usize>,
+) {
+    views[0].healthy = 0;
+    assert_eq!(pick_in(&views, &[]), Some(1));
+    assert_eq!(pick_in(&views, &[1]), Some(2));
+    views[2].max_connections = views[2].active.max(1);
+    views[2].active = views[2].max_connections;
+    assert_eq!(pick_in(&views, &[1]), None);
+}
+
 /// The view of backend `b` from a slice, unless `b` is excluded or out of range: the
 /// `candidate` every algorithm's slice convenience (`pick_in`) passes to its `pick`.
 #[inline(always)]

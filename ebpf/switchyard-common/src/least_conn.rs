@@ -102,13 +102,12 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+    use crate::backend::assert_skips_unavailable_excluded_and_full;
 
     fn view(active: u32, weight: u32) -> BackendView {
         BackendView {
             active,
-            weight,
-            healthy: 1,
-            ..Default::default()
+            ..BackendView::up(weight)
         }
     }
 
@@ -164,12 +163,10 @@ mod tests {
 
     #[test]
     fn skips_unavailable_excluded_and_full() {
-        let mut views = [view(0, 1), view(5, 1), view(7, 1)];
-        views[0].healthy = 0;
-        assert_eq!(pick_in(0, &views, &[]), Some(1));
-        assert_eq!(pick_in(0, &views, &[1]), Some(2));
-        views[2].max_connections = 7;
-        assert_eq!(pick_in(0, &views, &[1]), None);
+        assert_skips_unavailable_excluded_and_full(
+            [view(0, 1), view(5, 1), view(7, 1)],
+            |views, exclude| pick_in(0, views, exclude),
+        );
     }
 
     #[test]

@@ -47,14 +47,13 @@ mod tests {
 
     use super::*;
     use crate::MAX_BACKENDS;
+    use crate::backend::assert_skips_unavailable_excluded_and_full;
 
     fn view(active: u32, response_us: u32) -> BackendView {
         BackendView {
             active,
-            weight: 1,
-            healthy: 1,
             response_us,
-            ..Default::default()
+            ..BackendView::up(1)
         }
     }
 
@@ -92,13 +91,10 @@ mod tests {
 
     #[test]
     fn skips_unavailable_and_excluded() {
-        let mut views = [view(0, 100), view(0, 200), view(0, 300)];
-        views[0].healthy = 0;
-        assert_eq!(pick_in(0, &views, &[]), Some(1));
-        assert_eq!(pick_in(0, &views, &[1]), Some(2));
-        views[2].max_connections = 1;
-        views[2].active = 1;
-        assert_eq!(pick_in(0, &views, &[1]), None);
+        assert_skips_unavailable_excluded_and_full(
+            [view(0, 100), view(0, 200), view(0, 300)],
+            |views, exclude| pick_in(0, views, exclude),
+        );
         assert_eq!(pick_in(0, &[], &[]), None);
     }
 

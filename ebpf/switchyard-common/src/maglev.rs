@@ -158,14 +158,6 @@ mod tests {
     use crate::hash::hash_ipv4;
     use crate::{MAGLEV_TABLE_SIZE, MAX_BACKENDS};
 
-    fn up(weight: u32) -> BackendView {
-        BackendView {
-            weight,
-            healthy: 1,
-            ..Default::default()
-        }
-    }
-
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("mta{i}")).collect()
     }
@@ -242,7 +234,7 @@ mod tests {
     fn the_same_client_always_gets_the_same_backend() {
         let names = names(5);
         let table = build_table(&config(&names, &[1; 5]));
-        let views = [up(1); 5];
+        let views = [BackendView::up(1); 5];
         for client in clients().take(200) {
             let first = pick_in(client, &table, &views, &[]);
             assert!(first.is_some());
@@ -256,7 +248,7 @@ mod tests {
     fn a_down_backend_moves_only_its_own_clients() {
         let names = names(5);
         let table = build_table(&config(&names, &[1; 5]));
-        let mut views = [up(1); 5];
+        let mut views = [BackendView::up(1); 5];
         let before: Vec<_> = clients()
             .map(|c| pick_in(c, &table, &views, &[]).unwrap())
             .collect();
@@ -296,7 +288,7 @@ mod tests {
         let table = build_table(&config(&all, &[1; 5]));
         let rest: Vec<String> = all.iter().filter(|n| *n != "mta3").cloned().collect();
         let smaller = build_table(&config(&rest, &[1; 4]));
-        let views = [up(1); 5];
+        let views = [BackendView::up(1); 5];
         let mut moved = 0;
         for client in clients() {
             let before = &all[pick_in(client, &table, &views, &[]).unwrap()];
@@ -318,7 +310,10 @@ mod tests {
             ..Default::default()
         }; 3];
         assert_eq!(pick_in(42, &table, &views, &[]), None);
-        assert_eq!(pick_in(42, &table, &[up(1); 3], &[0, 1, 2]), None);
+        assert_eq!(
+            pick_in(42, &table, &[BackendView::up(1); 3], &[0, 1, 2]),
+            None
+        );
         assert!(build_table(&[]).is_empty());
         assert_eq!(pick_in(42, &[], &[], &[]), None);
     }
@@ -328,7 +323,7 @@ mod tests {
         // One available backend owning few slots: most clients' 64-slot windows miss it.
         let names = names(100);
         let table = build_table(&config(&names, &[1; 100]));
-        let mut views = [up(1); 100];
+        let mut views = [BackendView::up(1); 100];
         for v in views.iter_mut().take(99) {
             v.healthy = 0;
         }
@@ -348,7 +343,7 @@ mod tests {
             let ideal = 65537.0 * *w as f64 / 1536.0;
             assert!((*count as f64 - ideal).abs() <= 2.0, "{count} vs {ideal}");
         }
-        let views: Vec<_> = weights.iter().map(|&w| up(w)).collect();
+        let views: Vec<_> = weights.iter().map(|&w| BackendView::up(w)).collect();
         for client in clients().take(100) {
             assert!(pick_in(client, &table, &views, &[]).is_some());
         }

@@ -42,14 +42,6 @@ mod tests {
     use super::*;
     use crate::MAX_BACKENDS;
 
-    fn up() -> BackendView {
-        BackendView {
-            weight: 1,
-            healthy: 1,
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn equal_weight_table_is_the_identity() {
         assert_eq!(build_table(5), vec![0, 1, 2, 3, 4]);
@@ -57,7 +49,7 @@ mod tests {
 
     #[test]
     fn takes_turns_evenly() {
-        let views = [up(); 3];
+        let views = [BackendView::up(1); 3];
         let mut cursor = 0;
         let mut order = Vec::new();
         for _ in 0..9 {
@@ -70,7 +62,7 @@ mod tests {
 
     #[test]
     fn a_down_backend_does_not_double_its_neighbours_share() {
-        let mut views = [up(); 4];
+        let mut views = [BackendView::up(1); 4];
         views[1].healthy = 0;
         let mut cursor = 0;
         let mut picked = [0usize; 4];
@@ -84,7 +76,7 @@ mod tests {
 
     #[test]
     fn excluded_and_full_backends_are_skipped() {
-        let mut views = [up(); 3];
+        let mut views = [BackendView::up(1); 3];
         views[2].max_connections = 1;
         views[2].active = 1;
         assert_eq!(pick_in(0, &views, &[0]).map(|c| c.backend), Some(1));
@@ -101,7 +93,7 @@ mod tests {
 
     #[test]
     fn handles_max_backends_with_most_down() {
-        let mut views = vec![up(); MAX_BACKENDS];
+        let mut views = vec![BackendView::up(1); MAX_BACKENDS];
         for (i, v) in views.iter_mut().enumerate() {
             if i % 100 != 0 {
                 v.healthy = 0;

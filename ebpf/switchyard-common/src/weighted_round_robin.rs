@@ -196,14 +196,6 @@ mod tests {
 
     use super::*;
 
-    fn up(weight: u32) -> BackendView {
-        BackendView {
-            weight,
-            healthy: 1,
-            ..Default::default()
-        }
-    }
-
     fn counts(table: &[u16], n: usize) -> Vec<usize> {
         let mut counts = vec![0; n];
         for &b in table {
@@ -279,7 +271,7 @@ mod tests {
     #[test]
     fn cursor_walk_follows_the_table() {
         let table = build_table(&[2, 1]);
-        let views = [up(2), up(1)];
+        let views = [BackendView::up(2), BackendView::up(1)];
         let picks: Vec<usize> = (0..6)
             .map(|c| pick_in(&table, c, &views, &[]).unwrap().backend)
             .collect();
@@ -289,7 +281,7 @@ mod tests {
     #[test]
     fn skips_unavailable_and_excluded_and_reports_advance() {
         let table = build_table(&[1, 1, 1]);
-        let mut views = [up(1), up(1), up(1)];
+        let mut views = [BackendView::up(1), BackendView::up(1), BackendView::up(1)];
         views[1].healthy = 0;
         assert_eq!(
             pick_in(&table, 1, &views, &[]),
@@ -321,7 +313,7 @@ mod tests {
     fn advancing_past_skips_keeps_weights_among_the_rest() {
         // Backend 1 is down: its turns must be shared in the 5:1 ratio of the others.
         let table = build_table(&[5, 1, 1]);
-        let mut views = [up(5), up(1), up(1)];
+        let mut views = [BackendView::up(5), BackendView::up(1), BackendView::up(1)];
         views[1].healthy = 0;
         let mut cursor = 0;
         let mut picked = [0usize; 3];
@@ -337,7 +329,7 @@ mod tests {
     fn falls_back_to_a_scan_when_probes_run_out() {
         // 100 backends, only the last available: the probe window cannot reach it from 0.
         let table = build_table(&[1; 100]);
-        let mut views = [up(1); 100];
+        let mut views = [BackendView::up(1); 100];
         for v in views.iter_mut().take(99) {
             v.healthy = 0;
         }
@@ -362,7 +354,7 @@ mod tests {
         let weights: Vec<u32> = (0..MAX_BACKENDS as u32).map(|i| 1 + i % 3).collect();
         let table = build_table(&weights);
         assert_eq!(table.len(), weights.iter().sum::<u32>() as usize);
-        let views: Vec<BackendView> = weights.iter().map(|&w| up(w)).collect();
+        let views: Vec<BackendView> = weights.iter().map(|&w| BackendView::up(w)).collect();
         let mut cursor = 0;
         let mut picked = vec![0usize; MAX_BACKENDS];
         for _ in 0..table.len() {
