@@ -416,16 +416,21 @@ mod tests {
         server.await.unwrap();
     }
 
-    /// A greeting split over several segments, with bytes after it: the reply is exact and the
-    /// bytes after it come back apart, none lost.
-    #[tokio::test]
-    async fn greeting_split_over_segments_keeps_what_came_after() {
+    /// A connected loopback pair: (ours, the backend's end).
+    async fn connected_pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
         let (ours, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-        let (ours, (mut backend, _)) = (ours.expect("connect"), accepted.expect("accept"));
+        (ours.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// A greeting split over several segments, with bytes after it: the reply is exact and the
+    /// bytes after it come back apart, none lost.
+    #[tokio::test]
+    async fn greeting_split_over_segments_keeps_what_came_after() {
+        let (ours, mut backend) = connected_pair().await;
         let writer = tokio::spawn(async move {
             for part in [&b"220-mx.exa"[..], b"mple ESMTP\r\n220 ready\r", b"\nEARLY"] {
                 backend.write_all(part).await.expect("write");
@@ -450,12 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn greeting_cut_short_is_an_error() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        let (ours, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-        let (ours, (mut backend, _)) = (ours.expect("connect"), accepted.expect("accept"));
+        let (ours, mut backend) = connected_pair().await;
         backend.write_all(b"220 half").await.expect("write");
         drop(backend);
         assert!(read_greeting(&ours).await.is_err());
