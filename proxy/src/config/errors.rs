@@ -59,7 +59,7 @@ pub(super) fn structural_error(path: &Path, text: &str, error: toml::de::Error) 
 }
 
 /// Longest value quoted in a message; a longer one is cut and ends in "…".
-const MAX_SHOWN: usize = 64;
+pub(super) const MAX_SHOWN: usize = 64;
 
 /// `value` as a message quotes it: in double quotes, escaped, cut to [`MAX_SHOWN`] characters.
 pub(super) fn shown(value: &str) -> String {
@@ -111,7 +111,12 @@ enum Definition {
 impl Definition {
     fn of(line: &str) -> Option<Definition> {
         let line = line.trim();
-        let path = |inner: &str| inner.split_whitespace().collect::<String>().replace(['"', '\''], "");
+        let path = |inner: &str| {
+            inner
+                .split_whitespace()
+                .collect::<String>()
+                .replace(['"', '\''], "")
+        };
         if let Some(rest) = line.strip_prefix("[[") {
             return Some(Definition::ArrayEntry(path(rest.split("]]").next()?)));
         }
@@ -143,7 +148,9 @@ fn explain_duplicate(text: &str, offset: usize) -> String {
                 .map(|(i, l)| (i + 1, Definition::of(l)))
                 .take_while(|(_, d)| !d.as_ref().is_some_and(Definition::is_header))
                 .find(|(_, d)| d.as_ref() == Some(&definition))
-                .map_or(String::new(), |(line, _)| format!(" (first set on line {line})"));
+                .map_or(String::new(), |(line, _)| {
+                    format!(" (first set on line {line})")
+                });
             format!(
                 "duplicate key {}{first}: a key may be given only once in a table",
                 shown(key)

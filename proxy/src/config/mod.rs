@@ -185,7 +185,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// such as /dev/zero never ends.
 fn read_file(path: &Path) -> Result<String, String> {
     use std::io::Read;
-    let kind = std::fs::metadata(path).map_err(|e| e.to_string())?.file_type();
+    let kind = std::fs::metadata(path)
+        .map_err(|e| e.to_string())?
+        .file_type();
     if !kind.is_file() {
         return Err(format!("it is {}, not a regular file", file_kind(kind)));
     }

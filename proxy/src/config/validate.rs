@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::Path;
 
-use super::errors::Report;
+use super::errors::{Report, shown};
 use super::schema::{
     self as raw, ALGORITHMS, DATAPLANES, DEFAULT_ALGORITHM, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EHLO,
     DEFAULT_FALL, DEFAULT_FLOW_IDLE_TIMEOUT, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_GREETING_TIMEOUT,
@@ -16,7 +16,6 @@ use super::schema::{
     DEFAULT_RETRIES, DEFAULT_RISE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WEIGHT, FORWARDINGS,
     HEALTH_KINDS, PROXY_PROTOCOLS,
 };
-use super::errors::shown;
 use super::values::{
     AddressUse, FLOW_TABLE_RANGE, MAX_IFNAME, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT,
     MIN_IDLE_DURATION, MIN_SHORT_DURATION, WORKERS_RANGE, interface_ok, name_ok, parse_address,
@@ -176,7 +175,9 @@ fn check_backends_are_not_listeners(
 /// How messages name backend `index` of a service: by its name when that is valid.
 fn backend_context(service: &raw::Service, index: usize, context: &str) -> String {
     match service.backend[index].get_ref().name.as_ref() {
-        Some(name) if name_ok(name.get_ref()) => format!("{context} backend \"{}\"", name.get_ref()),
+        Some(name) if name_ok(name.get_ref()) => {
+            format!("{context} backend \"{}\"", name.get_ref())
+        }
         _ => format!("{context} backend #{}", index + 1),
     }
 }
@@ -199,7 +200,7 @@ fn is_local_address(ip: IpAddr) -> bool {
     }
     let family = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
     let nonlocal = std::fs::read_to_string(format!("/proc/sys/net/{family}/ip_nonlocal_bind"))
-        .map_or(false, |v| v.trim() != "0");
+        .is_ok_and(|v| v.trim() != "0");
     !nonlocal && std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 

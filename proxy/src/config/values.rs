@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use super::errors::{Report, shown};
+use super::errors::{MAX_SHOWN, Report, shown};
 
 /// Anything longer is surely a typo ("10d" for "10m"), and huge values overflow deadlines.
 pub(super) const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -147,7 +147,9 @@ fn duration_of(value: &toml::Value, key: &str, min: Duration) -> Result<Duration
     let text = shown(text);
     if d < min {
         let min = humantime::format_duration(min);
-        return Err(format!("{key} = {text} is too short: it must be at least {min}"));
+        return Err(format!(
+            "{key} = {text} is too short: it must be at least {min}"
+        ));
     }
     if d > MAX_DURATION {
         return Err(format!("{key} = {text} is too long: it must be at most 7d"));
@@ -186,12 +188,17 @@ pub(super) fn parse_address(s: &str) -> Result<SocketAddr, String> {
         ));
     }
     match s.rsplit_once(':') {
-        Some((host, port)) if host.parse::<IpAddr>().is_ok() || host.starts_with('[') => Err(
-            format!(
-                "{value}: port {} is not a number between 1 and 65535",
-                shown(port)
-            ),
-        ),
+        Some((host, port)) if host.parse::<IpAddr>().is_ok() || host.starts_with('[') => {
+            // A cut value may already show part of the port: never show it twice.
+            let port = if s.chars().count() > MAX_SHOWN {
+                "the port".to_owned()
+            } else {
+                format!("port {}", shown(port))
+            };
+            Err(format!(
+                "{value}: {port} is not a number between 1 and 65535"
+            ))
+        }
         Some((host, _)) if !host.is_empty() => Err(format!(
             "{value} is not an IP address (host names are not resolved); {FORM}"
         )),
