@@ -170,6 +170,12 @@ fn table() -> Vec<Case> {
             1,
             &["service", "[[service]]"],
         ),
+        rejected(
+            "double_bracket_health_table_asks_for_single_brackets",
+            service_with("[[service.health]]\nkind = \"tcp\"\n"),
+            4,
+            &["[[service.health]]", "write it with single brackets"],
+        ),
         // -------------------------------------------------------------------------------
         // Unknown keys and wrong types (serde reports the first one)
         rejected(

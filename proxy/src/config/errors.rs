@@ -45,6 +45,13 @@ pub(super) fn structural_error(path: &Path, text: &str, error: toml::de::Error) 
     {
         message.push_str("; write [[service]] and [[service.backend]] with double brackets (one table per entry)");
     }
+    if let Some(table @ ("service.health" | "service.xdp")) = keys
+        && message.starts_with("invalid type: map")
+    {
+        message = format!(
+            "[[{table}]] makes a list, but each service has one [{table}] table; write it with single brackets"
+        );
+    }
     let location = match error.span() {
         Some(span) => {
             let (line, column) = line_column(text, span.start);
