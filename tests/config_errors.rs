@@ -128,16 +128,53 @@ fn table() -> Vec<Case> {
             &["2:", "string"],
         ),
         rejected(
-            "duplicate_key_is_a_syntax_error",
+            "duplicate_key_is_named_with_its_first_line",
             service_with("algorithm = \"ip_hash\"\nalgorithm = \"least_conn\"\n"),
             5,
-            &["duplicate key"],
+            &["duplicate key \"algorithm\"", "first set on line 4"],
+        ),
+        rejected(
+            "duplicate_dotted_key_is_named",
+            service_with("health.kind = \"tcp\"\nhealth.kind = \"smtp\"\n"),
+            5,
+            &["duplicate key \"health.kind\"", "line 4"],
+        ),
+        rejected(
+            "table_defined_twice_is_named",
+            service_with("[service.health]\nkind = \"tcp\"\n[service.health]\nrise = 3\n"),
+            6,
+            &["table [service.health] is defined twice", "line 4"],
+        ),
+        // [service.backend] on line 5, [[service.backend]] on line 9.
+        rejected(
+            "backend_table_then_backend_array_is_explained",
+            format!(
+                "{GOOD_SERVICE}\n[service.backend]\nname = \"mta1\"\naddress = \"127.0.0.1:2601\"\n\n[[service.backend]]\nname = \"mta2\"\naddress = \"127.0.0.1:2602\"\n"
+            ),
+            9,
+            &[
+                "[[service.backend]] follows [service.backend] (line 5)",
+                "single brackets define one table",
+                "write every entry as [[service.backend]]",
+            ],
+        ),
+        rejected(
+            "backend_array_then_backend_table_is_explained",
+            format!("{}\n[service.backend]\nname = \"mta3\"\n", service_with("")),
+            13,
+            &["[service.backend] follows [[service.backend]] (line 9)"],
         ),
         rejected(
             "single_bracket_service_table_explains_the_array_form",
             "[service]\nname = \"mx\"\nlisten = \"127.0.0.1:@PORT1@\"\n",
             1,
             &["service", "[[service]]"],
+        ),
+        rejected(
+            "double_bracket_health_table_asks_for_single_brackets",
+            service_with("[[service.health]]\nkind = \"tcp\"\n"),
+            4,
+            &["[[service.health]]", "write it with single brackets"],
         ),
         // -------------------------------------------------------------------------------
         // Unknown keys and wrong types (serde reports the first one)
@@ -262,6 +299,148 @@ fn table() -> Vec<Case> {
             ),
             7,
             &["backend \"mta1\"", "address", "wildcard"],
+        ),
+        rejected(
+            "listen_with_scope_id_by_name_is_rejected",
+            format!("[[service]]\nname = \"mx\"\nlisten = \"[fe80::1%lo]:4525\"\n{GOOD_BACKENDS}"),
+            3,
+            &["listen \"[fe80::1%lo]:4525\"", "scope id", "not supported"],
+        ),
+        rejected(
+            "listen_with_scope_id_by_number_is_rejected",
+            format!("[[service]]\nname = \"mx\"\nlisten = \"[fe80::1%1]:4525\"\n{GOOD_BACKENDS}"),
+            3,
+            &["listen \"[fe80::1%1]:4525\"", "scope id", "not supported"],
+        ),
+        rejected(
+            "listen_link_local_without_scope_id_is_rejected",
+            format!("[[service]]\nname = \"mx\"\nlisten = \"[fe80::1]:4525\"\n{GOOD_BACKENDS}"),
+            3,
+            &["listen [fe80::1]:4525 is link-local"],
+        ),
+        rejected(
+            "listen_ipv4_mapped_is_rejected_with_the_ipv4_form",
+            format!(
+                "[[service]]\nname = \"mx\"\nlisten = \"[::ffff:127.0.0.1]:4525\"\n{GOOD_BACKENDS}"
+            ),
+            3,
+            &[
+                "listen [::ffff:127.0.0.1]:4525 is an IPv4-mapped IPv6 address",
+                "\"127.0.0.1:4525\"",
+            ],
+        ),
+        rejected(
+            "listen_multicast_is_rejected",
+            format!("[[service]]\nname = \"mx\"\nlisten = \"239.1.2.3:25\"\n{GOOD_BACKENDS}"),
+            3,
+            &["listen 239.1.2.3:25 is a multicast address"],
+        ),
+        rejected(
+            "backend_ipv4_mapped_is_rejected",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"[::ffff:192.0.2.7]:25\"\n"
+            ),
+            7,
+            &[
+                "backend \"mta1\"",
+                "address [::ffff:192.0.2.7]:25 is an IPv4-mapped",
+                "\"192.0.2.7:25\"",
+            ],
+        ),
+        rejected(
+            "backend_with_scope_id_is_rejected",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"[fe80::2%eth0]:25\"\n"
+            ),
+            7,
+            &["address \"[fe80::2%eth0]:25\"", "scope id"],
+        ),
+        rejected(
+            "backend_multicast_is_rejected",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"224.0.0.1:25\"\n"
+            ),
+            7,
+            &[
+                "backend \"mta1\"",
+                "address 224.0.0.1:25 is a multicast address",
+            ],
+        ),
+        rejected(
+            "backend_ipv6_multicast_is_rejected",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"[ff02::1]:25\"\n"
+            ),
+            7,
+            &["address [ff02::1]:25 is a multicast address"],
+        ),
+        rejected(
+            "backend_broadcast_is_rejected",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"255.255.255.255:25\"\n"
+            ),
+            7,
+            &["address 255.255.255.255:25 is the broadcast address"],
+        ),
+        rejected(
+            "duplicate_backend_address_is_rejected",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"127.0.0.1:2601\"\n\n[[service.backend]]\nname = \"mta1b\"\naddress = \"127.0.0.1:2601\"\n"
+            ),
+            11,
+            &[
+                "backend \"mta1b\"",
+                "address 127.0.0.1:2601 is given twice in this service (first on line 7)",
+            ],
+        ),
+        // -------------------------------------------------------------------------------
+        // Backends that are switchyard's own listeners
+        rejected(
+            "backend_that_is_the_service_listener_is_rejected",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"self\"\naddress = \"127.0.0.1:@PORT1@\"\n"
+            ),
+            7,
+            &[
+                "service \"mx\" backend \"self\"",
+                "is switchyard's own listen address 127.0.0.1:",
+                "(service \"mx\", line 3)",
+                "loop",
+            ],
+        ),
+        rejected(
+            "backend_that_is_another_services_listener_is_rejected",
+            format!(
+                "{}\n[[service]]\nname = \"submission\"\nlisten = \"127.0.0.1:@PORT2@\"\n\n[[service.backend]]\nname = \"to-mx\"\naddress = \"127.0.0.1:@PORT1@\"\n",
+                service_with("")
+            ),
+            19,
+            &[
+                "service \"submission\" backend \"to-mx\"",
+                "own listen address",
+                "(service \"mx\", line 3)",
+            ],
+        ),
+        rejected(
+            "loopback_backend_behind_a_wildcard_listener_is_rejected",
+            "[[service]]\nname = \"mx\"\nlisten = [\"0.0.0.0:@PORT1@\", \"[::]:@PORT1@\"]\n\n[[service.backend]]\nname = \"self\"\naddress = \"127.0.0.2:@PORT1@\"\n",
+            7,
+            &["backend \"self\"", "own listen address 0.0.0.0:"],
+        ),
+        rejected(
+            "ipv6_loopback_backend_behind_an_ipv6_wildcard_is_rejected",
+            "[[service]]\nname = \"mx\"\nlisten = [\"0.0.0.0:@PORT1@\", \"[::]:@PORT1@\"]\n\n[[service.backend]]\nname = \"self\"\naddress = \"[::1]:@PORT1@\"\n",
+            7,
+            &["backend \"self\"", "own listen address [::]:"],
+        ),
+        // [::] is IPv6-only; a remote address on the wildcard's port is no loop.
+        accepted(
+            "backends_on_a_wildcard_port_that_are_not_ours_are_accepted",
+            "[[service]]\nname = \"mx\"\nlisten = [\"[::]:2525\", \"127.0.0.1:2526\"]\n\n[[service.backend]]\nname = \"v4\"\naddress = \"127.0.0.1:2525\"\n\n[[service.backend]]\nname = \"remote\"\naddress = \"[2001:db8::25]:2525\"\n",
+            &[
+                "backend \"v4\": 127.0.0.1:2525",
+                "backend \"remote\": [2001:db8::25]:2525",
+            ],
         ),
         rejected(
             "backend_address_missing_is_rejected",
@@ -414,25 +593,25 @@ fn table() -> Vec<Case> {
             "zero_connect_timeout_is_rejected",
             service_with("connect_timeout = \"0s\"\n"),
             4,
-            &["connect_timeout must be greater than zero"],
+            &["connect_timeout = \"0s\" is too short: it must be at least"],
         ),
         rejected(
             "zero_idle_timeout_is_rejected",
             service_with("idle_timeout = \"0ms\"\n"),
             4,
-            &["idle_timeout must be greater than zero"],
+            &["idle_timeout = \"0ms\" is too short: it must be at least"],
         ),
         rejected(
             "zero_greeting_timeout_is_rejected",
             service_with("greeting_timeout = \"0s\"\n"),
             4,
-            &["greeting_timeout must be greater than zero"],
+            &["greeting_timeout = \"0s\" is too short: it must be at least"],
         ),
         rejected(
             "zero_shutdown_timeout_is_rejected",
             format!("shutdown_timeout = \"0s\"\n{}", service_with("")),
             1,
-            &["shutdown_timeout must be greater than zero"],
+            &["shutdown_timeout = \"0s\" is too short: it must be at least"],
         ),
         rejected(
             "workers_out_of_range_are_rejected_0",
@@ -462,13 +641,70 @@ fn table() -> Vec<Case> {
             "zero_health_interval_is_rejected",
             service_with("[service.health]\ninterval = \"0s\"\ntimeout = \"0s\"\n"),
             5,
-            &["health.interval must be greater than zero"],
+            &["health.interval = \"0s\" is too short: it must be at least 100ms"],
         ),
         rejected(
             "absurdly_long_timeout_is_rejected",
             service_with("idle_timeout = \"30days\"\n"),
             4,
-            &["idle_timeout must be at most 7d"],
+            &["idle_timeout = \"30days\" is too long: it must be at most 7d"],
+        ),
+        rejected(
+            "nanosecond_health_interval_is_rejected",
+            service_with("[service.health]\ninterval = \"1ns\"\ntimeout = \"1ns\"\n"),
+            5,
+            &["health.interval = \"1ns\" is too short: it must be at least 100ms"],
+        ),
+        rejected(
+            "health_timeout_below_100ms_is_rejected",
+            service_with("[service.health]\ninterval = \"1s\"\ntimeout = \"99ms\"\n"),
+            6,
+            &["health.timeout = \"99ms\" is too short: it must be at least 100ms"],
+        ),
+        rejected(
+            "nanosecond_connect_timeout_is_rejected",
+            service_with("connect_timeout = \"1ns\"\n"),
+            4,
+            &["connect_timeout = \"1ns\" is too short: it must be at least 100ms"],
+        ),
+        rejected(
+            "millisecond_greeting_timeout_is_rejected",
+            service_with("greeting_timeout = \"5ms\"\n"),
+            4,
+            &["greeting_timeout = \"5ms\" is too short: it must be at least 100ms"],
+        ),
+        rejected(
+            "subsecond_idle_timeout_is_rejected",
+            service_with("idle_timeout = \"500ms\"\n"),
+            4,
+            &["idle_timeout = \"500ms\" is too short: it must be at least 1s"],
+        ),
+        rejected(
+            "microsecond_shutdown_timeout_is_rejected",
+            format!("shutdown_timeout = \"10us\"\n{}", service_with("")),
+            1,
+            &["shutdown_timeout = \"10us\" is too short: it must be at least 100ms"],
+        ),
+        rejected(
+            "xdp_subsecond_flow_idle_timeout_is_rejected",
+            format!(
+                "[[service]]\nname = \"fast\"\nlisten = \"198.18.0.100:25\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\nflow_idle_timeout = \"1ms\"\n{GOOD_BACKENDS}"
+            ),
+            7,
+            &["xdp.flow_idle_timeout = \"1ms\" is too short: it must be at least 1s"],
+        ),
+        accepted(
+            "shortest_durations_are_accepted",
+            format!(
+                "shutdown_timeout = \"100ms\"\n{}",
+                service_with(
+                    "connect_timeout = \"100ms\"\ngreeting_timeout = \"100ms\"\nidle_timeout = \"1s\"\n[service.health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\n"
+                )
+            ),
+            &[
+                "health smtp every 100ms (timeout 100ms",
+                "shutdown_timeout 100ms",
+            ],
         ),
         rejected(
             "rise_zero_is_rejected",
@@ -837,6 +1073,87 @@ fn directory_instead_of_file_is_an_error() {
     assert!(errors.contains("cannot read"), "{errors}");
 }
 
+/// A 200 kB value in each place a value is quoted: every message names the key and shows the
+/// value once, cut.
+#[test]
+fn long_values_are_cut_and_shown_once() {
+    let long = "x".repeat(200_000);
+    let cases = [
+        (
+            "service name",
+            format!("[[service]]\nname = \"{long}\"\nlisten = \"127.0.0.1:2525\"\n{GOOD_BACKENDS}"),
+            "name",
+        ),
+        (
+            "backend name",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"{long}\"\naddress = \"127.0.0.1:2601\"\n"
+            ),
+            "name",
+        ),
+        (
+            "algorithm",
+            service_with(&format!("algorithm = \"{long}\"\n")),
+            "algorithm",
+        ),
+        (
+            "duration",
+            service_with(&format!("idle_timeout = \"{long}\"\n")),
+            "idle_timeout",
+        ),
+        (
+            "listen",
+            format!("[[service]]\nname = \"mx\"\nlisten = \"{long}:25\"\n{GOOD_BACKENDS}"),
+            "listen",
+        ),
+        (
+            "listen port",
+            format!("[[service]]\nname = \"mx\"\nlisten = \"127.0.0.1:{long}\"\n{GOOD_BACKENDS}"),
+            "listen",
+        ),
+        (
+            "address",
+            format!("{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"{long}\"\n"),
+            "address",
+        ),
+        (
+            "ehlo",
+            service_with(&format!("[service.health]\nehlo = \"{long}\"\n")),
+            "health.ehlo",
+        ),
+        (
+            "wrong type",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"mta1\"\naddress = \"127.0.0.1:2601\"\nweight = \"{long}\"\n"
+            ),
+            "weight",
+        ),
+        (
+            "unknown key",
+            service_with(&format!("{long} = 1\n")),
+            "unknown field",
+        ),
+    ];
+    for (what, text, key) in cases {
+        let text = text.replace("@PORT1@", "2525");
+        let errors = config::parse(Path::new(TABLE_FILE), &text)
+            .expect_err(what)
+            .errors;
+        for error in &errors {
+            assert!(
+                error.len() < 600 && error.contains('…') && error.contains(key),
+                "{what}: a message that is long, uncut or without its key {key:?}: {}",
+                &error[..error.len().min(600)]
+            );
+            assert_eq!(
+                error.matches(&"x".repeat(40)).count(),
+                1,
+                "{what}: value shown more than once: {error}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Through the binary: exit codes, what reaches stdout and stderr, and that `run` refuses a
 // bad config without listening.
@@ -989,6 +1306,100 @@ fn binary_refuses_an_unknown_key() {
 #[test]
 fn binary_refuses_a_listen_conflict_without_listening() {
     assert_rejected_by_the_binary("two_services_on_the_same_address_conflict");
+}
+
+/// `command`'s output, or a panic naming `what` if it has not exited within 10 s. Its address
+/// space is capped at 2 GiB, so a reader that never stops fails instead of filling memory.
+fn output_within(what: &str, args: &[&str]) -> Output {
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 2097152 && exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start switchyard");
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    match finished.recv_timeout(Duration::from_secs(10)) {
+        Ok(output) => output.expect("collect output"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("{what}: switchyard did not exit within 10 s");
+        }
+    }
+}
+
+/// `check --config path` exits 1 at once with an error naming the path and `reason`.
+fn assert_check_refuses_the_file(path: &Path, reason: &str) {
+    let shown = path.display().to_string();
+    let out = output_within(&shown, &["check", "--config", &shown]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{shown}: cannot read the configuration: "))
+            && stderr.contains(reason),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+}
+
+#[test]
+fn fifo_as_config_is_refused_at_once() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let fifo = dir.path().join("switchyard.toml");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    assert_check_refuses_the_file(&fifo, "FIFO");
+}
+
+#[test]
+fn device_as_config_is_refused_at_once() {
+    assert_check_refuses_the_file(Path::new("/dev/zero"), "not a regular file");
+}
+
+#[test]
+fn config_larger_than_16_mib_is_refused() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("switchyard.toml");
+    // A valid config padded with comments to just over the limit.
+    let mut text = read_shipped("demo.toml");
+    let comment = format!("#{}\n", "-".repeat(1023));
+    while text.len() <= 16 << 20 {
+        text.push_str(&comment);
+    }
+    std::fs::write(&path, text).expect("write config");
+    assert_check_refuses_the_file(&path, "larger than 16 MiB");
+}
+
+/// A listen address that is taken: `run` exits 1 naming file, line, key and address.
+#[test]
+fn listen_address_in_use_names_file_line_and_key() {
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a port");
+    let port = taken.local_addr().expect("local address").port();
+    let file = write_config(&format!(
+        "[[service]]\nname = \"mx\"\nlisten = [\"127.0.0.1:@PORT1@\",\n  \"127.0.0.1:{port}\"]\n{GOOD_BACKENDS}"
+    ));
+    let path = file.path.display().to_string();
+    let out = output_within("run", &["run", "--config", &path]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let expected = format!("{path}:4: service \"mx\": listen 127.0.0.1:{port}: cannot listen");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(&expected) && l.contains("in use")),
+        "no line with {expected:?}; stderr:\n{stderr}"
+    );
 }
 
 #[test]

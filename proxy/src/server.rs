@@ -98,10 +98,13 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
         for &address in &service.config.listen {
             let sockets = bind_for_workers(address, workers).with_context(|| {
-                format!(
-                    "service {:?}: cannot listen on {address}",
-                    service.config.name
-                )
+                match service.config.listen_origin(address) {
+                    Some(origin) => format!("{origin} {address}: cannot listen"),
+                    None => format!(
+                        "service {:?}: cannot listen on {address}",
+                        service.config.name
+                    ),
+                }
             })?;
             for (worker, socket) in per_worker.iter_mut().zip(sockets) {
                 worker.push((service.config.name.clone(), address, socket));

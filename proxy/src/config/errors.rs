@@ -1,6 +1,7 @@
-//! Locating and reporting problems: the `file:line:column` of serde's first structural error,
-//! the `file:line: context: message` of every validation error, and the list printed to the
-//! operator (one `error:` line each, in line order).
+//! Locating and reporting problems: the `file:line:column` of serde's first structural error
+//! (with the key of a duplicate and a table-versus-array mix explained), the
+//! `file:line: context: message` of every validation error, the list printed to the operator
+//! (one `error:` line each, in line order), and how a value is shown in a message.
 
 use std::fmt;
 use std::ops::Range;
@@ -33,11 +34,23 @@ pub(super) fn structural_error(path: &Path, text: &str, error: toml::de::Error) 
         .lines()
         .rev()
         .find_map(|l| l.strip_prefix("in `").and_then(|l| l.strip_suffix('`')));
-    let mut message = error.message().trim_end().to_owned();
+    let mut message = cut_quoted(error.message().trim_end());
+    if message == "duplicate key"
+        && let Some(span) = error.span()
+    {
+        message = explain_duplicate(text, span.start);
+    }
     if keys.is_some_and(|k| k.ends_with("service") || k.ends_with("backend"))
         && message.contains("expected a sequence")
     {
         message.push_str("; write [[service]] and [[service.backend]] with double brackets (one table per entry)");
+    }
+    if let Some(table @ ("service.health" | "service.xdp")) = keys
+        && message.starts_with("invalid type: map")
+    {
+        message = format!(
+            "[[{table}]] makes a list, but each service has one [{table}] table; write it with single brackets"
+        );
     }
     let location = match error.span() {
         Some(span) => {
@@ -49,6 +62,132 @@ pub(super) fn structural_error(path: &Path, text: &str, error: toml::de::Error) 
     match keys {
         Some(keys) if !keys.is_empty() => format!("{location}: {keys}: {message}"),
         _ => format!("{location}: {message}"),
+    }
+}
+
+/// Longest value quoted in a message; a longer one is cut and ends in "…".
+pub(super) const MAX_SHOWN: usize = 64;
+
+/// `value` as a message quotes it: in double quotes, escaped, cut to [`MAX_SHOWN`] characters.
+pub(super) fn shown(value: &str) -> String {
+    let escaped = value.escape_debug().to_string();
+    match escaped.char_indices().nth(MAX_SHOWN) {
+        Some((cut, _)) => format!("\"{}…\"", &escaped[..cut]),
+        None => format!("\"{escaped}\""),
+    }
+}
+
+/// serde's message with every quoted value (`"..."` or `` `...` ``) cut to [`MAX_SHOWN`].
+fn cut_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(1024));
+    let mut rest = message;
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        let close = rest.find(quote).unwrap_or(rest.len());
+        let inner = &rest[..close];
+        match inner.char_indices().nth(MAX_SHOWN) {
+            Some((cut, _)) => {
+                out.push_str(&inner[..cut]);
+                out.push('…');
+            }
+            None => out.push_str(inner),
+        }
+        rest = &rest[close..];
+        if let Some(after) = rest.strip_prefix(quote) {
+            out.push(quote);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What a line of TOML defines, as far as a duplicate is concerned.
+#[derive(PartialEq, Eq)]
+enum Definition {
+    /// `[path]`
+    Table(String),
+    /// `[[path]]`
+    ArrayEntry(String),
+    /// `key = ...`
+    Key(String),
+}
+
+impl Definition {
+    fn of(line: &str) -> Option<Definition> {
+        let line = line.trim();
+        let path = |inner: &str| {
+            inner
+                .split_whitespace()
+                .collect::<String>()
+                .replace(['"', '\''], "")
+        };
+        if let Some(rest) = line.strip_prefix("[[") {
+            return Some(Definition::ArrayEntry(path(rest.split("]]").next()?)));
+        }
+        if let Some(rest) = line.strip_prefix('[') {
+            return Some(Definition::Table(path(rest.split(']').next()?)));
+        }
+        let (key, _) = line.split_once('=')?;
+        Some(Definition::Key(path(key)))
+    }
+
+    fn is_header(&self) -> bool {
+        !matches!(self, Definition::Key(_))
+    }
+}
+
+/// toml says only "duplicate key": name the key, where it was first given, and explain the
+/// mix of `[x]` and `[[x]]` that most often causes it.
+fn explain_duplicate(text: &str, offset: usize) -> String {
+    let (line_number, _) = line_column(text, offset);
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(definition) = lines.get(line_number - 1).and_then(|l| Definition::of(l)) else {
+        return "duplicate key".to_owned();
+    };
+    let earlier = lines[..line_number - 1].iter().enumerate().rev();
+    match &definition {
+        Definition::Key(key) => {
+            // The first one is in the same table: between the last header and this line.
+            let first = earlier
+                .map(|(i, l)| (i + 1, Definition::of(l)))
+                .take_while(|(_, d)| !d.as_ref().is_some_and(Definition::is_header))
+                .find(|(_, d)| d.as_ref() == Some(&definition))
+                .map_or(String::new(), |(line, _)| {
+                    format!(" (first set on line {line})")
+                });
+            format!(
+                "duplicate key {}{first}: a key may be given only once in a table",
+                shown(key)
+            )
+        }
+        Definition::Table(path) | Definition::ArrayEntry(path) => {
+            let first = earlier.map(|(i, l)| (i + 1, Definition::of(l))).find(|(_, d)| {
+                matches!(d, Some(Definition::Table(p) | Definition::ArrayEntry(p)) if p == path)
+            });
+            match first {
+                Some((line, Some(Definition::Table(_))))
+                    if matches!(definition, Definition::ArrayEntry(_)) =>
+                {
+                    format!(
+                        "[[{path}]] follows [{path}] (line {line}): single brackets define one table, double brackets add an entry to an array of tables, and one key cannot be both; write every entry as [[{path}]]"
+                    )
+                }
+                Some((line, Some(Definition::ArrayEntry(_))))
+                    if matches!(definition, Definition::Table(_)) =>
+                {
+                    format!(
+                        "[{path}] follows [[{path}]] (line {line}): single brackets define one table, double brackets add an entry to an array of tables, and one key cannot be both; write every entry as [[{path}]]"
+                    )
+                }
+                Some((line, _)) => {
+                    format!("table [{path}] is defined twice (first on line {line})")
+                }
+                None => format!("duplicate key {}", shown(path)),
+            }
+        }
     }
 }
 

@@ -38,6 +38,9 @@ pub struct Config {
 pub struct ServiceConfig {
     pub name: String,
     pub listen: Vec<SocketAddr>,
+    /// Where each of `listen` is written (same order), for errors only `run` meets (a port in
+    /// use, an address not on this host).
+    pub listen_origins: Vec<Origin>,
     pub algorithm: Algorithm,
     pub proxy_protocol: ProxyProtocol,
     /// 0 = unlimited.
@@ -54,6 +57,31 @@ pub struct ServiceConfig {
     /// Present exactly when `dataplane` is [`Dataplane::Xdp`]; then `listen` is one IPv4
     /// VIP:port and every backend address is IPv4.
     pub xdp: Option<XdpConfig>,
+}
+
+/// Where a value is written in the config file: `file:line: context: key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+    /// What the value belongs to, as config errors name it (`service "mx"`).
+    pub context: String,
+    pub key: &'static str,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (file, line, context, key) = (self.file.display(), self.line, &self.context, self.key);
+        write!(f, "{file}:{line}: {context}: {key}")
+    }
+}
+
+impl ServiceConfig {
+    /// Where the listen address `address` is written, if it is one of this service's.
+    pub fn listen_origin(&self, address: SocketAddr) -> Option<&Origin> {
+        let index = self.listen.iter().position(|a| *a == address)?;
+        self.listen_origins.get(index)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,15 +165,67 @@ pub struct XdpConfig {
     pub pin: bool,
 }
 
+/// The largest config file read: far above any real one, and a bound on what a wrong path
+/// (a log file, a device) can make us read.
+pub const MAX_FILE_SIZE: u64 = 16 << 20;
+
 /// Reads and validates the configuration at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+    let text = read_file(path).map_err(|e| ConfigErrors {
         errors: vec![format!(
             "{}: cannot read the configuration: {e}",
             path.display()
         )],
     })?;
     parse(path, &text)
+}
+
+/// The text of `path`, which must be a regular file of at most [`MAX_FILE_SIZE`] bytes. The
+/// type is checked before opening: opening a FIFO blocks until a writer comes, and a device
+/// such as /dev/zero never ends.
+fn read_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let kind = std::fs::metadata(path)
+        .map_err(|e| e.to_string())?
+        .file_type();
+    if !kind.is_file() {
+        return Err(format!("it is {}, not a regular file", file_kind(kind)));
+    }
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    // One byte more than allowed tells a file at the limit from a longer one.
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(format!(
+            "it is larger than {} MiB; is this the configuration file?",
+            MAX_FILE_SIZE >> 20
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "it is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
 }
 
 /// Validates `text` as the contents of the file `path` (used in messages and `Config::source`).

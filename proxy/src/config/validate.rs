@@ -1,13 +1,14 @@
 //! Raw to typed: every service, listen address, health check, backend and XDP table checked
-//! against the others (duplicate names, conflicting listeners, what the kernel path can do,
-//! one pin setting for all XDP services), with defaults filled in.
+//! against the others (duplicate names and backend addresses, conflicting listeners, backends
+//! that are switchyard's own listeners, what the kernel path can do, one pin setting for all
+//! XDP services), with defaults filled in.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::Path;
 
-use super::errors::Report;
+use super::errors::{Report, shown};
 use super::schema::{
     self as raw, ALGORITHMS, DATAPLANES, DEFAULT_ALGORITHM, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EHLO,
     DEFAULT_FALL, DEFAULT_FLOW_IDLE_TIMEOUT, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_GREETING_TIMEOUT,
@@ -16,11 +17,12 @@ use super::schema::{
     HEALTH_KINDS, PROXY_PROTOCOLS,
 };
 use super::values::{
-    FLOW_TABLE_RANGE, MAX_IFNAME, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT, WORKERS_RANGE,
-    interface_ok, parse_address,
+    AddressUse, FLOW_TABLE_RANGE, MAX_IFNAME, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT,
+    MIN_IDLE_DURATION, MIN_SHORT_DURATION, WORKERS_RANGE, interface_ok, name_ok, parse_address,
+    usable_address,
 };
 use super::{
-    Algorithm, BackendConfig, Config, Dataplane, Forwarding, HealthConfig, HealthKind,
+    Algorithm, BackendConfig, Config, Dataplane, Forwarding, HealthConfig, HealthKind, Origin,
     ProxyProtocol, ServiceConfig, XdpConfig,
 };
 
@@ -32,11 +34,22 @@ fn listen_conflict(a: &SocketAddr, b: &SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// A listen address already validated, for the checks across services.
+struct Listener {
+    address: SocketAddr,
+    /// Index of its service.
+    service: usize,
+    /// Its service as messages name it (`service "mx"`).
+    owner: String,
+    line: usize,
+}
+
 pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Config {
     let shutdown_timeout = report.duration(
         &raw.shutdown_timeout,
         "",
         "shutdown_timeout",
+        MIN_SHORT_DURATION,
         DEFAULT_SHUTDOWN_TIMEOUT,
     );
     let workers = raw
@@ -55,18 +68,24 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
     let mut services = Vec::new();
     // name -> line of its first definition
     let mut names: HashMap<String, usize> = HashMap::new();
-    // (address, service index, service name, line) of every listen address seen so far
-    let mut listeners: Vec<(SocketAddr, usize, String, usize)> = Vec::new();
+    // every listen address seen so far
+    let mut listeners: Vec<Listener> = Vec::new();
     // (pin, service name) of the first xdp service
     let mut first_pin: Option<(bool, String)> = None;
 
     for (index, service) in raw.service.iter().enumerate() {
         let header = service.span();
         let service = service.get_ref();
-        let name = match &service.name {
+        let numbered = format!("service #{}", index + 1);
+        let (name, context) = match &service.name {
             Some(name) => {
+                // An invalid name is shown once, in its own message, never as the context.
                 let context = format!("service \"{}\"", name.get_ref());
-                report.name(name, &context);
+                let context = if report.name(name, &numbered) {
+                    context
+                } else {
+                    numbered
+                };
                 let line = report.line(&name.span());
                 if let Some(first) = names.get(name.get_ref()) {
                     report.error(
@@ -77,53 +96,48 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
                 } else {
                     names.insert(name.get_ref().clone(), line);
                 }
-                name.get_ref().clone()
+                (name.get_ref().clone(), context)
             }
             None => {
-                report.error(
-                    &header,
-                    &format!("service #{}", index + 1),
-                    "name is missing",
-                );
-                format!("#{}", index + 1)
+                report.error(&header, &numbered, "name is missing");
+                (format!("#{}", index + 1), numbered)
             }
         };
-        let context = if service.name.is_some() {
-            format!("service \"{name}\"")
-        } else {
-            format!("service {name}")
-        };
-        let validated = validate_service(service, &header, name, &context, report);
+        let validated = validate_service(path, service, &header, name, &context, report);
 
         if let Some(listen) = &service.listen {
-            let line = report.line(&listen.span());
-            for addr in &validated.listen {
-                let clash = listeners
-                    .iter()
-                    .find(|(other, _, _, _)| listen_conflict(addr, other))
-                    .map(|(other, owner, owner_name, other_line)| {
-                        (*other, *owner, owner_name.clone(), *other_line)
-                    });
-                if let Some((other, owner, owner_name, other_line)) = clash {
-                    let whose = if owner == index {
-                        "this service".to_owned()
+            for (addr, origin) in validated.listen.iter().zip(&validated.listen_origins) {
+                let clash = listeners.iter().find(|l| listen_conflict(addr, &l.address));
+                if let Some(other) = clash {
+                    let whose = if other.service == index {
+                        "this service"
                     } else {
-                        format!("service \"{owner_name}\"")
+                        &other.owner
                     };
                     report.error(
                         &listen.span(),
                         &context,
                         format_args!(
-                            "listen {addr} conflicts with {other} of {whose} (line {other_line}): same port and address family"
+                            "listen {addr} conflicts with {} of {whose} (line {}): same port and address family",
+                            other.address, other.line
                         ),
                     );
                 }
-                listeners.push((*addr, index, validated.name.clone(), line));
+                listeners.push(Listener {
+                    address: *addr,
+                    service: index,
+                    owner: context.clone(),
+                    line: origin.line,
+                });
             }
         }
         check_pin_agrees(service, &validated, &context, &mut first_pin, report);
-        services.push(validated);
+        services.push((context, validated));
     }
+    for ((context, _), raw_service) in services.iter().zip(&raw.service) {
+        check_backends_are_not_listeners(raw_service.get_ref(), context, &listeners, report);
+    }
+    let services = services.into_iter().map(|(_, s)| s).collect();
 
     Config {
         source: path.to_path_buf(),
@@ -131,6 +145,79 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
         workers,
         services,
     }
+}
+
+/// A backend that is one of our own listeners would send every session (and every health
+/// check) back into switchyard, which would connect to itself again until descriptors run out.
+fn check_backends_are_not_listeners(
+    service: &raw::Service,
+    context: &str,
+    listeners: &[Listener],
+    report: &mut Report,
+) {
+    for (index, backend, span) in parsed_backend_addresses(service) {
+        let own = listeners
+            .iter()
+            .find(|l| reaches_listener(backend, l.address));
+        if let Some(own) = own {
+            report.error(
+                &span,
+                &backend_context(service, index, context),
+                format_args!(
+                    "address {backend} is switchyard's own listen address {} ({}, line {}): sessions would loop back into switchyard",
+                    own.address, own.owner, own.line
+                ),
+            );
+        }
+    }
+}
+
+/// How messages name backend `index` of a service: by its name when that is valid.
+fn backend_context(service: &raw::Service, index: usize, context: &str) -> String {
+    match service.backend[index].get_ref().name.as_ref() {
+        Some(name) if name_ok(name.get_ref()) => {
+            format!("{context} backend \"{}\"", name.get_ref())
+        }
+        _ => format!("{context} backend #{}", index + 1),
+    }
+}
+
+/// Whether a connection to `backend` would arrive at a socket listening on `listen`: the same
+/// port and family, and the same address or a wildcard listen and an address of this host.
+fn reaches_listener(backend: SocketAddr, listen: SocketAddr) -> bool {
+    backend.port() == listen.port()
+        && backend.is_ipv4() == listen.is_ipv4()
+        && (backend.ip() == listen.ip()
+            || (listen.ip().is_unspecified() && is_local_address(backend.ip())))
+}
+
+/// Whether `ip` is one of this host's own addresses (loopback included): only those can be
+/// bound without IP_FREEBIND. Where non-local binds are allowed (`ip_nonlocal_bind`), only
+/// loopback addresses count, to never reject a remote backend.
+fn is_local_address(ip: IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    let family = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
+    let nonlocal = std::fs::read_to_string(format!("/proc/sys/net/{family}/ip_nonlocal_bind"))
+        .is_ok_and(|v| v.trim() != "0");
+    !nonlocal && std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+/// The backends of a raw service whose address parses: (index, address, span of the address).
+/// Checked on the raw entries because the typed list leaves out backends with other errors.
+fn parsed_backend_addresses(
+    service: &raw::Service,
+) -> impl Iterator<Item = (usize, SocketAddr, Range<usize>)> {
+    service
+        .backend
+        .iter()
+        .enumerate()
+        .filter_map(|(index, backend)| {
+            let address = backend.get_ref().address.as_ref()?;
+            let addr = parse_address(address.get_ref()).ok()?;
+            Some((index, addr, address.span()))
+        })
 }
 
 /// Every xdp service runs in the one XDP program, which is pinned or not as a whole.
@@ -166,13 +253,26 @@ fn check_pin_agrees(
 }
 
 fn validate_service(
+    path: &Path,
     service: &raw::Service,
     header: &Range<usize>,
     name: String,
     context: &str,
     report: &mut Report,
 ) -> ServiceConfig {
-    let listen = validate_listen(service, header, context, report);
+    let (listen, listen_origins): (Vec<SocketAddr>, Vec<Origin>) =
+        validate_listen(service, header, context, report)
+            .into_iter()
+            .map(|(addr, line)| {
+                let origin = Origin {
+                    file: path.to_path_buf(),
+                    line,
+                    context: context.to_owned(),
+                    key: "listen",
+                };
+                (addr, origin)
+            })
+            .unzip();
     let dataplane = report.choice(
         &service.dataplane,
         context,
@@ -205,18 +305,21 @@ fn validate_service(
         &service.connect_timeout,
         context,
         "connect_timeout",
+        MIN_SHORT_DURATION,
         DEFAULT_CONNECT_TIMEOUT,
     );
     let greeting_timeout = report.duration(
         &service.greeting_timeout,
         context,
         "greeting_timeout",
+        MIN_SHORT_DURATION,
         DEFAULT_GREETING_TIMEOUT,
     );
     let idle_timeout = report.duration(
         &service.idle_timeout,
         context,
         "idle_timeout",
+        MIN_IDLE_DURATION,
         DEFAULT_IDLE_TIMEOUT,
     );
     let retries = report.integer(
@@ -268,6 +371,7 @@ fn validate_service(
     ServiceConfig {
         name,
         listen,
+        listen_origins,
         algorithm,
         proxy_protocol,
         max_connections,
@@ -282,12 +386,13 @@ fn validate_service(
     }
 }
 
+/// Every valid listen address with the line it is written on.
 fn validate_listen(
     service: &raw::Service,
     header: &Range<usize>,
     context: &str,
     report: &mut Report,
-) -> Vec<SocketAddr> {
+) -> Vec<(SocketAddr, usize)> {
     let Some(listen) = &service.listen else {
         report.error(
             header,
@@ -310,13 +415,15 @@ fn validate_listen(
             "listen is an empty list; give at least one address",
         );
     }
-    let mut addresses: Vec<SocketAddr> = Vec::new();
+    let mut addresses: Vec<(SocketAddr, usize)> = Vec::new();
     for (text, span) in items {
-        match parse_address(&text) {
-            Ok(addr) if addresses.contains(&addr) => {
+        let parsed = parse_address(&text)
+            .and_then(|addr| usable_address(addr, AddressUse::Listen).map(|()| addr));
+        match parsed {
+            Ok(addr) if addresses.iter().any(|(a, _)| *a == addr) => {
                 report.error(&span, context, format_args!("listen {addr} is given twice"));
             }
-            Ok(addr) => addresses.push(addr),
+            Ok(addr) => addresses.push((addr, report.line(&span))),
             Err(message) => report.error(&span, context, format_args!("listen {message}")),
         }
     }
@@ -350,12 +457,14 @@ fn validate_health(
         &h.interval,
         context,
         "health.interval",
+        MIN_SHORT_DURATION,
         DEFAULT_HEALTH_INTERVAL,
     );
     let timeout = report.duration(
         &h.timeout,
         context,
         "health.timeout",
+        MIN_SHORT_DURATION,
         DEFAULT_HEALTH_TIMEOUT,
     );
     let rise = report.integer(
@@ -398,8 +507,8 @@ fn validate_health(
                     &ehlo.span(),
                     context,
                     format_args!(
-                        "health.ehlo \"{}\" is not a valid EHLO name; use a host name such as \"lb1.example.net\"",
-                        name.escape_debug()
+                        "health.ehlo {} is not a valid EHLO name; use a host name such as \"lb1.example.net\"",
+                        shown(name)
                     ),
                 );
             }
@@ -431,14 +540,21 @@ fn validate_backends(
         );
     }
     let mut names: HashMap<String, usize> = HashMap::new();
+    // address -> line of the first backend with it
+    let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
     let mut backends = Vec::new();
     for (index, backend) in service.backend.iter().enumerate() {
         let backend_header = backend.span();
         let b = backend.get_ref();
+        let numbered = format!("{context} backend #{}", index + 1);
         let (name, backend_context) = match &b.name {
             Some(name) => {
                 let backend_context = format!("{context} backend \"{}\"", name.get_ref());
-                report.name(name, &backend_context);
+                let backend_context = if report.name(name, &numbered) {
+                    backend_context
+                } else {
+                    numbered
+                };
                 let line = report.line(&name.span());
                 match names.get(name.get_ref()) {
                     Some(first) => report.error(
@@ -455,29 +571,34 @@ fn validate_backends(
                 (name.get_ref().clone(), backend_context)
             }
             None => {
-                let backend_context = format!("{context} backend #{}", index + 1);
-                report.error(&backend_header, &backend_context, "name is missing");
-                (format!("#{}", index + 1), backend_context)
+                report.error(&backend_header, &numbered, "name is missing");
+                (format!("#{}", index + 1), numbered)
             }
         };
         let address = match &b.address {
             Some(address) => {
-                match parse_address(address.get_ref()) {
-                    Ok(addr) if addr.ip().is_unspecified() => {
-                        report.error(
-                        &address.span(),
-                        &backend_context,
-                        format_args!("address {addr} is the wildcard address; give the backend's own address"),
-                    );
-                        None
-                    }
-                    Ok(addr) => Some(addr),
+                let span = address.span();
+                let parsed = parse_address(address.get_ref())
+                    .and_then(|addr| usable_address(addr, AddressUse::Backend).map(|()| addr));
+                match parsed {
+                    Ok(addr) => match addresses.get(&addr) {
+                        Some(first) => {
+                            report.error(
+                                &span,
+                                &backend_context,
+                                format_args!(
+                                    "address {addr} is given twice in this service (first on line {first}); one MTA is one backend (use weight for a bigger share)"
+                                ),
+                            );
+                            None
+                        }
+                        None => {
+                            addresses.insert(addr, report.line(&span));
+                            Some(addr)
+                        }
+                    },
                     Err(message) => {
-                        report.error(
-                            &address.span(),
-                            &backend_context,
-                            format_args!("address {message}"),
-                        );
+                        report.error(&span, &backend_context, format_args!("address {message}"));
                         None
                     }
                 }
@@ -526,8 +647,8 @@ fn validate_xdp(xdp: &raw::Xdp, context: &str, report: &mut Report) -> XdpConfig
                 &value.span(),
                 context,
                 format_args!(
-                    "{key} \"{}\" is not a network interface name (1 to {MAX_IFNAME} characters, no '/', ':' or spaces)",
-                    value.get_ref().escape_debug()
+                    "{key} {} is not a network interface name (1 to {MAX_IFNAME} characters, no '/', ':' or spaces)",
+                    shown(value.get_ref())
                 ),
             );
         }
@@ -573,6 +694,7 @@ fn validate_xdp(xdp: &raw::Xdp, context: &str, report: &mut Report) -> XdpConfig
         &xdp.flow_idle_timeout,
         context,
         "xdp.flow_idle_timeout",
+        MIN_IDLE_DURATION,
         DEFAULT_FLOW_IDLE_TIMEOUT,
     );
     XdpConfig {
@@ -641,23 +763,11 @@ fn check_xdp_service(
             );
         }
     }
-    // Checked on the raw entries: `backends` leaves out those whose address did not parse.
-    for raw_backend in &service.backend {
-        let raw_backend = raw_backend.get_ref();
-        let Some(address) = &raw_backend.address else {
-            continue;
-        };
-        let Ok(addr) = parse_address(address.get_ref()) else {
-            continue;
-        };
+    for (index, addr, span) in parsed_backend_addresses(service) {
         if addr.is_ipv6() {
-            let name = raw_backend
-                .name
-                .as_ref()
-                .map_or("?", |n| n.get_ref().as_str());
             report.error(
-                &address.span(),
-                &format!("{context} backend \"{name}\""),
+                &span,
+                &backend_context(service, index, context),
                 format_args!("address {addr} is IPv6; dataplane = \"xdp\" forwards IPv4 only"),
             );
         }
