@@ -20,6 +20,8 @@ use tracing::{debug, warn};
 
 use crate::config::ProxyProtocol;
 use crate::counters::ActiveGuard;
+use crate::limits::{self, Site};
+use crate::loops::Outgoing;
 use crate::proxy_protocol;
 use crate::relay::relay;
 use crate::smtp;
@@ -225,6 +227,8 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
                     greeting,
                 });
             }
+            // Our own descriptors or memory ran out: another backend would fare no better.
+            Err(Failure::Local) => return None,
             Err(failure) => {
                 drop(active);
                 failures += 1;
@@ -251,12 +255,15 @@ enum Failure {
     Unreachable(String),
     /// The backend answered, but with a 4xx/5xx greeting (e.g. a busy Postfix's 421).
     Refused(String),
+    /// Switchyard itself ran out of descriptors or memory: no fault of the backend's.
+    Local,
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Unreachable(why) | Failure::Refused(why) => f.write_str(why),
+            Failure::Local => f.write_str("out of local resources"),
         }
     }
 }
@@ -281,6 +288,8 @@ async fn greet(
                 })?
                 .with_context(|| format!("connect to {address}"))?;
         let _ = stream.set_nodelay(true);
+        // Recognisable while it waits for the greeting, should it come back to our listener.
+        let _outgoing = stream.local_addr().ok().map(Outgoing::register);
         let mut reader = BufReader::with_capacity(1024, stream);
         let greeting = tokio::time::timeout(service.config.greeting_timeout, async {
             if !header.is_empty() {
@@ -305,6 +314,10 @@ async fn greet(
     let (reader, greeting) = match attempt.await {
         Ok(done) => done,
         Err(error) => {
+            if let Some(exhausted) = limits::exhaustion_in(&error) {
+                limits::OWN_EXHAUSTION.record(Site::Connect, exhausted);
+                return Err(Failure::Local);
+            }
             if let Some(up) = backend.health.record_passive_failure() {
                 warn!(backend = %backend.config.name, up, "backend marked down by failures on live traffic");
             }
