@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, HealthKind, ProxyProtocol};
 use crate::limits::{self, Site};
-use crate::loops::Outgoing;
+use crate::loops;
 use crate::proxy_protocol;
 use crate::smtp;
 use crate::state::{Backend, Service};
@@ -150,17 +150,16 @@ async fn check(
 ) -> Result<Duration, CheckFailed> {
     let started = Instant::now();
     let deadline = started + health.timeout;
-    let mut stream = match timeout_at(deadline, TcpStream::connect(address)).await {
+    // Recognisable should the backend address lead back to our own listener.
+    let (mut stream, _outgoing) = match timeout_at(deadline, loops::connect(address)).await {
         Err(_) => return Err(format!("connect timed out after {:?}", health.timeout).into()),
         Ok(Err(error)) if limits::is_local_exhaustion(&error) => {
             return Err(CheckFailed::Local(error));
         }
         Ok(Err(error)) => return Err(format!("connect failed: {error}").into()),
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(connected)) => connected,
     };
     let _ = stream.set_nodelay(true);
-    // Recognisable should the backend address lead back to our own listener.
-    let _outgoing = stream.local_addr().ok().map(Outgoing::register);
     let header = check_proxy_header(proxy, &stream);
     if !header.is_empty() {
         step(deadline, "sending PROXY header", stream.write_all(&header)).await?;

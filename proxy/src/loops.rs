@@ -11,8 +11,13 @@
 //! (another balancer, a port forwarder) is not visible here; `max_connections`, the descriptor
 //! limit (which never counts against backends) and `greeting_timeout` bound it.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpStream;
 
 /// Clients refused because they were our own connections come back.
 static LOOPS_REFUSED: AtomicU64 = AtomicU64::new(0);
@@ -35,6 +40,32 @@ fn fold(ip: IpAddr) -> u32 {
         },
     };
     folded.max(1)
+}
+
+/// Connects to `address`, registering the connection as ours as soon as the kernel has chosen
+/// its local address (right after the SYN is sent, before any wait), so that it is known
+/// before a looped connection can be accepted. Keep the [`Outgoing`] while the connection
+/// could still turn out to be a loop (until the backend greets).
+pub async fn connect(address: SocketAddr) -> io::Result<(TcpStream, Outgoing)> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&address.into()) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(Errno::EINPROGRESS as i32) => {}
+        Err(error) => return Err(error),
+    }
+    let outgoing = Outgoing::register(
+        socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("a TCP socket without an IP address"))?,
+    );
+    let stream = TcpStream::from_std(socket.into())?;
+    stream.writable().await?;
+    if let Some(error) = stream.take_error()? {
+        return Err(error);
+    }
+    Ok((stream, outgoing))
 }
 
 /// One of our outgoing connections, registered while it lives (dropping it unregisters).
@@ -92,9 +123,16 @@ pub fn is_own_connection(peer: SocketAddr) -> bool {
     count > 0 && (ip == ANY_IP || ip == fold(peer.ip()))
 }
 
-/// Counts a client refused as a loop; true for the first one (to be logged).
-pub fn record_refused() -> bool {
-    LOOPS_REFUSED.fetch_add(1, Ordering::Relaxed) == 0
+/// Counts a client refused as one of our own connections come back; the first is logged.
+pub fn report_refused(service_name: &str, client: SocketAddr) {
+    if LOOPS_REFUSED.fetch_add(1, Ordering::Relaxed) == 0 {
+        tracing::warn!(
+            service = %service_name,
+            "connection from {client} is one of switchyard's own backend connections: a \
+             backend address leads back to this listener (a forwarding loop); such connections \
+             are refused, so that backend fails its checks"
+        );
+    }
 }
 
 /// Clients refused as loops so far.
@@ -119,6 +157,19 @@ mod tests {
         assert!(is_own_connection(ours));
         drop(second);
         assert!(!is_own_connection(ours));
+    }
+
+    #[tokio::test]
+    async fn our_connection_is_known_when_it_reaches_a_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (_stream, outgoing) = connect(address).await.expect("connect");
+        let (_accepted, peer) = listener.accept().await.expect("accept");
+        assert!(is_own_connection(peer));
+        drop(outgoing);
+        assert!(!is_own_connection(peer));
     }
 
     #[test]

@@ -408,7 +408,9 @@ async fn accept_loop(
         };
         spare.restore();
         if loops::is_own_connection(client_addr) {
-            refuse_loop(&service_name, client_addr);
+            // Closed at once, it fails that attempt (or check) like a dead backend, before it
+            // could open a connection of its own and grow a chain.
+            loops::report_refused(&service_name, client_addr);
             continue;
         }
         if let Err(error) = start_session(
@@ -421,20 +423,6 @@ async fn accept_loop(
         ) {
             warn!(service = %service_name, client = %client_addr, "{error:#}");
         }
-    }
-}
-
-/// Closes a client that is one of our own backend or health-check connections come back: its
-/// backend address leads to us. Closed at once, it fails that attempt (and the check) like a
-/// dead backend, before it could open a connection of its own and grow a chain.
-fn refuse_loop(service_name: &str, client_addr: SocketAddr) {
-    if loops::record_refused() {
-        warn!(
-            service = %service_name,
-            "connection from {client_addr} is one of switchyard's own backend connections: a \
-             backend address leads back to this listener (a forwarding loop); refusing such \
-             connections, so that backend fails its checks"
-        );
     }
 }
 

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::config::ProxyProtocol;
 use crate::counters::ActiveGuard;
 use crate::limits::{self, Site};
-use crate::loops::Outgoing;
+use crate::loops;
 use crate::proxy_protocol;
 use crate::relay::relay;
 use crate::smtp;
@@ -110,6 +110,13 @@ pub async fn run(
             return;
         }
     };
+    // Checked again before anything is relayed (the accept path checked first): a loop
+    // connection accepted in the instant before its originator registered it is known by now,
+    // because its originator still waits for this very greeting.
+    if loops::is_own_connection(client_addr) {
+        loops::report_refused(&service.config.name, client_addr);
+        return;
+    }
     let idle = service.config.idle_timeout;
     let result = tokio::select! {
         _ = stop.cancelled() => Err(anyhow!("cut off at shutdown")),
@@ -277,8 +284,9 @@ async fn greet(
     let address = backend.config.address;
     let started = Instant::now();
     let attempt = async {
-        let stream =
-            tokio::time::timeout(service.config.connect_timeout, TcpStream::connect(address))
+        // Recognisable while it waits for the greeting, should it come back to our listener.
+        let (stream, _outgoing) =
+            tokio::time::timeout(service.config.connect_timeout, loops::connect(address))
                 .await
                 .map_err(|_| {
                     anyhow!(
@@ -288,8 +296,6 @@ async fn greet(
                 })?
                 .with_context(|| format!("connect to {address}"))?;
         let _ = stream.set_nodelay(true);
-        // Recognisable while it waits for the greeting, should it come back to our listener.
-        let _outgoing = stream.local_addr().ok().map(Outgoing::register);
         let mut reader = BufReader::with_capacity(1024, stream);
         let greeting = tokio::time::timeout(service.config.greeting_timeout, async {
             if !header.is_empty() {
