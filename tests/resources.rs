@@ -170,6 +170,28 @@ fn spawn_with_limit(limit: &str, toml: &str, dir: &std::path::Path) -> (Child, s
     (child, stderr)
 }
 
+/// Polls `child` until `done(log, exited)` holds or 15 s pass (then it is killed); returns its
+/// log and its exit status if it exited.
+fn watch(
+    child: &mut Child,
+    stderr: &std::path::Path,
+    done: impl Fn(&str, bool) -> bool,
+) -> (String, Option<std::process::ExitStatus>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = child.try_wait().expect("wait");
+        let log = std::fs::read_to_string(stderr).unwrap_or_default();
+        if done(&log, status.is_some()) || status.is_some() || Instant::now() > deadline {
+            if status.is_none() && !done(&log, false) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            return (log, status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// 300 workers cannot all get a runtime with 400 descriptors: the start fails with the reason
 /// and exit status 1, and nothing is ever announced as listening.
 #[test]
@@ -188,22 +210,9 @@ fn workers_that_cannot_start_fail_the_start() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut child, stderr) = spawn_with_limit("ulimit -n 400", &toml, dir.path());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "still running with workers that could not start:\n{}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+    let (log, status) = watch(&mut child, &stderr, |_, exited| exited);
+    let status =
+        status.unwrap_or_else(|| panic!("still running with workers that could not start:\n{log}"));
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(!log.contains("listening on"), "{log}");
     assert!(log.contains("Too many open files"), "{log}");
@@ -233,19 +242,13 @@ fn open_files_limit_is_raised_and_compared_with_the_need() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut child, stderr) =
         spawn_with_limit("ulimit -Sn 100 && ulimit -Hn 1000", &toml, dir.path());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let log = loop {
-        let log = std::fs::read_to_string(&stderr).unwrap_or_default();
-        if log.contains(&format!("listening on {listen}")) {
-            break log;
-        }
-        if Instant::now() > deadline || child.try_wait().expect("wait").is_some() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("did not start:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (log, exited) = watch(&mut child, &stderr, |log, _| {
+        log.contains(&format!("listening on {listen}"))
+    });
+    assert!(
+        exited.is_none() && log.contains("listening on"),
+        "did not start:\n{log}"
+    );
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
     let _ = child.kill();
     let _ = child.wait();
