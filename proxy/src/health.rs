@@ -15,6 +15,8 @@ use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, HealthKind, ProxyProtocol};
+use crate::limits::{self, Site};
+use crate::loops;
 use crate::proxy_protocol;
 use crate::smtp;
 use crate::state::{Backend, Service};
@@ -59,6 +61,15 @@ async fn check_loop(
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             result = check(health, proxy, backend.config.address) => result,
+        };
+        // Could not even open the check's connection: says nothing about the backend.
+        let result = match result {
+            Err(CheckFailed::Local(error)) => {
+                limits::OWN_EXHAUSTION.record(Site::HealthCheck, &error);
+                continue;
+            }
+            Err(CheckFailed::Backend(reason)) => Err(reason),
+            Ok(latency) => Ok(latency),
         };
         let ok = result.is_ok();
         if last_ok != Some(ok) {
@@ -106,26 +117,57 @@ fn kind_name(kind: HealthKind) -> &'static str {
     }
 }
 
+/// Why a check did not pass.
+#[derive(Debug)]
+enum CheckFailed {
+    /// The backend failed it; the reason is for the log.
+    Backend(String),
+    /// Switchyard could not open the connection (out of descriptors, memory, local ports).
+    Local(std::io::Error),
+}
+
+impl std::fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckFailed::Backend(reason) => f.write_str(reason),
+            CheckFailed::Local(error) => write!(f, "cannot open a connection: {error}"),
+        }
+    }
+}
+
+impl From<String> for CheckFailed {
+    fn from(reason: String) -> Self {
+        CheckFailed::Backend(reason)
+    }
+}
+
 /// Runs one check, bounded by `health.timeout` as a whole; on success returns the connect +
-/// greeting latency (connect only for `tcp`), on failure a reason for the log.
+/// greeting latency (connect only for `tcp`).
 async fn check(
     health: &HealthConfig,
     proxy: ProxyProtocol,
     address: SocketAddr,
-) -> Result<Duration, String> {
+) -> Result<Duration, CheckFailed> {
     let started = Instant::now();
     let deadline = started + health.timeout;
-    let mut stream = timeout_at(deadline, TcpStream::connect(address))
-        .await
-        .map_err(|_| format!("connect timed out after {:?}", health.timeout))?
-        .map_err(|e| format!("connect failed: {e}"))?;
+    // Recognisable should the backend address lead back to our own listener.
+    let (mut stream, _outgoing) = match timeout_at(deadline, loops::connect(address)).await {
+        Err(_) => return Err(format!("connect timed out after {:?}", health.timeout).into()),
+        Ok(Err(error)) if limits::is_local_exhaustion(&error) => {
+            return Err(CheckFailed::Local(error));
+        }
+        Ok(Err(error)) => return Err(format!("connect failed: {error}").into()),
+        Ok(Ok(connected)) => connected,
+    };
     let _ = stream.set_nodelay(true);
     let header = check_proxy_header(proxy, &stream);
     if !header.is_empty() {
         step(deadline, "sending PROXY header", stream.write_all(&header)).await?;
     }
     match health.kind {
-        HealthKind::Smtp => smtp_conversation(&mut stream, &health.ehlo, started, deadline).await,
+        HealthKind::Smtp => {
+            Ok(smtp_conversation(&mut stream, &health.ehlo, started, deadline).await?)
+        }
         HealthKind::Tcp | HealthKind::None => Ok(started.elapsed()),
     }
 }
@@ -325,7 +367,7 @@ mod tests {
                     assert_eq!(header, proxy_protocol::health_check_header(version));
                     assert_eq!(lines, ["EHLO switchyard.invalid\r\n", "QUIT\r\n"]);
                 }
-                None => assert_eq!(result.unwrap_err(), "greeting 421 nope"),
+                None => assert_eq!(result.unwrap_err().to_string(), "greeting 421 nope"),
             }
         }
     }
@@ -339,7 +381,7 @@ mod tests {
         let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr)
             .await
             .unwrap_err();
-        assert_eq!(err, "greeting 421 4.3.2 busy");
+        assert_eq!(err.to_string(), "greeting 421 4.3.2 busy");
         let (_, lines) = server.await.unwrap();
         assert_eq!(lines, ["QUIT\r\n"]);
     }
@@ -352,7 +394,7 @@ mod tests {
         let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr)
             .await
             .unwrap_err();
-        assert_eq!(err, "timed out waiting for greeting");
+        assert_eq!(err.to_string(), "timed out waiting for greeting");
         assert!(started.elapsed() < Duration::from_secs(2));
         // The tcp check only needs the connect.
         check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr)
@@ -362,6 +404,6 @@ mod tests {
         let err = check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr)
             .await
             .unwrap_err();
-        assert!(err.starts_with("connect failed"), "{err}");
+        assert!(err.to_string().starts_with("connect failed"), "{err}");
     }
 }

@@ -7,6 +7,8 @@ pub mod balance;
 pub mod config;
 pub mod counters;
 pub mod health;
+pub mod limits;
+pub mod loops;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod server;

@@ -13,13 +13,16 @@ use anyhow::{Context, bail};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, Dataplane};
 use crate::health;
-use crate::session::{self, SessionSlot};
+use crate::limits::{self, Site, SpareDescriptor};
+use crate::loops;
+use crate::session::{self, SERVICE_UNAVAILABLE, SessionSlot};
 use crate::state::{LiveState, Snapshot};
 use crate::totals::Totals;
 use crate::xdp;
@@ -27,8 +30,8 @@ use crate::xdp;
 /// Pending connections the kernel queues per listener (capped by net.core.somaxconn).
 const BACKLOG: i32 = 4096;
 
-/// Pause after an accept error that is about us, not the client (EMFILE, ENOBUFS...), so a
-/// full file table does not turn the loop into a busy spin.
+/// Pause after an accept error that is about us, not the client, when no spare descriptor can
+/// answer a queued client (memory short, or the spare is gone): no busy spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// What `run` is asked besides the config.
@@ -86,11 +89,12 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let snapshot = state.snapshot();
     let workers = config.workers.map_or_else(auto_workers, |n| n as usize);
     info!("{workers} worker thread(s)");
+    limits::prepare_descriptors(&config, workers);
 
     // Every worker gets a handle on every listener; all binds happen before anything runs, so
     // a bad address fails the start as a whole.
-    let mut per_worker: Vec<Vec<(String, SocketAddr, std::net::TcpListener)>> =
-        (0..workers).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<ListenerHandle>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut listening = Vec::new();
     for service in &snapshot.services {
         // The kernel path steers that service's packets itself; its VIP is not ours to bind.
         if service.config.dataplane == Dataplane::Xdp {
@@ -109,7 +113,7 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
             for (worker, socket) in per_worker.iter_mut().zip(sockets) {
                 worker.push((service.config.name.clone(), address, socket));
             }
-            info!(service = %service.config.name, "listening on {address}");
+            listening.push((service.config.name.clone(), address));
         }
     }
 
@@ -118,11 +122,9 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let finished = CancellationToken::new();
     let accepting = TaskTracker::new();
     let sessions = TaskTracker::new();
-    for service in &snapshot.services {
-        health::spawn_checks(service.clone(), stop_accepting.child_token());
-    }
-    drop(snapshot);
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let mut threads = Vec::new();
+    let mut started = Ok(());
     for (index, listeners) in per_worker.into_iter().enumerate() {
         let worker = Worker {
             listeners,
@@ -133,12 +135,39 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
             accepting: accepting.clone(),
             sessions: sessions.clone(),
         };
-        let thread = std::thread::Builder::new()
+        let ready = ready_tx.clone();
+        match std::thread::Builder::new()
             .name(format!("switchyard-{index}"))
-            .spawn(move || worker.run())
-            .context("starting a worker thread")?;
-        threads.push(thread);
+            .spawn(move || worker.run(ready))
+        {
+            Ok(thread) => threads.push(thread),
+            Err(error) => {
+                started = Err(anyhow::Error::from(error)
+                    .context(format!("starting worker thread {index} of {workers}")));
+                break;
+            }
+        }
     }
+    drop(ready_tx);
+    if started.is_ok() {
+        started = wait_for_workers(&mut ready_rx, threads.len()).await;
+    }
+    if let Err(error) = started {
+        // Nothing was announced as listening: stop the workers that did start, and fail.
+        stop_accepting.cancel();
+        cut_sessions.cancel();
+        finished.cancel();
+        join_workers(threads);
+        return Err(error);
+    }
+    for (service, address) in &listening {
+        info!(service = %service, "listening on {address}");
+    }
+    tokio::spawn(limits::report_exhaustion());
+    for service in &snapshot.services {
+        health::spawn_checks(service.clone(), stop_accepting.child_token());
+    }
+    drop(snapshot);
 
     let first = signals.next().await;
     info!(
@@ -161,15 +190,7 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     cut_sessions.cancel();
     sessions.wait().await;
     finished.cancel();
-    for thread in threads {
-        if let Err(error) = thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))
-            .and_then(|r| r)
-        {
-            warn!("{error:#}");
-        }
-    }
+    join_workers(threads);
     let totals = Totals::collect(
         &state.snapshot(),
         xdp.as_ref().and_then(|plane| plane.kernel_counters()),
@@ -183,9 +204,38 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a worker tells the main thread once it accepts, or why it cannot.
+type ReadySender = mpsc::UnboundedSender<anyhow::Result<()>>;
+
+/// Waits until `count` workers have reported; the first failure (in start order) is returned.
+async fn wait_for_workers(
+    ready: &mut mpsc::UnboundedReceiver<anyhow::Result<()>>,
+    count: usize,
+) -> anyhow::Result<()> {
+    for _ in 0..count {
+        match ready.recv().await {
+            Some(Ok(())) => {}
+            Some(Err(error)) => return Err(error),
+            None => bail!("a worker thread ended before it was ready"),
+        }
+    }
+    Ok(())
+}
+
+fn join_workers(threads: Vec<std::thread::JoinHandle<()>>) {
+    for thread in threads {
+        if thread.join().is_err() {
+            warn!("a worker thread panicked");
+        }
+    }
+}
+
 /// One worker thread: its listeners, and the sessions they accept, on a runtime of its own.
+/// A worker's handle on one listener, with its service's name and its address.
+type ListenerHandle = (String, SocketAddr, std::net::TcpListener);
+
 struct Worker {
-    listeners: Vec<(String, SocketAddr, std::net::TcpListener)>,
+    listeners: Vec<ListenerHandle>,
     state: Arc<LiveState>,
     stop_accepting: CancellationToken,
     cut_sessions: CancellationToken,
@@ -196,29 +246,65 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self) -> anyhow::Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    /// Starts the runtime and the accept loops, reports to `ready`, and runs until `finished`.
+    /// A failure to start is reported, never only logged: the main thread then fails the start.
+    fn run(mut self, ready: ReadySender) {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("worker")
+            .to_string();
+        let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .context("starting a worker runtime")?;
-        runtime.block_on(async {
-            tokio::spawn(keep_timer_wake_near());
-            for (name, address, listener) in self.listeners {
-                let listener = TcpListener::from_std(listener).with_context(|| {
-                    format!("service {name:?}: registering the listener on {address}")
-                })?;
-                self.accepting.spawn(accept_loop(
-                    listener,
-                    name,
-                    self.state.clone(),
-                    self.stop_accepting.clone(),
-                    self.cut_sessions.clone(),
-                    self.sessions.clone(),
-                ));
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                let _ = ready.send(Err(anyhow::Error::from(error)
+                    .context(format!("{name}: starting the worker runtime"))));
+                return;
             }
+        };
+        runtime.block_on(async {
+            let listeners = std::mem::take(&mut self.listeners);
+            match self.start_accepting(listeners) {
+                Ok(()) => {
+                    let _ = ready.send(Ok(()));
+                }
+                Err(error) => {
+                    let _ = ready.send(Err(error.context(name)));
+                    return;
+                }
+            }
+            tokio::spawn(keep_timer_wake_near());
             self.finished.cancelled().await;
-            Ok(())
-        })
+        });
+    }
+
+    /// Registers every listener with this runtime and spawns its accept loop.
+    fn start_accepting(&self, listeners: Vec<ListenerHandle>) -> anyhow::Result<()> {
+        let mut loops = Vec::new();
+        for (name, address, listener) in listeners {
+            let listener = TcpListener::from_std(listener).with_context(|| {
+                format!("service {name:?}: registering the listener on {address}")
+            })?;
+            let spare = SpareDescriptor::reserve().with_context(|| {
+                format!("service {name:?}: reserving a spare descriptor for {address}")
+            })?;
+            loops.push((listener, spare, name));
+        }
+        // Only once every listener is registered, so a failure leaves no loop half started.
+        for (listener, spare, name) in loops {
+            self.accepting.spawn(accept_loop(
+                listener,
+                spare,
+                name,
+                self.state.clone(),
+                self.stop_accepting.clone(),
+                self.cut_sessions.clone(),
+                self.sessions.clone(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -295,6 +381,7 @@ fn bind(address: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 
 async fn accept_loop(
     listener: TcpListener,
+    mut spare: SpareDescriptor,
     service_name: String,
     state: Arc<LiveState>,
     stop: CancellationToken,
@@ -309,12 +396,26 @@ async fn accept_loop(
         let (client, client_addr) = match accepted {
             Ok(accepted) => accepted,
             Err(error) if is_per_connection(&error) => continue,
+            Err(error) if limits::is_local_exhaustion(&error) => {
+                limits::OWN_EXHAUSTION.record(Site::Accept, &error);
+                if !spare.refuse_one(&listener, SERVICE_UNAVAILABLE).await {
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+                continue;
+            }
             Err(error) => {
                 warn!(service = %service_name, "accept failed: {error}; pausing");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
         };
+        spare.restore();
+        if loops::is_own_connection(client_addr) {
+            // Closed at once, it fails that attempt (or check) like a dead backend, before it
+            // could open a connection of its own and grow a chain.
+            loops::report_refused(&service_name, client_addr);
+            continue;
+        }
         if let Err(error) = start_session(
             &state,
             &service_name,

@@ -20,6 +20,8 @@ use tracing::{debug, warn};
 
 use crate::config::ProxyProtocol;
 use crate::counters::ActiveGuard;
+use crate::limits::{self, Site};
+use crate::loops;
 use crate::proxy_protocol;
 use crate::relay::relay;
 use crate::smtp;
@@ -108,6 +110,13 @@ pub async fn run(
             return;
         }
     };
+    // Checked again before anything is relayed (the accept path checked first): a loop
+    // connection accepted in the instant before its originator registered it is known by now,
+    // because its originator still waits for this very greeting.
+    if loops::is_own_connection(client_addr) {
+        loops::report_refused(&service.config.name, client_addr);
+        return;
+    }
     let idle = service.config.idle_timeout;
     let result = tokio::select! {
         _ = stop.cancelled() => Err(anyhow!("cut off at shutdown")),
@@ -225,6 +234,8 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
                     greeting,
                 });
             }
+            // Our own descriptors or memory ran out: another backend would fare no better.
+            Err(Failure::Local) => return None,
             Err(failure) => {
                 drop(active);
                 failures += 1;
@@ -251,12 +262,15 @@ enum Failure {
     Unreachable(String),
     /// The backend answered, but with a 4xx/5xx greeting (e.g. a busy Postfix's 421).
     Refused(String),
+    /// Switchyard itself ran out of descriptors or memory: no fault of the backend's.
+    Local,
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Unreachable(why) | Failure::Refused(why) => f.write_str(why),
+            Failure::Local => f.write_str("out of local resources"),
         }
     }
 }
@@ -270,8 +284,9 @@ async fn greet(
     let address = backend.config.address;
     let started = Instant::now();
     let attempt = async {
-        let stream =
-            tokio::time::timeout(service.config.connect_timeout, TcpStream::connect(address))
+        // Recognisable while it waits for the greeting, should it come back to our listener.
+        let (stream, _outgoing) =
+            tokio::time::timeout(service.config.connect_timeout, loops::connect(address))
                 .await
                 .map_err(|_| {
                     anyhow!(
@@ -304,6 +319,10 @@ async fn greet(
     let (stream, (greeting, talked_ahead)) = match attempt.await {
         Ok(done) => done,
         Err(error) => {
+            if let Some(exhausted) = limits::exhaustion_in(&error) {
+                limits::OWN_EXHAUSTION.record(Site::Connect, exhausted);
+                return Err(Failure::Local);
+            }
             if let Some(up) = backend.health.record_passive_failure() {
                 warn!(backend = %backend.config.name, up, "backend marked down by failures on live traffic");
             }

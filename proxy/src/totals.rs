@@ -14,11 +14,44 @@ use tracing::info;
 
 use crate::config::Dataplane;
 use crate::state::Snapshot;
+use crate::{limits, loops};
 
-/// Every service's totals, in config order.
+/// Every service's totals, in config order, and the balancer's own trouble.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
     pub services: Vec<ServiceTotals>,
+    /// Absent from files written before it existed: read as zeros.
+    #[serde(default)]
+    pub balancer: BalancerTotals,
+}
+
+/// What went wrong on the balancer's side over the whole run, never counted against a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalancerTotals {
+    /// Out of descriptors, memory or local ports while accepting a client.
+    pub exhausted_accept: u64,
+    /// ... while opening a session's connection to a backend (the client got 421).
+    pub exhausted_connect: u64,
+    /// ... while opening a health check's connection (the check was skipped).
+    pub exhausted_health_check: u64,
+    /// Clients answered 421 through the spare descriptor while the table was full.
+    pub clients_refused: u64,
+    /// Connections refused because they were our own backend connections come back (a loop).
+    pub loops_refused: u64,
+}
+
+impl BalancerTotals {
+    /// This process's counts now.
+    pub fn collect() -> BalancerTotals {
+        let own = limits::OWN_EXHAUSTION.counts();
+        BalancerTotals {
+            exhausted_accept: own.accept,
+            exhausted_connect: own.connect,
+            exhausted_health_check: own.health_check,
+            clients_refused: own.clients_refused,
+            loops_refused: loops::refused(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +137,10 @@ impl Totals {
                 kernel: kernel.and_then(|k| k.service(index)),
             });
         }
-        Totals { services }
+        Totals {
+            services,
+            balancer: BalancerTotals::collect(),
+        }
     }
 
     /// The totals of one backend, by service and backend name.
@@ -126,6 +162,18 @@ impl Totals {
 
     /// One line per backend and one per xdp service, for people reading the log.
     pub fn log(&self) {
+        let own = &self.balancer;
+        if *own != BalancerTotals::default() {
+            info!(
+                "balancer out of resources: accept {} backend-connect {} health-check {}; \
+                 clients refused {}; loop connections refused {}",
+                own.exhausted_accept,
+                own.exhausted_connect,
+                own.exhausted_health_check,
+                own.clients_refused,
+                own.loops_refused
+            );
+        }
         for service in &self.services {
             for backend in &service.backends {
                 let kernel = backend.kernel.map_or_else(String::new, |k| {
@@ -178,11 +226,18 @@ mod tests {
                 }],
                 kernel: None,
             }],
+            balancer: BalancerTotals::default(),
         };
         let json = totals.to_json();
         assert!(!json.contains("kernel"), "{json}");
         assert_eq!(Totals::from_json(&json).expect("parse"), totals);
         assert_eq!(totals.backend("mx", "mta1").map(|b| b.assigned), Some(12));
         assert!(totals.backend("mx", "mta2").is_none());
+    }
+
+    #[test]
+    fn a_file_without_balancer_totals_reads_as_zeros() {
+        let totals = Totals::from_json(r#"{"services":[]}"#).expect("parse");
+        assert_eq!(totals.balancer, BalancerTotals::default());
     }
 }

@@ -316,6 +316,7 @@ mod tests {
                 backends: vec![backend("mta1", 3601, 334), backend("mta2", 3602, 333)],
                 kernel: None,
             }],
+            ..Totals::default()
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("totals.json");
