@@ -410,7 +410,7 @@ async fn accept_loop(
             }
         };
         spare.restore();
-        if loops::is_own_connection(client_addr) {
+        if loops::is_own_connection(&client, client_addr) {
             // Closed at once, it fails that attempt (or check) like a dead backend, before it
             // could open a connection of its own and grow a chain.
             loops::report_refused(&service_name, client_addr);

@@ -113,7 +113,7 @@ pub async fn run(
     // Checked again before anything is relayed (the accept path checked first): a loop
     // connection accepted in the instant before its originator registered it is known by now,
     // because its originator still waits for this very greeting.
-    if loops::is_own_connection(client_addr) {
+    if loops::is_own_connection(&client, client_addr) {
         loops::report_refused(&service.config.name, client_addr);
         return;
     }
