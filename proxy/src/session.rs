@@ -401,3 +401,70 @@ async fn quit_politely(mut stream: TcpStream) {
         drain(&mut stream).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A connected pair over loopback: (ours, the client's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (accepted.expect("accept").0, client.expect("connect"))
+    }
+
+    /// Whether `client_left` resolves within `limit`.
+    async fn left_within(ours: &TcpStream, limit: Duration) -> bool {
+        tokio::time::timeout(limit, client_left(ours)).await.is_ok()
+    }
+
+    fn reset(stream: TcpStream) {
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_client_has_not_left() {
+        let (ours, _client) = pair().await;
+        assert!(!left_within(&ours, Duration::from_millis(100)).await);
+    }
+
+    #[tokio::test]
+    async fn a_close_or_a_reset_is_leaving() {
+        let (ours, client) = pair().await;
+        drop(client);
+        assert!(left_within(&ours, Duration::from_secs(5)).await, "FIN");
+        let (ours, client) = pair().await;
+        reset(client);
+        assert!(left_within(&ours, Duration::from_secs(5)).await, "RST");
+    }
+
+    #[tokio::test]
+    async fn early_bytes_stay_for_the_backend_and_only_a_reset_ends_them() {
+        let (ours, mut client) = pair().await;
+        client.write_all(b"EHLO early\r\n").await.expect("write");
+        client.shutdown().await.expect("FIN after a command");
+        assert!(
+            !left_within(&ours, Duration::from_millis(200)).await,
+            "a FIN behind a command is not leaving"
+        );
+        let mut got = Vec::new();
+        let mut ours = ours;
+        ours.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"EHLO early\r\n", "the watch consumed client bytes");
+
+        let (ours, mut client) = pair().await;
+        client.write_all(b"EHLO early\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let watching =
+            tokio::spawn(async move { left_within(&ours, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reset(client);
+        assert!(
+            watching.await.expect("watch task"),
+            "a reset after a command is leaving"
+        );
+    }
+}

@@ -176,7 +176,6 @@ impl Backend {
     }
 }
 
-
 /// The state an attempt (a health check, or a live session's connect and greeting) started
 /// under. Every up/down change starts a new generation, and what an attempt of an older one
 /// saw is ignored: it is about a state that no longer holds (the greeting timeouts of sessions
@@ -321,8 +320,12 @@ impl HealthState {
     }
 
     fn succeeded(&self, tally: &mut Tally) -> Option<bool> {
-        tally.failures = 0;
-        tally.greeting_failed = false;
+        // A connect-only check says nothing about greetings: refused ones keep counting.
+        let greeted = self.kind == HealthKind::Smtp || tally.needs_greeting;
+        if greeted || !tally.greeting_failed {
+            tally.failures = 0;
+            tally.greeting_failed = false;
+        }
         tally.successes = tally.successes.saturating_add(1);
         if self.is_up() || tally.successes < self.rise {
             return None;
@@ -428,7 +431,10 @@ mod tests {
         assert_eq!(checks(&state, false, 1), [Some(false)]);
         assert_eq!(state.record_check(before, true), None);
         assert_eq!(checks(&state, true, 1), [None]);
-        assert!(!state.is_up(), "a check that began while up counted towards rise");
+        assert!(
+            !state.is_up(),
+            "a check that began while up counted towards rise"
+        );
         assert_eq!(checks(&state, true, 1), [Some(true)]);
     }
 
@@ -453,9 +459,36 @@ mod tests {
         state.record_live(g, Observation::Greeted, now);
         assert_eq!(state.record_live(g, Observation::NoGreeting, now), None);
         assert!(state.is_up());
-        // A check success clears it too.
-        assert_eq!(state.record_check(g, true), None);
+        // A live greeting clears any failure, a connect failure included.
+        state.record_live(g, Observation::Greeted, now);
+        state.record_live(g, Observation::Unreachable, now);
+        state.record_live(g, Observation::Greeted, now);
         assert_eq!(state.record_live(g, Observation::Unreachable, now), None);
+        assert!(state.is_up());
+    }
+
+    #[test]
+    fn a_connect_only_check_does_not_clear_refused_greetings() {
+        let now = Instant::now();
+        let tcp = health(HealthKind::Tcp, 2, 2);
+        let g = tcp.generation();
+        tcp.record_live(g, Observation::NoGreeting, now);
+        assert_eq!(tcp.record_check(g, true), None);
+        assert_eq!(
+            tcp.record_live(g, Observation::NoGreeting, now),
+            Some(false)
+        );
+        // It clears connect failures, and an smtp check (which reads the greeting) clears both.
+        for (kind, seen) in [
+            (HealthKind::Tcp, Observation::Unreachable),
+            (HealthKind::Smtp, Observation::NoGreeting),
+        ] {
+            let state = health(kind, 2, 2);
+            let g = state.generation();
+            state.record_live(g, seen, now);
+            assert_eq!(state.record_check(g, true), None);
+            assert_eq!(state.record_live(g, seen, now), None, "{kind:?}");
+        }
     }
 
     #[test]
@@ -496,10 +529,7 @@ mod tests {
         let down = state.generation();
         assert_eq!(state.end_hold_down(t0 + Duration::from_secs(3)), None);
         assert!(!state.is_up());
-        assert_eq!(
-            state.end_hold_down(t0 + Duration::from_secs(4)),
-            Some(true)
-        );
+        assert_eq!(state.end_hold_down(t0 + Duration::from_secs(4)), Some(true));
         assert!(state.is_up());
         assert_ne!(state.generation(), down);
         assert_eq!(state.end_hold_down(t0 + Duration::from_secs(9)), None);
