@@ -679,12 +679,18 @@ fn live_sessions(server: &SmtpServer) -> usize {
         .count()
 }
 
-/// A config whose backends all expect PROXY v2, so that live sessions and checks can be told
-/// apart at the backend.
-fn v2_servers(names: &[(&str, u16)]) -> Vec<SmtpServer> {
-    names
-        .iter()
-        .map(|&(name, code)| {
+/// Switchyard with health `kind` in front of "busy" (greets 421) and "mta1", in that order,
+/// round robin. Both expect PROXY v2, so that live sessions and checks can be told apart at
+/// the backend.
+fn busy_and_mta1(
+    kind: &str,
+    interval_ms: u64,
+    rise: u64,
+    fall: usize,
+) -> (Vec<SmtpServer>, SocketAddr, Switchyard) {
+    let servers: Vec<SmtpServer> = [("busy", 421), ("mta1", 220)]
+        .into_iter()
+        .map(|(name, code)| {
             SmtpServer::start(
                 name,
                 Behaviour {
@@ -694,7 +700,15 @@ fn v2_servers(names: &[(&str, u16)]) -> Vec<SmtpServer> {
                 },
             )
         })
-        .collect()
+        .collect();
+    let listen = free_addr();
+    let health = format!(
+        "kind = \"{kind}\"\ninterval = \"{interval_ms}ms\"\ntimeout = \"{interval_ms}ms\"\n\
+         rise = {rise}\nfall = {fall}"
+    );
+    let backends: Vec<_> = servers.iter().map(|s| (s.name(), s.addr())).collect();
+    let sy = Switchyard::start(BIN, &config(&[listen], "v2", &health, &backends));
+    (servers, listen, sy)
 }
 
 /// Sessions one after the other, `pause` apart; all must be served.
@@ -722,21 +736,8 @@ async fn until_served_by(addr: SocketAddr, name: &str, limit: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_421_backend_leaves_rotation_after_fall_sessions_with_tcp_checks() {
     let (interval, fall) = (200u64, 3usize);
-    let servers = v2_servers(&[("mta1", 220), ("busy", 421)]);
-    let (mta1, busy) = (&servers[0], &servers[1]);
-    let listen = free_addr();
-    let health = format!(
-        "kind = \"tcp\"\ninterval = \"{interval}ms\"\ntimeout = \"{interval}ms\"\nrise = 2\nfall = {fall}"
-    );
-    let sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "v2",
-            &health,
-            &[("busy", busy.addr()), ("mta1", mta1.addr())],
-        ),
-    );
+    let (servers, listen, sy) = busy_and_mta1("tcp", interval, 2, fall);
+    let busy = &servers[0];
     // Spread over many check intervals: a verdict that flapped back with every passing tcp
     // check would show as more sessions on the busy backend.
     let names = paced_sessions(listen, 30, Duration::from_millis(interval / 4)).await;
@@ -764,21 +765,8 @@ async fn a_421_backend_leaves_rotation_after_fall_sessions_with_tcp_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_kind_none_a_421_backend_is_held_down_then_tried_again() {
     let (interval, rise, fall) = (300u64, 2u64, 2usize);
-    let servers = v2_servers(&[("mta1", 220), ("busy", 421)]);
-    let (mta1, busy) = (&servers[0], &servers[1]);
-    let listen = free_addr();
-    let health = format!(
-        "kind = \"none\"\ninterval = \"{interval}ms\"\ntimeout = \"{interval}ms\"\nrise = {rise}\nfall = {fall}"
-    );
-    let sy = Switchyard::start(
-        BIN,
-        &config(
-            &[listen],
-            "v2",
-            &health,
-            &[("busy", busy.addr()), ("mta1", mta1.addr())],
-        ),
-    );
+    let (servers, listen, sy) = busy_and_mta1("none", interval, rise, fall);
+    let (busy, mta1) = (&servers[0], &servers[1]);
     let started = Instant::now();
     let names = sessions(listen, 10).await;
     let hold_down = Duration::from_millis(interval * rise);

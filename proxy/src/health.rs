@@ -307,6 +307,15 @@ mod tests {
         }
     }
 
+    /// One check of `kind` without a PROXY header.
+    async fn check_plain(kind: CheckKind, addr: SocketAddr) -> Result<Duration, String> {
+        let health = match kind {
+            CheckKind::Connect => HealthKind::Tcp,
+            CheckKind::Smtp | CheckKind::Greeting => HealthKind::Smtp,
+        };
+        check(&cfg(health), kind, ProxyProtocol::None, addr).await
+    }
+
     /// One SMTP conversation on a real socket; returns everything the client sent, line by
     /// line, with a flag saying whether the client spoke before our greeting.
     async fn serve_one(
@@ -360,14 +369,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { serve_one(&listener, "220 ready\r\n", 0).await });
-        let latency = check(
-            &cfg(HealthKind::Smtp),
-            CheckKind::Smtp,
-            ProxyProtocol::None,
-            addr,
-        )
-        .await
-        .unwrap();
+        let latency = check_plain(CheckKind::Smtp, addr).await.unwrap();
         assert!(latency >= Duration::from_millis(30));
         let (_, lines) = server.await.unwrap();
         assert_eq!(lines, ["EHLO switchyard.invalid\r\n", "QUIT\r\n"]);
@@ -418,14 +420,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server =
             tokio::spawn(async move { serve_one(&listener, "421 4.3.2 busy\r\n", 0).await });
-        let err = check(
-            &cfg(HealthKind::Smtp),
-            CheckKind::Smtp,
-            ProxyProtocol::None,
-            addr,
-        )
-        .await
-        .unwrap_err();
+        let err = check_plain(CheckKind::Smtp, addr).await.unwrap_err();
         assert_eq!(err, "greeting 421 4.3.2 busy");
         let (_, lines) = server.await.unwrap();
         assert_eq!(lines, ["QUIT\r\n"]);
@@ -436,34 +431,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let started = Instant::now();
-        let err = check(
-            &cfg(HealthKind::Smtp),
-            CheckKind::Smtp,
-            ProxyProtocol::None,
-            addr,
-        )
-        .await
-        .unwrap_err();
+        let err = check_plain(CheckKind::Smtp, addr).await.unwrap_err();
         assert_eq!(err, "timed out waiting for greeting");
         assert!(started.elapsed() < Duration::from_secs(2));
         // The tcp check only needs the connect.
-        check(
-            &cfg(HealthKind::Tcp),
-            CheckKind::Connect,
-            ProxyProtocol::None,
-            addr,
-        )
-        .await
-        .unwrap();
+        check_plain(CheckKind::Connect, addr).await.unwrap();
         drop(listener);
-        let err = check(
-            &cfg(HealthKind::Tcp),
-            CheckKind::Connect,
-            ProxyProtocol::None,
-            addr,
-        )
-        .await
-        .unwrap_err();
+        let err = check_plain(CheckKind::Connect, addr).await.unwrap_err();
         assert!(err.starts_with("connect failed"), "{err}");
     }
 }
