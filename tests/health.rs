@@ -576,3 +576,197 @@ fn expected_headers_match_the_specification_examples() {
     assert_eq!(expected_v1(c6, c6), b"PROXY TCP6 ::1 ::1 1 1\r\n");
     assert_eq!(expected_v2(c6, c6).len(), 16 + 36);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Live traffic's verdicts: refused greetings, and outcomes that arrive after a change
+// ---------------------------------------------------------------------------------------------
+
+/// Live sessions a backend expecting PROXY v2 received: headers saying PROXY (0x21), not the
+/// checks' LOCAL (0x20).
+fn live_sessions(server: &SmtpServer) -> usize {
+    server
+        .proxy_headers()
+        .iter()
+        .filter(|h| h.get(12) == Some(&0x21))
+        .count()
+}
+
+/// Switchyard with health `kind` in front of "busy" (greets 421) and "mta1", in that order,
+/// round robin. Both expect PROXY v2, so that live sessions and checks can be told apart at
+/// the backend.
+fn busy_and_mta1(
+    kind: &str,
+    interval_ms: u64,
+    rise: u64,
+    fall: usize,
+) -> (Vec<SmtpServer>, SocketAddr, Switchyard) {
+    let servers: Vec<SmtpServer> = [("busy", 421), ("mta1", 220)]
+        .into_iter()
+        .map(|(name, code)| {
+            SmtpServer::start(
+                name,
+                Behaviour {
+                    greeting_code: code,
+                    proxy: ProxyExpect::V2,
+                    ..Behaviour::default()
+                },
+            )
+        })
+        .collect();
+    let listen = free_addr();
+    let health = format!(
+        "kind = \"{kind}\"\ninterval = \"{interval_ms}ms\"\ntimeout = \"{interval_ms}ms\"\n\
+         rise = {rise}\nfall = {fall}"
+    );
+    let backends: Vec<&SmtpServer> = servers.iter().collect();
+    let toml = service("mx", &[listen], "v2", &health).servers(&backends);
+    let sy = Switchyard::start(BIN, &toml.to_string());
+    (servers, listen, sy)
+}
+
+/// Sessions one after the other, `pause` apart; all must be served.
+async fn paced_sessions(addr: SocketAddr, n: usize, pause: Duration) -> Vec<String> {
+    let mut names = Vec::new();
+    for _ in 0..n {
+        names.extend(sessions(addr, 1).await);
+        tokio::time::sleep(pause).await;
+    }
+    names
+}
+
+/// Runs sessions until one is served by `name`, failing after `limit`.
+async fn until_served_by(addr: SocketAddr, name: &str, limit: Duration) {
+    let started = Instant::now();
+    while !sessions(addr, 1).await.iter().any(|n| n == name) {
+        assert!(
+            started.elapsed() < limit,
+            "{name} got no session within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_backend_leaves_rotation_after_fall_sessions_with_tcp_checks() {
+    let (interval, fall) = (200u64, 3usize);
+    let (servers, listen, sy) = busy_and_mta1("tcp", interval, 2, fall);
+    let busy = &servers[0];
+    // Spread over many check intervals: a verdict that flapped back with every passing tcp
+    // check would show as more sessions on the busy backend.
+    let names = paced_sessions(listen, 30, Duration::from_millis(interval / 4)).await;
+    assert!(names.iter().all(|n| n == "mta1"), "{names:?}");
+    assert_eq!(
+        live_sessions(busy),
+        fall,
+        "sessions the 421 backend got; stderr:\n{}",
+        sy.stderr_text()
+    );
+    let text = sy.stderr_text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("backend busy of service mx is DOWN"))
+        .unwrap_or_default();
+    assert!(line.contains("greeted with 421"), "{line}");
+
+    // Ready again: the checks, reading the greeting now, bring it back through rise.
+    busy.set_greeting_code(220);
+    until_served_by(listen, "busy", Duration::from_secs(10)).await;
+    assert_eq!(log_count(&sy, "backend busy of service mx is UP"), 1);
+    assert_eq!(log_count(&sy, "backend busy of service mx is DOWN"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_kind_none_a_421_backend_is_held_down_then_tried_again() {
+    let (interval, rise, fall) = (300u64, 2u64, 2usize);
+    let (servers, listen, sy) = busy_and_mta1("none", interval, rise, fall);
+    let (busy, mta1) = (&servers[0], &servers[1]);
+    let started = Instant::now();
+    let names = sessions(listen, 10).await;
+    let hold_down = Duration::from_millis(interval * rise);
+    assert!(
+        started.elapsed() < hold_down,
+        "too slow to test the hold-down"
+    );
+    assert!(names.iter().all(|n| n == "mta1"), "{names:?}");
+    assert_eq!(live_sessions(busy), fall, "{}", sy.stderr_text());
+    assert_eq!(
+        mta1.connections(),
+        10,
+        "kind none never connects on its own"
+    );
+
+    // After the hold-down live traffic tries it again, and `fall` more refusals take it out.
+    wait_for_log(&sy, "backend busy of service mx is UP", 1, hold_down * 3).await;
+    sessions(listen, 10).await;
+    assert_eq!(live_sessions(busy), 2 * fall, "{}", sy.stderr_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greeting_timeouts_of_sessions_from_before_a_recovery_do_not_take_it_down_again() {
+    let (interval, rise) = (300u64, 3u32);
+    let greeting_timeout = Duration::from_secs(5);
+    let mta1 = SmtpServer::start("mta1", Behaviour::default());
+    // mta2 is silent at first: it accepts and never greets.
+    let silent = SmtpServer::start(
+        "mta2",
+        Behaviour {
+            hang: true,
+            ..Behaviour::default()
+        },
+    );
+    let mta2_addr = silent.addr();
+    let listen = free_addr();
+    let toml = service("mx", &[listen], "none", &smtp_health(interval, rise, 2))
+        .backend("mta1", mta1.addr())
+        .backend("mta2", mta2_addr)
+        .to_string()
+        .replace("retries = 2", "retries = 1\ngreeting_timeout = \"5s\"");
+    let sy = Switchyard::start(BIN, &toml);
+
+    // Sessions that start while mta2 is silent and still up: half of them wait for its
+    // greeting (and fail over to mta1 when it does not come).
+    let early: Vec<_> = (0..4).map(|_| tokio::spawn(sessions(listen, 1))).collect();
+    let early_started = Instant::now();
+    wait_for_log(
+        &sy,
+        "backend mta2 of service mx is DOWN",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(silent.open() >= 1, "no early session waited on mta2");
+
+    // mta2 comes back (the silent one keeps its hung connections) and is marked up.
+    silent.pause();
+    let listener = testkit::smtp_server::bind_listener(mta2_addr).expect("rebind mta2");
+    let back = SmtpServer::serve("mta2", Behaviour::default(), listener).expect("mta2 back");
+    wait_for_log(
+        &sy,
+        "backend mta2 of service mx is UP",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        early_started.elapsed() < greeting_timeout,
+        "mta2 came back too late to test stale verdicts"
+    );
+
+    // The early sessions' greeting timeouts arrive now, about a state long gone.
+    for session in early {
+        session.await.expect("early client task");
+    }
+    let names = sessions(listen, 4).await;
+    assert!(
+        names.iter().filter(|n| *n == "mta2").count() >= 2,
+        "mta2 was taken down by stale timeouts: {names:?}; stderr:\n{}",
+        sy.stderr_text()
+    );
+    assert_eq!(
+        log_count(&sy, "backend mta2 of service mx is DOWN"),
+        1,
+        "{}",
+        sy.stderr_text()
+    );
+    assert!(back.connections() >= 2);
+}

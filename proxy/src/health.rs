@@ -1,4 +1,10 @@
-//! Active health checks (tcp, smtp) per backend, feeding each backend's `HealthState`.
+//! Active health checks (tcp, smtp) per backend, feeding each backend's `HealthState`, and
+//! for `kind = "none"` the end of a hold-down (see `HealthState` for what brings a backend
+//! back under each kind). A check's outcome counts only under the state it started in.
+//!
+//! A `tcp` check connects only, except while live traffic keeps the backend down for want of a
+//! positive greeting: a connect proves nothing then, so the check also reads the greeting (and
+//! says QUIT), until the backend is back.
 //!
 //! The SMTP check behaves as a well-mannered client, because real MTAs log every rude one:
 //! it waits for the greeting before speaking, sends one command at a time, and always ends
@@ -21,10 +27,18 @@ use crate::proxy_protocol;
 use crate::smtp;
 use crate::state::{Backend, Service};
 
-/// Spawns one check loop per backend of `service` on the current runtime; loops end when
-/// `stop` is cancelled. Does nothing for `kind = "none"`.
+/// Spawns one check loop per backend of `service` on the current runtime (for
+/// `kind = "none"`, one loop that ends hold-downs and never connects); loops end when `stop` is
+/// cancelled.
 pub fn spawn_checks(service: Arc<Service>, stop: CancellationToken) {
     if service.config.health.kind == HealthKind::None {
+        for backend in &service.backends {
+            tokio::spawn(hold_down_loop(
+                service.clone(),
+                backend.clone(),
+                stop.clone(),
+            ));
+        }
         return;
     }
     let count = service.backends.len() as u32;
@@ -58,9 +72,15 @@ async fn check_loop(
             _ = tokio::time::sleep_until(next) => {}
         }
         next += health.interval;
+        let (generation, read_greeting) = backend.health.begin_check();
+        let kind = match (health.kind, read_greeting) {
+            (HealthKind::Tcp, true) => CheckKind::Greeting,
+            (HealthKind::Tcp, false) => CheckKind::Connect,
+            _ => CheckKind::Smtp,
+        };
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            result = check(health, proxy, backend.config.address) => result,
+            result = check(health, kind, proxy, backend.config.address) => result,
         };
         // Could not even open the check's connection: says nothing about the backend.
         let result = match result {
@@ -87,12 +107,12 @@ async fn check_loop(
                 service.config.name
             ),
         }
-        match (backend.health.record_check(ok), result) {
+        match (backend.health.record_check(generation, ok), result) {
             (Some(true), _) => tracing::info!(
                 "backend {} of service {} is UP ({streak} consecutive successful {} checks)",
                 backend.config.name,
                 service.config.name,
-                kind_name(health.kind),
+                kind.name(),
             ),
             (Some(false), Err(reason)) => tracing::warn!(
                 "backend {} of service {} is DOWN: {reason} ({streak} consecutive failures)",
@@ -109,11 +129,45 @@ async fn check_loop(
     }
 }
 
-fn kind_name(kind: HealthKind) -> &'static str {
-    match kind {
-        HealthKind::None => "none",
-        HealthKind::Tcp => "tcp",
-        HealthKind::Smtp => "smtp",
+/// With `kind = "none"` nothing checks a backend: one that live traffic took down comes back
+/// when its hold-down ends (looked at once per `interval`).
+async fn hold_down_loop(service: Arc<Service>, backend: Arc<Backend>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(service.config.health.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if backend.health.end_hold_down(std::time::Instant::now()) == Some(true) {
+            tracing::info!(
+                "backend {} of service {} is UP (held down {:?} after failures on live traffic; kind none runs no checks)",
+                backend.config.name,
+                service.config.name,
+                backend.health.hold_down(),
+            );
+        }
+    }
+}
+
+/// What one check does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CheckKind {
+    /// `smtp`: greeting, EHLO, QUIT.
+    Smtp,
+    /// `tcp`: the connect only.
+    Connect,
+    /// `tcp` while live traffic keeps the backend down for want of a greeting: greeting, QUIT.
+    Greeting,
+}
+
+impl CheckKind {
+    fn name(self) -> &'static str {
+        match self {
+            CheckKind::Smtp => "smtp",
+            CheckKind::Connect => "tcp",
+            CheckKind::Greeting => "tcp (greeting)",
+        }
     }
 }
 
@@ -142,9 +196,10 @@ impl From<String> for CheckFailed {
 }
 
 /// Runs one check, bounded by `health.timeout` as a whole; on success returns the connect +
-/// greeting latency (connect only for `tcp`).
+/// greeting latency (connect only for a connect check), on failure a reason for the log.
 async fn check(
     health: &HealthConfig,
+    kind: CheckKind,
     proxy: ProxyProtocol,
     address: SocketAddr,
 ) -> Result<Duration, CheckFailed> {
@@ -164,11 +219,16 @@ async fn check(
     if !header.is_empty() {
         step(deadline, "sending PROXY header", stream.write_all(&header)).await?;
     }
-    match health.kind {
-        HealthKind::Smtp => {
+    match kind {
+        CheckKind::Smtp => {
             Ok(smtp_conversation(&mut stream, &health.ehlo, started, deadline).await?)
         }
-        HealthKind::Tcp | HealthKind::None => Ok(started.elapsed()),
+        CheckKind::Greeting => {
+            let latency = greeting(&mut stream, started, deadline).await?;
+            quit(&mut stream, deadline).await?;
+            Ok(latency)
+        }
+        CheckKind::Connect => Ok(started.elapsed()),
     }
 }
 
@@ -191,17 +251,7 @@ async fn smtp_conversation(
     started: Instant,
     deadline: Instant,
 ) -> Result<Duration, String> {
-    let greeting = step(
-        deadline,
-        "waiting for greeting",
-        smtp::read_tcp_reply(stream),
-    )
-    .await?;
-    let latency = started.elapsed();
-    if greeting.code != 220 {
-        quit_politely(stream, deadline).await;
-        return Err(format!("greeting {} {}", greeting.code, greeting.text()));
-    }
+    let latency = greeting(stream, started, deadline).await?;
     let command = format!("EHLO {ehlo}\r\n");
     step(
         deadline,
@@ -219,6 +269,33 @@ async fn smtp_conversation(
         quit_politely(stream, deadline).await;
         return Err(format!("EHLO answered {} {}", reply.code, reply.text()));
     }
+    quit(stream, deadline).await?;
+    Ok(latency)
+}
+
+/// Waits for a `220` greeting; returns the latency since `started`. Any other greeting is a
+/// failure, after a polite QUIT.
+async fn greeting(
+    stream: &mut TcpStream,
+    started: Instant,
+    deadline: Instant,
+) -> Result<Duration, String> {
+    let greeting = step(
+        deadline,
+        "waiting for greeting",
+        smtp::read_tcp_reply(stream),
+    )
+    .await?;
+    let latency = started.elapsed();
+    if greeting.code != 220 {
+        quit_politely(stream, deadline).await;
+        return Err(format!("greeting {} {}", greeting.code, greeting.text()));
+    }
+    Ok(latency)
+}
+
+/// QUIT, expecting `221`.
+async fn quit(stream: &mut TcpStream, deadline: Instant) -> Result<(), String> {
     step(deadline, "sending QUIT", stream.write_all(b"QUIT\r\n")).await?;
     let reply = step(
         deadline,
@@ -229,7 +306,7 @@ async fn smtp_conversation(
     if reply.code != 221 {
         return Err(format!("QUIT answered {} {}", reply.code, reply.text()));
     }
-    Ok(latency)
+    Ok(())
 }
 
 /// Ends a failed conversation with QUIT rather than a bare close, and gives the server the
@@ -270,6 +347,15 @@ mod tests {
             fall: 2,
             ehlo: "switchyard.invalid".into(),
         }
+    }
+
+    /// One check of `kind` without a PROXY header.
+    async fn check_plain(kind: CheckKind, addr: SocketAddr) -> Result<Duration, CheckFailed> {
+        let health = match kind {
+            CheckKind::Connect => HealthKind::Tcp,
+            CheckKind::Smtp | CheckKind::Greeting => HealthKind::Smtp,
+        };
+        check(&cfg(health), kind, ProxyProtocol::None, addr).await
     }
 
     /// One SMTP conversation on a real socket; returns everything the client sent, line by
@@ -325,9 +411,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { serve_one(&listener, "220 ready\r\n", 0).await });
-        let latency = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr)
-            .await
-            .unwrap();
+        let latency = check_plain(CheckKind::Smtp, addr).await.unwrap();
         assert!(latency >= Duration::from_millis(30));
         let (_, lines) = server.await.unwrap();
         assert_eq!(lines, ["EHLO switchyard.invalid\r\n", "QUIT\r\n"]);
@@ -360,7 +444,7 @@ mod tests {
                 }
                 Some(serve_one(&listener, "220 ready\r\n", len).await)
             });
-            let result = check(&cfg(HealthKind::Smtp), version, addr).await;
+            let result = check(&cfg(HealthKind::Smtp), CheckKind::Smtp, version, addr).await;
             match server.await.unwrap() {
                 Some((header, lines)) => {
                     result.unwrap();
@@ -378,9 +462,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server =
             tokio::spawn(async move { serve_one(&listener, "421 4.3.2 busy\r\n", 0).await });
-        let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr)
-            .await
-            .unwrap_err();
+        let err = check_plain(CheckKind::Smtp, addr).await.unwrap_err();
         assert_eq!(err.to_string(), "greeting 421 4.3.2 busy");
         let (_, lines) = server.await.unwrap();
         assert_eq!(lines, ["QUIT\r\n"]);
@@ -391,19 +473,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let started = Instant::now();
-        let err = check(&cfg(HealthKind::Smtp), ProxyProtocol::None, addr)
-            .await
-            .unwrap_err();
+        let err = check_plain(CheckKind::Smtp, addr).await.unwrap_err();
         assert_eq!(err.to_string(), "timed out waiting for greeting");
         assert!(started.elapsed() < Duration::from_secs(2));
         // The tcp check only needs the connect.
-        check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr)
-            .await
-            .unwrap();
+        check_plain(CheckKind::Connect, addr).await.unwrap();
         drop(listener);
-        let err = check(&cfg(HealthKind::Tcp), ProxyProtocol::None, addr)
-            .await
-            .unwrap_err();
+        let err = check_plain(CheckKind::Connect, addr).await.unwrap_err();
         assert!(err.to_string().starts_with("connect failed"), "{err}");
     }
 }

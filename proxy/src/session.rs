@@ -3,6 +3,17 @@
 //! greetings), then the hand-over to the byte relay (`relay`), or a polite `421` when nothing
 //! can serve the client.
 //!
+//! The client is watched from accept until the relay starts: if it leaves while a backend is
+//! being connected or greeted (failover and the PROXY header included), the set-up is dropped at
+//! once, which closes the backend connection in progress and frees the client's
+//! `max_connections` slot and the backend's active count. Leaving means a reset, or an end of
+//! stream with nothing sent before it. Bytes a client sends early (pipelining before the
+//! greeting) are only peeked at, never read, so the backend still gets them; after such bytes
+//! only a reset counts as leaving, since a FIN behind a command is a client that still expects
+//! the answers. Watching costs nothing while the client waits quietly: its socket's readiness
+//! is already tracked by tokio, and the peek runs only when the client does something.
+//! Abandoning an attempt is not a failure of the backend: passive health is not told.
+//!
 //! A session's task lives as long as the session, so its size is memory per idle session: the
 //! set-up, which needs far more state than the relay, runs boxed and is freed once the backend
 //! has greeted, and the rare paths (rejecting, cutting off at shutdown) are boxed too.
@@ -13,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -25,7 +36,7 @@ use crate::loops;
 use crate::proxy_protocol;
 use crate::relay::relay;
 use crate::smtp;
-use crate::state::{Backend, Service};
+use crate::state::{Backend, Generation, Observation, Service};
 
 /// What a client is told when nothing can serve it (RFC 3463: 4.3.2 "system not accepting
 /// network messages"); a temporary failure, so a sending MTA queues and retries.
@@ -100,6 +111,10 @@ pub async fn run(
     } = match Box::pin(set_up_unless_stopped(&service, &client, client_addr, &stop)).await {
         Ok(upstream) => upstream,
         Err(SetUpFailed::Stopped) => return,
+        Err(SetUpFailed::ClientLeft) => {
+            debug!(client = %client_addr, service = %service.config.name, "client left before a backend greeted");
+            return;
+        }
         Err(SetUpFailed::NoBackend) => {
             debug!(client = %client_addr, service = %service.config.name, "no backend available: 421");
             Box::pin(reject_unless_stopped(client, stop)).await;
@@ -146,7 +161,8 @@ async fn reject_unless_stopped(client: TcpStream, stop: CancellationToken) {
     }
 }
 
-/// [`set_up`], unless shutdown cuts it short.
+/// [`set_up`], unless shutdown cuts it short or the client leaves. A backend that greets in
+/// the same turn as the client leaves wins: the relay then passes the client's end on to it.
 async fn set_up_unless_stopped(
     service: &Arc<Service>,
     client: &TcpStream,
@@ -154,8 +170,28 @@ async fn set_up_unless_stopped(
     stop: &CancellationToken,
 ) -> Result<Upstream, SetUpFailed> {
     tokio::select! {
+        biased;
         _ = stop.cancelled() => Err(SetUpFailed::Stopped),
         connected = set_up(service, client, client_addr) => connected,
+        () = client_left(client) => Err(SetUpFailed::ClientLeft),
+    }
+}
+
+/// Resolves once the client has left (see the module docs for what counts). Registers on the
+/// socket's readiness, so nothing runs until the client sends something or closes.
+async fn client_left(client: &TcpStream) {
+    // By hand rather than `TcpStream::peek`: the set-up's box is smaller without its future.
+    let sent_early = std::future::poll_fn(|cx| {
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        client
+            .poll_peek(cx, &mut probe)
+            .map(|peeked| matches!(peeked, Ok(1..)))
+    })
+    .await;
+    if sent_early {
+        // Early bytes stay in the socket for the backend; from now on only a reset counts.
+        let _ = client.ready(Interest::ERROR).await;
     }
 }
 
@@ -163,6 +199,8 @@ async fn set_up_unless_stopped(
 enum SetUpFailed {
     /// Shutdown cut it short.
     Stopped,
+    /// The client closed or reset its connection before a backend greeted.
+    ClientLeft,
     /// No backend greeted positively: the client gets `421`.
     NoBackend,
     /// Something about the client's own connection.
@@ -243,7 +281,7 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
                 warn!(
                     service = %service.config.name,
                     backend = %backend.config.name,
-                    "{failure}; {}",
+                    "{failure:#}; {}",
                     if more { "trying another backend" } else { "no retries left" }
                 );
                 if !more {
@@ -256,92 +294,140 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
 }
 
 /// Why a backend did not take a session.
+#[derive(Debug)]
 enum Failure {
-    /// Connect refused or timed out, or the backend failed before greeting: counts towards
-    /// passive health.
-    Unreachable(String),
+    /// The connect failed or timed out.
+    Unreachable(anyhow::Error),
+    /// Connected, but the PROXY header could not be sent, or no greeting came in time, or the
+    /// connection ended before it.
+    NoGreeting(anyhow::Error),
     /// The backend answered, but with a 4xx/5xx greeting (e.g. a busy Postfix's 421).
-    Refused(String),
+    Refused(anyhow::Error),
     /// Switchyard itself ran out of descriptors or memory: no fault of the backend's.
     Local,
+}
+
+impl Failure {
+    /// What passive health learns from it: nothing from the balancer's own trouble.
+    fn observation(&self) -> Option<Observation> {
+        match self {
+            Failure::Unreachable(_) => Some(Observation::Unreachable),
+            Failure::NoGreeting(_) | Failure::Refused(_) => Some(Observation::NoGreeting),
+            Failure::Local => None,
+        }
+    }
+
+    /// An error as `failure` of the backend's, unless it is the balancer's own lack of
+    /// descriptors, memory or ports (counted as such).
+    fn of_backend_unless_local(
+        failure: fn(anyhow::Error) -> Failure,
+    ) -> impl Fn(anyhow::Error) -> Failure {
+        move |error| match limits::exhaustion_in(&error) {
+            Some(exhausted) => {
+                limits::OWN_EXHAUSTION.record(Site::Connect, exhausted);
+                Failure::Local
+            }
+            None => failure(error),
+        }
+    }
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Unreachable(why) | Failure::Refused(why) => f.write_str(why),
+            Failure::Unreachable(why) | Failure::NoGreeting(why) | Failure::Refused(why) => {
+                write!(f, "{why:#}")
+            }
             Failure::Local => f.write_str("out of local resources"),
         }
     }
 }
 
-/// Connects to `backend`, sends the PROXY header, and waits for its greeting.
+/// Connects to `backend`, sends the PROXY header, and waits for a positive greeting; what
+/// happened is passive health's to know.
 async fn greet(
     service: &Service,
     backend: &Backend,
     header: &[u8],
 ) -> Result<(TcpStream, Vec<u8>), Failure> {
-    let address = backend.config.address;
+    let generation = backend.health.generation();
     let started = Instant::now();
-    let attempt = async {
-        // Recognisable while it waits for the greeting, should it come back to our listener.
-        let (stream, _outgoing) =
-            tokio::time::timeout(service.config.connect_timeout, loops::connect(address))
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "connect to {address} timed out after {:?}",
-                        service.config.connect_timeout
-                    )
-                })?
-                .with_context(|| format!("connect to {address}"))?;
-        let _ = stream.set_nodelay(true);
-        let mut stream = stream;
-        let greeting = tokio::time::timeout(service.config.greeting_timeout, async {
-            if !header.is_empty() {
-                stream
-                    .write_all(header)
-                    .await
-                    .context("sending PROXY header")?;
-            }
-            smtp::read_greeting(&stream).await
-        })
-        .await
-        .map_err(|_| {
-            anyhow!(
-                "no greeting from {address} within {:?}",
-                service.config.greeting_timeout
-            )
-        })?
-        .with_context(|| format!("greeting from {address}"))?;
-        anyhow::Ok((stream, greeting))
+    let result = reach(service, backend.config.address, header).await;
+    let seen = match &result {
+        Ok(_) => Some(Observation::Greeted),
+        Err(failure) => failure.observation(),
     };
-    let (stream, (greeting, talked_ahead)) = match attempt.await {
-        Ok(done) => done,
-        Err(error) => {
-            if let Some(exhausted) = limits::exhaustion_in(&error) {
-                limits::OWN_EXHAUSTION.record(Site::Connect, exhausted);
-                return Err(Failure::Local);
-            }
-            if let Some(up) = backend.health.record_passive_failure() {
-                warn!(backend = %backend.config.name, up, "backend marked down by failures on live traffic");
-            }
-            return Err(Failure::Unreachable(format!("{error:#}")));
-        }
-    };
-    if !greeting.is_positive() {
-        let why = format!("{address} greeted with {}", greeting.code);
-        // Take leave as SMTP expects, without making the client wait for it.
-        tokio::spawn(quit_politely(stream));
-        return Err(Failure::Refused(why));
+    if let Some(seen) = seen {
+        observe(service, backend, generation, seen, &result);
     }
+    let (stream, greeting, talked_ahead) = result?;
     let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
     backend.record_response(micros);
-    backend.health.record_passive_success();
-    let mut bytes = greeting.raw;
+    let mut bytes = greeting;
     // A backend that talks ahead of the client (rare) must not lose those bytes.
     bytes.extend_from_slice(&talked_ahead);
     Ok((stream, bytes))
+}
+
+/// Tells passive health what an attempt that started under `generation` saw, and logs the
+/// backend going down if that did it.
+fn observe<T>(
+    service: &Service,
+    backend: &Backend,
+    generation: Generation,
+    seen: Observation,
+    result: &Result<T, Failure>,
+) {
+    let health = &backend.health;
+    if health.record_live(generation, seen, Instant::now()) == Some(false)
+        && let Err(failure) = result
+    {
+        warn!(
+            "backend {} of service {} is DOWN: {failure:#} ({} consecutive failures, last on live traffic)",
+            backend.config.name, service.config.name, service.config.health.fall,
+        );
+    }
+}
+
+/// The TCP connection, the PROXY header, the greeting: a backend stream with its positive
+/// greeting and any bytes the backend sent after it, or why not. A refused backend is sent
+/// QUIT on the way out.
+async fn reach(
+    service: &Service,
+    address: SocketAddr,
+    header: &[u8],
+) -> Result<(TcpStream, Vec<u8>, Vec<u8>), Failure> {
+    let timeout = service.config.connect_timeout;
+    // Recognisable while it waits for the greeting, should it come back to our listener.
+    let (mut stream, _outgoing) = tokio::time::timeout(timeout, loops::connect(address))
+        .await
+        .map_err(|_| anyhow!("connect to {address} timed out after {timeout:?}"))
+        .and_then(|connected| connected.with_context(|| format!("connect to {address}")))
+        .map_err(Failure::of_backend_unless_local(Failure::Unreachable))?;
+    let _ = stream.set_nodelay(true);
+    let timeout = service.config.greeting_timeout;
+    let (greeting, talked_ahead) = tokio::time::timeout(timeout, async {
+        if !header.is_empty() {
+            stream
+                .write_all(header)
+                .await
+                .context("sending PROXY header")?;
+        }
+        smtp::read_greeting(&stream).await
+    })
+    .await
+    .map_err(|_| anyhow!("no greeting from {address} within {timeout:?}"))
+    .and_then(|read| read.with_context(|| format!("greeting from {address}")))
+    .map_err(Failure::of_backend_unless_local(Failure::NoGreeting))?;
+    if !greeting.is_positive() {
+        // Take leave as SMTP expects, without making the client wait for it.
+        tokio::spawn(quit_politely(stream));
+        return Err(Failure::Refused(anyhow!(
+            "{address} greeted with {}",
+            greeting.code
+        )));
+    }
+    Ok((stream, greeting.raw, talked_ahead))
 }
 
 /// Sends QUIT to a backend we are leaving, reads its answer briefly, and closes.
@@ -352,5 +438,72 @@ async fn quit_politely(mut stream: TcpStream) {
     {
         let _ = stream.shutdown().await;
         drain(&mut stream).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A connected pair over loopback: (ours, the client's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (accepted.expect("accept").0, client.expect("connect"))
+    }
+
+    /// Whether `client_left` resolves within `limit`.
+    async fn left_within(ours: &TcpStream, limit: Duration) -> bool {
+        tokio::time::timeout(limit, client_left(ours)).await.is_ok()
+    }
+
+    fn reset(stream: TcpStream) {
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_client_has_not_left() {
+        let (ours, _client) = pair().await;
+        assert!(!left_within(&ours, Duration::from_millis(100)).await);
+    }
+
+    #[tokio::test]
+    async fn a_close_or_a_reset_is_leaving() {
+        let (ours, client) = pair().await;
+        drop(client);
+        assert!(left_within(&ours, Duration::from_secs(5)).await, "FIN");
+        let (ours, client) = pair().await;
+        reset(client);
+        assert!(left_within(&ours, Duration::from_secs(5)).await, "RST");
+    }
+
+    #[tokio::test]
+    async fn early_bytes_stay_for_the_backend_and_only_a_reset_ends_them() {
+        let (ours, mut client) = pair().await;
+        client.write_all(b"EHLO early\r\n").await.expect("write");
+        client.shutdown().await.expect("FIN after a command");
+        assert!(
+            !left_within(&ours, Duration::from_millis(200)).await,
+            "a FIN behind a command is not leaving"
+        );
+        let mut got = Vec::new();
+        let mut ours = ours;
+        ours.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"EHLO early\r\n", "the watch consumed client bytes");
+
+        let (ours, mut client) = pair().await;
+        client.write_all(b"EHLO early\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let watching =
+            tokio::spawn(async move { left_within(&ours, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reset(client);
+        assert!(
+            watching.await.expect("watch task"),
+            "a reset after a command is leaving"
+        );
     }
 }

@@ -518,7 +518,9 @@ impl<'a> Conversation<'a> {
         if self.behaviour().hang {
             return self.hang().await;
         }
-        tokio::time::sleep(self.behaviour().greeting_delay).await;
+        if !self.greeting_delay_passed().await {
+            return Ok(());
+        }
         let name = &self.shared.name;
         let code = self.shared.greeting_code.load(Ordering::SeqCst);
         if code != 220 {
@@ -530,6 +532,28 @@ impl<'a> Conversation<'a> {
         let greeting = format!("220 {name} ESMTP test\r\n");
         self.stream.write_all(greeting.as_bytes()).await?;
         self.converse().await
+    }
+
+    /// Waits out the greeting delay; `false` when the client closed or reset meanwhile, which
+    /// a real MTA notices (Postfix: "lost connection after CONNECT"). Bytes the client sends
+    /// early stay unread.
+    async fn greeting_delay_passed(&self) -> bool {
+        let delay = self.behaviour().greeting_delay;
+        if delay.is_zero() {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + delay;
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return true,
+            peeked = self.stream.peek(&mut probe) => {
+                if !matches!(peeked, Ok(1..)) {
+                    return false;
+                }
+            }
+        }
+        tokio::time::sleep_until(deadline).await;
+        true
     }
 
     /// Reads more input; `false` at EOF.
