@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use netns::{Layout, Netns, Plan, PrivateBpffs, SMTP_PORT, SmtpServer, Topology, VIP};
 use testkit::config_toml::ServiceToml;
 use testkit::harness::{Launch, Switchyard};
-use testkit::smtp_client::{HeldSession, SessionOptions, smtp_session_blocking};
+use testkit::smtp_client::{
+    HeldSession, Session, SessionOptions, TEST_MESSAGE, Trace, smtp_session_blocking,
+};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
@@ -48,6 +50,60 @@ fn smtp_session(target: SocketAddrV4, hold: Duration) -> anyhow::Result<String> 
         ..SessionOptions::default()
     };
     smtp_session_blocking(target.into(), &options)
+}
+
+/// One SMTP session to `target` from local port `port` (bound with SO_REUSEADDR, so a port
+/// whose connection just ended can be used again), held `hold` before QUIT; the backend that
+/// greeted.
+fn session_from_port(target: SocketAddrV4, port: u16, hold: Duration) -> anyhow::Result<String> {
+    let options = SessionOptions {
+        source_port: port,
+        hold,
+        ..SessionOptions::default()
+    };
+    smtp_session_blocking(target.into(), &options)
+}
+
+/// A session from local port `port` to `target` that the backend ends with a RST: after QUIT
+/// the server closes its socket, and data sent into it then is answered with a reset. The
+/// client itself never sends FIN or RST. Returns the backend that greeted.
+fn session_reset_by_backend(target: SocketAddrV4, port: u16) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let options = SessionOptions {
+            source_port: port,
+            ..SessionOptions::default()
+        };
+        let mut session = Session::open(target.into(), &options).await?;
+        session
+            .transaction(&options, TEST_MESSAGE, &mut Trace::default())
+            .await?;
+        session.quit().await?;
+        let limit = Duration::from_secs(5);
+        let stream = session.stream();
+        let mut rest = [0u8; 64];
+        let n = tokio::time::timeout(limit, stream.read(&mut rest)).await??;
+        anyhow::ensure!(n == 0, "the server sent more after 221");
+        // Reads end at the FIN for good: the reset shows as the error of a later write, EPIPE
+        // since the socket was in CLOSE_WAIT (the client never shut its side down).
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            match stream.write_all(b"NOOP\r\n").await {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                Err(e) => anyhow::bail!("expected the backend's reset, got {e}"),
+                Ok(()) => {}
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no reset from the backend"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(session.backend.clone())
+    })
 }
 
 /// Whether the binary embeds the XDP object: build.rs sets this cfg for every target of the
@@ -337,6 +393,81 @@ fn dsr_sessions_complete_spread_and_keep_the_client_address() {
 #[test]
 fn nat_sessions_complete_spread_and_keep_the_client_address() {
     dsr_or_nat_sessions_complete(Layout::Nat);
+}
+
+/// After a nat session from client port P to backend B has ended, B's answers to a new,
+/// direct connection from P are not taken for the old flow's replies (and rewritten to come
+/// from the VIP, which the client would never accept).
+#[test]
+fn nat_a_direct_connection_from_an_ended_flows_client_port_completes() {
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
+        return;
+    };
+    let sy = topo.start(&topo.service_toml(&name, "least_conn"));
+    const PORT: u16 = 20025;
+    let via_vip = topo
+        .client
+        .run(|| session_from_port(vip(), PORT, Duration::ZERO))
+        .expect("a session through the VIP");
+    wait_for_counts_back_to_zero(&topo);
+    let direct = SocketAddrV4::new(topo.backend_addr(backend_index(&via_vip)), SMTP_PORT);
+    let got = topo
+        .client
+        .run(move || session_from_port(direct, PORT, Duration::ZERO).map_err(|e| format!("{e:#}")));
+    assert_eq!(
+        got.as_deref(),
+        Ok(via_vip.as_str()),
+        "a direct session from port {PORT} to {direct}, where the VIP's session from that port went\n{}",
+        sy.stderr_text()
+    );
+    assert!(active_counts(&topo).iter().all(|&c| c == 0));
+}
+
+/// A nat flow the backend ends with a RST gives its count back, and a new session through the
+/// VIP from the same client port is a fresh flow (a new choice, counted once), not the old
+/// entry followed.
+#[test]
+fn nat_a_flow_reset_by_its_backend_ends_and_its_port_starts_a_fresh_flow() {
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
+        return;
+    };
+    let mut sy = topo.start(&topo.service_toml(&name, "least_conn"));
+    const PORT: u16 = 20026;
+    topo.client
+        .run(|| session_reset_by_backend(vip(), PORT))
+        .expect("a session through the VIP, reset by its backend");
+    // The backend's RST ended the flow: its count is back (not held until the idle timeout).
+    wait_for_counts_back_to_zero(&topo);
+
+    let second = topo
+        .client
+        .spawn(|| session_from_port(vip(), PORT, Duration::from_millis(1500)));
+    wait_for(
+        "the new session to be counted",
+        Duration::from_secs(5),
+        || active_counts(&topo).iter().sum::<u64>() == 1,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        active_counts(&topo).iter().sum::<u64>(),
+        1,
+        "the new session counts once"
+    );
+    second
+        .join()
+        .expect("client thread")
+        .expect("a new session through the VIP from the same port");
+    wait_for_counts_back_to_zero(&topo);
+    assert!(sy.terminate().success(), "{}", sy.stderr_text());
+    let totals = sy.totals();
+    let new_flows: u64 = topo
+        .servers
+        .iter()
+        .filter_map(|b| totals.backend(&name, b.name()))
+        .filter_map(|b| b.kernel)
+        .map(|k| k.new_flows)
+        .sum();
+    assert_eq!(new_flows, 2, "two sessions, two flows: {totals:?}");
 }
 
 #[test]

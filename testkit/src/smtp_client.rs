@@ -107,6 +107,9 @@ impl std::error::Error for SessionError {}
 pub struct SessionOptions {
     /// Local address to connect from (any 127.x.y.z works on loopback).
     pub source: Option<IpAddr>,
+    /// Local port to connect from, bound with SO_REUSEADDR (so an ended connection's port can
+    /// be used again at once); 0 lets the kernel choose.
+    pub source_port: u16,
     /// Wait this long after the message, before QUIT (a long session).
     pub hold: Duration,
     /// Limit on each connect, read and write; `None` leaves timing to the caller.
@@ -118,10 +121,25 @@ pub struct SessionOptions {
     pub pipelining: bool,
 }
 
+impl SessionOptions {
+    /// The local address to bind before connecting to `target`, if any was asked for.
+    fn local_addr(&self, target: SocketAddr) -> Option<SocketAddr> {
+        let any = match target {
+            SocketAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+            SocketAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+        };
+        match (self.source, self.source_port) {
+            (None, 0) => None,
+            (ip, port) => Some(SocketAddr::new(ip.unwrap_or(any), port)),
+        }
+    }
+}
+
 impl Default for SessionOptions {
     fn default() -> Self {
         Self {
             source: None,
+            source_port: 0,
             hold: Duration::ZERO,
             step_timeout: Some(STEP_TIMEOUT),
             ehlo: "client.test".into(),
@@ -176,12 +194,15 @@ impl Session {
         trace: &mut Trace,
     ) -> Result<Session, SessionError> {
         trace.stage = Stage::Connect;
-        let stream = step(options.step_timeout, connect(addr, options.source))
-            .await
-            .map_err(|failure| SessionError {
-                stage: Stage::Connect,
-                failure,
-            })?;
+        let stream = step(
+            options.step_timeout,
+            connect(addr, options.local_addr(addr)),
+        )
+        .await
+        .map_err(|failure| SessionError {
+            stage: Stage::Connect,
+            failure,
+        })?;
         trace.connected = Some(Instant::now());
         let mut session = Session::on(stream, buffers, options.step_timeout);
         trace.stage = Stage::Greeting;
@@ -521,14 +542,17 @@ async fn step<T>(
     }
 }
 
-async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Failure> {
+async fn connect(addr: SocketAddr, source: Option<SocketAddr>) -> Result<TcpStream, Failure> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0))?;
+    if let Some(local) = source {
+        if local.port() != 0 {
+            socket.set_reuseaddr(true)?;
+        }
+        socket.bind(local)?;
     }
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;

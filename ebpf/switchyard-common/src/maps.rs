@@ -68,14 +68,43 @@ pub mod backend_state {
 }
 
 /// `FlowValue::flags`.
+///
+/// A flow's life: a SYN creates it (`COUNTED`); the client's ACK marks the handshake done
+/// (`ESTABLISHED`); the client's FIN or RST, or (nat) the backend's RST, gives the count back
+/// (`CLOSED`, set once by compare-and-swap, so the count is given back exactly once). It has
+/// *ended* ([`flow_ended`]) after a RST from either side or FINs both ways; nat sees both ways,
+/// dsr only the client's, so a dsr flow closed by a FIN counts as half-closed until it expires.
+/// A closed flow never captures a new connection: a SYN on it starts a fresh flow (a new
+/// backend choice), and a backend's SYN-ACK on it is not rewritten as the old flow's reply. An
+/// ended flow still follows the old connection's last packets (final ACKs, retransmitted FINs)
+/// for [`ENDED_LINGER_NS`] after its last packet, then stops matching at all.
 pub mod flow_flags {
     /// The flow holds one unit of its backend's active count.
     pub const COUNTED: u64 = 1;
-    /// The client sent FIN or RST: the count has been given back.
+    /// The count has been given back (the client's FIN or RST, the backend's RST).
     pub const CLOSED: u64 = 2;
     /// The client sent an ACK on the flow: the handshake completed.
     pub const ESTABLISHED: u64 = 4;
+    /// The client sent FIN.
+    pub const CLIENT_FIN: u64 = 8;
+    /// The backend sent FIN (seen in nat only: dsr replies bypass the balancer).
+    pub const BACKEND_FIN: u64 = 16;
+    /// Either side sent RST.
+    pub const RESET: u64 = 32;
 }
+
+/// Whether a flow with `flags` has ended: a RST, or FINs both ways.
+#[inline(always)]
+pub fn flow_ended(flags: u64) -> bool {
+    const BOTH_FINS: u64 = flow_flags::CLIENT_FIN | flow_flags::BACKEND_FIN;
+    flags & flow_flags::RESET != 0 || flags & BOTH_FINS == BOTH_FINS
+}
+
+/// How long an ended flow keeps following packets after its last one: long enough for the
+/// final ACK and a few retransmitted FINs (TCP's retransmission timer starts at 200 ms and
+/// doubles), short enough that a stale entry is gone soon after. Then the kernel stops matching
+/// it and the control plane deletes it.
+pub const ENDED_LINGER_NS: u64 = 2_000_000_000;
 
 pub const PROTO_TCP: u8 = 6;
 

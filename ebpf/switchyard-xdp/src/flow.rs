@@ -1,46 +1,108 @@
 //! The flow table (`FLOWS`): a SYN's new flow (backend chosen, count taken, nat reply entry
-//! recorded), later packets following their entry, and closing a flow, which gives the
-//! backend's count back exactly once by compare-and-swap on the flow's flags.
+//! recorded), later packets following their entry in both directions, and the flow's end: the
+//! count is given back exactly once by compare-and-swap on the flow's flags, and an entry that
+//! closed or ended stops matching new connections (see `switchyard_common::maps::flow_flags`).
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, atomic_xsub};
 
 use switchyard_common::maps::{
-    FlowKey, FlowValue, NatReply, PROTO_TCP, ServiceValue, flow_flags, forwarding,
+    ENDED_LINGER_NS, FlowKey, FlowValue, NatReply, PROTO_TCP, ServiceValue, flow_ended,
+    flow_flags, forwarding,
 };
 
 use crate::maps::{ACTIVE, BACKENDS, FLOWS, NAT_REPLIES};
-use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST};
+use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::select::select;
 use crate::stats::count_new_flow;
 
-/// Whether `flag` is set on the flow; read once, volatile, since other CPUs set flags too.
+/// The flow's flags, read once, volatile, since other CPUs set flags too.
 ///
 /// # Safety
 /// `flow` points at a live `FLOWS` value (as `get_ptr_mut` returns it).
 #[inline(always)]
-pub unsafe fn flag_set(flow: *mut FlowValue, flag: u64) -> bool {
-    (unsafe { core::ptr::read_volatile(&raw const (*flow).flags) } & flag) != 0
+unsafe fn flags_of(flow: *mut FlowValue) -> u64 {
+    unsafe { core::ptr::read_volatile(&raw const (*flow).flags) }
 }
 
-/// A packet of a known flow with TCP `flags`, seen at `now`: refreshes the entry, marks the
-/// handshake done, closes the flow on the client's FIN or RST. Returns the flow's backend slot.
+/// Sets `flag` on the flow unless it is set already (the common case costs no atomic).
+#[inline(always)]
+fn mark(flow: *mut FlowValue, flag: u64) {
+    if unsafe { flags_of(flow) } & flag == 0 {
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*flow).flags, flag) };
+    }
+}
+
+/// Whether the flow's entry no longer belongs to the packet at `now`: `opens` (a SYN from the
+/// client, a SYN-ACK from the backend) starts a new connection, which a closed flow must not
+/// capture; any packet finds an ended flow stale once it lingered `ENDED_LINGER_NS`.
+#[inline(always)]
+pub fn is_stale(flow: *mut FlowValue, opens: bool, now: u64) -> bool {
+    let flags = unsafe { flags_of(flow) };
+    if opens && flags & flow_flags::CLOSED != 0 {
+        return true;
+    }
+    let last = unsafe { (*flow).last_seen_ns };
+    flow_ended(flags) && now.saturating_sub(last) > ENDED_LINGER_NS
+}
+
+/// A client packet of a known flow with TCP `flags`, seen at `now`: refreshes the entry, marks
+/// the handshake done, records the client's FIN or RST and gives the count back on it. Returns
+/// the flow's backend slot.
 #[inline(always)]
 pub fn follow(flow: *mut FlowValue, flags: u8, now: u64) -> u32 {
     unsafe { (*flow).last_seen_ns = now };
     // The client acknowledged: the handshake got through. Flows that never get here
     // (SYNs to nowhere, floods) are expired early by the control plane.
-    if flags & TCP_ACK != 0 && !unsafe { flag_set(flow, flow_flags::ESTABLISHED) } {
-        unsafe {
-            atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(
-                &raw mut (*flow).flags,
-                flow_flags::ESTABLISHED,
-            )
-        };
+    if flags & TCP_ACK != 0 {
+        mark(flow, flow_flags::ESTABLISHED);
     }
     if flags & (TCP_FIN | TCP_RST) != 0 {
+        let seen = if flags & TCP_RST != 0 {
+            flow_flags::RESET
+        } else {
+            flow_flags::CLIENT_FIN
+        };
+        mark(flow, seen);
         close_flow(flow);
     }
     unsafe { (*flow).backend }
+}
+
+/// A nat backend's reply (`reply_key`: backend → client, TCP `flags`) to the VIP `vip`:`vport`,
+/// checked against the flow it answers: true, with the flow refreshed and the backend's FIN or
+/// RST recorded (a RST gives the count back), while the reply entry is that flow's; false when
+/// it is stale (the flow is gone, chose another backend since, ended and lingered, or closed
+/// and this is a SYN-ACK of a new connection on the same 4-tuple, e.g. a direct one).
+#[inline(always)]
+pub fn follow_reply(reply_key: &FlowKey, vip: u32, vport: u16, flags: u8, now: u64) -> bool {
+    let flow_key = FlowKey {
+        src_addr: reply_key.dst_addr,
+        dst_addr: vip,
+        src_port: reply_key.dst_port,
+        dst_port: vport,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let Some(flow) = FLOWS.get_ptr_mut(&flow_key) else {
+        return false;
+    };
+    let Some(backend) = BACKENDS.get(unsafe { (*flow).backend }) else {
+        return false;
+    };
+    if backend.addr != reply_key.src_addr || backend.port != reply_key.src_port {
+        return false;
+    }
+    if is_stale(flow, flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK, now) {
+        return false;
+    }
+    unsafe { (*flow).last_seen_ns = now };
+    if flags & TCP_RST != 0 {
+        mark(flow, flow_flags::RESET);
+        close_flow(flow);
+    } else if flags & TCP_FIN != 0 {
+        mark(flow, flow_flags::BACKEND_FIN);
+    }
+    true
 }
 
 /// Gives the flow's count back, once: only the CPU whose compare-and-swap sets `CLOSED` does.
@@ -49,7 +111,7 @@ fn close_flow(flow: *mut FlowValue) {
     // Other bits (ESTABLISHED) may change concurrently: retry the swap a few times.
     for _ in 0..4 {
         // A plain 64-bit load is atomic on BPF; the compare-and-swap settles any race.
-        let seen = unsafe { core::ptr::read_volatile(&raw const (*flow).flags) };
+        let seen = unsafe { flags_of(flow) };
         if seen & flow_flags::CLOSED != 0 {
             return;
         }

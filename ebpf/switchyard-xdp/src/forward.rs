@@ -1,6 +1,7 @@
 //! Sending a packet on: dsr (MAC rewrite, back out of the same interface), nat (destination
 //! rewritten to the backend, routed by the FIB), and nat replies (a backend's reply rewritten to
-//! come from the VIP:port, found in `NAT_REPLIES`).
+//! come from the VIP:port, found in `NAT_REPLIES` and checked against its flow, so a reply
+//! entry outliving its flow never rewrites another connection).
 
 use core::mem::size_of;
 
@@ -10,6 +11,7 @@ use aya_ebpf::programs::XdpContext;
 use switchyard_common::maps::{BackendEntry, FlowKey, PROTO_TCP};
 
 use crate::checksum::{csum_replace2, csum_replace4};
+use crate::flow::follow_reply;
 use crate::maps::NAT_REPLIES;
 use crate::parse::Packet;
 
@@ -75,7 +77,8 @@ fn route(ctx: &XdpContext, pkt: &Packet) -> u32 {
     }
 }
 
-/// Rewrites a nat backend's reply to come from the VIP:port; passes anything else untouched.
+/// Rewrites a nat backend's reply to come from the VIP:port; passes anything else untouched,
+/// and forgets a reply entry found stale.
 #[inline(always)]
 pub fn nat_reply(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let key = unsafe {
@@ -91,9 +94,16 @@ pub fn nat_reply(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let Some(reply) = NAT_REPLIES.get_ptr_mut(&key) else {
         return xdp_action::XDP_PASS;
     };
+    let (vip, vport) = unsafe { ((*reply).vip_addr, (*reply).vip_port) };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !follow_reply(&key, vip, vport, unsafe { (*pkt.tcp).flags }, now) {
+        // Stale: not this flow's reply (any more). The stack gets it as it is, e.g. a direct
+        // connection from the same client port to this backend.
+        let _ = NAT_REPLIES.remove(&key);
+        return xdp_action::XDP_PASS;
+    }
     unsafe {
-        (*reply).last_seen_ns = bpf_ktime_get_ns();
-        let (vip, vport) = ((*reply).vip_addr, (*reply).vip_port);
+        (*reply).last_seen_ns = now;
         let old_addr = (*pkt.ip).saddr;
         let old_port = (*pkt.tcp).sport;
         (*pkt.ip).saddr = vip;

@@ -3,8 +3,10 @@
 //! `switchyard_balance` runs on the client-facing interface. A SYN for a configured VIP:port
 //! without a flow entry picks a backend with the service's algorithm, records the flow in an
 //! LRU table and adds one to the backend's shared active count; later packets follow the entry,
-//! and the client's first FIN or RST gives the count back (exactly once, by compare-and-swap on
-//! the flow's flags). Everything else passes to the kernel stack untouched.
+//! and the client's first FIN or RST (or, in nat, the backend's RST) gives the count back
+//! (exactly once, by compare-and-swap on the flow's flags). A closed flow never captures a new
+//! connection on its 4-tuple, and an ended one stops matching after a short linger (`flow`).
+//! Everything else passes to the kernel stack untouched.
 //! In `nat` mode the same program also runs on the backend-facing interface, where it rewrites
 //! the replies' source back to the VIP:port (one program, so one interface can play both roles).
 //!
@@ -31,9 +33,9 @@ use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
-use switchyard_common::maps::{FlowKey, PROTO_TCP, ServiceKey, flow_flags, forwarding};
+use switchyard_common::maps::{FlowKey, PROTO_TCP, ServiceKey, forwarding};
 
-use crate::flow::{flag_set, follow, new_flow};
+use crate::flow::{follow, is_stale, new_flow};
 use crate::forward::{forward_dsr, forward_nat, nat_reply};
 use crate::maps::{BACKENDS, FLOWS, SERVICES};
 use crate::parse::{TCP_ACK, TCP_SYN, parse};
@@ -88,10 +90,8 @@ fn balance(ctx: &XdpContext) -> u32 {
     let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
     let backend_slot = match FLOWS.get_ptr_mut(&flow_key) {
-        // A SYN on a flow the client closed is a new connection reusing the 5-tuple.
-        Some(flow) if !(is_syn && unsafe { flag_set(flow, flow_flags::CLOSED) }) => {
-            follow(flow, flags, now)
-        }
+        // A SYN on a closed flow is a new connection reusing the 4-tuple: a fresh flow.
+        Some(flow) if !is_stale(flow, is_syn, now) => follow(flow, flags, now),
         Some(_) | None => {
             if !is_syn {
                 // No state for a mid-stream packet (expired or evicted): let the stack answer.

@@ -3,7 +3,9 @@
 //! evicted from a full table take their unit with them), and rebuilding the active counts
 //! from it after a restart, so the shared counts never drift.
 //!
-//! A flow holds one unit of its backend's count while `COUNTED` is set and `CLOSED` is not.
+//! A flow holds one unit of its backend's count while `COUNTED` is set and `CLOSED` is not
+//! (the kernel sets `CLOSED` once, on the client's FIN or RST or the backend's RST). Ended
+//! flows are deleted once they lingered as long as the kernel still matches them.
 //! Expiry deletes the entry first and gives the count back only if the deletion succeeded, so
 //! the kernel and this task cannot both give it back (apart from a FIN arriving in the same
 //! microsecond as the expiry of a flow idle for `flow_idle_timeout`).
@@ -14,15 +16,21 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData};
-use switchyard_common::maps::{FlowKey, FlowValue, NatReply, flow_flags, names};
+use switchyard_common::maps::{
+    ENDED_LINGER_NS, FlowKey, FlowValue, NatReply, flow_ended, flow_flags, names,
+};
 use tracing::warn;
 
 use crate::counters::CounterTable;
 use crate::state::Snapshot;
 
-/// Closed flows stay this long after their last packet, for the final ACKs (capped by the
-/// service's idle timeout).
+/// Closed flows that have not ended (the client's FIN seen, the backend's not: always so in
+/// dsr, whose replies bypass the balancer) stay this long after their last packet, for a
+/// backend still sending (capped by the service's idle timeout). A SYN never follows them.
 const CLOSED_LINGER: Duration = Duration::from_secs(30);
+
+/// Ended flows (RST, or FINs both ways) go as soon as the kernel stops matching them.
+const ENDED_LINGER: Duration = Duration::from_nanos(ENDED_LINGER_NS);
 
 /// A flow whose handshake never completed (no ACK from the client) holds its count this long
 /// at most, so SYNs to nowhere or a SYN flood cannot inflate least_conn's counts for the whole
@@ -131,7 +139,9 @@ impl Expiry {
             .filter_map(Result::ok)
         {
             let timeout = timeouts.get(&flow.service).copied().unwrap_or(longest);
-            let limit = if !is_open(&flow) {
+            let limit = if flow_ended(flow.flags) {
+                timeout.min(ENDED_LINGER)
+            } else if !is_open(&flow) {
                 timeout.min(CLOSED_LINGER)
             } else if flow.flags & flow_flags::ESTABLISHED == 0 {
                 timeout.min(HANDSHAKE_LIMIT)
