@@ -15,6 +15,8 @@
 
 mod flows;
 mod loader;
+#[cfg(test)]
+mod map_layouts;
 mod neighbours;
 mod stats;
 mod tables;
