@@ -9,3 +9,4 @@ pub mod smtp_client;
 pub mod smtp_server;
 pub mod supervise;
 pub mod topology;
+pub mod xdp_run;

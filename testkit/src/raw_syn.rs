@@ -1,5 +1,6 @@
-//! Bare TCP SYNs through a raw socket: open flows in an XDP balancer without any TCP stack
-//! behind them (a SYN flood in miniature, for flow-table tests).
+//! Bare TCP segments: SYNs through a raw socket, which open flows in an XDP balancer without
+//! any TCP stack behind them (a SYN flood in miniature, for flow-table tests), and the
+//! segments themselves for crafted-packet runs of the XDP program (`xdp_run`).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -23,7 +24,8 @@ pub fn send_syns(
     .context("a raw socket (needs root)")?;
     let destination: socket2::SockAddr = SocketAddr::V4(target).into();
     for (i, port) in ports.enumerate() {
-        let packet = syn_packet(source, target, port, i as u32);
+        let from = SocketAddrV4::new(source, port);
+        let packet = tcp_packet(from, target, TCP_SYN, i as u32);
         socket
             .send_to(&packet, &destination)
             .with_context(|| format!("sending a SYN to {target}"))?;
@@ -34,23 +36,27 @@ pub fn send_syns(
     Ok(())
 }
 
-/// An IPv4 + TCP SYN with correct checksums.
-fn syn_packet(source: Ipv4Addr, target: SocketAddrV4, port: u16, seq: u32) -> [u8; 40] {
+/// TCP flags of [`tcp_packet`].
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// An IPv4 + TCP segment without payload or options, with TCP `flags` and correct checksums.
+pub fn tcp_packet(source: SocketAddrV4, target: SocketAddrV4, flags: u8, seq: u32) -> [u8; 40] {
     let mut p = [0u8; 40];
     p[0] = 0x45; // IPv4, 20-byte header
     p[2..4].copy_from_slice(&40u16.to_be_bytes());
     p[6] = 0x40; // don't fragment
     p[8] = 64; // TTL
     p[9] = 6; // TCP
-    p[12..16].copy_from_slice(&source.octets());
+    p[12..16].copy_from_slice(&source.ip().octets());
     p[16..20].copy_from_slice(&target.ip().octets());
     let ip_check = checksum(&p[..20], 0);
     p[10..12].copy_from_slice(&ip_check.to_be_bytes());
-    p[20..22].copy_from_slice(&port.to_be_bytes());
+    p[20..22].copy_from_slice(&source.port().to_be_bytes());
     p[22..24].copy_from_slice(&target.port().to_be_bytes());
     p[24..28].copy_from_slice(&seq.wrapping_mul(2654435761).to_be_bytes());
     p[32] = 5 << 4; // data offset: 5 words
-    p[33] = 0x02; // SYN
+    p[33] = flags;
     p[34..36].copy_from_slice(&64240u16.to_be_bytes());
     let tcp_check = checksum(&p[20..], pseudo_header_sum(&p));
     p[36..38].copy_from_slice(&tcp_check.to_be_bytes());
@@ -86,7 +92,8 @@ mod tests {
     #[test]
     fn checksums_verify() {
         let target = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 25);
-        let p = syn_packet(Ipv4Addr::new(198, 18, 0, 250), target, 20000, 7);
+        let source = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 250), 20000);
+        let p = tcp_packet(source, target, TCP_SYN, 7);
         assert_eq!(checksum(&p[..20], 0), 0);
         assert_eq!(checksum(&p[20..], pseudo_header_sum(&p)), 0);
     }

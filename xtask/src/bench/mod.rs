@@ -6,7 +6,8 @@
 //!
 //! As root, the kernel path too: plain routing, switchyard's proxy and its XDP path (dsr, nat)
 //! take turns in one network-namespace testbed in front of the same three sinks
-//! ([`testbed`]); each of those runs also records the CPU time every part used.
+//! ([`testbed`]); each of those runs also records the CPU time every part used; and the XDP
+//! program's own cost per packet, in the kernel, without a network ([`xdp_cost`]).
 //!
 //! This module holds the options and the orchestration; [`contenders`] starts what is measured,
 //! [`drive`] runs load through it, [`cpu`] accounts CPU time, [`idle`] measures idle memory,
@@ -22,6 +23,7 @@ mod report;
 pub mod results;
 mod stats;
 mod testbed;
+mod xdp_cost;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -209,6 +211,8 @@ fn run_contenders(
     mut skipped: Vec<Skipped>,
     mut testbed: Option<Testbed>,
 ) -> Result<BenchResults> {
+    // Not load: the program alone, before any contender runs.
+    let xdp_cost = xdp_cost::measure_or_skip(opts.quick, &mut skipped);
     for s in &skipped {
         println!("bench: skipping {}: {}", s.name, s.reason);
     }
@@ -233,7 +237,7 @@ fn run_contenders(
     } else {
         idle_memory(opts, dir, switchyard, &mut skipped)
     };
-    let results = stats::summarize(
+    let mut results = stats::summarize(
         opts,
         sinks_kind,
         contenders,
@@ -241,6 +245,7 @@ fn run_contenders(
         idle_memory,
         distribution,
     )?;
+    results.xdp_cost = xdp_cost;
     report::print_table(&results);
     // A kernel-only run does not replace the full benchmark's results.
     let stem = if opts.kernel_only { "kernel-" } else { "" };

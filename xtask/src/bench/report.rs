@@ -89,6 +89,7 @@ pub fn markdown(res: &BenchResults) -> String {
         ));
     }
     s.push_str(&kernel_markdown(res));
+    s.push_str(&xdp_cost_markdown(res));
     for sk in &res.skipped {
         s.push_str(&format!("\nnot measured: {} ({})", sk.name, sk.reason));
     }
@@ -169,6 +170,33 @@ fn kernel_markdown(res: &BenchResults) -> String {
         ));
     }
     s
+}
+
+/// The XDP program's cost per packet against the pass-everything floor.
+fn xdp_cost_markdown(res: &BenchResults) -> String {
+    let Some(x) = &res.xdp_cost else {
+        return String::new();
+    };
+    format!(
+        "\nXDP program cost per packet (BPF_PROG_TEST_RUN, in the kernel, no network; dsr, least_conn, 3 backends):\n\n\
+         | packet | ns per run | vs floor | target |\n|---|---:|---:|---:|\n\
+         | floor: XDP_PASS at once ({} runs) | {:.1} | 1.00x | |\n\
+         | established flow, client ACK ({} runs) | {:.1} | {:.2}x | <= 3x |\n\
+         | not for a VIP ({} runs) | {:.1} | {:.2}x | <= 1.5x |\n\
+         | SYN creating a flow ({} distinct SYNs, one run each; floor measured alike: {:.1} ns) | {:.1} | {:.2}x | |\n",
+        x.repeat,
+        x.floor_ns,
+        x.repeat,
+        x.established_ns,
+        x.established_vs_floor,
+        x.repeat,
+        x.non_vip_ns,
+        x.non_vip_vs_floor,
+        x.new_flow_syns,
+        x.floor_single_run_ns,
+        x.new_flow_ns,
+        x.new_flow_vs_floor
+    )
 }
 
 pub fn print_table(res: &BenchResults) {

@@ -37,6 +37,55 @@ pub struct BenchResults {
     /// median of the per-round ratios (at least 1: the generator never limits a comparison).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loadgen_vs_smtp_source: Option<f64>,
+    /// The XDP program's cost per packet (BPF_PROG_TEST_RUN), when it could be measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp_cost: Option<XdpCost>,
+}
+
+/// The XDP program's cost per packet in nanoseconds per run, from `BPF_PROG_TEST_RUN`, beside
+/// a pass-everything program (the floor) in the same run (targets: established <= 3x the
+/// floor, non-VIP <= 1.5x). See `bench::xdp_cost` for what each case is.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct XdpCost {
+    /// Runs per call of the repeated cases (floor, established, non-VIP).
+    pub repeat: u32,
+    pub floor_ns: f64,
+    pub established_ns: f64,
+    pub non_vip_ns: f64,
+    /// Distinct SYNs of the new-flow case, one run each.
+    pub new_flow_syns: u64,
+    pub new_flow_ns: f64,
+    /// The floor measured like the new-flow case (one run per call, same frames).
+    pub floor_single_run_ns: f64,
+    pub established_vs_floor: f64,
+    pub non_vip_vs_floor: f64,
+    /// `new_flow_ns` over `floor_single_run_ns`.
+    pub new_flow_vs_floor: f64,
+}
+
+impl XdpCost {
+    pub fn new(
+        repeat: u32,
+        floor_ns: f64,
+        established_ns: f64,
+        non_vip_ns: f64,
+        new_flow_syns: u64,
+        new_flow_ns: f64,
+        floor_single_run_ns: f64,
+    ) -> XdpCost {
+        XdpCost {
+            repeat,
+            floor_ns,
+            established_ns,
+            non_vip_ns,
+            new_flow_syns,
+            new_flow_ns,
+            floor_single_run_ns,
+            established_vs_floor: established_ns / floor_ns,
+            non_vip_vs_floor: non_vip_ns / floor_ns,
+            new_flow_vs_floor: new_flow_ns / floor_single_run_ns,
+        }
+    }
 }
 
 /// The kernel path's ratios (targets: XDP >= 0.9x plain routing, >= 2x the proxy).
@@ -219,6 +268,45 @@ fn check(res: &BenchResults) -> Result<()> {
     if let Some(idle) = &res.idle_memory {
         check_idle(res, idle)?;
     }
+    if let Some(cost) = &res.xdp_cost {
+        check_xdp_cost(cost)?;
+    }
+    Ok(())
+}
+
+/// The XDP cost: enough runs, positive figures, ratios that match them.
+pub(super) fn check_xdp_cost(cost: &XdpCost) -> Result<()> {
+    ensure!(
+        cost.repeat >= 1_000_000 && cost.new_flow_syns > 0,
+        "xdp_cost over {} runs and {} SYNs (at least 10^6 runs per case)",
+        cost.repeat,
+        cost.new_flow_syns
+    );
+    for (name, ns) in [
+        ("floor_ns", cost.floor_ns),
+        ("established_ns", cost.established_ns),
+        ("non_vip_ns", cost.non_vip_ns),
+        ("new_flow_ns", cost.new_flow_ns),
+        ("floor_single_run_ns", cost.floor_single_run_ns),
+    ] {
+        ensure!(ns.is_finite() && ns > 0.0, "xdp_cost.{name} is {ns}");
+    }
+    let expected = XdpCost::new(
+        cost.repeat,
+        cost.floor_ns,
+        cost.established_ns,
+        cost.non_vip_ns,
+        cost.new_flow_syns,
+        cost.new_flow_ns,
+        cost.floor_single_run_ns,
+    );
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    ensure!(
+        same(cost.established_vs_floor, expected.established_vs_floor)
+            && same(cost.non_vip_vs_floor, expected.non_vip_vs_floor)
+            && same(cost.new_flow_vs_floor, expected.new_flow_vs_floor),
+        "xdp_cost ratios do not match its figures: {cost:?}"
+    );
     Ok(())
 }
 

@@ -115,6 +115,7 @@ pub fn summarize(
         distribution,
         kernel_path,
         loadgen_vs_smtp_source,
+        xdp_cost: None,
     })
 }
 

@@ -1,0 +1,165 @@
+//! The XDP program's own cost per packet, measured in the kernel with `BPF_PROG_TEST_RUN` on
+//! crafted frames (`testkit::xdp_run`), beside `switchyard_pass` (returns XDP_PASS at once) as
+//! the floor, in the same run: no network, no driver, only the program.
+//!
+//! What is measured, on one dsr least_conn service with three backends:
+//! - established: the client's ACK of a flow that exists, run `REPEAT` times in a row (the
+//!   follow path: flow lookup, refresh, backend entry, counters, MAC rewrite, XDP_TX);
+//! - non-VIP: an ACK to a backend's own address (service lookup and nat-reply lookup miss,
+//!   XDP_PASS), `REPEAT` times;
+//! - new flow: a SYN that creates a flow (selection, flow insert, count). Repeating one SYN
+//!   would create a flow only on its first run, so this is `new_flow_syns` distinct SYNs (other
+//!   client addresses and ports, a flow table with room for all), one run each; one run per
+//!   call includes the kernel's per-call timing overhead, so its floor is measured the same way
+//!   (`floor_single_run_ns`: the pass program over the same frames, one run per call).
+//!
+//! Every repeated figure is the median of [`BATCHES`] calls of `REPEAT` runs.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use switchyard_common::maps::{algorithm, programs};
+use testkit::raw_syn::{TCP_ACK, TCP_SYN};
+use testkit::xdp_run::{TestBackend, XdpRun, tcp_frame};
+
+use super::results::{Skipped, XdpCost};
+
+/// Runs per `BPF_PROG_TEST_RUN` call of the repeated cases.
+pub const REPEAT: u32 = 1_000_000;
+const BATCHES: usize = 5;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 25);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+/// The measurement, or why it could not be made here (listed as skipped).
+pub fn measure_or_skip(quick: bool, skipped: &mut Vec<Skipped>) -> Option<XdpCost> {
+    let name = "xdp program cost (BPF_PROG_TEST_RUN)".to_string();
+    if !crate::workspace::is_root() {
+        skipped.push(Skipped {
+            name,
+            reason: "needs root (BPF_PROG_TEST_RUN)".into(),
+        });
+        return None;
+    }
+    if switchyard::xdp::object().is_none() {
+        skipped.push(Skipped {
+            name,
+            reason: "switchyard built without the XDP object (run cargo xtask setup)".into(),
+        });
+        return None;
+    }
+    match measure(if quick { 200_000 } else { 1_000_000 }) {
+        Ok(cost) => Some(cost),
+        Err(e) => {
+            skipped.push(Skipped {
+                name,
+                reason: format!("{e:#}"),
+            });
+            None
+        }
+    }
+}
+
+/// Measures every case; `syns` distinct SYNs for the new-flow case.
+pub fn measure(syns: u32) -> Result<XdpCost> {
+    println!("bench: XDP program cost per packet (BPF_PROG_TEST_RUN, {REPEAT} runs per case)");
+    let mut run = XdpRun::load(syns.next_power_of_two().max(1024))?;
+    let backends: Vec<TestBackend> = (0..3)
+        .map(|i| TestBackend {
+            address: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 11 + i), 25),
+            mac: [0x02, 0, 0, 0, 1, 11 + i],
+        })
+        .collect();
+    run.add_dsr_service(VIP, algorithm::LEAST_CONN, &backends)?;
+
+    let client = SocketAddrV4::new(CLIENT, 40000);
+    let established = tcp_frame(client, VIP, TCP_ACK);
+    let (action, _) = run.run(programs::BALANCE, &tcp_frame(client, VIP, TCP_SYN), 1)?;
+    ensure!(
+        action == XDP_TX,
+        "the first SYN got action {action}, not XDP_TX"
+    );
+    let non_vip = tcp_frame(
+        SocketAddrV4::new(CLIENT, 40001),
+        backends[0].address,
+        TCP_ACK,
+    );
+
+    let floor_ns = repeated(&run, programs::PASS, &established, XDP_PASS)?;
+    let established_ns = repeated(&run, programs::BALANCE, &established, XDP_TX)?;
+    let non_vip_ns = repeated(&run, programs::BALANCE, &non_vip, XDP_PASS)?;
+    let new_flow_ns = one_run_each(&run, programs::BALANCE, syns, XDP_TX)?;
+    let floor_single_run_ns = one_run_each(&run, programs::PASS, syns, XDP_PASS)?;
+    let cost = XdpCost::new(
+        REPEAT,
+        floor_ns,
+        established_ns,
+        non_vip_ns,
+        u64::from(syns),
+        new_flow_ns,
+        floor_single_run_ns,
+    );
+    println!(
+        "  floor {floor_ns:.1} ns, established {established_ns:.1} ns ({:.2}x), non-VIP {non_vip_ns:.1} ns ({:.2}x), new flow {new_flow_ns:.1} ns over a one-run floor of {floor_single_run_ns:.1} ns ({:.2}x)",
+        cost.established_vs_floor, cost.non_vip_vs_floor, cost.new_flow_vs_floor
+    );
+    Ok(cost)
+}
+
+/// Median over [`BATCHES`] calls of `REPEAT` runs of `program` on `frame`, in ns per run.
+fn repeated(run: &XdpRun, program: &str, frame: &[u8], expected: u32) -> Result<f64> {
+    let mut per_run = Vec::with_capacity(BATCHES);
+    for _ in 0..BATCHES {
+        let (action, mean) = run.run(program, frame, REPEAT)?;
+        ensure!(
+            action == expected,
+            "{program} returned {action}, expected {expected}"
+        );
+        per_run.push(nanos(mean));
+    }
+    per_run.sort_by(f64::total_cmp);
+    Ok(per_run[BATCHES / 2])
+}
+
+/// Mean over `count` distinct SYNs (a new client address every 50 000 ports) of one run each
+/// of `program`, in ns per run.
+fn one_run_each(run: &XdpRun, program: &str, count: u32, expected: u32) -> Result<f64> {
+    let mut total = Duration::ZERO;
+    for i in 0..count {
+        let host = 2 + i / 50_000;
+        let source = SocketAddrV4::new(
+            Ipv4Addr::new(198, 18, (host >> 8) as u8 + 2, host as u8),
+            1024 + (i % 50_000) as u16,
+        );
+        let (action, took) = run.run(program, &tcp_frame(source, VIP, TCP_SYN), 1)?;
+        ensure!(
+            action == expected,
+            "{program} on SYN {i} returned {action}, expected {expected}"
+        );
+        total += took;
+    }
+    Ok(nanos(total) / f64::from(count.max(1)))
+}
+
+fn nanos(d: Duration) -> f64 {
+    d.as_nanos() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The measurement runs, every case takes the path it is meant to (checked by action
+    /// inside), and the figures pass results.json's validation.
+    #[test]
+    fn measures_every_case() {
+        if !crate::workspace::is_root() || switchyard::xdp::object().is_none() {
+            eprintln!("SKIP: needs root and the XDP object");
+            return;
+        }
+        let cost = measure(20_000).unwrap_or_else(|e| panic!("{e:#}"));
+        super::super::results::check_xdp_cost(&cost).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+}
