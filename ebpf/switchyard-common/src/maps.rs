@@ -194,7 +194,7 @@ pub struct FlowValue {
     /// Backend slot the flow is pinned to.
     pub backend: u32,
     pub service: u32,
-    /// `bpf_ktime_get_ns` of the last packet (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns` of the last packet (CLOCK_MONOTONIC, tick resolution).
     pub last_seen_ns: u64,
     /// [`flow_flags`]; changed only with atomic compare-and-swap. 64 bits because Rust's BPF
     /// target offers atomics on 64-bit words only.

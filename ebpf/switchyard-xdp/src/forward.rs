@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::bindings::{bpf_fib_lookup as FibParams, xdp_action};
-use aya_ebpf::helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect};
+use aya_ebpf::helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect};
 use aya_ebpf::programs::XdpContext;
 use switchyard_common::maps::{BackendEntry, FlowKey, PROTO_TCP};
 
@@ -95,7 +95,7 @@ pub fn nat_reply(ctx: &XdpContext, pkt: &Packet) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let (vip, vport) = unsafe { ((*reply).vip_addr, (*reply).vip_port) };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if !follow_reply(&key, vip, vport, unsafe { (*pkt.tcp).flags }, now) {
         // Stale: not this flow's reply (any more). The stack gets it as it is, e.g. a direct
         // connection from the same client port to this backend.

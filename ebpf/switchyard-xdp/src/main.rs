@@ -30,7 +30,7 @@ mod select;
 mod stats;
 
 use aya_ebpf::bindings::xdp_action;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
 use switchyard_common::maps::{FlowKey, PROTO_TCP, ServiceKey, forwarding};
@@ -86,7 +86,9 @@ fn balance(ctx: &XdpContext) -> u32 {
         proto: PROTO_TCP,
         _pad: [0; 3],
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (CLOCK_MONOTONIC at tick resolution): idle timeouts and lingers are
+    // seconds, and the fine clock costs tens of ns per packet under a hypervisor.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
     let backend_slot = match FLOWS.get_ptr_mut(&flow_key) {

@@ -37,7 +37,8 @@ const ENDED_LINGER: Duration = Duration::from_nanos(ENDED_LINGER_NS);
 /// idle timeout (capped by the service's idle timeout).
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`, which the kernel
+/// stamps flows with (at tick resolution, a few ms behind at most).
 fn monotonic_ns() -> u64 {
     let mut ts = nix::libc::timespec {
         tv_sec: 0,
