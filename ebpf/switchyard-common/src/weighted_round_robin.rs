@@ -420,6 +420,35 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_kept_reduced_to_the_table_picks_as_an_unbounded_one() {
+        // The proxy's cursor grows; the kernel's stays within the table (`cursor_after`).
+        // Picks, fallback scans included, must not tell them apart.
+        let mut weights = vec![5u32; 40];
+        weights[3] = 1;
+        weights[30] = 2;
+        let table = build_table(&weights);
+        let mut views: Vec<BackendView> = weights.iter().map(|&w| BackendView::up(w)).collect();
+        for (i, v) in views.iter_mut().enumerate() {
+            v.healthy = (i == 3 || i == 30) as u32;
+        }
+        let (mut unbounded, mut reduced) = (0usize, 0usize);
+        let mut fallbacks = 0;
+        for _ in 0..500 {
+            let a = pick_in(&table, unbounded, &views, &[]);
+            let b = pick_in(&table, reduced, &views, &[]);
+            assert_eq!(a, b, "cursor {unbounded} vs {reduced}");
+            fallbacks += usize::from(a.is_some_and(|c| c.advance == WRR_PROBES));
+            unbounded += a.map_or(1, |c| c.advance);
+            reduced = cursor_after(reduced, table.len(), b);
+            assert!(reduced < table.len());
+        }
+        assert!(
+            fallbacks > 50,
+            "the fallback scan must be exercised: {fallbacks}"
+        );
+    }
+
+    #[test]
     fn none_when_nothing_is_available() {
         let table = build_table(&[1, 2]);
         let views = [BackendView {
