@@ -53,16 +53,14 @@ where
 {
     let backends = backends.min(MAX_BACKENDS);
     let mut lowest = Lowest {
-        candidate,
-        less,
+        ranking: Ranked { candidate, less },
         first: NONE,
         lowest: BackendView::default(),
         others_tied: 0,
     };
     walk.walk(backends, &mut lowest);
     let Lowest {
-        candidate,
-        less,
+        ranking,
         first,
         lowest,
         others_tied,
@@ -78,8 +76,7 @@ where
         return Some(first);
     }
     let mut tie = NthTie {
-        candidate,
-        less,
+        ranking,
         lowest,
         wanted,
         found: NONE,
@@ -88,57 +85,76 @@ where
     Some(if tie.found == NONE { first } else { tie.found })
 }
 
-/// First pass: the lowest available backend by `less`, the first index with it, and how
-/// many others share it.
-struct Lowest<C, L> {
-    candidate: C,
-    less: L,
-    first: usize,
-    lowest: BackendView,
-    others_tied: u32,
+/// What both passes read: the available backends, and the order they are ranked by.
+trait Ranking {
+    fn available(&self, index: usize) -> Option<BackendView>;
+    fn less(&self, a: &BackendView, b: &BackendView) -> bool;
 }
 
-impl<C, L> Step for Lowest<C, L>
+/// A [`Ranking`] from the caller's `candidate` reader and an order.
+struct Ranked<C, L> {
+    candidate: C,
+    less: L,
+}
+
+impl<C, L> Ranking for Ranked<C, L>
 where
     C: Fn(usize) -> Option<BackendView>,
     L: Fn(&BackendView, &BackendView) -> bool,
 {
     #[inline(always)]
+    fn available(&self, index: usize) -> Option<BackendView> {
+        available_candidate(&self.candidate, index)
+    }
+
+    #[inline(always)]
+    fn less(&self, a: &BackendView, b: &BackendView) -> bool {
+        (self.less)(a, b)
+    }
+}
+
+/// First pass: the lowest available backend, the first index with it, and how many others
+/// share it.
+struct Lowest<R> {
+    ranking: R,
+    first: usize,
+    lowest: BackendView,
+    others_tied: u32,
+}
+
+impl<R: Ranking> Step for Lowest<R> {
+    #[inline(always)]
     fn step(&mut self, index: usize) -> bool {
-        let Some(view) = available_candidate(&self.candidate, index) else {
+        let Some(view) = self.ranking.available(index) else {
             return false;
         };
-        if self.first == NONE || (self.less)(&view, &self.lowest) {
+        if self.first == NONE || self.ranking.less(&view, &self.lowest) {
             self.first = index;
             self.lowest = view;
             self.others_tied = 0;
-        } else if !(self.less)(&self.lowest, &view) {
+        } else if !self.ranking.less(&self.lowest, &view) {
             self.others_tied += 1;
         }
         false
     }
 }
 
-/// Second pass: the `wanted`-th (from 0) available backend equal to `lowest`.
-struct NthTie<C, L> {
-    candidate: C,
-    less: L,
+/// Second pass: the `wanted`-th (from 0) available backend ranked equal to `lowest`.
+struct NthTie<R> {
+    ranking: R,
     lowest: BackendView,
     wanted: usize,
     found: usize,
 }
 
-impl<C, L> Step for NthTie<C, L>
-where
-    C: Fn(usize) -> Option<BackendView>,
-    L: Fn(&BackendView, &BackendView) -> bool,
-{
+impl<R: Ranking> Step for NthTie<R> {
     #[inline(always)]
     fn step(&mut self, index: usize) -> bool {
-        let Some(view) = available_candidate(&self.candidate, index) else {
+        let Some(view) = self.ranking.available(index) else {
             return false;
         };
-        if (self.less)(&view, &self.lowest) || (self.less)(&self.lowest, &view) {
+        let ranking = &self.ranking;
+        if ranking.less(&view, &self.lowest) || ranking.less(&self.lowest, &view) {
             return false;
         }
         if self.wanted == 0 {

@@ -45,15 +45,13 @@ pub fn pick(
         return None;
     }
     let slot = (client_hash % table_len as u64) as usize;
-    // Reduced in 64 bits here, so a host with a narrower `usize` scans from where the kernel does.
-    let scan_start = client_hash.checked_rem(backends as u64).unwrap_or(0) as usize;
     probe_then_scan(
         walk,
         table_len,
         slot,
         MAGLEV_PROBES,
         backends,
-        scan_start,
+        client_hash,
         entry,
         candidate,
     )

@@ -57,7 +57,14 @@ pub fn pick(
     }
     let position = cursor % table_len;
     probe_then_scan(
-        walk, table_len, position, WRR_PROBES, backends, position, entry, candidate,
+        walk,
+        table_len,
+        position,
+        WRR_PROBES,
+        backends,
+        position as u64,
+        entry,
+        candidate,
     )
 }
 
@@ -95,7 +102,8 @@ pub fn pick_in(
 
 /// What the table-driven algorithms (this one and Maglev) share: the first choosable backend
 /// named by the table from `position` (at most `probes` entries, wrapping round), else any
-/// available backend by a scan from `scan_start`. `position < table_len`; `table_len > 0`.
+/// available backend by a scan from `scan_start % backends` (reduced in 64 bits, so that a
+/// host with a narrower `usize` scans from where the kernel does). `position < table_len`; `table_len > 0`.
 /// The advance is the entries consumed: up to the found one, or every probe.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -105,7 +113,7 @@ pub(crate) fn probe_then_scan<E, C>(
     position: usize,
     probes: usize,
     backends: usize,
-    scan_start: usize,
+    scan_start: u64,
     entry: E,
     candidate: C,
 ) -> Option<Choice>
@@ -168,7 +176,7 @@ where
 
 /// Any available backend, scanning from `start % backends`; bounded by [`MAX_BACKENDS`].
 #[inline(always)]
-fn scan_any<C>(walk: impl Walk, start: usize, backends: usize, candidate: C) -> Option<usize>
+fn scan_any<C>(walk: impl Walk, start: u64, backends: usize, candidate: C) -> Option<usize>
 where
     C: Fn(usize) -> Option<BackendView>,
 {
@@ -178,7 +186,7 @@ where
     }
     let mut scan = Scan {
         candidate,
-        start: start % backends,
+        start: (start % backends as u64) as usize,
         backends,
         found: NONE,
     };
