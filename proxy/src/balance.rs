@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use switchyard_common::backend::BackendView;
+use switchyard_common::walk::Inline;
 use switchyard_common::{hash, least_conn, least_time, maglev, round_robin, weighted_round_robin};
 
 use crate::config::{Algorithm, BackendConfig};
@@ -53,6 +54,18 @@ impl Selector {
         }
     }
 
+    /// The service's prebuilt table, as backend indexes: the Maglev table for ip_hash, the smooth
+    /// weighted table for weighted_round_robin, empty otherwise (round robin walks the backends
+    /// themselves; least_* need none). The kernel path writes this very table into its maps, so
+    /// both planes walk the same one.
+    pub fn table(&self) -> &[u16] {
+        match self.algorithm {
+            Algorithm::IpHash => &self.maglev,
+            Algorithm::WeightedRoundRobin => &self.weighted,
+            _ => &[],
+        }
+    }
+
     /// Chooses an available (healthy, not full) backend among `count`, whose index is not in
     /// `exclude`; `view(i)` is backend `i`'s view now. Does not count the session: the caller
     /// acquires backend `i`'s active count and, if that fails (it became full), picks again
@@ -73,7 +86,7 @@ impl Selector {
         match self.algorithm {
             Algorithm::RoundRobin => {
                 let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
-                let choice = round_robin::pick(count, cursor, candidate)?;
+                let choice = round_robin::pick(Inline, count, cursor, candidate)?;
                 self.skip_cursor(choice.advance);
                 Some(choice.backend)
             }
@@ -81,17 +94,25 @@ impl Selector {
                 let table = &self.weighted;
                 let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
                 let entry = |i: usize| table.get(i).map(|&b| b as usize);
-                let choice =
-                    weighted_round_robin::pick(table.len(), cursor, count, entry, candidate)?;
+                let choice = weighted_round_robin::pick(
+                    Inline,
+                    table.len(),
+                    cursor,
+                    count,
+                    entry,
+                    candidate,
+                )?;
                 self.skip_cursor(choice.advance);
                 Some(choice.backend)
             }
             Algorithm::LeastConn => least_conn::pick(
+                Inline,
                 count,
                 self.cursor.fetch_add(1, Ordering::Relaxed),
                 candidate,
             ),
             Algorithm::LeastTime => least_time::pick(
+                Inline,
                 count,
                 self.cursor.fetch_add(1, Ordering::Relaxed),
                 candidate,
@@ -99,7 +120,14 @@ impl Selector {
             Algorithm::IpHash => {
                 let table = &self.maglev;
                 let entry = |i: usize| table.get(i).map(|&b| b as usize);
-                maglev::pick(client_hash(client), table.len(), count, entry, candidate)
+                maglev::pick(
+                    Inline,
+                    client_hash(client),
+                    table.len(),
+                    count,
+                    entry,
+                    candidate,
+                )
             }
         }
     }

@@ -24,6 +24,19 @@ impl BackendView {
     }
 }
 
+/// Backend `b`'s view from `candidate`, if it may be chosen (not excluded, and
+/// [`available`](BackendView::available)).
+#[inline(always)]
+pub(crate) fn available_candidate(
+    candidate: &impl Fn(usize) -> Option<BackendView>,
+    b: usize,
+) -> Option<BackendView> {
+    match candidate(b) {
+        Some(view) if view.available() => Some(view),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 impl BackendView {
     /// A healthy backend of `weight` with no sessions, no cap and no measurement yet: what

@@ -8,10 +8,12 @@
 //! is not enough either (the backend after a busy one would inherit the busy one's turns), so the
 //! scan takes two passes: the first finds the lowest load and how many backends share it, the
 //! second takes the `turn % ties`-th of them in index order. With a counter for `turn`, tied
-//! backends take exact turns. Both loops are bounded by [`MAX_BACKENDS`] for the verifier.
+//! backends take exact turns. Both passes are [`Step`]s run by the caller's [`Walk`], bounded
+//! by [`MAX_BACKENDS`].
 
 use crate::MAX_BACKENDS;
-use crate::backend::{BackendView, candidate_in};
+use crate::backend::{BackendView, available_candidate, candidate_in};
+use crate::walk::{Inline, NONE, Step, Walk};
 
 /// `a` is strictly less loaded than `b`, relative to their weights (weight 0 counts as 1).
 #[inline(always)]
@@ -22,77 +24,154 @@ pub fn less_loaded(a: &BackendView, b: &BackendView) -> bool {
 
 /// Picks among `backends` backends; `candidate(b)` gives backend `b`'s view, or `None` when
 /// `b` is excluded. Only available backends are chosen; `None` when there is none. `turn`
-/// rotates among equally loaded backends (pass a counter that grows by one per pick).
+/// rotates among equally loaded backends (pass a counter that grows by one per pick). `walk`
+/// runs the loops ([`Inline`] in userspace).
 #[inline(always)]
 pub fn pick(
+    walk: impl Walk,
     backends: usize,
     turn: usize,
     candidate: impl Fn(usize) -> Option<BackendView>,
 ) -> Option<usize> {
-    argmin_taking_turns(backends, turn, candidate, less_loaded)
+    argmin_taking_turns(walk, backends, turn, candidate, less_loaded)
 }
 
 /// The available backend minimising the order `less`, the `turn % ties`-th one among ties.
 /// Views are read twice; if they changed in between (other CPUs or threads assigning) and the
 /// chosen tie can no longer be found, the first pass's first minimum is returned.
 #[inline(always)]
-pub(crate) fn argmin_taking_turns(
+pub(crate) fn argmin_taking_turns<C, L>(
+    walk: impl Walk,
     backends: usize,
     turn: usize,
-    candidate: impl Fn(usize) -> Option<BackendView>,
-    less: impl Fn(&BackendView, &BackendView) -> bool,
-) -> Option<usize> {
-    // Plain integers with a sentinel rather than an `Option<(usize, BackendView)>`: LLVM can
-    // spill an `Option`'s uninitialised payload, and the verifier rejects reading it.
-    let mut first = usize::MAX;
-    let mut lowest = BackendView::default();
-    let mut ties: usize = 0;
-    for index in 0..MAX_BACKENDS {
-        if index >= backends {
-            break;
-        }
-        let Some(view) = candidate(index) else {
-            continue;
-        };
-        if !view.available() {
-            continue;
-        }
-        if first == usize::MAX || less(&view, &lowest) {
-            first = index;
-            lowest = view;
-            ties = 1;
-        } else if !less(&lowest, &view) {
-            ties += 1;
-        }
-    }
-    if first == usize::MAX {
+    candidate: C,
+    less: L,
+) -> Option<usize>
+where
+    C: Fn(usize) -> Option<BackendView>,
+    L: Fn(&BackendView, &BackendView) -> bool,
+{
+    let backends = backends.min(MAX_BACKENDS);
+    let mut lowest = Lowest {
+        ranking: Ranked { candidate, less },
+        first: NONE,
+        lowest: BackendView::default(),
+        others_tied: 0,
+    };
+    walk.walk(backends, &mut lowest);
+    let Lowest {
+        ranking,
+        first,
+        lowest,
+        others_tied,
+    } = lowest;
+    if first == NONE {
         return None;
     }
-    if ties <= 1 {
+    // The first of the ties is `first`. No branch on the tie count here (not even a division's
+    // zero check: the divisor cannot be zero): one would make the verifier track every count
+    // separately, and its loop would never converge.
+    let wanted = (turn as u64 % (others_tied as u64 + 1)) as usize;
+    if wanted == 0 {
         return Some(first);
     }
-    let mut wanted = turn % ties;
-    for index in 0..MAX_BACKENDS {
-        if index >= backends {
-            break;
-        }
-        let Some(view) = candidate(index) else {
-            continue;
-        };
-        if view.available() && !less(&view, &lowest) && !less(&lowest, &view) {
-            if wanted == 0 {
-                return Some(index);
-            }
-            wanted -= 1;
-        }
+    let mut tie = NthTie {
+        ranking,
+        lowest,
+        wanted,
+        found: NONE,
+    };
+    walk.walk(backends, &mut tie);
+    Some(if tie.found == NONE { first } else { tie.found })
+}
+
+/// What both passes read: the available backends, and the order they are ranked by.
+trait Ranking {
+    fn available(&self, index: usize) -> Option<BackendView>;
+    fn less(&self, a: &BackendView, b: &BackendView) -> bool;
+}
+
+/// A [`Ranking`] from the caller's `candidate` reader and an order.
+struct Ranked<C, L> {
+    candidate: C,
+    less: L,
+}
+
+impl<C, L> Ranking for Ranked<C, L>
+where
+    C: Fn(usize) -> Option<BackendView>,
+    L: Fn(&BackendView, &BackendView) -> bool,
+{
+    #[inline(always)]
+    fn available(&self, index: usize) -> Option<BackendView> {
+        available_candidate(&self.candidate, index)
     }
-    Some(first)
+
+    #[inline(always)]
+    fn less(&self, a: &BackendView, b: &BackendView) -> bool {
+        (self.less)(a, b)
+    }
+}
+
+/// First pass: the lowest available backend, the first index with it, and how many others
+/// share it.
+struct Lowest<R> {
+    ranking: R,
+    first: usize,
+    lowest: BackendView,
+    others_tied: u32,
+}
+
+impl<R: Ranking> Step for Lowest<R> {
+    #[inline(always)]
+    fn step(&mut self, index: usize) -> bool {
+        let Some(view) = self.ranking.available(index) else {
+            return false;
+        };
+        if self.first == NONE || self.ranking.less(&view, &self.lowest) {
+            self.first = index;
+            self.lowest = view;
+            self.others_tied = 0;
+        } else if !self.ranking.less(&self.lowest, &view) {
+            self.others_tied += 1;
+        }
+        false
+    }
+}
+
+/// Second pass: the `wanted`-th (from 0) available backend ranked equal to `lowest`.
+struct NthTie<R> {
+    ranking: R,
+    lowest: BackendView,
+    wanted: usize,
+    found: usize,
+}
+
+impl<R: Ranking> Step for NthTie<R> {
+    #[inline(always)]
+    fn step(&mut self, index: usize) -> bool {
+        let Some(view) = self.ranking.available(index) else {
+            return false;
+        };
+        let ranking = &self.ranking;
+        if ranking.less(&view, &self.lowest) || ranking.less(&self.lowest, &view) {
+            return false;
+        }
+        if self.wanted == 0 {
+            self.found = index;
+            return true;
+        }
+        self.wanted -= 1;
+        false
+    }
 }
 
 /// Slice convenience for userspace.
 #[inline]
 pub fn pick_in(turn: usize, views: &[BackendView], exclude: &[usize]) -> Option<usize> {
-    pick(views.len(), turn, |b| candidate_in(views, exclude, b))
+    pick(Inline, views.len(), turn, |b| {
+        candidate_in(views, exclude, b)
+    })
 }
 
 #[cfg(test)]

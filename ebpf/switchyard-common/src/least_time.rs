@@ -14,6 +14,7 @@
 
 use crate::backend::{BackendView, candidate_in};
 use crate::least_conn::argmin_taking_turns;
+use crate::walk::{Inline, Walk};
 
 /// The quantity least_time minimises.
 #[inline(always)]
@@ -23,20 +24,23 @@ pub fn score(view: &BackendView) -> u64 {
 
 /// Picks among `backends` backends; `candidate(b)` gives backend `b`'s view, or `None` when `b`
 /// is excluded. Only available backends are chosen; `None` when there is none. `turn` rotates
-/// among equal scores.
+/// among equal scores. `walk` runs the loops ([`Inline`] in userspace).
 #[inline(always)]
 pub fn pick(
+    walk: impl Walk,
     backends: usize,
     turn: usize,
     candidate: impl Fn(usize) -> Option<BackendView>,
 ) -> Option<usize> {
-    argmin_taking_turns(backends, turn, candidate, |a, b| score(a) < score(b))
+    argmin_taking_turns(walk, backends, turn, candidate, |a, b| score(a) < score(b))
 }
 
 /// Slice convenience for userspace.
 #[inline]
 pub fn pick_in(turn: usize, views: &[BackendView], exclude: &[usize]) -> Option<usize> {
-    pick(views.len(), turn, |b| candidate_in(views, exclude, b))
+    pick(Inline, views.len(), turn, |b| {
+        candidate_in(views, exclude, b)
+    })
 }
 
 #[cfg(test)]

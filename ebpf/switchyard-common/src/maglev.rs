@@ -20,7 +20,8 @@
 //! table without a backend moves about its share of clients too: Maglev's minimal disruption.
 
 use crate::backend::{BackendView, candidate_in};
-use crate::weighted_round_robin::scan_any;
+use crate::walk::{Inline, Walk};
+use crate::weighted_round_robin::probe_then_scan;
 
 /// Slots examined after the client's own before falling back to any available backend.
 pub const MAGLEV_PROBES: usize = 64;
@@ -29,8 +30,11 @@ pub const MAGLEV_PROBES: usize = 64;
 /// [`hash_ipv4`](crate::hash::hash_ipv4) / [`hash_ipv6`](crate::hash::hash_ipv6)), from a table
 /// of `table_len` slots (`entry(i)` reads slot `i`). `candidate(b)` gives backend `b`'s view,
 /// or `None` when `b` is excluded; `backends` is how many exist. `None` when none is available.
+/// The fallback scans from `client_hash % backends`, so clients that find nothing in their
+/// probe window still spread. `walk` runs the loops ([`Inline`] in userspace).
 #[inline(always)]
 pub fn pick(
+    walk: impl Walk,
     client_hash: u64,
     table_len: usize,
     backends: usize,
@@ -40,23 +44,18 @@ pub fn pick(
     if table_len == 0 {
         return None;
     }
-    let mut slot = (client_hash % table_len as u64) as usize;
-    for probe in 0..MAGLEV_PROBES {
-        if probe >= table_len {
-            break;
-        }
-        if let Some(backend) = entry(slot)
-            && let Some(view) = candidate(backend)
-            && view.available()
-        {
-            return Some(backend);
-        }
-        slot += 1;
-        if slot >= table_len {
-            slot = 0;
-        }
-    }
-    scan_any(client_hash as usize, backends, candidate)
+    let slot = (client_hash % table_len as u64) as usize;
+    probe_then_scan(
+        walk,
+        table_len,
+        slot,
+        MAGLEV_PROBES,
+        backends,
+        client_hash,
+        entry,
+        candidate,
+    )
+    .map(|choice| choice.backend)
 }
 
 /// Slice convenience for userspace.
@@ -68,6 +67,7 @@ pub fn pick_in(
     exclude: &[usize],
 ) -> Option<usize> {
     pick(
+        Inline,
         client_hash,
         table.len(),
         views.len(),

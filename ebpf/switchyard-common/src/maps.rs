@@ -133,7 +133,7 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// Which half (0 or 1) of the double-buffered Maglev/weighted tables new flows read.
     pub table_version: u32,
-    /// Used entries of the active weighted table (0 = empty: fall back to least_conn).
+    /// Used entries of the active weighted table (0 for algorithms without one).
     /// Written together with `table_version`, in the same map update.
     pub weighted_len: u32,
     /// Reserved, zero.

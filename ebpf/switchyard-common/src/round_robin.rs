@@ -1,30 +1,34 @@
 //! Round robin: weighted round robin with every weight 1.
 //!
 //! The smooth weighted table for equal weights is the identity `0, 1, .., n-1`, so the proxy
-//! does not need to store it: the cursor indexes backends directly. The XDP program can use the
-//! same weighted table it uses for `weighted_round_robin` (built with [`build_table`]); both
-//! give the same order. Skipping of unavailable or excluded backends, and the cursor advance
+//! does not need to store it: the cursor indexes backends directly, in both planes (the
+//! equal-weight table [`build_table`] builds gives the same order). Skipping of unavailable or excluded backends, and the cursor advance
 //! that keeps the spread even when one is down, are those of
 //! [`weighted_round_robin`](crate::weighted_round_robin).
 
 use crate::backend::{BackendView, candidate_in};
+use crate::walk::{Inline, Walk};
 use crate::weighted_round_robin::{self, Choice};
 
 /// Picks the backend under `cursor` among `backends` backends, probing forward past those
 /// that `candidate` reports excluded (`None`) or unavailable. `None` when none may be chosen.
+/// `walk` runs the loops ([`Inline`] in userspace).
 #[inline(always)]
 pub fn pick(
+    walk: impl Walk,
     backends: usize,
     cursor: usize,
     candidate: impl Fn(usize) -> Option<BackendView>,
 ) -> Option<Choice> {
-    weighted_round_robin::pick(backends, cursor, backends, Some, candidate)
+    weighted_round_robin::pick(walk, backends, cursor, backends, Some, candidate)
 }
 
 /// Slice convenience for userspace.
 #[inline]
 pub fn pick_in(cursor: usize, views: &[BackendView], exclude: &[usize]) -> Option<Choice> {
-    pick(views.len(), cursor, |b| candidate_in(views, exclude, b))
+    pick(Inline, views.len(), cursor, |b| {
+        candidate_in(views, exclude, b)
+    })
 }
 
 /// The weighted table for `backends` equal-weight backends (for the kernel's shared table).

@@ -16,10 +16,13 @@
 //! positions; the [`Choice`] says how many positions were consumed so the caller can move its
 //! cursor past them (then a down backend's turns go to the backends after it in the table, in
 //! proportion to their weights, instead of all to its neighbour). If every probe fails, a
-//! bounded scan over all backends finds any available one.
+//! bounded scan over all backends, from the cursor's table position, finds any available one.
+//! The choice depends on the cursor only through `cursor % table_len`, so the proxy may keep an
+//! ever-growing cursor and the XDP program one reduced to the table ([`cursor_after`]).
 
 use crate::MAX_BACKENDS;
-use crate::backend::{BackendView, candidate_in};
+use crate::backend::{BackendView, available_candidate, candidate_in};
+use crate::walk::{Inline, NONE, Step, Walk, ring};
 
 /// Upper bound on the weighted table's length before scaling (see the module docs).
 pub const WRR_TABLE_MAX: usize = 65536;
@@ -38,9 +41,11 @@ pub struct Choice {
 /// Picks from a weighted table of `table_len` entries (`entry(i)` reads entry `i`) starting at
 /// `cursor`. `candidate(b)` gives backend `b`'s view, or `None` when `b` is excluded or does not
 /// exist; only [`BackendView::available`] candidates are chosen. `backends` is how many
-/// backends exist (for the fallback scan). Returns `None` when no backend may be chosen.
+/// backends exist (for the fallback scan). Returns `None` when no backend may be chosen. `walk`
+/// runs the loops ([`Inline`] in userspace).
 #[inline(always)]
 pub fn pick(
+    walk: impl Walk,
     table_len: usize,
     cursor: usize,
     backends: usize,
@@ -50,30 +55,30 @@ pub fn pick(
     if table_len == 0 {
         return None;
     }
-    let mut position = cursor % table_len;
-    for probe in 0..WRR_PROBES {
-        if probe >= table_len {
-            break;
-        }
-        if let Some(backend) = entry(position)
-            && is_choosable(&candidate, backend)
-        {
-            return Some(Choice {
-                backend,
-                advance: probe + 1,
-            });
-        }
-        position += 1;
-        if position >= table_len {
-            position = 0;
-        }
+    let position = cursor % table_len;
+    probe_then_scan(
+        walk,
+        table_len,
+        position,
+        WRR_PROBES,
+        backends,
+        position as u64,
+        entry,
+        candidate,
+    )
+}
+
+/// The cursor after a pick from `cursor` on a table of `table_len` entries, reduced to the
+/// table: `advance` positions on, or one when nothing was chosen. (The proxy's selector moves
+/// its shared cursor by the same amounts in two atomic adds without reducing it.)
+#[inline(always)]
+pub fn cursor_after(cursor: usize, table_len: usize, choice: Option<Choice>) -> usize {
+    if table_len == 0 {
+        return 0;
     }
-    let advance = if table_len < WRR_PROBES {
-        table_len
-    } else {
-        WRR_PROBES
-    };
-    scan_any(cursor, backends, candidate).map(|backend| Choice { backend, advance })
+    // A choice never advances past the table's length: `ring` needs no division.
+    let moved = choice.map_or(1, |choice| choice.advance.min(table_len));
+    ring(cursor % table_len, moved, table_len)
 }
 
 /// Slice convenience for userspace: `table` from [`build_table`], `views` indexed by backend,
@@ -86,6 +91,7 @@ pub fn pick_in(
     exclude: &[usize],
 ) -> Option<Choice> {
     pick(
+        Inline,
         table.len(),
         cursor,
         views.len(),
@@ -94,38 +100,121 @@ pub fn pick_in(
     )
 }
 
+/// What the table-driven algorithms (this one and Maglev) share: the first choosable backend
+/// named by the table from `position` (at most `probes` entries, wrapping round), else any
+/// available backend by a scan from `scan_start % backends` (reduced in 64 bits, so that a
+/// host with a narrower `usize` scans from where the kernel does). `position < table_len`; `table_len > 0`.
+/// The advance is the entries consumed: up to the found one, or every probe.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn is_choosable(candidate: &impl Fn(usize) -> Option<BackendView>, backend: usize) -> bool {
-    match candidate(backend) {
-        Some(view) => view.available(),
-        None => false,
+pub(crate) fn probe_then_scan<E, C>(
+    walk: impl Walk,
+    table_len: usize,
+    position: usize,
+    probes: usize,
+    backends: usize,
+    scan_start: u64,
+    entry: E,
+    candidate: C,
+) -> Option<Choice>
+where
+    E: Fn(usize) -> Option<usize>,
+    C: Fn(usize) -> Option<BackendView>,
+{
+    let probes = probes.min(table_len);
+    let mut probe = Probe {
+        entry,
+        candidate,
+        position,
+        table_len,
+        found: NONE,
+        steps: 0,
+    };
+    walk.walk(probes, &mut probe);
+    if probe.found != NONE {
+        return Some(Choice {
+            backend: probe.found,
+            advance: probe.steps,
+        });
+    }
+    let backend = scan_any(walk, scan_start, backends, probe.candidate)?;
+    Some(Choice {
+        backend,
+        advance: probes,
+    })
+}
+
+/// Probing the table: the first entry from `position` naming a choosable backend.
+struct Probe<E, C> {
+    entry: E,
+    candidate: C,
+    position: usize,
+    table_len: usize,
+    found: usize,
+    steps: usize,
+}
+
+impl<E, C> Step for Probe<E, C>
+where
+    E: Fn(usize) -> Option<usize>,
+    C: Fn(usize) -> Option<BackendView>,
+{
+    #[inline(always)]
+    fn step(&mut self, i: usize) -> bool {
+        let position = ring(self.position, i, self.table_len);
+        let Some(backend) = (self.entry)(position) else {
+            return false;
+        };
+        if available_candidate(&self.candidate, backend).is_none() {
+            return false;
+        }
+        self.found = backend;
+        self.steps = i + 1;
+        true
     }
 }
 
 /// Any available backend, scanning from `start % backends`; bounded by [`MAX_BACKENDS`].
 #[inline(always)]
-pub(crate) fn scan_any(
-    start: usize,
-    backends: usize,
-    candidate: impl Fn(usize) -> Option<BackendView>,
-) -> Option<usize> {
+fn scan_any<C>(walk: impl Walk, start: u64, backends: usize, candidate: C) -> Option<usize>
+where
+    C: Fn(usize) -> Option<BackendView>,
+{
+    let backends = backends.min(MAX_BACKENDS);
     if backends == 0 {
         return None;
     }
-    let mut backend = start % backends;
-    for step in 0..MAX_BACKENDS {
-        if step >= backends {
-            break;
+    let mut scan = Scan {
+        candidate,
+        start: (start % backends as u64) as usize,
+        backends,
+        found: NONE,
+    };
+    walk.walk(backends, &mut scan);
+    (scan.found != NONE).then_some(scan.found)
+}
+
+/// Scanning backends round from `start` for the first available one.
+struct Scan<C> {
+    candidate: C,
+    start: usize,
+    backends: usize,
+    found: usize,
+}
+
+impl<C> Step for Scan<C>
+where
+    C: Fn(usize) -> Option<BackendView>,
+{
+    #[inline(always)]
+    fn step(&mut self, i: usize) -> bool {
+        let backend = ring(self.start, i, self.backends);
+        if available_candidate(&self.candidate, backend).is_none() {
+            return false;
         }
-        if is_choosable(&candidate, backend) {
-            return Some(backend);
-        }
-        backend += 1;
-        if backend >= backends {
-            backend = 0;
-        }
+        self.found = backend;
+        true
     }
-    None
 }
 
 #[cfg(feature = "user")]
@@ -336,6 +425,35 @@ mod tests {
         let choice = pick_in(&table, 0, &views, &[]).unwrap();
         assert_eq!(choice.backend, 99);
         assert_eq!(choice.advance, WRR_PROBES);
+    }
+
+    #[test]
+    fn a_cursor_kept_reduced_to_the_table_picks_as_an_unbounded_one() {
+        // The proxy's cursor grows; the kernel's stays within the table (`cursor_after`).
+        // Picks, fallback scans included, must not tell them apart.
+        let mut weights = vec![5u32; 40];
+        weights[3] = 1;
+        weights[30] = 2;
+        let table = build_table(&weights);
+        let mut views: Vec<BackendView> = weights.iter().map(|&w| BackendView::up(w)).collect();
+        for (i, v) in views.iter_mut().enumerate() {
+            v.healthy = (i == 3 || i == 30) as u32;
+        }
+        let (mut unbounded, mut reduced) = (0usize, 0usize);
+        let mut fallbacks = 0;
+        for _ in 0..500 {
+            let a = pick_in(&table, unbounded, &views, &[]);
+            let b = pick_in(&table, reduced, &views, &[]);
+            assert_eq!(a, b, "cursor {unbounded} vs {reduced}");
+            fallbacks += usize::from(a.is_some_and(|c| c.advance == WRR_PROBES));
+            unbounded += a.map_or(1, |c| c.advance);
+            reduced = cursor_after(reduced, table.len(), b);
+            assert!(reduced < table.len());
+        }
+        assert!(
+            fallbacks > 50,
+            "the fallback scan must be exercised: {fallbacks}"
+        );
     }
 
     #[test]

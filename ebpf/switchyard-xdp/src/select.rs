@@ -1,273 +1,143 @@
-//! In-kernel backend selection for a new flow: the service's algorithm over its backends as
-//! views read straight from the maps (`SERVICE_BACKENDS`, `ACTIVE`), Maglev and weighted tables
-//! probed from their double-buffered halves, and scans for the least loaded or any available
-//! backend. Every loop runs under `bpf_loop`, so the verifier checks one iteration.
+//! In-kernel backend selection for a new flow: the service's algorithm, run by the shared
+//! selection code of `switchyard_common` (the same `pick` functions the proxy's `Selector`
+//! calls). This file only adapts the maps into their inputs: a backend's view from
+//! `SERVICE_BACKENDS` and `ACTIVE`, table entries from the double-buffered `MAGLEV` and
+//! `WEIGHTED` halves, the turn or cursor from the per-CPU `RR_CURSOR`, and `bpf_loop` as the
+//! driver of the shared loops (so the verifier checks one iteration of each).
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
+use aya_ebpf::helpers::bpf_loop;
 use switchyard_common::backend::BackendView;
 use switchyard_common::maps::{
     FlowKey, ServiceValue, WEIGHTED_TABLE_SIZE, algorithm, backend_state, maglev_index,
     service_backend_index, weighted_index,
 };
+use switchyard_common::walk::{Step, Walk};
 use switchyard_common::{
-    MAGLEV_TABLE_SIZE, MAX_BACKENDS, hash, least_conn, maglev, weighted_round_robin,
+    MAGLEV_TABLE_SIZE, MAX_BACKENDS, hash, least_conn, maglev, round_robin, weighted_round_robin,
 };
 
 use crate::maps::{ACTIVE, MAGLEV, RR_CURSOR, SERVICE_BACKENDS, WEIGHTED};
 
+/// Runs the shared selection loops under `bpf_loop`: one call of the step per index.
+#[derive(Clone, Copy)]
+struct BpfLoop;
+
+impl Walk for BpfLoop {
+    #[inline(always)]
+    fn walk<S: Step>(self, iterations: usize, state: &mut S) {
+        unsafe {
+            bpf_loop(
+                iterations as u32,
+                one_step::<S> as *mut c_void,
+                state as *mut S as *mut c_void,
+                0,
+            );
+        }
+    }
+}
+
+/// The `bpf_loop` callback: step `i` of the state behind `ctx`; non-zero stops the loop.
+#[inline(never)]
+extern "C" fn one_step<S: Step>(i: u64, ctx: *mut c_void) -> i64 {
+    let state = unsafe { &mut *(ctx as *mut S) };
+    state.step(i as usize) as i64
+}
+
 /// The view the shared selection code reads of the service's backend at `entry` of
-/// `SERVICE_BACKENDS`, straight from the maps; the count is that of the backend's slot.
+/// `SERVICE_BACKENDS`, straight from the maps; the count is that of the backend's slot. Only
+/// an `UP` backend is healthy (down and drained ones take no new flows); an entry of weight 0
+/// is unused, not a backend.
 #[inline(always)]
 fn view(entry: u32) -> Option<BackendView> {
     let backend = SERVICE_BACKENDS.get(entry)?;
+    if backend.weight == 0 {
+        return None;
+    }
     let active = ACTIVE.get_ptr_mut(backend.slot)?;
     let active = unsafe { core::ptr::read_volatile(active) };
     Some(BackendView {
         active: active.min(u32::MAX as u64) as u32,
         weight: backend.weight,
         max_connections: backend.max_connections,
-        healthy: (backend.state == backend_state::UP && backend.weight != 0) as u32,
+        healthy: (backend.state == backend_state::UP) as u32,
         response_us: 0,
     })
 }
 
-/// The service's algorithm. Table entries name backends by their index within the service.
-/// The table-driven algorithms probe forward past unavailable entries (as the shared
-/// `maglev::pick` / `weighted_round_robin::pick` do, same probe counts), then fall back to
-/// any available backend.
-///
-/// Kernel-local loops rather than the shared `pick` functions: those loop up to
-/// `MAX_BACKENDS` (1024) times inline, which the verifier rejects ("sequence of 8193 jumps is
-/// too complex"), and `least_conn::pick` keeps an `Option<(usize, BackendView)>` whose
-/// uninitialised payload LLVM spills (the verifier rejects reading it). Here every loop runs
-/// under `bpf_loop`, so the verifier checks one iteration; the ordering is the shared
-/// `least_conn::less_loaded` and the hash the shared `hash::hash_ipv4`.
+/// The backend slot the service's algorithm picks for a new flow `key`, or `None` when no
+/// backend may take it. Table entries and picks name backends by their index within the service.
 #[inline(always)]
 pub fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
-    let count = service.backend_count;
-    if count == 0 || count > MAX_BACKENDS as u32 {
+    let count = service.backend_count as usize;
+    if count == 0 || count > MAX_BACKENDS {
         return None;
     }
     let base = service_backend_index(service.index, 0);
-    let version = service.table_version;
-    let picked = match service.algorithm {
-        algorithm::IP_HASH => {
-            let client_hash = hash::hash_ipv4(key.src_addr.to_ne_bytes());
-            let size = MAGLEV_TABLE_SIZE as u32;
-            let slot = (client_hash % MAGLEV_TABLE_SIZE as u64) as u32;
-            let first = maglev_index(service.index, version, size, 0);
-            probe(
-                TABLE_MAGLEV,
-                first,
-                size,
-                slot,
-                maglev::MAGLEV_PROBES as u32,
-                base,
-                count,
-            )
-            .or_else(|| {
-                scan(
-                    SCAN_FIRST_AVAILABLE,
-                    base,
-                    count,
-                    (client_hash as u32).checked_rem(count).unwrap_or(0),
-                )
-            })
+    let candidate = move |b: usize| {
+        if b < count {
+            view(base + b as u32)
+        } else {
+            None
         }
-        algorithm::ROUND_ROBIN | algorithm::WEIGHTED_ROUND_ROBIN
-            if service.weighted_len != 0 && service.weighted_len <= WEIGHTED_TABLE_SIZE =>
-        {
-            let len = service.weighted_len;
-            let cursor = RR_CURSOR.get_ptr_mut(service.index)?;
-            let position = unsafe { *cursor }.checked_rem(len).unwrap_or(0);
-            let first = weighted_index(service.index, version, WEIGHTED_TABLE_SIZE, 0);
-            let probes = weighted_round_robin::WRR_PROBES as u32;
-            let found = probe(TABLE_WEIGHTED, first, len, position, probes, base, count);
-            // Move past the entries consumed, so a down backend's turns spread over the others.
-            let advance = match found {
-                Some((_, steps)) => steps,
-                None => probes.min(len),
-            };
-            unsafe { *cursor = position.wrapping_add(advance) };
-            found.or_else(|| {
-                scan(
-                    SCAN_FIRST_AVAILABLE,
-                    base,
-                    count,
-                    position.checked_rem(count).unwrap_or(0),
-                )
+    };
+    let index = match service.algorithm {
+        algorithm::IP_HASH => {
+            let first = maglev_index(
+                service.index,
+                service.table_version,
+                MAGLEV_TABLE_SIZE as u32,
+                0,
+            );
+            let entry = move |slot: usize| MAGLEV.get(first + slot as u32).map(|&b| b as usize);
+            let client_hash = hash::hash_ipv4(key.src_addr.to_ne_bytes());
+            maglev::pick(
+                BpfLoop,
+                client_hash,
+                MAGLEV_TABLE_SIZE,
+                count,
+                entry,
+                candidate,
+            )
+        }
+        algorithm::ROUND_ROBIN => with_cursor(service.index, count, |cursor| {
+            round_robin::pick(BpfLoop, count, cursor, candidate)
+        }),
+        algorithm::WEIGHTED_ROUND_ROBIN => {
+            let len = service.weighted_len as usize;
+            if len > WEIGHTED_TABLE_SIZE as usize {
+                return None;
+            }
+            let first =
+                weighted_index(service.index, service.table_version, WEIGHTED_TABLE_SIZE, 0);
+            let entry = move |i: usize| WEIGHTED.get(first + i as u32).map(|&b| b as usize);
+            with_cursor(service.index, len, |cursor| {
+                weighted_round_robin::pick(BpfLoop, len, cursor, count, entry, candidate)
             })
         }
         _ => {
-            let start = unsafe { bpf_get_prandom_u32() }
-                .checked_rem(count)
-                .unwrap_or(0);
-            scan(SCAN_LEAST_LOADED, base, count, start)
+            // The turn among equally loaded backends: this CPU's count of picks.
+            let turn = RR_CURSOR.get_ptr_mut(service.index)?;
+            let this = unsafe { *turn };
+            unsafe { *turn = this.wrapping_add(1) };
+            least_conn::pick(BpfLoop, count, this as usize, candidate)
         }
-    };
-    let (index, _) = picked?;
-    SERVICE_BACKENDS.get(base + index).map(|b| b.slot)
+    }?;
+    SERVICE_BACKENDS.get(base + index as u32).map(|b| b.slot)
 }
 
-const SCAN_LEAST_LOADED: u32 = 0;
-const SCAN_FIRST_AVAILABLE: u32 = 1;
-const TABLE_MAGLEV: u32 = 0;
-const TABLE_WEIGHTED: u32 = 1;
-const NONE: u32 = u32::MAX;
-
-/// State of one `bpf_loop` over a service's backends or one of its tables (plain integers: it
-/// lives on the BPF stack and the verifier must see every byte initialised).
-#[repr(C)]
-struct LoopState {
-    mode: u32,
-    table: u32,
-    /// First entry of the table half in its flat array.
-    first: u32,
-    /// Table length, or backend count for scans.
-    len: u32,
-    start: u32,
-    base: u32,
-    count: u32,
-    best: u32,
-    best_active: u32,
-    best_weight: u32,
-    steps: u32,
-    _pad: u32,
-}
-
-impl LoopState {
-    #[inline(always)]
-    fn new(mode: u32, table: u32, first: u32, len: u32, start: u32, base: u32, count: u32) -> Self {
-        Self {
-            mode,
-            table,
-            first,
-            len,
-            start,
-            base,
-            count,
-            best: NONE,
-            best_active: 0,
-            best_weight: 1,
-            steps: 0,
-            _pad: 0,
-        }
-    }
-}
-
-/// Runs `step` up to `iterations` times under `bpf_loop` over `state`. Returns what it found:
-/// (index within the service, steps taken).
+/// A cursor pick on a table (or ring) of `len` entries with this CPU's cursor of the service,
+/// which then moves past the entries the pick consumed (kept reduced to the table).
 #[inline(always)]
-fn run(
-    mut state: LoopState,
-    iterations: u32,
-    step: extern "C" fn(u64, *mut c_void) -> i64,
-) -> Option<(u32, u32)> {
-    unsafe {
-        bpf_loop(
-            iterations,
-            step as *mut c_void,
-            &raw mut state as *mut c_void,
-            0,
-        );
-    }
-    (state.best != NONE).then_some((state.best, state.steps))
-}
-
-/// Any available backend (`SCAN_FIRST_AVAILABLE`) or the least loaded relative to its weight
-/// (`SCAN_LEAST_LOADED`), from `start`. Returns (index within the service, steps taken).
-#[inline(always)]
-fn scan(mode: u32, base: u32, count: u32, start: u32) -> Option<(u32, u32)> {
-    let state = LoopState::new(mode, 0, 0, count, start, base, count);
-    run(state, count, scan_step)
-}
-
-/// The `i`th position from `start` round a ring of `len` (not zero) entries; `i < len`.
-#[inline(always)]
-fn wrapped(start: u32, i: u64, len: u32) -> u32 {
-    // `checked_rem`: a `%` the compiler cannot prove safe links a panic path the loader rejects.
-    let mut position = start.checked_rem(len).unwrap_or(0) + (i as u32);
-    if position >= len {
-        position -= len;
-    }
-    position
-}
-
-#[inline(never)]
-extern "C" fn scan_step(i: u64, ctx: *mut c_void) -> i64 {
-    let state = unsafe { &mut *(ctx as *mut LoopState) };
-    if state.count == 0 {
-        return 1;
-    }
-    let index = wrapped(state.start, i, state.count);
-    let Some(view) = view(state.base + index) else {
-        return 0;
-    };
-    if !view.available() {
-        return 0;
-    }
-    if state.mode == SCAN_FIRST_AVAILABLE {
-        state.best = index;
-        state.steps = i as u32 + 1;
-        return 1;
-    }
-    let best = BackendView {
-        active: state.best_active,
-        weight: state.best_weight,
-        max_connections: 0,
-        healthy: 1,
-        response_us: 0,
-    };
-    if state.best == NONE || least_conn::less_loaded(&view, &best) {
-        state.best = index;
-        state.best_active = view.active;
-        state.best_weight = view.weight;
-    }
-    0
-}
-
-/// The first available backend named by the table from `position`, probing at most `probes`
-/// entries. Returns (index within the service, entries consumed).
-#[inline(always)]
-fn probe(
-    table: u32,
-    first: u32,
-    len: u32,
-    position: u32,
-    probes: u32,
-    base: u32,
-    count: u32,
-) -> Option<(u32, u32)> {
-    let state = LoopState::new(0, table, first, len, position, base, count);
-    run(state, probes.min(len), probe_step)
-}
-
-#[inline(never)]
-extern "C" fn probe_step(i: u64, ctx: *mut c_void) -> i64 {
-    let state = unsafe { &mut *(ctx as *mut LoopState) };
-    if state.len == 0 {
-        return 1;
-    }
-    let position = wrapped(state.start, i, state.len);
-    let entry = if state.table == TABLE_MAGLEV {
-        MAGLEV.get(state.first + position).copied()
-    } else {
-        WEIGHTED.get(state.first + position).copied()
-    };
-    let Some(index) = entry else {
-        return 0;
-    };
-    if index >= state.count {
-        return 0;
-    }
-    match view(state.base + index) {
-        Some(view) if view.available() => {
-            state.best = index;
-            state.steps = i as u32 + 1;
-            1
-        }
-        _ => 0,
-    }
+fn with_cursor(
+    service: u32,
+    len: usize,
+    pick: impl FnOnce(usize) -> Option<weighted_round_robin::Choice>,
+) -> Option<usize> {
+    let cursor = RR_CURSOR.get_ptr_mut(service)?;
+    let at = unsafe { *cursor } as usize;
+    let choice = pick(at);
+    unsafe { *cursor = weighted_round_robin::cursor_after(at, len, choice) as u32 };
+    choice.map(|c| c.backend)
 }

@@ -311,6 +311,12 @@ impl XdpPlane {
         Ok(map.get(&slot, 0)?)
     }
 
+    /// The loaded object: for tests that program its maps and run it (BPF_PROG_TEST_RUN).
+    #[cfg(test)]
+    pub(super) fn ebpf(&self) -> &Arc<Mutex<Ebpf>> {
+        &self.bpf
+    }
+
     /// Stops the sync task and detaches. With pinning on, the pinned links and maps stay:
     /// the program keeps forwarding established flows until the next start takes over.
     pub fn shutdown(mut self) {
@@ -337,13 +343,18 @@ const STATS_PERIOD: Duration = Duration::from_secs(60);
 
 /// Per-run memory of what was written, so only changes touch the maps.
 #[derive(Default)]
-struct KernelSync {
+pub(super) struct KernelSync {
     written: std::collections::HashMap<String, tables::BackendStates>,
 }
 
 impl KernelSync {
     /// Brings backend states (health, MACs) and tables up to date for every XDP service.
-    fn run(&mut self, bpf: &mut Ebpf, snapshot: &Snapshot, first: bool) -> anyhow::Result<()> {
+    pub(super) fn run(
+        &mut self,
+        bpf: &mut Ebpf,
+        snapshot: &Snapshot,
+        first: bool,
+    ) -> anyhow::Result<()> {
         for (index, service) in snapshot.services.iter().enumerate() {
             if service.config.dataplane != Dataplane::Xdp {
                 continue;

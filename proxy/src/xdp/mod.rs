@@ -13,6 +13,8 @@
 //!    pinned on purpose (`pin = true` in `[service.xdp]`), in which case the program keeps steering
 //!    established flows and the next start takes them over.
 
+#[cfg(test)]
+mod agreement;
 mod flows;
 mod loader;
 #[cfg(test)]
@@ -84,7 +86,7 @@ mod tests {
     use super::*;
 
     /// Root and the object are needed; CI (SWITCHYARD_REQUIRE_XDP=1) turns a skip into a failure.
-    fn skip_reason() -> Option<&'static str> {
+    pub(super) fn skip_reason() -> Option<&'static str> {
         if object().is_none() {
             return Some("the XDP object is not built in (eBPF toolchain missing)");
         }
@@ -94,7 +96,7 @@ mod tests {
         None
     }
 
-    fn require() -> bool {
+    pub(super) fn require() -> bool {
         if let Some(reason) = skip_reason() {
             if std::env::var("SWITCHYARD_REQUIRE_XDP").is_ok_and(|v| v == "1") {
                 panic!("SWITCHYARD_REQUIRE_XDP=1 but the kernel path cannot be tested: {reason}");
@@ -105,7 +107,7 @@ mod tests {
         true
     }
 
-    fn config(text: &str) -> Config {
+    pub(super) fn config(text: &str) -> Config {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, text).expect("write config");

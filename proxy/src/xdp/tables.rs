@@ -1,5 +1,10 @@
 //! Writes services, backends and their selection tables into the XDP program's maps.
 //!
+//! The tables are the proxy's own: the service's `Selector` builds them over every backend of
+//! the config, and the kernel walks them with the same shared selection code, skipping down
+//! and drained backends as their states in `SERVICE_BACKENDS` say. So a health change rewrites
+//! states only; tables change with the config, at the first sync of a run.
+//!
 //! New flows must never see a half-written table: each service owns two halves of the Maglev
 //! and weighted arrays, the control plane fills the half that is not in use, then flips
 //! `table_version` (with the new table length) in one update of the service's `SERVICES`
@@ -10,12 +15,11 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, bail};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
+use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::maps::{
     BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceValue, WEIGHTED_TABLE_SIZE,
-    algorithm, backend_state, forwarding, maglev_index, names, service_backend_index,
-    weighted_index,
+    algorithm, forwarding, maglev_index, names, service_backend_index, weighted_index,
 };
-use switchyard_common::{MAGLEV_TABLE_SIZE, maglev, weighted_round_robin};
 
 use crate::config::{Algorithm, Forwarding};
 use crate::state::Service;
@@ -52,16 +56,8 @@ pub struct BackendStates {
     pub macs: Vec<[u8; 6]>,
 }
 
-impl BackendStates {
-    fn up(&self) -> Vec<usize> {
-        (0..self.states.len())
-            .filter(|&i| self.states[i] == backend_state::UP)
-            .collect()
-    }
-}
-
-/// Writes every backend entry of `service` and, when the set of backends that may take new
-/// flows changed (or `force`), rebuilds and flips its tables. Returns nothing; errors name the
+/// Writes every backend entry of `service` and, at the first sync of a run (no `previous`
+/// states) or when the service has no entry yet, its tables and service entry. Errors name the
 /// map that failed.
 pub fn program_service(
     bpf: &mut Ebpf,
@@ -131,17 +127,16 @@ pub fn program_service(
         }
     }
 
-    let unchanged = previous.is_some_and(|p| p.up() == states.up());
     let services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
         bpf.map_mut(names::SERVICES)
             .context("map SERVICES missing")?,
     )?;
     let current = services.get(&key, 0).ok();
-    if unchanged && current.is_some() {
+    if previous.is_some() && current.is_some() {
         return Ok(());
     }
     let version = current.map_or(0, |c| c.table_version ^ 1);
-    let weighted_len = write_tables(bpf, index, version, service, &states.up())?;
+    let weighted_len = write_tables(bpf, index, version, service)?;
     let value = ServiceValue {
         index,
         algorithm: algorithm_code(service.config.algorithm)?,
@@ -164,35 +159,22 @@ pub fn program_service(
     Ok(())
 }
 
-/// Fills half `version` of the service's tables over the backends in `up` (indexes into the
-/// service's backends); returns the weighted table's length.
+/// Fills half `version` of the service's tables with the selector's table; returns the
+/// weighted table's length (0 for other algorithms).
 fn write_tables(
     bpf: &mut Ebpf,
     index: u32,
     version: u32,
     service: &Service,
-    up: &[usize],
 ) -> anyhow::Result<u32> {
+    let table = service.selector.table();
     match service.config.algorithm {
         Algorithm::IpHash => {
-            let named: Vec<(&str, u32)> = up
-                .iter()
-                .map(|&i| {
-                    (
-                        service.backends[i].config.name.as_str(),
-                        service.backends[i].config.weight,
-                    )
-                })
-                .collect();
-            let table = maglev::build_table(&named);
             let mut map: Array<&mut MapData, u32> =
                 Array::try_from(bpf.map_mut(names::MAGLEV).context("map MAGLEV missing")?)?;
             for slot in 0..MAGLEV_TABLE_SIZE as u32 {
-                // An empty table (nothing up) points nowhere valid: the kernel falls back to
-                // its scan, which finds nothing available either.
-                let backend = table
-                    .get(slot as usize)
-                    .map_or(u32::MAX, |&b| up[b as usize] as u32);
+                // An empty table (no backends) points nowhere valid: nothing is chosen.
+                let backend = table.get(slot as usize).map_or(u32::MAX, |&b| u32::from(b));
                 map.set(
                     maglev_index(index, version, MAGLEV_TABLE_SIZE as u32, slot),
                     backend,
@@ -202,35 +184,22 @@ fn write_tables(
             }
             Ok(0)
         }
-        Algorithm::RoundRobin | Algorithm::WeightedRoundRobin => {
-            let weights: Vec<u32> = up
-                .iter()
-                .map(|&i| match service.config.algorithm {
-                    Algorithm::RoundRobin => 1,
-                    _ => service.backends[i].config.weight,
-                })
-                .collect();
-            let table = if weights.is_empty() {
-                Vec::new()
-            } else {
-                weighted_round_robin::build_table(&weights)
-            };
+        Algorithm::WeightedRoundRobin => {
             let len = (table.len() as u32).min(WEIGHTED_TABLE_SIZE);
             let mut map: Array<&mut MapData, u32> = Array::try_from(
                 bpf.map_mut(names::WEIGHTED)
                     .context("map WEIGHTED missing")?,
             )?;
             for position in 0..len {
-                let backend = up[table[position as usize] as usize] as u32;
                 map.set(
                     weighted_index(index, version, WEIGHTED_TABLE_SIZE, position),
-                    backend,
+                    u32::from(table[position as usize]),
                     0,
                 )
                 .context("writing the weighted table")?;
             }
             Ok(len)
         }
-        Algorithm::LeastConn | Algorithm::LeastTime => Ok(0),
+        Algorithm::RoundRobin | Algorithm::LeastConn | Algorithm::LeastTime => Ok(0),
     }
 }
