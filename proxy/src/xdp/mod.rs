@@ -14,8 +14,11 @@
 //!    established flows and the next start takes them over.
 
 mod flows;
+mod forwarding;
 mod loader;
+mod mode;
 mod neighbours;
+mod netdev;
 mod stats;
 mod tables;
 
@@ -25,6 +28,7 @@ use crate::config::{Config, Dataplane};
 use crate::counters::CounterTable;
 use crate::state::LiveState;
 
+pub use forwarding::check_nat_forwarding;
 pub use loader::XdpPlane;
 
 /// Said when the fast path is asked for but not built in.
