@@ -450,6 +450,27 @@ fn plain_topology_nat_refuses_without_forwarding_then_sessions_complete_in_auto_
     sessions_complete_spread_and_keep_the_client_address(&topo, &name, "generic");
 }
 
+/// Local senders on veths leave only a partial checksum (the pseudo-header seed) in the frames;
+/// nat rewrites the destination, so the seed must move with it for whoever completes the
+/// checksum later. Here the bridge's ports to the backends have no checksum offload, so the
+/// bridge completes them in software, as a physical NIC would in hardware: a wrong seed would
+/// make every segment arrive with a bad checksum, and no session would complete.
+#[test]
+fn nat_keeps_partial_checksums_right_for_a_device_that_completes_them() {
+    let Some((topo, name)) = running(&Plan::plain(Layout::Nat, 3), None) else {
+        return;
+    };
+    topo.balancer
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding on");
+    for i in 0..topo.backends.len() {
+        topo.switch
+            .disable_tx_checksum(&format!("pb{i}"))
+            .expect("no checksum offload on the backend's bridge port");
+    }
+    sessions_complete_spread_and_keep_the_client_address(&topo, &name, "generic");
+}
+
 #[test]
 fn native_mode_on_a_plain_veth_refuses_and_says_what_native_needs() {
     let Some((topo, name)) = running(&Plan::plain(Layout::Dsr, 1), Some("native")) else {

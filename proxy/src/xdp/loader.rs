@@ -97,6 +97,9 @@ impl XdpPlane {
             .map_max_entries(names::NAT_REPLIES, flows)
             .map_max_entries(names::MAGLEV, services * 2 * MAGLEV_TABLE_SIZE as u32)
             .map_max_entries(names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE);
+        if nat_sees_partial_checksums(config) {
+            loader.override_global(PARTIAL_CHECKSUMS, &1u8, true);
+        }
         let pin_paths: Vec<(&str, PathBuf)>;
         if let Some(dir) = &pin_dir {
             std::fs::create_dir_all(dir).with_context(|| {
@@ -447,6 +450,22 @@ fn native_forwarding_problems(devs: &[Netdev], nat: bool) -> anyhow::Result<()> 
     } else {
         Err(anyhow!(found.join("; ")))
     }
+}
+
+/// The program's switch for nat's partial-checksum handling (see its `checksum` module).
+const PARTIAL_CHECKSUMS: &str = "PARTIAL_CHECKSUMS";
+
+/// Whether a nat service receives on an interface where local senders can hand over partial
+/// checksums (a veth): then nat's checksum update tells them from complete ones.
+fn nat_sees_partial_checksums(config: &Config) -> bool {
+    config
+        .services
+        .iter()
+        .filter(|s| s.dataplane == Dataplane::Xdp)
+        .filter_map(|s| s.xdp.as_ref())
+        .filter(|x| x.forwarding == Forwarding::Nat)
+        .flat_map(|x| [&x.interface, &x.backend_interface])
+        .any(|name| Netdev::probe(name).is_ok_and(|dev| dev.may_carry_partial_checksums()))
 }
 
 /// How often the traffic counters are logged while running.

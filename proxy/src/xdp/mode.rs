@@ -184,7 +184,6 @@ mod tests {
     fn dev(driver: &str, features: Option<u64>) -> Netdev {
         Netdev {
             name: "eth0".into(),
-            ifindex: 2,
             driver: Some(driver.into()),
             features: features.map(XdpFeatures),
         }

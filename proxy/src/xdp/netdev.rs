@@ -31,7 +31,6 @@ impl XdpFeatures {
 #[derive(Clone, Debug)]
 pub struct Netdev {
     pub name: String,
-    pub ifindex: u32,
     /// The driver's name (`veth`, `i40e`, `mlx5_core`, …), if the interface answers ethtool.
     pub driver: Option<String>,
     /// `None` on kernels without the `netdev` netlink family (before 6.3).
@@ -44,7 +43,6 @@ impl Netdev {
         let ifindex = ifindex(name)?;
         Ok(Netdev {
             name: name.to_string(),
-            ifindex,
             driver: driver(name).ok(),
             features: xdp_features(ifindex).ok(),
         })
@@ -52,6 +50,12 @@ impl Netdev {
 
     pub fn is_veth(&self) -> bool {
         self.driver.as_deref() == Some("veth")
+    }
+
+    /// Whether local senders can hand frames to it with only a partial checksum
+    /// (CHECKSUM_PARTIAL): a veth or a tun/tap device, not a physical NIC.
+    pub fn may_carry_partial_checksums(&self) -> bool {
+        matches!(self.driver.as_deref(), Some("veth" | "tun"))
     }
 
     /// The driver as messages show it.
@@ -265,7 +269,7 @@ mod tests {
     #[test]
     fn loopback_is_probed_and_has_no_native_xdp() {
         let lo = Netdev::probe("lo").expect("lo exists");
-        assert_eq!(lo.ifindex, 1);
+        assert!(!lo.may_carry_partial_checksums());
         if let Some(features) = lo.features {
             assert!(!features.has(XdpFeatures::BASIC), "{features:?}");
         }
