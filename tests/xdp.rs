@@ -321,7 +321,7 @@ fn sessions_complete_spread_and_keep_the_client_address(
     }
 
     // Long-lived sessions: least_conn must spread them evenly (3 each).
-    let results = sessions(&topo, 9, Duration::from_millis(1500));
+    let results = sessions(topo, 9, Duration::from_millis(1500));
     let failures: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(
         failures.is_empty(),
@@ -356,7 +356,7 @@ fn sessions_complete_spread_and_keep_the_client_address(
         );
     }
     // Every flow ended with the client's FIN: the shared counts are back to 0.
-    wait_for_counts_back_to_zero(&topo);
+    wait_for_counts_back_to_zero(topo);
     let status = sy.terminate();
     assert!(
         status.success(),

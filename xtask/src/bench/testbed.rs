@@ -260,13 +260,15 @@ impl Testbed {
         }
     }
 
-    /// The switchyard config of a mode: least_conn over the three sinks, on the VIP.
+    /// The switchyard config of a mode: least_conn over the three sinks, on the VIP; the xdp
+    /// modes in native mode, which this prepared network carries (`auto` would choose generic
+    /// mode on any veth).
     fn switchyard_config(&self, mode: Mode) -> String {
         let (dataplane, xdp) = match mode {
             Mode::Dsr | Mode::Nat => (
                 "xdp",
                 format!(
-                    "\n[service.xdp]\ninterface = \"eth0\"\nforwarding = \"{}\"\nbackend_interface = \"eth0\"\n\
+                    "\n[service.xdp]\ninterface = \"eth0\"\nforwarding = \"{}\"\nbackend_interface = \"eth0\"\nmode = \"native\"\n\
                      flow_table_size = 262144\nflow_idle_timeout = \"2m\"\n",
                     mode.word()
                 ),
