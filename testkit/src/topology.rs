@@ -71,6 +71,9 @@ pub enum Tuning {
     /// redirects sent, and the client takes none), and client and balancer have ports enough
     /// for tens of thousands of short sessions per run (the whole port range, TIME_WAIT reuse).
     RoutingUnderLoad,
+    /// Only the client's ports (the whole range, TIME_WAIT reuse): the load generator's own
+    /// need for tens of thousands of short sessions, nothing on the path.
+    LoadGeneratorPorts,
 }
 
 /// What to build.
@@ -113,6 +116,16 @@ impl Plan {
             tuning: Tuning::None,
             complete_checksums: false,
             nat_forwarding: false,
+        }
+    }
+
+    /// The benchmark's plain network: [`Plan::plain`] in the dsr layout with three backends,
+    /// and ports enough on the client for the load generator.
+    pub fn plain_benchmark() -> Plan {
+        Plan {
+            tag: "bplain",
+            tuning: Tuning::LoadGeneratorPorts,
+            ..Plan::plain(Layout::Dsr, 3)
         }
     }
 
@@ -186,8 +199,10 @@ impl Topology {
         }
         .with_context(|| format!("wiring the {:?} layout", plan.layout))?;
         topo.attach_passes(plan.passes)?;
-        if plan.tuning == Tuning::RoutingUnderLoad {
-            topo.tune_for_routing_under_load()?;
+        match plan.tuning {
+            Tuning::None => {}
+            Tuning::RoutingUnderLoad => topo.tune_for_routing_under_load()?,
+            Tuning::LoadGeneratorPorts => topo.give_the_client_ports()?,
         }
         Ok(topo)
     }
@@ -310,11 +325,20 @@ impl Topology {
         lb.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
         lb.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
         for ns in [client, lb] {
-            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+            give_ports(ns)?;
         }
         Ok(())
     }
+
+    fn give_the_client_ports(&self) -> Result<()> {
+        give_ports(&self.client)
+    }
+}
+
+/// The whole port range and TIME_WAIT reuse: ports for tens of thousands of short sessions.
+fn give_ports(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
 }
 
 /// The bridge port of backend `i`.

@@ -10,7 +10,7 @@ use super::BenchOptions;
 use super::contenders::{Contender, DIRECT_SMTP_SOURCE};
 use super::results::{
     BenchResults, ContenderResult, CpuUse, Distribution, IdleMemory, KernelPath, KernelRatio,
-    Machine, Skipped,
+    Machine, PlainPath, PlainRatio, Skipped,
 };
 use super::testbed::Mode;
 use crate::loadgen::LoadReport;
@@ -168,6 +168,25 @@ fn kernel_path(results: &[ContenderResult]) -> Option<KernelPath> {
         routing_sessions_per_s: routing.median_sessions_per_s,
         proxy_sessions_per_s: proxy.median_sessions_per_s,
         proxy_added_cpu_us: added(proxy),
+        xdp,
+        plain: plain_path(results),
+    })
+}
+
+/// The plain network's xdp contenders against one MTA direct.
+fn plain_path(results: &[ContenderResult]) -> Option<PlainPath> {
+    let get = |mode: Mode| results.iter().find(|r| r.name == mode.contender());
+    let direct = get(Mode::PlainDirect)?.median_sessions_per_s;
+    let xdp = [Mode::PlainDsr, Mode::PlainNat]
+        .into_iter()
+        .filter_map(get)
+        .map(|r| PlainRatio {
+            name: r.name.clone(),
+            vs_direct: r.median_sessions_per_s / direct.max(f64::MIN_POSITIVE),
+        })
+        .collect();
+    Some(PlainPath {
+        direct_sessions_per_s: direct,
         xdp,
     })
 }
