@@ -138,7 +138,7 @@ fn kernel_markdown(res: &BenchResults) -> String {
     if let Some(plain) = &k.plain {
         s.push_str(&format!(
             "\nPlain network (bridge and veths with default offloads, nothing on the peers; switchyard with mode = \"auto\", generic mode on veth): one MTA direct {:.0} sessions/s.\n\n\
-             | contender | vs one MTA direct (target for dsr >= 0.9x) |\n|---|---:|\n",
+             | contender | vs one MTA direct, paired by round (target for dsr >= 0.9x) |\n|---|---:|\n",
             plain.direct_sessions_per_s
         ));
         for x in &plain.xdp {

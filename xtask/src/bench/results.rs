@@ -53,7 +53,7 @@ pub struct KernelPath {
 }
 
 /// On the plain network (default offloads, nothing on the peers): sessions/s straight to one
-/// MTA, and each xdp contender's rate against it (target: dsr >= 0.9x).
+/// MTA, and each xdp contender's rate against it, paired by round (target: dsr >= 0.9x).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PlainPath {
     pub direct_sessions_per_s: f64,

@@ -173,20 +173,24 @@ fn kernel_path(results: &[ContenderResult]) -> Option<KernelPath> {
     })
 }
 
-/// The plain network's xdp contenders against one MTA direct.
+/// The plain network's xdp contenders against one MTA direct, paired round by round (the
+/// median of the per-round ratios: a slow round slows both).
 fn plain_path(results: &[ContenderResult]) -> Option<PlainPath> {
     let get = |mode: Mode| results.iter().find(|r| r.name == mode.contender());
-    let direct = get(Mode::PlainDirect)?.median_sessions_per_s;
+    let direct = get(Mode::PlainDirect)?;
+    let direct_rates: Vec<f64> = direct.runs.iter().map(|r| r.sessions_per_s).collect();
     let xdp = [Mode::PlainDsr, Mode::PlainNat]
         .into_iter()
         .filter_map(get)
-        .map(|r| PlainRatio {
-            name: r.name.clone(),
-            vs_direct: r.median_sessions_per_s / direct.max(f64::MIN_POSITIVE),
+        .filter_map(|r| {
+            Some(PlainRatio {
+                name: r.name.clone(),
+                vs_direct: paired_ratio(&r.runs, &direct_rates)?,
+            })
         })
         .collect();
     Some(PlainPath {
-        direct_sessions_per_s: direct,
+        direct_sessions_per_s: direct.median_sessions_per_s,
         xdp,
     })
 }
