@@ -207,10 +207,16 @@ fn table() -> Vec<Case> {
         rejected(
             "unknown_xdp_key_lists_expected_keys",
             format!(
-                "{GOOD_SERVICE}dataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\nmode = \"dsr\"\n{GOOD_BACKENDS}"
+                "{GOOD_SERVICE}dataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\nattach = \"native\"\n{GOOD_BACKENDS}"
             ),
             7,
-            &["service.xdp", "mode", "forwarding", "flow_table_size"],
+            &[
+                "service.xdp",
+                "attach",
+                "mode",
+                "forwarding",
+                "flow_table_size",
+            ],
         ),
         rejected(
             "weight_of_wrong_type_is_named",
@@ -868,6 +874,25 @@ fn table() -> Vec<Case> {
             &[
                 "service \"fast2\"",
                 "xdp.pin = true differs from service \"fast\"",
+            ],
+        ),
+        rejected(
+            "xdp_unknown_mode_lists_valid_ones",
+            format!(
+                "[[service]]\nname = \"fast\"\nlisten = \"198.18.0.100:25\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\nmode = \"driver\"\n{GOOD_BACKENDS}"
+            ),
+            7,
+            &["xdp.mode \"driver\"", "auto, native, generic"],
+        ),
+        rejected(
+            "xdp_services_must_agree_on_mode",
+            format!(
+                "[[service]]\nname = \"fast\"\nlisten = \"198.18.0.100:25\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\n{GOOD_BACKENDS}\n[[service]]\nname = \"fast2\"\nlisten = \"198.18.0.101:25\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth1\"\nmode = \"generic\"\n{GOOD_BACKENDS}"
+            ),
+            22,
+            &[
+                "service \"fast2\"",
+                "xdp.mode = \"generic\" differs from service \"fast\" (mode = \"auto\")",
             ],
         ),
         rejected(

@@ -186,6 +186,8 @@ fn active_counts(topo: &Topology) -> Vec<u64> {
 struct Network {
     servers: Vec<SmtpServer>,
     topo: Topology,
+    /// The `[service.xdp] mode` its configs ask for (`None`: the default, auto).
+    mode: Option<&'static str>,
 }
 
 impl std::ops::Deref for Network {
@@ -216,6 +218,9 @@ impl Network {
                 Layout::Nat => self.lb_backend_interface,
             },
         );
+        if let Some(mode) = self.mode {
+            text.push_str(&format!("mode = \"{mode}\"\n"));
+        }
         for i in 0..self.backends.len() {
             text.push_str(&format!(
                 "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{}:{SMTP_PORT}\"\n",
@@ -227,16 +232,68 @@ impl Network {
     }
 }
 
-/// A network of `layout` with its three SMTP backends running, and a service name unique to it;
-/// `None` (after a loud SKIP) where the kernel path cannot be tested.
+/// The prepared network of `layout` (pass programs on the peers, complete checksums), whose
+/// configs ask for native mode so that the native path stays tested; see [`running`].
 fn running_topology(layout: Layout) -> Option<(Network, String)> {
+    running(&Plan::tests(layout, 3), Some("native"))
+}
+
+/// The network of `plan` with its three SMTP backends running, configs asking for `mode`, and
+/// a service name unique to it; `None` (after a loud SKIP) where the kernel path cannot be
+/// tested.
+fn running(plan: &Plan, mode: Option<&'static str>) -> Option<(Network, String)> {
     if !netns::require_xdp(object_built()) {
         return None;
     }
-    let topo = Topology::build(&Plan::tests(layout, 3)).expect("the test network");
+    let topo = Topology::build(plan).expect("the test network");
     let servers = netns::start_servers(&topo);
     let name = format!("sy-{}", topo.suffix);
-    Some((Network { servers, topo }, name))
+    Some((
+        Network {
+            servers,
+            topo,
+            mode,
+        },
+        name,
+    ))
+}
+
+/// Runs switchyard with `config` in `ns` until it exits by itself (a refusal to start): its
+/// exit status and stderr. One that is still running after 20 s is killed and fails the test.
+fn run_to_exit(ns: &Netns, config: &str) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("switchyard.toml");
+    std::fs::write(&path, config).expect("write config");
+    let stderr_path = dir.path().join("stderr.log");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let mut child = ns
+        .command(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn switchyard");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "switchyard did not refuse to start: {}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status,
+        std::fs::read_to_string(&stderr_path).expect("read stderr"),
+    )
 }
 
 /// `config` with `pin = true` in its `[service.xdp]` table.
@@ -305,18 +362,22 @@ fn wait_for_every_backend_to_take_flows(sy: &Switchyard) {
     );
 }
 
-fn dsr_or_nat_sessions_complete(layout: Layout) {
-    let Some((topo, name)) = running_topology(layout) else {
-        return;
-    };
-    let mut sy = topo.start(&topo.service_toml(&name, "least_conn"));
+/// Sessions through the VIP of `topo` complete, keep the client address and spread; the
+/// program ran in `expected_mode` on every interface (from the totals).
+fn sessions_complete_spread_and_keep_the_client_address(
+    topo: &Network,
+    name: &str,
+    expected_mode: &str,
+) {
+    let layout = topo.layout;
+    let mut sy = topo.start(&topo.service_toml(name, "least_conn"));
     if layout == Layout::Dsr {
         // dsr learns the backends' MACs first (SYNs before that are dropped, and retried).
         wait_for_every_backend_to_take_flows(&sy);
     }
 
     // Long-lived sessions: least_conn must spread them evenly (3 each).
-    let results = sessions(&topo, 9, Duration::from_millis(1500));
+    let results = sessions(topo, 9, Duration::from_millis(1500));
     let failures: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(
         failures.is_empty(),
@@ -351,7 +412,7 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
         );
     }
     // Every flow ended with the client's FIN: the shared counts are back to 0.
-    wait_for_counts_back_to_zero(&topo);
+    wait_for_counts_back_to_zero(topo);
     let status = sy.terminate();
     assert!(
         status.success(),
@@ -361,9 +422,20 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
     // The kernel's traffic counters in the shutdown totals: 3 new flows per backend, with
     // their packets and bytes, and the service's forwarded packets.
     let totals = sy.totals();
+    let mut interfaces = vec![topo.lb_interface];
+    if layout == Layout::Nat {
+        interfaces.push(topo.lb_backend_interface);
+    }
+    let attached: Vec<(&str, &str)> = totals
+        .xdp_attachments
+        .iter()
+        .map(|a| (a.interface.as_str(), a.mode.as_str()))
+        .collect();
+    let expected: Vec<(&str, &str)> = interfaces.iter().map(|i| (*i, expected_mode)).collect();
+    assert_eq!(attached, expected, "{:?}", totals.xdp_attachments);
     for backend in &topo.servers {
         let counted = totals
-            .backend(&name, backend.name())
+            .backend(name, backend.name())
             .unwrap_or_else(|| panic!("{layout:?}: no totals for {}: {totals:?}", backend.name()));
         assert_eq!((counted.active, counted.assigned), (0, 0), "{counted:?}");
         let kernel = counted
@@ -387,12 +459,95 @@ fn dsr_or_nat_sessions_complete(layout: Layout) {
 
 #[test]
 fn dsr_sessions_complete_spread_and_keep_the_client_address() {
-    dsr_or_nat_sessions_complete(Layout::Dsr);
+    if let Some((topo, name)) = running_topology(Layout::Dsr) {
+        sessions_complete_spread_and_keep_the_client_address(&topo, &name, "native");
+    }
 }
 
 #[test]
 fn nat_sessions_complete_spread_and_keep_the_client_address() {
-    dsr_or_nat_sessions_complete(Layout::Nat);
+    if let Some((topo, name)) = running_topology(Layout::Nat) {
+        sessions_complete_spread_and_keep_the_client_address(&topo, &name, "native");
+    }
+}
+
+#[test]
+fn plain_topology_dsr_in_auto_mode_runs_generic_and_sessions_complete() {
+    if let Some((topo, name)) = running(&Plan::plain(Layout::Dsr, 3), None) {
+        sessions_complete_spread_and_keep_the_client_address(&topo, &name, "generic");
+    }
+}
+
+#[test]
+fn plain_topology_nat_refuses_without_forwarding_then_sessions_complete_in_auto_mode() {
+    let Some((topo, name)) = running(&Plan::plain(Layout::Nat, 3), None) else {
+        return;
+    };
+    let (status, stderr) = run_to_exit(&topo.balancer, &topo.service_toml(&name, "least_conn"));
+    assert_eq!(status.code(), Some(1), "must refuse: {stderr}");
+    for sysctl in [
+        "net.ipv4.conf.eth0.forwarding",
+        "net.ipv4.conf.eth1.forwarding",
+        "net.ipv4.ip_forward=1",
+    ] {
+        assert!(
+            stderr.contains(sysctl),
+            "the refusal names {sysctl}: {stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("XDP program attached"),
+        "nothing attached: {stderr}"
+    );
+    // What the refusal says to do.
+    topo.balancer
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding on");
+    sessions_complete_spread_and_keep_the_client_address(&topo, &name, "generic");
+}
+
+/// Local senders on veths leave only a partial checksum (the pseudo-header seed) in the frames;
+/// nat rewrites the destination, so the seed must move with it for whoever completes the
+/// checksum later. Here the bridge's ports to the backends have no checksum offload, so the
+/// bridge completes them in software, as a physical NIC would in hardware: a wrong seed would
+/// make every segment arrive with a bad checksum, and no session would complete.
+#[test]
+fn nat_keeps_partial_checksums_right_for_a_device_that_completes_them() {
+    let Some((topo, name)) = running(&Plan::plain(Layout::Nat, 3), None) else {
+        return;
+    };
+    topo.balancer
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding on");
+    for i in 0..topo.backends.len() {
+        topo.switch
+            .disable_tx_checksum(&format!("pb{i}"))
+            .expect("no checksum offload on the backend's bridge port");
+    }
+    sessions_complete_spread_and_keep_the_client_address(&topo, &name, "generic");
+}
+
+#[test]
+fn native_mode_on_a_plain_veth_refuses_and_says_what_native_needs() {
+    let Some((topo, name)) = running(&Plan::plain(Layout::Dsr, 1), Some("native")) else {
+        return;
+    };
+    let (status, stderr) = run_to_exit(&topo.balancer, &topo.service_toml(&name, "least_conn"));
+    assert_eq!(status.code(), Some(1), "must refuse: {stderr}");
+    assert!(
+        stderr.contains("mode = \"native\" cannot forward here")
+            && stderr.contains("peer runs no XDP program")
+            && stderr.contains("mode = \"auto\""),
+        "the refusal explains native mode's needs and the way out: {stderr}"
+    );
+    let link = Command::new("ip")
+        .args(["-n", &topo.balancer.name, "-d", "link", "show", "eth0"])
+        .output()
+        .expect("ip");
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "nothing left attached"
+    );
 }
 
 /// After a nat session from client port P to backend B has ended, B's answers to a new,

@@ -23,6 +23,19 @@ pub struct Totals {
     /// Absent from files written before it existed: read as zeros.
     #[serde(default)]
     pub balancer: BalancerTotals,
+    /// How the kernel path's program is attached, per interface; empty without xdp services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xdp_attachments: Vec<XdpAttachment>,
+}
+
+/// One interface the XDP program is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpAttachment {
+    pub interface: String,
+    /// `"native"` or `"generic"`.
+    pub mode: String,
+    /// Why this mode (what `[service.xdp] mode` asked, what was found).
+    pub reason: String,
 }
 
 /// What went wrong on the balancer's side over the whole run, never counted against a backend.
@@ -102,6 +115,8 @@ pub trait KernelCounters {
     fn backend(&self, slot: usize) -> Option<KernelBackendTotals>;
     /// Counters of the service at `index` in the snapshot.
     fn service(&self, index: usize) -> Option<KernelServiceTotals>;
+    /// Where the program is attached, and in which mode.
+    fn attachments(&self) -> Vec<XdpAttachment>;
 }
 
 impl Totals {
@@ -140,6 +155,7 @@ impl Totals {
         Totals {
             services,
             balancer: BalancerTotals::collect(),
+            xdp_attachments: kernel.map(|k| k.attachments()).unwrap_or_default(),
         }
     }
 
@@ -227,9 +243,11 @@ mod tests {
                 kernel: None,
             }],
             balancer: BalancerTotals::default(),
+            xdp_attachments: Vec::new(),
         };
         let json = totals.to_json();
         assert!(!json.contains("kernel"), "{json}");
+        assert!(!json.contains("xdp_attachments"), "{json}");
         assert_eq!(Totals::from_json(&json).expect("parse"), totals);
         assert_eq!(totals.backend("mx", "mta1").map(|b| b.assigned), Some(12));
         assert!(totals.backend("mx", "mta2").is_none());

@@ -4,6 +4,13 @@
 //! balancer's XDP_TX/redirected frames need. It builds the network only: what runs in it (SMTP
 //! servers, sinks, balancers) is the caller's.
 //!
+//! Prepared plans ([`Plan::tests`], [`Plan::benchmark`]) make the veths carry XDP_TX and
+//! redirected frames in native mode (pass programs on the receiving ends, complete checksums
+//! from the hosts, forwarding on in the nat balancer). [`Plan::plain`] is the network a user
+//! has: a bridge and veths with default offloads, nothing on any peer, no sysctl set beyond
+//! the layout's addresses and routes (a nat test turns on forwarding itself, as a user would
+//! after switchyard refuses without it).
+//!
 //! Two layouts ([`Layout`]): `dsr`, one L2 segment where backends hold the VIP on loopback (as
 //! LVS-DR real servers), and `nat`, client and backends on two subnets with the balancer
 //! routing between them. Addresses: client 198.18.0.1, balancer 198.18.0.2 (and 198.18.1.1 in
@@ -46,6 +53,8 @@ pub enum Layout {
 /// XDP program itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Passes {
+    /// None at all: the plain topology.
+    None,
     /// Every bridge port, and in nat the client's end (which receives the replies redirected
     /// from the backend side).
     EveryReceiver,
@@ -62,6 +71,9 @@ pub enum Tuning {
     /// redirects sent, and the client takes none), and client and balancer have ports enough
     /// for tens of thousands of short sessions per run (the whole port range, TIME_WAIT reuse).
     RoutingUnderLoad,
+    /// Only the client's ports (the whole range, TIME_WAIT reuse): the load generator's own
+    /// need for tens of thousands of short sessions, nothing on the path.
+    LoadGeneratorPorts,
 }
 
 /// What to build.
@@ -73,6 +85,10 @@ pub struct Plan {
     pub tag: &'static str,
     pub passes: Passes,
     pub tuning: Tuning,
+    /// Hosts send complete TCP checksums (transmit checksum offload off on their veths).
+    pub complete_checksums: bool,
+    /// The nat balancer forwards IPv4 (`net.ipv4.ip_forward = 1`) from the start.
+    pub nat_forwarding: bool,
 }
 
 impl Plan {
@@ -84,6 +100,32 @@ impl Plan {
             tag: "test",
             passes: Passes::EveryReceiver,
             tuning: Tuning::None,
+            complete_checksums: true,
+            nat_forwarding: true,
+        }
+    }
+
+    /// The network a user has: bridge and veths with default offloads, no program and no
+    /// ethtool change on any peer, no forwarding turned on.
+    pub fn plain(layout: Layout, backends: usize) -> Plan {
+        Plan {
+            layout,
+            backends,
+            tag: "plain",
+            passes: Passes::None,
+            tuning: Tuning::None,
+            complete_checksums: false,
+            nat_forwarding: false,
+        }
+    }
+
+    /// The benchmark's plain network: [`Plan::plain`] in the dsr layout with three backends,
+    /// and ports enough on the client for the load generator.
+    pub fn plain_benchmark() -> Plan {
+        Plan {
+            tag: "bplain",
+            tuning: Tuning::LoadGeneratorPorts,
+            ..Plan::plain(Layout::Dsr, 3)
         }
     }
 
@@ -96,6 +138,8 @@ impl Plan {
             tag: "bench",
             passes: Passes::BalancerPort,
             tuning: Tuning::RoutingUnderLoad,
+            complete_checksums: true,
+            nat_forwarding: true,
         }
     }
 }
@@ -116,6 +160,7 @@ pub struct Topology {
     pub lb_interface: &'static str,
     /// Balancer interface facing backends (nat).
     pub lb_backend_interface: &'static str,
+    complete_checksums: bool,
 }
 
 impl Topology {
@@ -144,17 +189,20 @@ impl Topology {
             suffix,
             lb_interface: "eth0",
             lb_backend_interface: "eth1",
+            complete_checksums: plan.complete_checksums,
         };
         topo.switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         topo.switch.ip(&["link", "set", "br0", "up"])?;
         match plan.layout {
             Layout::Dsr => topo.wire_dsr(),
-            Layout::Nat => topo.wire_nat(),
+            Layout::Nat => topo.wire_nat(plan.nat_forwarding),
         }
         .with_context(|| format!("wiring the {:?} layout", plan.layout))?;
         topo.attach_passes(plan.passes)?;
-        if plan.tuning == Tuning::RoutingUnderLoad {
-            topo.tune_for_routing_under_load()?;
+        match plan.tuning {
+            Tuning::None => {}
+            Tuning::RoutingUnderLoad => topo.tune_for_routing_under_load()?,
+            Tuning::LoadGeneratorPorts => topo.give_the_client_ports()?,
         }
         Ok(topo)
     }
@@ -174,17 +222,25 @@ impl Topology {
             .chain(&self.backends)
     }
 
-    /// A veth from `ns` (named `inner` there) to the switch's bridge (named `port` there). The
-    /// host end sends complete checksums: a veth otherwise hands on TCP segments with only the
-    /// pseudo-header sum (CHECKSUM_PARTIAL), which XDP forwards as is (a physical NIC delivers
-    /// complete checksums).
+    /// A veth from `ns` (named `inner` there) to the switch's bridge (named `port` there).
     fn plug(&self, ns: &Netns, inner: &str, port: &str, address: &str) -> Result<()> {
         veth(ns, inner, &self.switch, port)?;
         self.switch.ip(&["link", "set", port, "master", "br0"])?;
         self.switch.ip(&["link", "set", port, "up"])?;
         ns.ip(&["addr", "add", address, "dev", inner])?;
         ns.ip(&["link", "set", inner, "up"])?;
-        ns.disable_tx_checksum(inner)
+        self.prepare_checksums(ns, inner)
+    }
+
+    /// In a prepared plan, the host end sends complete checksums: a veth otherwise hands on TCP
+    /// segments with only the pseudo-header sum (CHECKSUM_PARTIAL), which native XDP forwards
+    /// without that state, so the receiver drops them (a physical NIC delivers complete
+    /// checksums; generic XDP keeps the state).
+    fn prepare_checksums(&self, ns: &Netns, interface: &str) -> Result<()> {
+        if self.complete_checksums {
+            ns.disable_tx_checksum(interface)?;
+        }
+        Ok(())
     }
 
     fn wire_dsr(&self) -> Result<()> {
@@ -209,21 +265,23 @@ impl Topology {
         Ok(())
     }
 
-    fn wire_nat(&self) -> Result<()> {
+    fn wire_nat(&self, forwarding: bool) -> Result<()> {
         let (client, lb) = (&self.client, &self.balancer);
         veth(client, "eth0", lb, "eth0")?;
         client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
         client.ip(&["link", "set", "eth0", "up"])?;
-        client.disable_tx_checksum("eth0")?;
+        self.prepare_checksums(client, "eth0")?;
         lb.ip(&["addr", "add", &format!("{BALANCER}/24"), "dev", "eth0"])?;
         lb.ip(&["link", "set", "eth0", "up"])?;
-        lb.disable_tx_checksum("eth0")?;
+        self.prepare_checksums(lb, "eth0")?;
         // The VIP sits in the client's own /24: route it (and the backends' net) via the balancer.
         let via = BALANCER.to_string();
         client.ip(&["route", "add", &format!("{VIP}/32"), "via", &via])?;
         client.ip(&["route", "add", "198.18.1.0/24", "via", &via])?;
         self.plug(lb, "eth1", "plb", &format!("{BALANCER_INSIDE}/24"))?;
-        lb.sysctl("net.ipv4.ip_forward", "1")?;
+        if forwarding {
+            lb.sysctl("net.ipv4.ip_forward", "1")?;
+        }
         for (i, ns) in self.backends.iter().enumerate() {
             let address = format!("{}/24", self.backend_addr(i));
             self.plug(ns, "eth0", &bridge_port(i), &address)?;
@@ -239,6 +297,9 @@ impl Topology {
     }
 
     fn attach_passes(&mut self, passes: Passes) -> Result<()> {
+        if passes == Passes::None {
+            return Ok(());
+        }
         let mut ports = vec!["plb".to_string()];
         if passes == Passes::EveryReceiver {
             if self.layout == Layout::Dsr {
@@ -264,11 +325,20 @@ impl Topology {
         lb.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
         lb.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
         for ns in [client, lb] {
-            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+            give_ports(ns)?;
         }
         Ok(())
     }
+
+    fn give_the_client_ports(&self) -> Result<()> {
+        give_ports(&self.client)
+    }
+}
+
+/// The whole port range and TIME_WAIT reuse: ports for tens of thousands of short sessions.
+fn give_ports(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
 }
 
 /// The bridge port of backend `i`.

@@ -2,6 +2,12 @@
 //! rewritten to the backend, routed by the FIB), and nat replies (a backend's reply rewritten to
 //! come from the VIP:port, found in `NAT_REPLIES` and checked against its flow, so a reply
 //! entry outliving its flow never rewrites another connection).
+//!
+//! nat's TCP checksum update knows partial checksums (see `checksum`) where the control plane
+//! says they can arrive (`PARTIAL_CHECKSUMS`: a nat interface is a veth, whose local senders
+//! hand them over; in generic mode the socket buffer keeps the partial state, so the seed must
+//! stay right for whoever completes it). Elsewhere (a physical NIC) every checksum is complete
+//! and no packet pays for the test, nor risks its 1-in-65536 misreading.
 
 use core::mem::size_of;
 
@@ -10,12 +16,16 @@ use aya_ebpf::helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect};
 use aya_ebpf::programs::XdpContext;
 use switchyard_common::maps::{BackendEntry, FlowKey, PROTO_TCP};
 
-use crate::checksum::{csum_replace2, csum_replace4};
+use crate::checksum::{csum_replace2, csum_replace4, is_partial_seed, seed_replace4};
 use crate::flow::follow_reply;
 use crate::maps::NAT_REPLIES;
 use crate::parse::Packet;
 
 const AF_INET: u8 = 2;
+
+/// Set to 1 by the control plane at load when a nat interface can receive partial checksums.
+#[unsafe(no_mangle)]
+static PARTIAL_CHECKSUMS: u8 = 0;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 
 /// dsr: the backend owns the VIP too, so only the MACs change and the frame goes back out.
@@ -35,11 +45,10 @@ pub fn forward_nat(ctx: &XdpContext, pkt: &Packet, backend: &BackendEntry) -> u3
     unsafe {
         let old_addr = (*pkt.ip).daddr;
         let old_port = (*pkt.tcp).dport;
+        rewrite_tcp_checksum(pkt, old_addr, backend.addr, old_port, backend.port);
         (*pkt.ip).daddr = backend.addr;
         (*pkt.tcp).dport = backend.port;
         (*pkt.ip).check = csum_replace4((*pkt.ip).check, old_addr, backend.addr);
-        let check = csum_replace4((*pkt.tcp).check, old_addr, backend.addr);
-        (*pkt.tcp).check = csum_replace2(check, old_port, backend.port);
     }
     route(ctx, pkt)
 }
@@ -106,11 +115,35 @@ pub fn nat_reply(ctx: &XdpContext, pkt: &Packet) -> u32 {
         (*reply).last_seen_ns = now;
         let old_addr = (*pkt.ip).saddr;
         let old_port = (*pkt.tcp).sport;
+        rewrite_tcp_checksum(pkt, old_addr, vip, old_port, vport);
         (*pkt.ip).saddr = vip;
         (*pkt.tcp).sport = vport;
         (*pkt.ip).check = csum_replace4((*pkt.ip).check, old_addr, vip);
-        let check = csum_replace4((*pkt.tcp).check, old_addr, vip);
-        (*pkt.tcp).check = csum_replace2(check, old_port, vport);
     }
     route(ctx, pkt)
+}
+
+/// The TCP checksum of `pkt` (addresses still the old ones) updated for one address and one
+/// port changing: a complete checksum for both, a partial checksum's seed for the address only.
+#[inline(always)]
+unsafe fn rewrite_tcp_checksum(pkt: &Packet, old_addr: u32, new_addr: u32, old_port: u16, new_port: u16) {
+    unsafe {
+        let check = (*pkt.tcp).check;
+        let partial_possible = core::ptr::read_volatile(&PARTIAL_CHECKSUMS) != 0;
+        if partial_possible && is_partial_seed(check, (*pkt.ip).saddr, (*pkt.ip).daddr, tcp_len(pkt)) {
+            (*pkt.tcp).check = seed_replace4(check, old_addr, new_addr);
+        } else {
+            let check = csum_replace4(check, old_addr, new_addr);
+            (*pkt.tcp).check = csum_replace2(check, old_port, new_port);
+        }
+    }
+}
+
+/// The TCP segment's length from the IPv4 header (what the pseudo-header sums).
+#[inline(always)]
+unsafe fn tcp_len(pkt: &Packet) -> u16 {
+    unsafe {
+        let ihl = (((*pkt.ip).vihl & 0x0f) as u16) * 4;
+        u16::from_be((*pkt.ip).tot_len).wrapping_sub(ihl)
+    }
 }

@@ -147,6 +147,18 @@ pub enum Forwarding {
     Nat,
 }
 
+/// How the XDP program is attached (`[service.xdp] mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode where the interfaces forward correctly in it, generic (skb) mode
+    /// elsewhere; the log says which and why.
+    Auto,
+    /// Native mode, or refuse to start where it cannot forward.
+    Native,
+    /// Generic (skb) mode: works on every interface, slower.
+    Generic,
+}
+
 /// The `[service.xdp]` table.
 #[derive(Clone, Debug)]
 pub struct XdpConfig {
@@ -163,6 +175,8 @@ pub struct XdpConfig {
     /// established flows, and the next start takes them over. The same for every xdp service
     /// (they share one program).
     pub pin: bool,
+    /// How the program is attached. The same for every xdp service (they share one program).
+    pub mode: XdpMode,
 }
 
 /// The largest config file read: far above any real one, and a bound on what a wrong path
@@ -259,6 +273,12 @@ impl fmt::Display for HealthKind {
 impl fmt::Display for Dataplane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(schema::name_of(schema::DATAPLANES, *self))
+    }
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(schema::name_of(schema::XDP_MODES, *self))
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Algorithm, Dataplane, Forwarding, HealthKind, ProxyProtocol};
+use super::{Algorithm, Dataplane, Forwarding, HealthKind, ProxyProtocol, XdpMode};
 
 // Defaults (the annotated config/switchyard.toml and the README repeat them; keep in step).
 pub(super) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,6 +49,11 @@ pub(super) const DATAPLANES: &[(&str, Dataplane)] =
     &[("proxy", Dataplane::Proxy), ("xdp", Dataplane::Xdp)];
 pub(super) const FORWARDINGS: &[(&str, Forwarding)] =
     &[("dsr", Forwarding::Dsr), ("nat", Forwarding::Nat)];
+pub(super) const XDP_MODES: &[(&str, XdpMode)] = &[
+    ("auto", XdpMode::Auto),
+    ("native", XdpMode::Native),
+    ("generic", XdpMode::Generic),
+];
 
 pub(super) fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], value: T) -> &'static str {
     table
@@ -105,6 +110,7 @@ pub(super) struct Xdp {
     pub(super) flow_table_size: Option<Spanned<i64>>,
     pub(super) flow_idle_timeout: Option<Spanned<toml::Value>>,
     pub(super) pin: Option<Spanned<bool>>,
+    pub(super) mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -1,7 +1,7 @@
 //! Raw to typed: every service, listen address, health check, backend and XDP table checked
 //! against the others (duplicate names and backend addresses, conflicting listeners, backends
-//! that are switchyard's own listeners, what the kernel path can do, one pin setting for all
-//! XDP services), with defaults filled in.
+//! that are switchyard's own listeners, what the kernel path can do, one pin and one attach mode
+//! for all XDP services), with defaults filled in.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,7 +14,7 @@ use super::schema::{
     DEFAULT_FALL, DEFAULT_FLOW_IDLE_TIMEOUT, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_GREETING_TIMEOUT,
     DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_RETRIES, DEFAULT_RISE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WEIGHT, FORWARDINGS,
-    HEALTH_KINDS, PROXY_PROTOCOLS,
+    HEALTH_KINDS, PROXY_PROTOCOLS, XDP_MODES,
 };
 use super::values::{
     AddressUse, FLOW_TABLE_RANGE, MAX_IFNAME, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT,
@@ -23,7 +23,7 @@ use super::values::{
 };
 use super::{
     Algorithm, BackendConfig, Config, Dataplane, Forwarding, HealthConfig, HealthKind, Origin,
-    ProxyProtocol, ServiceConfig, XdpConfig,
+    ProxyProtocol, ServiceConfig, XdpConfig, XdpMode,
 };
 
 /// Two listen addresses conflict when binding both would fail: same port and family, and the
@@ -70,8 +70,8 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
     let mut names: HashMap<String, usize> = HashMap::new();
     // every listen address seen so far
     let mut listeners: Vec<Listener> = Vec::new();
-    // (pin, service name) of the first xdp service
-    let mut first_pin: Option<(bool, String)> = None;
+    // the first xdp service: its name and table, which every other xdp service must agree with
+    let mut first_xdp: Option<(String, XdpConfig)> = None;
 
     for (index, service) in raw.service.iter().enumerate() {
         let header = service.span();
@@ -131,7 +131,7 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
                 });
             }
         }
-        check_pin_agrees(service, &validated, &context, &mut first_pin, report);
+        check_shared_program_settings(service, &validated, &context, &mut first_xdp, report);
         services.push((context, validated));
     }
     for ((context, _), raw_service) in services.iter().zip(&raw.service) {
@@ -220,36 +220,46 @@ fn parsed_backend_addresses(
         })
 }
 
-/// Every xdp service runs in the one XDP program, which is pinned or not as a whole.
-fn check_pin_agrees(
+/// Every xdp service runs in the one XDP program, which is pinned or not and attached in one
+/// mode as a whole.
+fn check_shared_program_settings(
     service: &raw::Service,
     validated: &ServiceConfig,
     context: &str,
-    first_pin: &mut Option<(bool, String)>,
+    first_xdp: &mut Option<(String, XdpConfig)>,
     report: &mut Report,
 ) {
     let (Some(xdp), Some(raw_xdp)) = (&validated.xdp, &service.xdp) else {
         return;
     };
-    match first_pin {
-        None => *first_pin = Some((xdp.pin, validated.name.clone())),
-        Some((pin, first)) if *pin != xdp.pin => {
-            let span = raw_xdp
-                .get_ref()
-                .pin
-                .as_ref()
-                .map_or(raw_xdp.span(), |p| p.span());
+    let Some((first, first_table)) = first_xdp else {
+        *first_xdp = Some((validated.name.clone(), xdp.clone()));
+        return;
+    };
+    let raw_table = raw_xdp.get_ref();
+    let mut differs = |key: &str, span: Option<Range<usize>>, ours: String, theirs: String| {
+        if ours != theirs {
             report.error(
-                &span,
+                &span.unwrap_or(raw_xdp.span()),
                 context,
                 format_args!(
-                    "xdp.pin = {} differs from service \"{first}\" (pin = {pin}); every xdp service shares one XDP program, so give them all the same pin",
-                    xdp.pin
+                    "xdp.{key} = {ours} differs from service \"{first}\" ({key} = {theirs}); every xdp service shares one XDP program, so give them all the same {key}"
                 ),
             );
         }
-        Some(_) => {}
-    }
+    };
+    differs(
+        "pin",
+        raw_table.pin.as_ref().map(|p| p.span()),
+        xdp.pin.to_string(),
+        first_table.pin.to_string(),
+    );
+    differs(
+        "mode",
+        raw_table.mode.as_ref().map(|m| m.span()),
+        format!("\"{}\"", xdp.mode),
+        format!("\"{}\"", first_table.mode),
+    );
 }
 
 fn validate_service(
@@ -704,6 +714,7 @@ fn validate_xdp(xdp: &raw::Xdp, context: &str, report: &mut Report) -> XdpConfig
         flow_table_size,
         flow_idle_timeout,
         pin: xdp.pin.as_ref().is_some_and(|p| *p.get_ref()),
+        mode: report.choice(&xdp.mode, context, "xdp.mode", XDP_MODES, XdpMode::Auto),
     }
 }
 

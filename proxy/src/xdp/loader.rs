@@ -20,11 +20,13 @@ use switchyard_common::{MAGLEV_TABLE_SIZE, MAX_BACKENDS};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::mode::{self, Attach, Decision};
+use super::netdev::Netdev;
 use super::{flows, neighbours, stats, tables};
-use crate::config::{Config, Dataplane, Forwarding};
+use crate::config::{self, Config, Dataplane, Forwarding};
 use crate::counters::CounterTable;
 use crate::state::{LiveState, Service, Snapshot};
-use crate::totals::{KernelCounters, Totals};
+use crate::totals::{KernelCounters, Totals, XdpAttachment};
 
 /// Where `pin = true` pins the maps and links: `<base>/<first xdp service>`.
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
@@ -79,6 +81,7 @@ impl XdpPlane {
                 );
             }
         }
+        super::check_nat_forwarding(config)?;
         let pin_dir = pin_dir(config);
         let mut reused = false;
         let mut loader = EbpfLoader::new();
@@ -94,6 +97,9 @@ impl XdpPlane {
             .map_max_entries(names::NAT_REPLIES, flows)
             .map_max_entries(names::MAGLEV, services * 2 * MAGLEV_TABLE_SIZE as u32)
             .map_max_entries(names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE);
+        if nat_sees_partial_checksums(config) {
+            loader.override_global(PARTIAL_CHECKSUMS, &1u8, true);
+        }
         let pin_paths: Vec<(&str, PathBuf)>;
         if let Some(dir) = &pin_dir {
             std::fs::create_dir_all(dir).with_context(|| {
@@ -167,24 +173,12 @@ impl XdpPlane {
                 info!("rebuilt active counts from {rebuilt} open flows");
             }
             synced.run(&mut bpf, &snapshot, true)?;
-            self.stats = Some(Arc::new(stats::Stats::take(&mut bpf)?));
         }
-        let mut interfaces = BTreeSet::new();
-        for service in xdp_services(&snapshot) {
-            let xdp = service
-                .config
-                .xdp
-                .as_ref()
-                .context("xdp service without [service.xdp]")?;
-            interfaces.insert(xdp.interface.clone());
-            if xdp.forwarding == Forwarding::Nat {
-                interfaces.insert(xdp.backend_interface.clone());
-            }
-        }
-        for interface in interfaces {
-            let link = self.attach(&interface)?;
-            self.links.push((interface, link));
-        }
+        let attachments = self.attach_everywhere(&PlaneInterfaces::of(&snapshot)?)?;
+        self.stats = Some(Arc::new(stats::Stats::take(
+            &mut self.bpf.lock(),
+            attachments,
+        )?));
         let period = sync_period(&snapshot);
         let bpf = self.bpf.clone();
         let counters = self.counters.clone();
@@ -238,7 +232,88 @@ impl XdpPlane {
         Ok(())
     }
 
-    fn attach(&mut self, interface: &str) -> anyhow::Result<XdpLink> {
+    /// Attaches to every interface of the plane in the mode [`mode::decide`] picks, falling
+    /// back to generic mode under `auto` when a native attach fails or shows, once made, that
+    /// it cannot forward. Logs the mode and why, per interface.
+    fn attach_everywhere(&mut self, plane: &PlaneInterfaces) -> anyhow::Result<Vec<XdpAttachment>> {
+        let devs = plane
+            .names
+            .iter()
+            .map(|name| Netdev::probe(name))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let problems: Vec<mode::Problem> = devs
+            .iter()
+            .flat_map(|dev| mode::problems(dev, plane.nat))
+            .collect();
+        let (mut attach, mut reason, mut warn) = match mode::decide(plane.mode, &problems) {
+            Decision::Refuse(why) => bail!(why),
+            Decision::Attach { mode, reason, warn } => (mode, reason, warn),
+        };
+        if attach == Attach::Native {
+            let after_attach = self
+                .attach_each(&plane.names, Attach::Native)
+                .and_then(|()| native_forwarding_problems(&devs, plane.nat));
+            if let Err(native) = after_attach {
+                self.detach_all();
+                if plane.mode == config::XdpMode::Native {
+                    return Err(native.context("mode = \"native\""));
+                }
+                attach = Attach::Generic;
+                reason = format!(
+                    "mode = \"auto\" fell back to generic (skb) mode: native mode failed: {native:#}"
+                );
+                warn = true;
+            }
+        }
+        if attach == Attach::Generic {
+            self.attach_each(&plane.names, Attach::Generic)?;
+        }
+        let shown = match attach {
+            Attach::Native => "native mode",
+            Attach::Generic => "generic (skb) mode",
+        };
+        for interface in &plane.names {
+            if warn {
+                warn!("XDP program attached to {interface} in {shown}");
+            } else {
+                info!("XDP program attached to {interface} in {shown}");
+            }
+        }
+        if warn {
+            warn!("XDP attach mode: {reason}");
+        } else {
+            info!("XDP attach mode: {reason}");
+        }
+        Ok(plane
+            .names
+            .iter()
+            .map(|interface| XdpAttachment {
+                interface: interface.clone(),
+                mode: attach.to_string(),
+                reason: reason.clone(),
+            })
+            .collect())
+    }
+
+    fn attach_each(&mut self, interfaces: &[String], mode: Attach) -> anyhow::Result<()> {
+        for interface in interfaces {
+            let link = self.attach(interface, mode)?;
+            self.links.push((interface.clone(), link));
+        }
+        Ok(())
+    }
+
+    /// Detaches what `attach_each` attached, unpinning the links it pinned.
+    fn detach_all(&mut self) {
+        for (interface, link) in std::mem::take(&mut self.links) {
+            if let Some(dir) = &self.pin_dir {
+                let _ = std::fs::remove_file(dir.join(format!("link-{interface}")));
+            }
+            drop(link);
+        }
+    }
+
+    fn attach(&mut self, interface: &str, mode: Attach) -> anyhow::Result<XdpLink> {
         let pinned_link = self
             .pin_dir
             .as_ref()
@@ -266,24 +341,16 @@ impl XdpPlane {
             );
             return Ok(program.take_link(id)?);
         }
-        let id = match program.attach(interface, XdpMode::Driver) {
-            Ok(id) => {
-                info!("XDP program attached to {interface} in native mode");
-                id
-            }
-            Err(native) => {
-                let id = program.attach(interface, XdpMode::Skb).map_err(|generic| {
-                    explain(
-                        anyhow!(generic).context(format!("native mode failed too: {native}")),
-                        &format!("attaching the XDP program to {interface}"),
-                    )
-                })?;
-                warn!(
-                    "XDP program attached to {interface} in generic (skb) mode, slower: native mode failed: {native}"
-                );
-                id
-            }
+        let flags = match mode {
+            Attach::Native => XdpMode::Driver,
+            Attach::Generic => XdpMode::Skb,
         };
+        let id = program.attach(interface, flags).map_err(|e| {
+            explain(
+                e.into(),
+                &format!("attaching the XDP program to {interface} in {mode} mode"),
+            )
+        })?;
         let link = program.take_link(id)?;
         let Some(path) = pinned_link else {
             return Ok(link);
@@ -336,6 +403,75 @@ impl XdpPlane {
             }
         }
     }
+}
+
+/// The interfaces the plane attaches to, whether any service uses nat, and the attach mode
+/// the services ask for (validation makes them agree).
+struct PlaneInterfaces {
+    names: Vec<String>,
+    nat: bool,
+    mode: config::XdpMode,
+}
+
+impl PlaneInterfaces {
+    fn of(snapshot: &Snapshot) -> anyhow::Result<PlaneInterfaces> {
+        let mut names = BTreeSet::new();
+        let mut nat = false;
+        let mut mode = config::XdpMode::Auto;
+        for service in xdp_services(snapshot) {
+            let xdp = service
+                .config
+                .xdp
+                .as_ref()
+                .context("xdp service without [service.xdp]")?;
+            names.insert(xdp.interface.clone());
+            mode = xdp.mode;
+            if xdp.forwarding == Forwarding::Nat {
+                nat = true;
+                names.insert(xdp.backend_interface.clone());
+            }
+        }
+        Ok(PlaneInterfaces {
+            names: names.into_iter().collect(),
+            nat,
+            mode,
+        })
+    }
+}
+
+/// With the native program attached everywhere: for nat, whether every interface now accepts
+/// redirected frames.
+fn native_forwarding_problems(devs: &[Netdev], nat: bool) -> anyhow::Result<()> {
+    if !nat {
+        return Ok(());
+    }
+    let found: Vec<String> = devs
+        .iter()
+        .filter_map(|dev| Netdev::probe(&dev.name).ok())
+        .filter_map(|dev| mode::problems_after_native_attach(&dev))
+        .map(|problem| problem.text)
+        .collect();
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(found.join("; ")))
+    }
+}
+
+/// The program's switch for nat's partial-checksum handling (see its `checksum` module).
+const PARTIAL_CHECKSUMS: &str = "PARTIAL_CHECKSUMS";
+
+/// Whether a nat service receives on an interface where local senders can hand over partial
+/// checksums (a veth): then nat's checksum update tells them from complete ones.
+fn nat_sees_partial_checksums(config: &Config) -> bool {
+    config
+        .services
+        .iter()
+        .filter(|s| s.dataplane == Dataplane::Xdp)
+        .filter_map(|s| s.xdp.as_ref())
+        .filter(|x| x.forwarding == Forwarding::Nat)
+        .flat_map(|x| [&x.interface, &x.backend_interface])
+        .any(|name| Netdev::probe(name).is_ok_and(|dev| dev.may_carry_partial_checksums()))
 }
 
 /// How often the traffic counters are logged while running.

@@ -16,10 +16,13 @@
 #[cfg(test)]
 mod agreement;
 mod flows;
+mod forwarding;
 mod loader;
 #[cfg(test)]
 mod map_layouts;
+mod mode;
 mod neighbours;
+mod netdev;
 mod stats;
 mod tables;
 
@@ -29,6 +32,7 @@ use crate::config::{Config, Dataplane};
 use crate::counters::CounterTable;
 use crate::state::LiveState;
 
+pub use forwarding::check_nat_forwarding;
 pub use loader::XdpPlane;
 
 /// Said when the fast path is asked for but not built in.

@@ -9,16 +9,18 @@ use aya::Ebpf;
 use aya::maps::{MapData, PerCpuArray};
 use switchyard_common::maps::{BackendStats, ServiceStats, names};
 
-use crate::totals::{KernelBackendTotals, KernelCounters, KernelServiceTotals};
+use crate::totals::{KernelBackendTotals, KernelCounters, KernelServiceTotals, XdpAttachment};
 
 pub struct Stats {
     backends: PerCpuArray<MapData, BackendStats>,
     services: PerCpuArray<MapData, ServiceStats>,
+    attachments: Vec<XdpAttachment>,
 }
 
 impl Stats {
-    /// Takes the counter maps out of `bpf` (the program keeps using them).
-    pub fn take(bpf: &mut Ebpf) -> anyhow::Result<Stats> {
+    /// Takes the counter maps out of `bpf` (the program keeps using them); `attachments` are
+    /// reported with them.
+    pub fn take(bpf: &mut Ebpf, attachments: Vec<XdpAttachment>) -> anyhow::Result<Stats> {
         let backends = bpf
             .take_map(names::BACKEND_STATS)
             .context("map BACKEND_STATS missing")?;
@@ -28,6 +30,7 @@ impl Stats {
         Ok(Stats {
             backends: PerCpuArray::try_from(backends)?,
             services: PerCpuArray::try_from(services)?,
+            attachments,
         })
     }
 }
@@ -62,5 +65,9 @@ impl KernelCounters for Stats {
                     }
                 }),
         )
+    }
+
+    fn attachments(&self) -> Vec<XdpAttachment> {
+        self.attachments.clone()
     }
 }

@@ -279,15 +279,16 @@ pub fn kernel_contenders(
     }
     let testbed = Testbed::build(dir, switchyard)?;
     println!(
-        "bench: kernel path in namespaces sy-{}-*: client, balancer, three {} sinks; VIP {}",
+        "bench: kernel path in namespaces sy-{}-* (prepared) and sy-{}-* (plain): client, balancer, three {} sinks each; VIP {}",
         testbed.net.suffix,
+        testbed.plain.suffix,
         testbed.sinks_kind,
         Testbed::target(Mode::Dsr)
     );
     let contenders = Mode::ALL
         .iter()
         .map(|mode| Contender {
-            driver: Driver::Netns(testbed.net.client.name.clone()),
+            driver: Driver::Netns(testbed.client_namespace(*mode)),
             mode: Some(*mode),
             ..Contender::local(mode.contender(), Testbed::target(*mode), Vec::new())
         })

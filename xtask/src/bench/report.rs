@@ -136,6 +136,16 @@ fn kernel_markdown(res: &BenchResults) -> String {
             x.name, x.vs_routing, x.vs_proxy
         ));
     }
+    if let Some(plain) = &k.plain {
+        s.push_str(&format!(
+            "\nPlain network (bridge and veths with default offloads, nothing on the peers; switchyard with mode = \"auto\", generic mode on veth): one MTA direct {:.0} sessions/s.\n\n\
+             | contender | vs one MTA direct, paired by round (target for dsr >= 0.9x) |\n|---|---:|\n",
+            plain.direct_sessions_per_s
+        ));
+        for x in &plain.xdp {
+            s.push_str(&format!("| {} | {:.2}x |\n", x.name, x.vs_direct));
+        }
+    }
     s.push_str(
         "\n| CPU per session (us, median) | all CPUs | of which softirq | loadgen | sinks | switchyard process | kernel, rest | added over routing |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|\n",

@@ -96,6 +96,23 @@ pub struct KernelPath {
     /// CPU time per session the proxy adds over plain routing (all CPUs, median runs).
     pub proxy_added_cpu_us: Option<f64>,
     pub xdp: Vec<KernelRatio>,
+    /// The plain network's figures (XDP in the mode `auto` picks against one MTA direct).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain: Option<PlainPath>,
+}
+
+/// On the plain network (default offloads, nothing on the peers): sessions/s straight to one
+/// MTA, and each xdp contender's rate against it, paired by round (target: dsr >= 0.9x).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlainPath {
+    pub direct_sessions_per_s: f64,
+    pub xdp: Vec<PlainRatio>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlainRatio {
+    pub name: String,
+    pub vs_direct: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

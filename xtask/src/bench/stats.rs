@@ -10,7 +10,7 @@ use super::BenchOptions;
 use super::contenders::{Contender, DIRECT_SMTP_SOURCE};
 use super::results::{
     BenchResults, ContenderResult, CpuUse, Distribution, IdleMemory, KernelPath, KernelRatio,
-    Machine, Skipped,
+    Machine, PlainPath, PlainRatio, Skipped,
 };
 use super::testbed::Mode;
 use crate::loadgen::LoadReport;
@@ -169,6 +169,29 @@ fn kernel_path(results: &[ContenderResult]) -> Option<KernelPath> {
         routing_sessions_per_s: routing.median_sessions_per_s,
         proxy_sessions_per_s: proxy.median_sessions_per_s,
         proxy_added_cpu_us: added(proxy),
+        xdp,
+        plain: plain_path(results),
+    })
+}
+
+/// The plain network's xdp contenders against one MTA direct, paired round by round (the
+/// median of the per-round ratios: a slow round slows both).
+fn plain_path(results: &[ContenderResult]) -> Option<PlainPath> {
+    let get = |mode: Mode| results.iter().find(|r| r.name == mode.contender());
+    let direct = get(Mode::PlainDirect)?;
+    let direct_rates: Vec<f64> = direct.runs.iter().map(|r| r.sessions_per_s).collect();
+    let xdp = [Mode::PlainDsr, Mode::PlainNat]
+        .into_iter()
+        .filter_map(get)
+        .filter_map(|r| {
+            Some(PlainRatio {
+                name: r.name.clone(),
+                vs_direct: paired_ratio(&r.runs, &direct_rates)?,
+            })
+        })
+        .collect();
+    Some(PlainPath {
+        direct_sessions_per_s: direct.median_sessions_per_s,
         xdp,
     })
 }

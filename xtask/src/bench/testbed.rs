@@ -18,9 +18,17 @@
 //! - `nat`: switchyard's XDP program rewrites to the backend's address and redirects; the
 //!   backends route their replies to the client back through the balancer.
 //!
-//! `Drop` stops the processes inside the namespaces before the network goes.
+//! A second network beside it, the plain one (`Plan::plain_benchmark`: bridge and veths with
+//! default offloads, nothing on the peers, as a user's containers are wired), has its own three
+//! sinks and runs, with `mode = "auto"` (generic mode on veth):
+//! - `plain direct`: the client straight to one sink, no balancer: what one MTA takes;
+//! - `plain dsr` and `plain nat`: switchyard's XDP path as above, in the mode auto picks
+//!   (target: dsr >= 0.9x plain direct). nat needs forwarding on in the balancer, which is
+//!   set once, as switchyard's refusal tells a user to.
+//!
+//! `Drop` stops the processes inside the namespaces before the networks go.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -39,10 +47,21 @@ pub enum Mode {
     Proxy,
     Dsr,
     Nat,
+    PlainDirect,
+    PlainDsr,
+    PlainNat,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Routing, Mode::Proxy, Mode::Dsr, Mode::Nat];
+    pub const ALL: [Mode; 7] = [
+        Mode::Routing,
+        Mode::Proxy,
+        Mode::Dsr,
+        Mode::Nat,
+        Mode::PlainDirect,
+        Mode::PlainDsr,
+        Mode::PlainNat,
+    ];
 
     /// The contender's name in the benchmark's table.
     pub fn contender(self) -> &'static str {
@@ -51,6 +70,23 @@ impl Mode {
             Mode::Proxy => "switchyard proxy (netns)",
             Mode::Dsr => "switchyard xdp dsr",
             Mode::Nat => "switchyard xdp nat",
+            Mode::PlainDirect => "plain: direct to one MTA",
+            Mode::PlainDsr => "plain: switchyard xdp dsr (auto)",
+            Mode::PlainNat => "plain: switchyard xdp nat (auto)",
+        }
+    }
+
+    /// Whether it runs on the plain network.
+    pub fn plain(self) -> bool {
+        matches!(self, Mode::PlainDirect | Mode::PlainDsr | Mode::PlainNat)
+    }
+
+    /// The forwarding a switchyard xdp mode configures.
+    fn forwarding(self) -> Option<&'static str> {
+        match self {
+            Mode::Dsr | Mode::PlainDsr => Some("dsr"),
+            Mode::Nat | Mode::PlainNat => Some("nat"),
+            _ => None,
         }
     }
 
@@ -60,6 +96,9 @@ impl Mode {
             Mode::Proxy => "proxy",
             Mode::Dsr => "dsr",
             Mode::Nat => "nat",
+            Mode::PlainDirect => "plain-direct",
+            Mode::PlainDsr => "plain-dsr",
+            Mode::PlainNat => "plain-nat",
         }
     }
 }
@@ -71,9 +110,11 @@ pub struct Testbed {
     /// "smtp-sink" (Postfix) or "xtask sink".
     pub sinks_kind: &'static str,
     sinks: Vec<Supervised>,
+    plain_sinks: Vec<Supervised>,
     active: Option<(Mode, Option<Supervised>)>,
     /// Last: the namespaces go after `Drop` has stopped what runs in them.
     pub net: Topology,
+    pub plain: Topology,
 }
 
 impl Testbed {
@@ -82,61 +123,51 @@ impl Testbed {
     pub fn build(dir: &Path, switchyard: &Path) -> Result<Testbed> {
         let net = Topology::build(&Plan::benchmark())
             .context("building the benchmark's network namespaces")?;
+        let plain = Topology::build(&Plan::plain_benchmark())
+            .context("building the benchmark's plain network namespaces")?;
+        // What switchyard's nat refuses to start without, as a user would set it.
+        plain.balancer.sysctl("net.ipv4.ip_forward", "1")?;
+        let smtp_sink = workspace::find_program("smtp-sink");
         let mut testbed = Testbed {
             dir: dir.to_path_buf(),
             switchyard: switchyard.to_path_buf(),
-            sinks_kind: "",
+            sinks_kind: if smtp_sink.is_some() {
+                "smtp-sink"
+            } else {
+                "xtask sink"
+            },
             sinks: Vec::new(),
+            plain_sinks: Vec::new(),
             active: None,
             net,
+            plain,
         };
-        testbed
-            .start_sinks()
+        testbed.sinks = start_sinks(&testbed.net, dir, smtp_sink.as_deref(), "")
             .context("starting the sinks in the backend namespaces")?;
+        testbed.plain_sinks = start_sinks(&testbed.plain, dir, smtp_sink.as_deref(), "plain-")
+            .context("starting the sinks in the plain network's backend namespaces")?;
         Ok(testbed)
     }
 
-    fn start_sinks(&mut self) -> Result<()> {
-        let listen = SocketAddr::from(([0, 0, 0, 0], SMTP_PORT)).to_string();
-        let smtp_sink = workspace::find_program("smtp-sink");
-        self.sinks_kind = if smtp_sink.is_some() {
-            "smtp-sink"
-        } else {
-            "xtask sink"
-        };
-        for (i, ns) in self.net.backends.iter().enumerate() {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &ns.name]);
-            match &smtp_sink {
-                Some(bin) => {
-                    cmd.arg(bin).args(["-u", "nobody"]).arg(&listen).arg("1024");
-                }
-                None => {
-                    cmd.arg(std::env::current_exe()?)
-                        .args(["sink", "--listen"])
-                        .arg(&listen);
-                }
-            }
-            let log = self.dir.join(format!("netns-sink{}.log", i + 1));
-            let name = format!("sink in {}", ns.name);
-            self.sinks.push(Supervised::start(&name, &mut cmd, &log)?);
-        }
-        for (i, ns) in self.net.backends.iter().enumerate() {
-            let addr = SocketAddr::from((self.net.backend_addr(i), SMTP_PORT));
-            let code =
-                ns.run(move || supervise::wait_for_greeting(addr, Duration::from_secs(10)))?;
-            anyhow::ensure!(
-                code == 220,
-                "sink {addr} in {} greeted with {code}",
-                ns.name
-            );
-        }
-        Ok(())
+    /// The network `mode` runs on.
+    fn network(&self, mode: Mode) -> &Topology {
+        if mode.plain() { &self.plain } else { &self.net }
+    }
+
+    /// The namespace the load generator runs in for `mode`.
+    pub fn client_namespace(&self, mode: Mode) -> String {
+        self.network(mode).client.name.clone()
     }
 
     /// CPU counters now, with the sinks and the active balancer as the processes of interest.
     pub fn cpu_sample(&self) -> CpuSample {
-        let sinks: Vec<u32> = self.sinks.iter().map(|s| s.pid()).collect();
+        let plain = self.active.as_ref().is_some_and(|(mode, _)| mode.plain());
+        let sinks = if plain {
+            &self.plain_sinks
+        } else {
+            &self.sinks
+        };
+        let sinks: Vec<u32> = sinks.iter().map(|s| s.pid()).collect();
         let balancer: Vec<u32> = self
             .active
             .as_ref()
@@ -150,6 +181,8 @@ impl Testbed {
     /// Where the load generator connects in `mode`.
     pub fn target(mode: Mode) -> SocketAddr {
         match mode {
+            // Backend 0 of the plain network.
+            Mode::PlainDirect => SocketAddr::from((Ipv4Addr::new(198, 18, 0, 11), SMTP_PORT)),
             Mode::Proxy => SocketAddr::from((BALANCER, SMTP_PORT)),
             _ => SocketAddr::from((VIP, SMTP_PORT)),
         }
@@ -178,9 +211,12 @@ impl Testbed {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 self.net.balancer.ip(&args)?;
             }
-            Mode::Dsr | Mode::Proxy => process = Some(self.start_switchyard(mode)?),
-            Mode::Nat => {
-                for ns in &self.net.backends {
+            Mode::PlainDirect => {}
+            Mode::Dsr | Mode::Proxy | Mode::PlainDsr => {
+                process = Some(self.start_switchyard(mode)?)
+            }
+            Mode::Nat | Mode::PlainNat => {
+                for ns in &self.network(mode).backends {
                     let client = format!("{CLIENT}/32");
                     ns.ip(&["route", "replace", &client, "via", &BALANCER.to_string()])?;
                 }
@@ -201,7 +237,7 @@ impl Testbed {
             .net
             .balancer
             .ip(&["route", "del", &format!("{VIP}/32")]);
-        for ns in &self.net.backends {
+        for ns in self.net.backends.iter().chain(&self.plain.backends) {
             let _ = ns.ip(&["route", "del", &format!("{CLIENT}/32")]);
         }
     }
@@ -213,7 +249,8 @@ impl Testbed {
         std::fs::write(&cfg, self.switchyard_config(mode))
             .with_context(|| format!("writing {}", cfg.display()))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.net.balancer.name])
+        let balancer = &self.network(mode).balancer.name;
+        cmd.args(["netns", "exec", balancer])
             .arg(&self.switchyard)
             .arg("run")
             .arg("--config")
@@ -223,7 +260,7 @@ impl Testbed {
             .dir
             .join(format!("switchyard-netns-{}.log", mode.word()));
         Supervised::start(
-            &format!("switchyard {} in {}", mode.word(), self.net.balancer.name),
+            &format!("switchyard {} in {balancer}", mode.word()),
             &mut cmd,
             &log,
         )
@@ -239,7 +276,7 @@ impl Testbed {
                 p.check_running()?;
             }
             let code = self
-                .net
+                .network(mode)
                 .client
                 .run(move || supervise::wait_for_greeting(target, Duration::from_secs(2)));
             if let Ok(220) = code {
@@ -260,18 +297,20 @@ impl Testbed {
         }
     }
 
-    /// The switchyard config of a mode: least_conn over the three sinks, on the VIP.
+    /// The switchyard config of a mode: least_conn over the three sinks, on the VIP; the xdp
+    /// modes of the prepared network in native mode, which it carries (`auto` would choose
+    /// generic mode on any veth), those of the plain network in `auto`.
     fn switchyard_config(&self, mode: Mode) -> String {
-        let (dataplane, xdp) = match mode {
-            Mode::Dsr | Mode::Nat => (
+        let attach = if mode.plain() { "auto" } else { "native" };
+        let (dataplane, xdp) = match mode.forwarding() {
+            Some(forwarding) => (
                 "xdp",
                 format!(
-                    "\n[service.xdp]\ninterface = \"eth0\"\nforwarding = \"{}\"\nbackend_interface = \"eth0\"\n\
-                     flow_table_size = 262144\nflow_idle_timeout = \"2m\"\n",
-                    mode.word()
+                    "\n[service.xdp]\ninterface = \"eth0\"\nforwarding = \"{forwarding}\"\nbackend_interface = \"eth0\"\nmode = \"{attach}\"\n\
+                     flow_table_size = 262144\nflow_idle_timeout = \"2m\"\n"
                 ),
             ),
-            _ => ("proxy", String::new()),
+            None => ("proxy", String::new()),
         };
         let listen = Self::target(mode);
         let mut cfg = format!(
@@ -280,11 +319,12 @@ impl Testbed {
              max_connections = 10000\n\n[service.health]\nkind = \"smtp\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\n{xdp}",
             mode.word()
         );
-        for i in 0..self.net.backends.len() {
+        let net = self.network(mode);
+        for i in 0..net.backends.len() {
             cfg.push_str(&format!(
                 "\n[[service.backend]]\nname = \"mta{}\"\naddress = \"{}\"\n",
                 i + 1,
-                SocketAddrV4::new(self.net.backend_addr(i), SMTP_PORT)
+                SocketAddrV4::new(net.backend_addr(i), SMTP_PORT)
             ));
         }
         cfg
@@ -294,8 +334,47 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.deactivate();
-        for mut s in self.sinks.drain(..) {
+        for mut s in self.sinks.drain(..).chain(self.plain_sinks.drain(..)) {
             s.stop(Duration::from_secs(5));
         }
     }
+}
+
+/// A sink in every backend namespace of `net` (smtp-sink when installed, else xtask's own),
+/// each answering 220 before this returns; logs named `netns-<prefix>sink<i>.log`.
+fn start_sinks(
+    net: &Topology,
+    dir: &Path,
+    smtp_sink: Option<&Path>,
+    prefix: &str,
+) -> Result<Vec<Supervised>> {
+    let listen = SocketAddr::from(([0, 0, 0, 0], SMTP_PORT)).to_string();
+    let mut sinks = Vec::new();
+    for (i, ns) in net.backends.iter().enumerate() {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name]);
+        match smtp_sink {
+            Some(bin) => {
+                cmd.arg(bin).args(["-u", "nobody"]).arg(&listen).arg("1024");
+            }
+            None => {
+                cmd.arg(std::env::current_exe()?)
+                    .args(["sink", "--listen"])
+                    .arg(&listen);
+            }
+        }
+        let log = dir.join(format!("netns-{prefix}sink{}.log", i + 1));
+        let name = format!("sink in {}", ns.name);
+        sinks.push(Supervised::start(&name, &mut cmd, &log)?);
+    }
+    for (i, ns) in net.backends.iter().enumerate() {
+        let addr = SocketAddr::from((net.backend_addr(i), SMTP_PORT));
+        let code = ns.run(move || supervise::wait_for_greeting(addr, Duration::from_secs(10)))?;
+        anyhow::ensure!(
+            code == 220,
+            "sink {addr} in {} greeted with {code}",
+            ns.name
+        );
+    }
+    Ok(sinks)
 }
