@@ -10,8 +10,13 @@
 //! In `nat` mode the same program also runs on the backend-facing interface, where it rewrites
 //! the replies' source back to the VIP:port (one program, so one interface can play both roles).
 //!
+//! Most packets pay one hash lookup at most: a packet whose destination is no VIP and whose
+//! source is no backend passes after one read of the address filter, and a packet of a live
+//! flow finds its service by the flow's index, not by the `SERVICES` hash.
+//!
 //! This file holds the entry points and the dispatch; the rest lives by concern: `parse`
-//! (headers), `flow` (flow table), `select` (backend choice), `forward` (dsr, nat, replies),
+//! (headers), `filter` (address filter, service routes), `clock` (the coarse clock once per
+//! tick), `flow` (flow table), `select` (backend choice), `forward` (dsr, nat, replies),
 //! `checksum`, `stats` (counters) and `maps` (the map statics; layouts in
 //! `switchyard_common::maps`).
 #![no_std]
@@ -35,7 +40,7 @@ use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
 use switchyard_common::maps::{
-    FlowValue, PROTO_TCP, ServiceKey, address_filter, forwarding,
+    PROTO_TCP, ServiceKey, address_filter, forwarding,
 };
 
 use crate::clock::coarse_now;
@@ -72,9 +77,12 @@ fn balance(ctx: &XdpContext) -> u32 {
         )
     };
     if may_be(address_filter::VIPS, daddr, dport)
-        && let Some(action) = to_service(ctx, &pkt)
+        && let Some(verdict) = to_service(&pkt)
     {
-        return action;
+        return match verdict {
+            Verdict::Send(target) => send(ctx, &pkt, target),
+            Verdict::Action(action) => action,
+        };
     }
     // Not for a VIP: maybe a nat backend's reply (on the backend-facing interface).
     if may_be(address_filter::BACKENDS, saddr, sport) {
@@ -83,10 +91,27 @@ fn balance(ctx: &XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// What becomes of a packet for a VIP:port.
+enum Verdict {
+    /// On to a backend.
+    Send(Target),
+    /// This XDP action, counted already.
+    Action(u32),
+}
+
+/// A backend a packet is sent to, and how.
+struct Target {
+    /// The service's forwarding (`switchyard_common::maps::forwarding`).
+    forwarding: u32,
+    /// The service's index, for its counters.
+    service_index: u32,
+    backend_slot: u32,
+}
+
 /// A packet that may be for a VIP:port: its flow's backend, or a new flow's for a SYN; `None`
 /// when the destination is no service.
 #[inline(always)]
-fn to_service(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+fn to_service(pkt: &Packet) -> Option<Verdict> {
     let (saddr, daddr, sport, dport, flags) = unsafe {
         (
             (*pkt.ip).saddr,
@@ -116,8 +141,11 @@ fn to_service(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     if let Some(flow) = flow
         && let Some(route) = route_of(flow, &service_key)
     {
-        let backend_slot = follow(flow, flags, now);
-        return Some(send(ctx, pkt, route.forwarding, flow_service(flow), backend_slot));
+        return Some(Verdict::Send(Target {
+            forwarding: route.forwarding,
+            service_index: unsafe { (*flow).service },
+            backend_slot: follow(flow, flags, now),
+        }));
     }
 
     let service = *unsafe { SERVICES.get(&service_key) }?;
@@ -127,7 +155,7 @@ fn to_service(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
             if !is_syn {
                 // No state for a mid-stream packet (expired or evicted): let the stack answer.
                 count_service(service.index, |s| s.passed += 1);
-                return Some(xdp_action::XDP_PASS);
+                return Some(Verdict::Action(xdp_action::XDP_PASS));
             }
             match new_flow(&service, &flow_key, now) {
                 Some(slot) => slot,
@@ -136,30 +164,26 @@ fn to_service(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
                         s.no_backend += 1;
                         s.dropped += 1;
                     });
-                    return Some(xdp_action::XDP_DROP);
+                    return Some(Verdict::Action(xdp_action::XDP_DROP));
                 }
             }
         }
     };
-    Some(send(ctx, pkt, service.forwarding, service.index, backend_slot))
+    Some(Verdict::Send(Target {
+        forwarding: service.forwarding,
+        service_index: service.index,
+        backend_slot,
+    }))
 }
 
-/// The service index the flow was created under (its route's index, as the route matched).
+/// Sends the packet on to `target`, counted for the backend and for the service.
 #[inline(always)]
-fn flow_service(flow: *mut FlowValue) -> u32 {
-    unsafe { (*flow).service }
-}
-
-/// Sends the packet to the backend in `backend_slot` with the service's `forwarding`, counted
-/// for the backend and for the service at `service_index`.
-#[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    forwarding_mode: u32,
-    service_index: u32,
-    backend_slot: u32,
-) -> u32 {
+fn send(ctx: &XdpContext, pkt: &Packet, target: Target) -> u32 {
+    let Target {
+        forwarding: forwarding_mode,
+        service_index,
+        backend_slot,
+    } = target;
     let Some(backend) = BACKENDS.get(backend_slot) else {
         count_service(service_index, |s| s.dropped += 1);
         return xdp_action::XDP_DROP;
