@@ -115,17 +115,25 @@ impl XdpRun {
             ..ServiceValue::default()
         };
         services.insert(key, value, 0)?;
-        let mut routes: Array<_, ServiceRoute> = Array::try_from(
-            self.bpf
-                .map_mut(names::SERVICE_ROUTES)
-                .context("no SERVICE_ROUTES")?,
-        )?;
         let route = ServiceRoute {
             vip: key,
             forwarding: forwarding::DSR,
             _pad: 0,
         };
-        routes.set(0, route, 0)?;
+        self.set_route(0, route)
+    }
+
+    /// Writes the `SERVICE_ROUTES` entry of service `index` (after its `SERVICES` entry, as
+    /// the control plane does; or a wrong one, to see the kernel take the `SERVICES` way).
+    pub fn set_route(&mut self, index: u32, route: ServiceRoute) -> Result<()> {
+        let mut routes: Array<_, ServiceRoute> = Array::try_from(
+            self.bpf
+                .map_mut(names::SERVICE_ROUTES)
+                .context("no SERVICE_ROUTES")?,
+        )?;
+        routes
+            .set(index, route, 0)
+            .context("writing SERVICE_ROUTES")?;
         Ok(())
     }
 
