@@ -12,8 +12,8 @@ use aya::maps::{Array, HashMap};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use switchyard_common::maps::{
-    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceValue, backend_state, forwarding,
-    names, programs, service_backend_index,
+    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceRoute, ServiceValue,
+    address_filter, backend_state, forwarding, names, programs, service_backend_index,
 };
 
 use crate::raw_syn::tcp_packet;
@@ -52,7 +52,8 @@ impl XdpRun {
     }
 
     /// Service 0: `vip` balanced by `algorithm` (`switchyard_common::maps::algorithm`) over
-    /// `backends` (slots 0..n, all up, weight 1) in dsr forwarding. No Maglev or weighted table
+    /// `backends` (slots 0..n, all up, weight 1) in dsr forwarding, with its address filter
+    /// bits and route written as the control plane writes them. No Maglev or weighted table
     /// is written: use an algorithm that needs none (least_conn).
     pub fn add_dsr_service(
         &mut self,
@@ -60,8 +61,21 @@ impl XdpRun {
         algorithm: u32,
         backends: &[TestBackend],
     ) -> Result<()> {
-        let mut entries: Array<_, BackendEntry> =
-            Array::try_from(self.bpf.map_mut(names::BACKENDS).context("no BACKENDS")?)?;
+        let key = ServiceKey {
+            addr: u32::from_ne_bytes(vip.ip().octets()),
+            port: vip.port().to_be(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        };
+        let [Some(filter), Some(entries)] = self
+            .bpf
+            .maps_disjoint_mut([names::ADDRESS_FILTER, names::BACKENDS])
+        else {
+            anyhow::bail!("no ADDRESS_FILTER or BACKENDS");
+        };
+        let mut filter: Array<_, u64> = Array::try_from(filter)?;
+        let mut entries: Array<_, BackendEntry> = Array::try_from(entries)?;
+        address_filter::admit(&mut filter, address_filter::VIPS, key.addr, key.port)?;
         for (slot, b) in backends.iter().enumerate() {
             let entry = BackendEntry {
                 addr: u32::from_ne_bytes(b.address.ip().octets()),
@@ -69,6 +83,12 @@ impl XdpRun {
                 mac: b.mac,
                 ifindex: 0,
             };
+            address_filter::admit(
+                &mut filter,
+                address_filter::BACKENDS,
+                entry.addr,
+                entry.port,
+            )?;
             entries.set(slot as u32, entry, 0)?;
         }
         let mut policies: Array<_, ServiceBackend> = Array::try_from(
@@ -87,12 +107,6 @@ impl XdpRun {
         }
         let mut services: HashMap<_, ServiceKey, ServiceValue> =
             HashMap::try_from(self.bpf.map_mut(names::SERVICES).context("no SERVICES")?)?;
-        let key = ServiceKey {
-            addr: u32::from_ne_bytes(vip.ip().octets()),
-            port: vip.port().to_be(),
-            proto: PROTO_TCP,
-            _pad: 0,
-        };
         let value = ServiceValue {
             index: 0,
             algorithm,
@@ -101,6 +115,25 @@ impl XdpRun {
             ..ServiceValue::default()
         };
         services.insert(key, value, 0)?;
+        let route = ServiceRoute {
+            vip: key,
+            forwarding: forwarding::DSR,
+            _pad: 0,
+        };
+        self.set_route(0, route)
+    }
+
+    /// Writes the `SERVICE_ROUTES` entry of service `index` (after its `SERVICES` entry, as
+    /// the control plane does; or a wrong one, to see the kernel take the `SERVICES` way).
+    pub fn set_route(&mut self, index: u32, route: ServiceRoute) -> Result<()> {
+        let mut routes: Array<_, ServiceRoute> = Array::try_from(
+            self.bpf
+                .map_mut(names::SERVICE_ROUTES)
+                .context("no SERVICE_ROUTES")?,
+        )?;
+        routes
+            .set(index, route, 0)
+            .context("writing SERVICE_ROUTES")?;
         Ok(())
     }
 

@@ -58,6 +58,10 @@ enum Cmd {
         /// instead of the built-in load generator: the workload the proxy's goal against HAProxy is stated in.
         #[arg(long, conflicts_with = "kernel_only")]
         smtp_source: bool,
+        /// Only the XDP program's cost per packet (root, BPF_PROG_TEST_RUN; seconds, no
+        /// network, no release build, no results file): prints the figures.
+        #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "rounds", "messages"])]
+        xdp_cost_only: bool,
     },
     /// A fast SMTP sink (used where Postfix's smtp-sink is missing).
     Sink {
@@ -138,7 +142,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             messages,
             kernel_only,
             smtp_source,
+            xdp_cost_only,
         } => {
+            if xdp_cost_only {
+                // The program runs in the kernel: this build's speed does not matter.
+                return bench::xdp_cost_only(quick).map(|_| ExitCode::SUCCESS);
+            }
             reexec_release(&["xtask", "switchyard"])?;
             let mut opts = bench::BenchOptions::new(quick, rounds, messages);
             opts.kernel_only = kernel_only;

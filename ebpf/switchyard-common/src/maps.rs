@@ -23,6 +23,9 @@ pub mod names {
     pub const MAGLEV: &str = "MAGLEV";
     pub const WEIGHTED: &str = "WEIGHTED";
     pub const RR_CURSOR: &str = "RR_CURSOR";
+    pub const ADDRESS_FILTER: &str = "ADDRESS_FILTER";
+    pub const SERVICE_ROUTES: &str = "SERVICE_ROUTES";
+    pub const CLOCK_CACHE: &str = "CLOCK_CACHE";
 }
 
 /// Program names in the object.
@@ -140,6 +143,67 @@ pub struct ServiceValue {
     pub flags: u32,
 }
 
+/// Value of `SERVICE_ROUTES`, indexed by service index: what a packet of an existing flow needs
+/// of its service, read by index instead of the `SERVICES` hash lookup. Written after the
+/// service's `SERVICES` entry, with the same key and forwarding, so an entry whose `vip` is the
+/// packet's VIP:port says what `SERVICES` would; anything else (an unused entry is all zero,
+/// and no packet's key has protocol 0) sends the packet the `SERVICES` way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceRoute {
+    /// The service's `SERVICES` key.
+    pub vip: ServiceKey,
+    /// One of [`forwarding`], as in the service's `SERVICES` value.
+    pub forwarding: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+/// `ADDRESS_FILTER`: one bit per hash of an address and port, in two halves. A packet whose
+/// destination has no bit in the VIP half is for no service, and one whose source has no bit
+/// in the backend half is no nat backend's reply: such a packet passes after one array read,
+/// with no hash-map lookup. The control plane sets a bit before it writes the `SERVICES` key or
+/// the `BACKENDS` entry it stands for and never clears one, so the filter only errs towards a
+/// lookup.
+pub mod address_filter {
+    /// 64-bit words per half (65 536 bits: a few false hits per thousand addresses).
+    pub const WORDS: u32 = 1024;
+    /// The half of VIP:ports (`SERVICES` keys).
+    pub const VIPS: u32 = 0;
+    /// The half of backend addr:ports (`BACKENDS` entries), sources of nat replies.
+    pub const BACKENDS: u32 = 1;
+
+    /// The word (index into the map) and the bit in it of `addr`:`port` (network byte order,
+    /// as in the packet) in `half`.
+    #[inline(always)]
+    pub fn bit(half: u32, addr: u32, port: u16) -> (u32, u64) {
+        // Fibonacci hashing: the top 16 bits of the product mix every input bit.
+        let key = ((addr as u64) << 16) | port as u64;
+        let hash = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48;
+        (half * WORDS + (hash >> 6) as u32, 1u64 << (hash & 63))
+    }
+
+    /// Sets the bit of `addr`:`port` in `half` of the control plane's handle on the map; call
+    /// it before writing the `SERVICES` key or `BACKENDS` entry it stands for.
+    #[cfg(feature = "user")]
+    pub fn admit<T>(
+        filter: &mut aya::maps::Array<T, u64>,
+        half: u32,
+        addr: u32,
+        port: u16,
+    ) -> Result<(), aya::maps::MapError>
+    where
+        T: core::borrow::BorrowMut<aya::maps::MapData>,
+    {
+        let (word, bit) = bit(half, addr, port);
+        let current = filter.get(&word, 0)?;
+        if current & bit == 0 {
+            filter.set(word, current | bit, 0)?;
+        }
+        Ok(())
+    }
+}
+
 /// Value of `BACKENDS`, indexed by backend slot: where a backend is. A slot is the backend's
 /// cell in `ACTIVE` and in the proxy's counter table, so one backend serving several services
 /// (or both data planes) can share one slot and one count.
@@ -211,6 +275,17 @@ pub struct NatReply {
     pub last_seen_ns: u64,
 }
 
+/// Per-CPU value of `CLOCK_CACHE` (one entry, the kernel's only): the coarse clock as read at
+/// the first packet of a tick, so later packets of the tick need no helper call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockCache {
+    /// `bpf_jiffies64` when `ns` was read.
+    pub jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns` then.
+    pub ns: u64,
+}
+
 /// Per-CPU value of `BACKEND_STATS`, indexed by backend slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -253,6 +328,7 @@ mod pod {
     // so every bit pattern is valid and none has implicit padding.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for ServiceRoute {}
     unsafe impl aya::Pod for BackendEntry {}
     unsafe impl aya::Pod for ServiceBackend {}
     unsafe impl aya::Pod for FlowKey {}
@@ -271,6 +347,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 28);
+        assert_eq!(size_of::<ServiceRoute>(), 16);
+        assert_eq!(size_of::<ClockCache>(), 16);
         assert_eq!(size_of::<BackendEntry>(), 16);
         assert_eq!(size_of::<ServiceBackend>(), 16);
         assert_eq!(size_of::<FlowKey>(), 16);
@@ -278,6 +356,24 @@ mod tests {
         assert_eq!(size_of::<NatReply>(), 16);
         assert_eq!(size_of::<BackendStats>(), 24);
         assert_eq!(size_of::<ServiceStats>(), 32);
+    }
+
+    #[test]
+    fn address_filter_bits_stay_in_their_half() {
+        use address_filter::{BACKENDS, VIPS, WORDS, bit};
+        for (addr, port) in [(0, 0), (u32::MAX, u16::MAX), (0x6400_12c6, 25u16.to_be())] {
+            assert!(bit(VIPS, addr, port).0 < WORDS);
+            assert!((WORDS..2 * WORDS).contains(&bit(BACKENDS, addr, port).0));
+            assert_eq!(bit(VIPS, addr, port).1.count_ones(), 1);
+        }
+        // Neighbouring ports of one address spread over words.
+        let mut words = [0u32; 64];
+        for (p, word) in words.iter_mut().enumerate() {
+            *word = bit(VIPS, 0x6400_12c6, p as u16).0;
+        }
+        words.sort_unstable();
+        let distinct = 1 + words.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(distinct > 32, "{words:?}");
     }
 
     #[test]

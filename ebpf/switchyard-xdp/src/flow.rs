@@ -15,6 +15,23 @@ use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::select::select;
 use crate::stats::count_new_flow;
 
+/// The `FLOWS`/`NAT_REPLIES` key of a TCP packet from `src_addr`:`src_port` to
+/// `dst_addr`:`dst_port` (network byte order). Built as its four 32-bit words: written field by
+/// field, the three padding bytes cost a call of `memset` on every packet.
+#[inline(always)]
+pub fn tcp_flow_key(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16) -> FlowKey {
+    // The ports share the third word and the protocol the fourth, low bytes first.
+    const _: () = assert!(cfg!(target_endian = "little"));
+    let words: [u32; 4] = [
+        src_addr,
+        dst_addr,
+        src_port as u32 | (dst_port as u32) << 16,
+        PROTO_TCP as u32,
+    ];
+    // SAFETY: FlowKey is #[repr(C)], 16 bytes of integers, 4-aligned, any bits valid.
+    unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
+}
+
 /// The flow's flags, read once, volatile, since other CPUs set flags too.
 ///
 /// # Safety
@@ -29,6 +46,17 @@ unsafe fn flags_of(flow: *mut FlowValue) -> u64 {
 fn mark(flow: *mut FlowValue, flag: u64) {
     if unsafe { flags_of(flow) } & flag == 0 {
         unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*flow).flags, flag) };
+    }
+}
+
+/// Stamps the flow with `now`, writing only when the (tick-resolution) stamp moves: most
+/// packets of a busy flow leave its cache line clean for the other CPUs.
+#[inline(always)]
+fn refresh(flow: *mut FlowValue, now: u64) {
+    unsafe {
+        if (*flow).last_seen_ns != now {
+            (*flow).last_seen_ns = now;
+        }
     }
 }
 
@@ -50,7 +78,7 @@ pub fn is_stale(flow: *mut FlowValue, opens: bool, now: u64) -> bool {
 /// the flow's backend slot.
 #[inline(always)]
 pub fn follow(flow: *mut FlowValue, flags: u8, now: u64) -> u32 {
-    unsafe { (*flow).last_seen_ns = now };
+    refresh(flow, now);
     // The client acknowledged: the handshake got through. Flows that never get here
     // (SYNs to nowhere, floods) are expired early by the control plane.
     if flags & TCP_ACK != 0 {
@@ -75,14 +103,7 @@ pub fn follow(flow: *mut FlowValue, flags: u8, now: u64) -> u32 {
 /// and this is a SYN-ACK of a new connection on the same 4-tuple, e.g. a direct one).
 #[inline(always)]
 pub fn follow_reply(reply_key: &FlowKey, vip: u32, vport: u16, flags: u8, now: u64) -> bool {
-    let flow_key = FlowKey {
-        src_addr: reply_key.dst_addr,
-        dst_addr: vip,
-        src_port: reply_key.dst_port,
-        dst_port: vport,
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let flow_key = tcp_flow_key(reply_key.dst_addr, vip, reply_key.dst_port, vport);
     let Some(flow) = FLOWS.get_ptr_mut(&flow_key) else {
         return false;
     };
@@ -155,14 +176,7 @@ pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> 
     if service.forwarding == forwarding::NAT
         && let Some(backend) = BACKENDS.get(slot)
     {
-        let reply_key = FlowKey {
-            src_addr: backend.addr,
-            dst_addr: key.src_addr,
-            src_port: backend.port,
-            dst_port: key.src_port,
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        };
+        let reply_key = tcp_flow_key(backend.addr, key.src_addr, backend.port, key.src_port);
         let reply = NatReply {
             vip_addr: key.dst_addr,
             vip_port: key.dst_port,

@@ -10,8 +10,13 @@
 //! In `nat` mode the same program also runs on the backend-facing interface, where it rewrites
 //! the replies' source back to the VIP:port (one program, so one interface can play both roles).
 //!
+//! Most packets pay one hash lookup at most: a packet whose destination is no VIP and whose
+//! source is no backend passes after one read of the address filter, and a packet of a live
+//! flow finds its service by the flow's index, not by the `SERVICES` hash.
+//!
 //! This file holds the entry points and the dispatch; the rest lives by concern: `parse`
-//! (headers), `flow` (flow table), `select` (backend choice), `forward` (dsr, nat, replies),
+//! (headers), `filter` (address filter, service routes), `clock` (the coarse clock once per
+//! tick), `flow` (flow table), `select` (backend choice), `forward` (dsr, nat, replies),
 //! `checksum`, `stats` (counters) and `maps` (the map statics; layouts in
 //! `switchyard_common::maps`).
 #![no_std]
@@ -22,6 +27,8 @@
 #![allow(internal_features)]
 
 mod checksum;
+mod clock;
+mod filter;
 mod flow;
 mod forward;
 mod maps;
@@ -30,15 +37,18 @@ mod select;
 mod stats;
 
 use aya_ebpf::bindings::xdp_action;
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
-use switchyard_common::maps::{FlowKey, PROTO_TCP, ServiceKey, forwarding};
+use switchyard_common::maps::{
+    PROTO_TCP, ServiceKey, address_filter, forwarding,
+};
 
-use crate::flow::{follow, is_stale, new_flow};
+use crate::clock::coarse_now;
+use crate::filter::{may_be, route_of};
+use crate::flow::{follow, is_stale, new_flow, tcp_flow_key};
 use crate::forward::{forward_dsr, forward_nat, nat_reply};
 use crate::maps::{BACKENDS, FLOWS, SERVICES};
-use crate::parse::{TCP_ACK, TCP_SYN, parse};
+use crate::parse::{Packet, TCP_ACK, TCP_SYN, parse};
 use crate::stats::{count_packet, count_service};
 
 #[xdp]
@@ -51,13 +61,57 @@ pub fn switchyard_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Per packet: a VIP:port's flows to their backends, anything else to `nat_reply` (which passes
-/// what is not a nat reply either).
+/// Per packet: a VIP:port's flows to their backends, a nat backend's replies to `nat_reply`,
+/// anything else passes (most of it after one read of the address filter).
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> u32 {
     let Some(pkt) = parse(ctx) else {
         return xdp_action::XDP_PASS;
     };
+    let (saddr, daddr, sport, dport) = unsafe {
+        (
+            (*pkt.ip).saddr,
+            (*pkt.ip).daddr,
+            (*pkt.tcp).sport,
+            (*pkt.tcp).dport,
+        )
+    };
+    if may_be(address_filter::VIPS, daddr, dport)
+        && let Some(verdict) = to_service(&pkt)
+    {
+        return match verdict {
+            Verdict::Send(target) => send(ctx, &pkt, target),
+            Verdict::Action(action) => action,
+        };
+    }
+    // Not for a VIP: maybe a nat backend's reply (on the backend-facing interface).
+    if may_be(address_filter::BACKENDS, saddr, sport) {
+        return nat_reply(ctx, &pkt);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// What becomes of a packet for a VIP:port.
+enum Verdict {
+    /// On to a backend.
+    Send(Target),
+    /// This XDP action, counted already.
+    Action(u32),
+}
+
+/// A backend a packet is sent to, and how.
+struct Target {
+    /// The service's forwarding (`switchyard_common::maps::forwarding`).
+    forwarding: u32,
+    /// The service's index, for its counters.
+    service_index: u32,
+    backend_slot: u32,
+}
+
+/// A packet that may be for a VIP:port: its flow's backend, or a new flow's for a SYN; `None`
+/// when the destination is no service.
+#[inline(always)]
+fn to_service(pkt: &Packet) -> Option<Verdict> {
     let (saddr, daddr, sport, dport, flags) = unsafe {
         (
             (*pkt.ip).saddr,
@@ -73,32 +127,35 @@ fn balance(ctx: &XdpContext) -> u32 {
         proto: PROTO_TCP,
         _pad: 0,
     };
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
-        // Not for a VIP: maybe a nat backend's reply (on the backend-facing interface).
-        return nat_reply(ctx, &pkt);
-    };
-    let service = *service;
-    let flow_key = FlowKey {
-        src_addr: saddr,
-        dst_addr: daddr,
-        src_port: sport,
-        dst_port: dport,
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let flow_key = tcp_flow_key(saddr, daddr, sport, dport);
     // The coarse clock (CLOCK_MONOTONIC at tick resolution): idle timeouts and lingers are
     // seconds, and the fine clock costs tens of ns per packet under a hypervisor.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = coarse_now();
     let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-
-    let backend_slot = match FLOWS.get_ptr_mut(&flow_key) {
+    let flow = FLOWS
+        .get_ptr_mut(&flow_key)
         // A SYN on a closed flow is a new connection reusing the 4-tuple: a fresh flow.
-        Some(flow) if !is_stale(flow, is_syn, now) => follow(flow, flags, now),
-        Some(_) | None => {
+        .filter(|&flow| !is_stale(flow, is_syn, now));
+
+    // The common case: a packet of a live flow, whose service its route names.
+    if let Some(flow) = flow
+        && let Some(route) = route_of(flow, &service_key)
+    {
+        return Some(Verdict::Send(Target {
+            forwarding: route.forwarding,
+            service_index: unsafe { (*flow).service },
+            backend_slot: follow(flow, flags, now),
+        }));
+    }
+
+    let service = *unsafe { SERVICES.get(&service_key) }?;
+    let backend_slot = match flow {
+        Some(flow) => follow(flow, flags, now),
+        None => {
             if !is_syn {
                 // No state for a mid-stream packet (expired or evicted): let the stack answer.
                 count_service(service.index, |s| s.passed += 1);
-                return xdp_action::XDP_PASS;
+                return Some(Verdict::Action(xdp_action::XDP_PASS));
             }
             match new_flow(&service, &flow_key, now) {
                 Some(slot) => slot,
@@ -107,27 +164,41 @@ fn balance(ctx: &XdpContext) -> u32 {
                         s.no_backend += 1;
                         s.dropped += 1;
                     });
-                    return xdp_action::XDP_DROP;
+                    return Some(Verdict::Action(xdp_action::XDP_DROP));
                 }
             }
         }
     };
+    Some(Verdict::Send(Target {
+        forwarding: service.forwarding,
+        service_index: service.index,
+        backend_slot,
+    }))
+}
 
+/// Sends the packet on to `target`, counted for the backend and for the service.
+#[inline(always)]
+fn send(ctx: &XdpContext, pkt: &Packet, target: Target) -> u32 {
+    let Target {
+        forwarding: forwarding_mode,
+        service_index,
+        backend_slot,
+    } = target;
     let Some(backend) = BACKENDS.get(backend_slot) else {
-        count_service(service.index, |s| s.dropped += 1);
+        count_service(service_index, |s| s.dropped += 1);
         return xdp_action::XDP_DROP;
     };
     let backend = *backend;
     count_packet(backend_slot, pkt.len);
-    let action = if service.forwarding == forwarding::NAT {
-        forward_nat(ctx, &pkt, &backend)
+    let action = if forwarding_mode == forwarding::NAT {
+        forward_nat(ctx, pkt, &backend)
     } else {
-        forward_dsr(&pkt, &backend)
+        forward_dsr(pkt, &backend)
     };
     if action == xdp_action::XDP_DROP || action == xdp_action::XDP_ABORTED {
-        count_service(service.index, |s| s.dropped += 1);
+        count_service(service_index, |s| s.dropped += 1);
     } else {
-        count_service(service.index, |s| s.forwarded += 1);
+        count_service(service_index, |s| s.forwarded += 1);
     }
     action
 }

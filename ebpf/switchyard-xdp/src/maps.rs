@@ -7,9 +7,9 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::MAX_BACKENDS;
 use switchyard_common::maps::{
-    ActiveCell, BackendEntry, BackendStats, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS, DEFAULT_SERVICES,
-    FlowKey, FlowValue, NatReply, ServiceBackend, ServiceKey, ServiceStats, ServiceValue,
-    WEIGHTED_TABLE_SIZE,
+    ActiveCell, BackendEntry, ClockCache, BackendStats, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS, DEFAULT_SERVICES,
+    FlowKey, FlowValue, NatReply, ServiceBackend, ServiceKey, ServiceRoute, ServiceStats,
+    ServiceValue, WEIGHTED_TABLE_SIZE, address_filter,
 };
 
 /// `BPF_F_MMAPABLE`: the control plane maps the active counts into its address space.
@@ -18,6 +18,15 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+/// Per service index, its VIP and forwarding: a flow's packets find their service here.
+#[map]
+pub static SERVICE_ROUTES: Array<ServiceRoute> = Array::with_max_entries(DEFAULT_SERVICES, 0);
+/// This CPU's coarse clock as of its tick (`clock`).
+#[map]
+pub static CLOCK_CACHE: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
+/// Which addresses may be a VIP or a backend (`switchyard_common::maps::address_filter`).
+#[map]
+pub static ADDRESS_FILTER: Array<u64> = Array::with_max_entries(2 * address_filter::WORDS, 0);
 #[map]
 pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
 /// Per service, its backends' slots and policy (weight, cap, state), `MAX_BACKENDS` entries each.

@@ -69,11 +69,12 @@ fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 /// `None` for anything that is not an unfragmented TCP/IPv4 packet.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Option<Packet> {
-    let eth: *mut EthHdr = header(ctx, 0)?;
+    // One check covers both headers: a TCP/IPv4 frame has them whole anyway.
+    let ip: *mut Ipv4Hdr = header(ctx, ETH_HLEN)?;
+    let eth = ctx.data() as *mut EthHdr;
     if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
         return None;
     }
-    let ip: *mut Ipv4Hdr = header(ctx, ETH_HLEN)?;
     let (vihl, proto, frag_off) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frag_off) };
     if vihl >> 4 != 4 || proto != PROTO_TCP {
         return None;

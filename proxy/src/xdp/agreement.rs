@@ -22,7 +22,7 @@ use switchyard_common::maps::programs;
 
 use super::XdpPlane;
 use super::loader::KernelSync;
-use super::tests::{config, require};
+use super::tests::{config, own_network_namespace_with_forwarding, require};
 use crate::state::{Service, Snapshot};
 
 /// The mixed services' backends: weight, initial active count, and what is special about it.
@@ -192,14 +192,7 @@ fn the_kernel_chooses_what_the_proxy_chooses_for_every_algorithm() {
 }
 
 fn agree() {
-    // A network namespace of this thread's own: nat needs IPv4 forwarding on, which a test must
-    // not switch on for the host.
-    // SAFETY: unshare affects only the calling thread, which nothing else uses.
-    if unsafe { nix::libc::unshare(nix::libc::CLONE_NEWNET) } != 0 {
-        panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-    }
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .expect("IPv4 forwarding in the test's own namespace");
+    own_network_namespace_with_forwarding();
     let config = config(&agreement_config());
     let plane = XdpPlane::load(&config).unwrap_or_else(|e| panic!("{e:#}"));
     let counters = plane.counters();

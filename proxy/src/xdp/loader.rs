@@ -32,7 +32,7 @@ use crate::totals::{KernelCounters, Totals, XdpAttachment};
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
 
 /// Maps pinned (and reused after a restart) when pinning is on.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 13] = [
     names::SERVICES,
     names::BACKENDS,
     names::SERVICE_BACKENDS,
@@ -44,6 +44,8 @@ const PINNED_MAPS: [&str; 11] = [
     names::MAGLEV,
     names::WEIGHTED,
     names::RR_CURSOR,
+    names::ADDRESS_FILTER,
+    names::SERVICE_ROUTES,
 ];
 
 /// The loaded fast path. See the module docs of `xdp` for the call order.
@@ -87,6 +89,7 @@ impl XdpPlane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::SERVICES, services)
+            .map_max_entries(names::SERVICE_ROUTES, services)
             .map_max_entries(names::BACKENDS, slots)
             .map_max_entries(names::SERVICE_BACKENDS, services * MAX_BACKENDS as u32)
             .map_max_entries(names::ACTIVE, slots)
@@ -491,6 +494,9 @@ impl KernelSync {
         snapshot: &Snapshot,
         first: bool,
     ) -> anyhow::Result<()> {
+        if first {
+            tables::prepare_first_sync(bpf)?;
+        }
         for (index, service) in snapshot.services.iter().enumerate() {
             if service.config.dataplane != Dataplane::Xdp {
                 continue;

@@ -6,8 +6,8 @@
 use std::mem::size_of;
 
 use switchyard_common::maps::{
-    ActiveCell, BackendEntry, BackendStats, FlowKey, FlowValue, NatReply, ServiceBackend,
-    ServiceKey, ServiceStats, ServiceValue, names,
+    ActiveCell, BackendEntry, BackendStats, ClockCache, FlowKey, FlowValue, NatReply,
+    ServiceBackend, ServiceKey, ServiceRoute, ServiceStats, ServiceValue, names,
 };
 
 /// `bpf_map_type` values of the kinds the program declares.
@@ -62,6 +62,19 @@ fn expected() -> Vec<(&'static str, u32, usize, usize)> {
         (names::MAGLEV, ARRAY, index, size_of::<u32>()),
         (names::WEIGHTED, ARRAY, index, size_of::<u32>()),
         (names::RR_CURSOR, PERCPU_ARRAY, index, size_of::<u32>()),
+        (names::ADDRESS_FILTER, ARRAY, index, size_of::<u64>()),
+        (
+            names::CLOCK_CACHE,
+            PERCPU_ARRAY,
+            index,
+            size_of::<ClockCache>(),
+        ),
+        (
+            names::SERVICE_ROUTES,
+            ARRAY,
+            index,
+            size_of::<ServiceRoute>(),
+        ),
     ]
 }
 

@@ -100,6 +100,17 @@ mod tests {
         None
     }
 
+    /// Moves the calling thread into a network namespace of its own with IPv4 forwarding on:
+    /// nat refuses to start without forwarding, which a test must not switch on for the host.
+    pub(super) fn own_network_namespace_with_forwarding() {
+        // SAFETY: unshare affects only the calling thread (a test's own).
+        if unsafe { nix::libc::unshare(nix::libc::CLONE_NEWNET) } != 0 {
+            panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .expect("IPv4 forwarding in the test's own namespace");
+    }
+
     pub(super) fn require() -> bool {
         if let Some(reason) = skip_reason() {
             if std::env::var("SWITCHYARD_REQUIRE_XDP").is_ok_and(|v| v == "1") {

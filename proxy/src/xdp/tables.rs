@@ -9,6 +9,11 @@
 //! and weighted arrays, the control plane fills the half that is not in use, then flips
 //! `table_version` (with the new table length) in one update of the service's `SERVICES`
 //! entry. The kernel copies that entry once per packet, so a flow sees either table whole.
+//!
+//! Two maps spare the kernel hash lookups and must never say less than the maps they stand
+//! for: `ADDRESS_FILTER` gets a VIP's or backend's bit before its `SERVICES` key or `BACKENDS`
+//! entry is written (and keeps it), and a service's `SERVICE_ROUTES` entry is written after its
+//! `SERVICES` entry, with the same key and forwarding.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -17,8 +22,9 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::maps::{
-    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceValue, WEIGHTED_TABLE_SIZE,
-    algorithm, forwarding, maglev_index, names, service_backend_index, weighted_index,
+    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceRoute, ServiceValue,
+    WEIGHTED_TABLE_SIZE, address_filter, algorithm, forwarding, maglev_index, names,
+    service_backend_index, weighted_index,
 };
 
 use crate::config::{Algorithm, Forwarding};
@@ -78,10 +84,13 @@ pub fn program_service(
         .context("service has no VIP")?;
     let key = service_key(vip)?;
     {
-        let mut backends: Array<&mut MapData, BackendEntry> = Array::try_from(
-            bpf.map_mut(names::BACKENDS)
-                .context("map BACKENDS missing")?,
-        )?;
+        let [Some(filter), Some(backends)] =
+            bpf.maps_disjoint_mut([names::ADDRESS_FILTER, names::BACKENDS])
+        else {
+            bail!("map ADDRESS_FILTER or BACKENDS missing");
+        };
+        let mut filter: Array<&mut MapData, u64> = Array::try_from(filter)?;
+        let mut backends: Array<&mut MapData, BackendEntry> = Array::try_from(backends)?;
         for (i, backend) in service.backends.iter().enumerate() {
             // dsr needs the MAC: while it is unknown the backend takes no new flows, and the
             // entry keeps the MAC it had (a pinned run's, or an earlier lookup's), so that
@@ -102,6 +111,13 @@ pub fn program_service(
                 mac: states.macs[i],
                 ifindex: 0,
             };
+            address_filter::admit(
+                &mut filter,
+                address_filter::BACKENDS,
+                entry.addr,
+                entry.port,
+            )
+            .context("writing the address filter")?;
             backends.set(slot, entry, 0).with_context(|| {
                 format!("writing backend {:?} (slot {slot})", backend.config.name)
             })?;
@@ -135,6 +151,12 @@ pub fn program_service(
     if previous.is_some() && current.is_some() {
         return Ok(());
     }
+    let mut filter: Array<&mut MapData, u64> = Array::try_from(
+        bpf.map_mut(names::ADDRESS_FILTER)
+            .context("map ADDRESS_FILTER missing")?,
+    )?;
+    address_filter::admit(&mut filter, address_filter::VIPS, key.addr, key.port)
+        .context("writing the address filter")?;
     let version = current.map_or(0, |c| c.table_version ^ 1);
     let weighted_len = write_tables(bpf, index, version, service)?;
     let value = ServiceValue {
@@ -156,6 +178,63 @@ pub fn program_service(
     services
         .insert(key, value, 0)
         .context("writing the service entry")?;
+    let mut routes: Array<&mut MapData, ServiceRoute> = Array::try_from(
+        bpf.map_mut(names::SERVICE_ROUTES)
+            .context("map SERVICE_ROUTES missing")?,
+    )?;
+    let route = ServiceRoute {
+        vip: key,
+        forwarding: value.forwarding,
+        _pad: 0,
+    };
+    routes
+        .set(index, route, 0)
+        .context("writing the service route")?;
+    Ok(())
+}
+
+/// Before a run's first sync: forgets the routes (pinned ones are an earlier run's, whose
+/// service indexes may differ: the kernel takes the `SERVICES` way until this run writes its
+/// own) and sets the filter bits of every `SERVICES` key and `BACKENDS` entry already there
+/// (pinned maps of an earlier run may hold entries this run does not write, and the kernel
+/// still follows them).
+pub fn prepare_first_sync(bpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut routes: Array<&mut MapData, ServiceRoute> = Array::try_from(
+        bpf.map_mut(names::SERVICE_ROUTES)
+            .context("map SERVICE_ROUTES missing")?,
+    )?;
+    for index in 0..routes.len() {
+        routes
+            .set(index, ServiceRoute::default(), 0)
+            .context("clearing the service routes")?;
+    }
+    admit_existing(bpf)
+}
+
+fn admit_existing(bpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut addresses = Vec::new();
+    let services: HashMap<&MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(bpf.map(names::SERVICES).context("map SERVICES missing")?)?;
+    for key in services.keys() {
+        let key = key.context("reading the SERVICES keys")?;
+        addresses.push((address_filter::VIPS, key.addr, key.port));
+    }
+    let backends: Array<&MapData, BackendEntry> =
+        Array::try_from(bpf.map(names::BACKENDS).context("map BACKENDS missing")?)?;
+    for entry in backends.iter() {
+        let entry = entry.context("reading BACKENDS")?;
+        if entry != BackendEntry::default() {
+            addresses.push((address_filter::BACKENDS, entry.addr, entry.port));
+        }
+    }
+    let mut filter: Array<&mut MapData, u64> = Array::try_from(
+        bpf.map_mut(names::ADDRESS_FILTER)
+            .context("map ADDRESS_FILTER missing")?,
+    )?;
+    for (half, addr, port) in addresses {
+        address_filter::admit(&mut filter, half, addr, port)
+            .context("writing the address filter")?;
+    }
     Ok(())
 }
 
@@ -201,5 +280,120 @@ fn write_tables(
             Ok(len)
         }
         Algorithm::RoundRobin | Algorithm::LeastConn | Algorithm::LeastTime => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Snapshot;
+    use crate::xdp::XdpPlane;
+    use crate::xdp::loader::KernelSync;
+    use crate::xdp::tests::{config, own_network_namespace_with_forwarding, require};
+
+    /// Two nat services (backends are written without a MAC) and a proxy-only one, whose index
+    /// has a `SERVICE_ROUTES` entry that no sync writes.
+    const CONFIG: &str = r#"
+[[service]]
+name = "sy-routes-a"
+listen = "198.18.0.100:25"
+dataplane = "xdp"
+[service.xdp]
+interface = "lo"
+forwarding = "nat"
+flow_table_size = 1024
+[[service.backend]]
+name = "a1"
+address = "198.18.1.11:25"
+[[service.backend]]
+name = "a2"
+address = "198.18.1.12:2525"
+
+[[service]]
+name = "sy-routes-b"
+listen = "198.18.0.101:587"
+dataplane = "xdp"
+[service.xdp]
+interface = "lo"
+forwarding = "nat"
+flow_table_size = 1024
+[[service.backend]]
+name = "b1"
+address = "198.18.1.21:587"
+
+[[service]]
+name = "sy-routes-proxy"
+listen = "127.0.0.1:2599"
+[[service.backend]]
+name = "p1"
+address = "127.0.0.1:2598"
+"#;
+
+    fn filter_has(bpf: &Ebpf, half: u32, addr: u32, port: u16) -> bool {
+        let filter: Array<&MapData, u64> =
+            Array::try_from(bpf.map(names::ADDRESS_FILTER).expect("ADDRESS_FILTER")).unwrap();
+        let (word, bit) = address_filter::bit(half, addr, port);
+        filter.get(&word, 0).expect("filter word") & bit != 0
+    }
+
+    /// The kernel skips hash lookups on what these maps say, so they must say at least what
+    /// `SERVICES` and `BACKENDS` say: every VIP and backend has its bit (also entries an
+    /// earlier run left in pinned maps), and each route is its service's key and forwarding;
+    /// a route an earlier run left at an index this run does not write is gone.
+    #[test]
+    fn the_filter_and_the_routes_say_what_services_and_backends_say() {
+        if !require() {
+            return;
+        }
+        own_network_namespace_with_forwarding();
+        let config = config(CONFIG);
+        let plane = XdpPlane::load(&config).unwrap_or_else(|e| panic!("{e:#}"));
+        let snapshot = Snapshot::build(&config, &plane.counters());
+        let mut bpf = plane.ebpf().lock();
+        let earlier = service_key("198.18.0.200:25".parse().unwrap()).unwrap();
+        {
+            let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+                HashMap::try_from(bpf.map_mut(names::SERVICES).unwrap()).unwrap();
+            services
+                .insert(earlier, ServiceValue::default(), 0)
+                .unwrap();
+            let mut routes: Array<&mut MapData, ServiceRoute> =
+                Array::try_from(bpf.map_mut(names::SERVICE_ROUTES).unwrap()).unwrap();
+            let stale = ServiceRoute {
+                vip: earlier,
+                forwarding: forwarding::NAT,
+                _pad: 0,
+            };
+            routes.set(2, stale, 0).unwrap();
+        }
+        KernelSync::default()
+            .run(&mut bpf, &snapshot, true)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+
+        assert!(filter_has(
+            &bpf,
+            address_filter::VIPS,
+            earlier.addr,
+            earlier.port
+        ));
+        let routes: Array<&MapData, ServiceRoute> =
+            Array::try_from(bpf.map(names::SERVICE_ROUTES).unwrap()).unwrap();
+        for (index, service) in snapshot.services.iter().enumerate().take(2) {
+            let key = service_key(service.config.listen[0]).unwrap();
+            assert!(filter_has(&bpf, address_filter::VIPS, key.addr, key.port));
+            let route = routes.get(&(index as u32), 0).unwrap();
+            assert_eq!((route.vip, route.forwarding), (key, forwarding::NAT));
+            for backend in &service.backends {
+                let entry = service_key(backend.config.address).unwrap();
+                assert!(
+                    filter_has(&bpf, address_filter::BACKENDS, entry.addr, entry.port),
+                    "{}",
+                    backend.config.address
+                );
+            }
+        }
+        assert_eq!(routes.get(&2, 0).unwrap(), ServiceRoute::default());
+        drop(bpf);
+        plane.shutdown();
     }
 }

@@ -87,6 +87,19 @@ pub fn bench_dir() -> PathBuf {
     workspace::target_dir().join("bench")
 }
 
+/// `--xdp-cost-only`: the XDP program's cost per packet alone, printed (`xdp_cost::measure`),
+/// or an error saying why it cannot be measured here.
+pub fn xdp_cost_only(quick: bool) -> Result<results::XdpCost> {
+    let mut skipped = Vec::new();
+    match xdp_cost::measure_or_skip(quick, &mut skipped) {
+        Some(cost) => Ok(cost),
+        None => {
+            let why: Vec<String> = skipped.iter().map(|s| s.reason.clone()).collect();
+            anyhow::bail!("cannot measure the XDP program's cost: {}", why.join("; "))
+        }
+    }
+}
+
 pub fn run(opts: BenchOptions) -> Result<BenchResults> {
     supervise::stop_children_on_signal();
     workspace::raise_nofile_limit();

@@ -162,4 +162,43 @@ mod tests {
         let cost = measure(20_000).unwrap_or_else(|e| panic!("{e:#}"));
         super::super::results::check_xdp_cost(&cost).unwrap_or_else(|e| panic!("{e:#}"));
     }
+
+    /// The shortcut of an established packet (its service by the flow's index) is taken only
+    /// when the route names the packet's VIP: a route naming another VIP, or none, and the
+    /// packet takes the `SERVICES` way and still follows its flow.
+    #[test]
+    fn a_flow_whose_route_names_another_vip_still_follows_its_flow() {
+        use switchyard_common::maps::{ServiceKey, ServiceRoute, forwarding};
+        if !crate::workspace::is_root() || switchyard::xdp::object().is_none() {
+            eprintln!("SKIP: needs root and the XDP object");
+            return;
+        }
+        let mut run = XdpRun::load(1024).unwrap_or_else(|e| panic!("{e:#}"));
+        let backend = TestBackend {
+            address: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 11), 25),
+            mac: [0x02, 0, 0, 0, 1, 11],
+        };
+        run.add_dsr_service(VIP, algorithm::LEAST_CONN, &[backend])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let client = SocketAddrV4::new(CLIENT, 40000);
+        let action = |run: &XdpRun, flags| {
+            run.run(programs::BALANCE, &tcp_frame(client, VIP, flags), 1)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .0
+        };
+        assert_eq!(action(&run, TCP_SYN), XDP_TX);
+        assert_eq!(action(&run, TCP_ACK), XDP_TX);
+        let other_vip = ServiceRoute {
+            vip: ServiceKey {
+                addr: u32::from_ne_bytes([198, 18, 0, 200]),
+                ..ServiceKey::default()
+            },
+            forwarding: forwarding::DSR,
+            _pad: 0,
+        };
+        for route in [other_vip, ServiceRoute::default()] {
+            run.set_route(0, route).unwrap_or_else(|e| panic!("{e:#}"));
+            assert_eq!(action(&run, TCP_ACK), XDP_TX, "with route {route:?}");
+        }
+    }
 }
