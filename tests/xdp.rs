@@ -9,7 +9,7 @@
 #[path = "support/netns.rs"]
 mod netns;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -690,6 +690,52 @@ fn non_vip_traffic_is_untouched() {
         0
     );
     assert!(active_counts(&topo).iter().all(|&c| c == 0));
+}
+
+/// IPv6 through the balancer's interfaces while the program runs: ICMPv6 (neighbour discovery
+/// before it), whole and in fragments, to the balancer; in nat, routed through it to a
+/// backend, and TCP to a backend's IPv6 address, which must reach that host from the client's
+/// own address.
+fn ipv6_traffic_is_untouched(layout: Layout) {
+    let Some((topo, name)) = running_topology(layout) else {
+        return;
+    };
+    let _sy = topo.start(&topo.service_toml(&name, "least_conn"));
+    let mut targets = vec![netns::BALANCER6];
+    if layout == Layout::Nat {
+        targets.push(topo.backend_addr6(1));
+    }
+    for target in targets {
+        for payload in [56, 3000] {
+            topo.client
+                .run(move || netns::ping6(target, payload, Duration::from_secs(3)))
+                .unwrap_or_else(|e| {
+                    panic!("{layout:?}: ping {target} with {payload} bytes: {e:#}")
+                });
+        }
+    }
+    if layout == Layout::Nat {
+        let direct = SocketAddrV6::new(topo.backend_addr6(1), SMTP_PORT, 0, 0);
+        for _ in 0..3 {
+            let got = topo.client.run(move || {
+                smtp_session_blocking(direct.into(), &SessionOptions::default())
+                    .map_err(|e| format!("{e:#}"))
+            });
+            assert_eq!(got.as_deref(), Ok("mta2"), "TCP over IPv6 to {direct}");
+        }
+        assert_eq!(topo.servers[1].sessions_from(netns::CLIENT6), 3);
+    }
+    assert!(active_counts(&topo).iter().all(|&c| c == 0));
+}
+
+#[test]
+fn dsr_ipv6_traffic_is_untouched() {
+    ipv6_traffic_is_untouched(Layout::Dsr);
+}
+
+#[test]
+fn nat_ipv6_traffic_is_untouched() {
+    ipv6_traffic_is_untouched(Layout::Nat);
 }
 
 #[test]
