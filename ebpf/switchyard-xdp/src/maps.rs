@@ -8,7 +8,7 @@ use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::MAX_BACKENDS;
 use switchyard_common::maps::{
     ActiveCell, BackendEntry, BackendStats, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS, DEFAULT_SERVICES,
-    FlowKey, FlowValue, NatReply, ServiceBackend, ServiceKey, ServiceStats, ServiceValue,
+    FlowKey, FlowKey6, FlowValue, NatReply, ServiceBackend, ServiceKey, ServiceKey6, ServiceStats, ServiceValue,
     WEIGHTED_TABLE_SIZE,
 };
 
@@ -17,6 +17,9 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_SERVICES, 0);
 #[map]
 pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
@@ -36,6 +39,8 @@ pub static SERVICE_STATS: PerCpuArray<ServiceStats> =
     PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+#[map]
+pub static FLOWS6: LruHashMap<FlowKey6, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
 #[map]
 pub static NAT_REPLIES: LruHashMap<FlowKey, NatReply> =
     LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);

@@ -9,6 +9,9 @@
 //! and weighted arrays, the control plane fills the half that is not in use, then flips
 //! `table_version` (with the new table length) in one update of the service's `SERVICES`
 //! entry. The kernel copies that entry once per packet, so a flow sees either table whole.
+//!
+//! A service listening on an IPv4 and an IPv6 VIP has one entry per VIP (in `SERVICES` and
+//! `SERVICES6`), with the same value: one index, one set of backends, tables and counts.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -17,24 +20,90 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::maps::{
-    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceValue, WEIGHTED_TABLE_SIZE,
-    algorithm, forwarding, maglev_index, names, service_backend_index, weighted_index,
+    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceKey6, ServiceValue,
+    WEIGHTED_TABLE_SIZE, algorithm, forwarding, maglev_index, names, service_backend_index,
+    weighted_index,
 };
 
 use crate::config::{Algorithm, Forwarding};
 use crate::state::Service;
 
-/// The `SERVICES` key of a VIP.
-pub fn service_key(address: SocketAddr) -> anyhow::Result<ServiceKey> {
-    let IpAddr::V4(ip) = address.ip() else {
-        bail!("the XDP fast path serves IPv4 VIPs only, not {address}");
-    };
-    Ok(ServiceKey {
-        addr: u32::from_ne_bytes(ip.octets()),
-        port: address.port().to_be(),
-        proto: PROTO_TCP,
-        _pad: 0,
-    })
+/// A VIP as the program looks it up: in `SERVICES` (IPv4) or `SERVICES6` (IPv6).
+#[derive(Clone, Copy, Debug)]
+pub enum VipKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+impl VipKey {
+    pub fn of(address: SocketAddr) -> VipKey {
+        let port = address.port().to_be();
+        match address.ip() {
+            IpAddr::V4(ip) => VipKey::V4(ServiceKey {
+                addr: u32::from_ne_bytes(ip.octets()),
+                port,
+                proto: PROTO_TCP,
+                _pad: 0,
+            }),
+            IpAddr::V6(ip) => VipKey::V6(ServiceKey6 {
+                addr: words(ip.octets()),
+                port,
+                proto: PROTO_TCP,
+                _pad: 0,
+            }),
+        }
+    }
+
+    /// The service's current entry under this VIP, if it has one.
+    fn read(&self, bpf: &Ebpf) -> anyhow::Result<Option<ServiceValue>> {
+        Ok(match self {
+            VipKey::V4(key) => services::<ServiceKey>(bpf, names::SERVICES)?
+                .get(key, 0)
+                .ok(),
+            VipKey::V6(key) => services::<ServiceKey6>(bpf, names::SERVICES6)?
+                .get(key, 0)
+                .ok(),
+        })
+    }
+
+    fn write(&self, bpf: &mut Ebpf, value: ServiceValue) -> anyhow::Result<()> {
+        match self {
+            VipKey::V4(key) => {
+                services_mut::<ServiceKey>(bpf, names::SERVICES)?.insert(key, value, 0)
+            }
+            VipKey::V6(key) => {
+                services_mut::<ServiceKey6>(bpf, names::SERVICES6)?.insert(key, value, 0)
+            }
+        }
+        .context("writing the service entry")
+    }
+}
+
+/// An IPv6 address's 32-bit words as the program reads them from the packet.
+pub fn words(octets: [u8; 16]) -> [u32; 4] {
+    let word =
+        |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+fn services<'a, K: aya::Pod>(
+    bpf: &'a Ebpf,
+    name: &str,
+) -> anyhow::Result<HashMap<&'a MapData, K, ServiceValue>> {
+    let map = bpf
+        .map(name)
+        .with_context(|| format!("map {name} missing"))?;
+    Ok(HashMap::try_from(map)?)
+}
+
+fn services_mut<'a, K: aya::Pod>(
+    bpf: &'a mut Ebpf,
+    name: &str,
+) -> anyhow::Result<HashMap<&'a mut MapData, K, ServiceValue>> {
+    let map = bpf
+        .map_mut(name)
+        .with_context(|| format!("map {name} missing"))?;
+    Ok(HashMap::try_from(map)?)
 }
 
 pub fn algorithm_code(algorithm: Algorithm) -> anyhow::Result<u32> {
@@ -71,12 +140,13 @@ pub fn program_service(
         .xdp
         .as_ref()
         .context("service has no [service.xdp] table")?;
-    let vip = *service
+    let vips: Vec<VipKey> = service
         .config
         .listen
-        .first()
-        .context("service has no VIP")?;
-    let key = service_key(vip)?;
+        .iter()
+        .map(|&a| VipKey::of(a))
+        .collect();
+    let first_vip = vips.first().context("service has no VIP")?;
     {
         let mut backends: Array<&mut MapData, BackendEntry> = Array::try_from(
             bpf.map_mut(names::BACKENDS)
@@ -90,14 +160,14 @@ pub fn program_service(
                 continue;
             }
             let slot = backend.active.slot() as u32;
-            let SocketAddr::V4(address) = backend.config.address else {
-                bail!(
-                    "backend {:?}: the XDP fast path needs an IPv4 address",
-                    backend.config.name
-                );
-            };
+            let address = backend.config.address;
             let entry = BackendEntry {
-                addr: u32::from_ne_bytes(address.ip().octets()),
+                // nat rewrites to it (IPv4 only); dsr needs the MAC alone, so an IPv6
+                // backend's entry carries no address.
+                addr: match address.ip() {
+                    IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
+                    IpAddr::V6(_) => 0,
+                },
                 port: address.port().to_be(),
                 mac: states.macs[i],
                 ifindex: 0,
@@ -127,11 +197,7 @@ pub fn program_service(
         }
     }
 
-    let services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
-        bpf.map_mut(names::SERVICES)
-            .context("map SERVICES missing")?,
-    )?;
-    let current = services.get(&key, 0).ok();
+    let current = first_vip.read(bpf)?;
     if previous.is_some() && current.is_some() {
         return Ok(());
     }
@@ -149,13 +215,9 @@ pub fn program_service(
         weighted_len,
         flags: 0,
     };
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
-        bpf.map_mut(names::SERVICES)
-            .context("map SERVICES missing")?,
-    )?;
-    services
-        .insert(key, value, 0)
-        .context("writing the service entry")?;
+    for vip in &vips {
+        vip.write(bpf, value)?;
+    }
     Ok(())
 }
 
