@@ -85,8 +85,12 @@ fn xdp_service(listen: &str, extra: &str, backends: &str) -> String {
     )
 }
 
+/// `forwarding = "nat"` as the first line after an `xdp_service`'s [service.xdp] table header
+/// and interface (line 7, before its backends).
+const NAT: &str = "forwarding = \"nat\"\n";
+
 /// A backend whose address does not parse, then an IPv6 one (lines 10 and 14 of an
-/// `xdp_service`).
+/// `xdp_service`; 11 and 15 after [`NAT`]).
 const BAD_THEN_V6_BACKENDS: &str = "\n[[service.backend]]\nname = \"bad\"\naddress = \"mta.example:25\"\n\n[[service.backend]]\nname = \"v6\"\naddress = \"[2001:db8::2]:25\"\n";
 
 const PINNED_SECOND_XDP_SERVICE: &str = "[[service]]\nname = \"fast2\"\nlisten = \"198.18.0.101:25\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"eth0\"\npin = true\n";
@@ -775,13 +779,35 @@ fn table() -> Vec<Case> {
             "xdp_with_wildcard_vip_is_rejected",
             xdp_service("\"0.0.0.0:@PORT1@\"", "", GOOD_BACKENDS),
             3,
-            &["listen must be a concrete IPv4 address", "0.0.0.0:"],
+            &["listen must be a concrete IP address", "0.0.0.0:"],
         ),
         rejected(
-            "xdp_with_ipv6_vip_is_rejected",
-            xdp_service("\"[2001:db8::1]:25\"", "", GOOD_BACKENDS),
+            "xdp_nat_with_ipv6_vip_is_rejected",
+            xdp_service("\"[2001:db8::1]:25\"", "", &format!("{NAT}{GOOD_BACKENDS}")),
             3,
-            &["concrete IPv4 address"],
+            &[
+                "VIP [2001:db8::1]:25 is IPv6",
+                "\"nat\" serves IPv4 VIPs only",
+            ],
+        ),
+        accepted(
+            "xdp_dsr_with_an_ipv4_and_an_ipv6_vip_and_ipv6_backends_is_accepted",
+            xdp_service(
+                "[\"198.18.0.100:25\", \"[2001:2::100]:25\"]",
+                "",
+                "\n[[service.backend]]\nname = \"a\"\naddress = \"[2001:2::11]:25\"\n\n[[service.backend]]\nname = \"b\"\naddress = \"198.18.0.12:25\"\n",
+            ),
+            &["fast"],
+        ),
+        rejected(
+            "xdp_with_two_ipv6_vips_is_rejected",
+            xdp_service(
+                "[\"[2001:2::100]:25\", \"[2001:2::101]:25\"]",
+                "",
+                GOOD_BACKENDS,
+            ),
+            3,
+            &["one IPv4 and one IPv6 VIP"],
         ),
         rejected(
             "xdp_with_two_listen_addresses_is_rejected",
@@ -791,28 +817,38 @@ fn table() -> Vec<Case> {
                 GOOD_BACKENDS,
             ),
             3,
-            &["exactly one IPv4 address:port"],
+            &["listen must be one VIP address:port, or one IPv4 and one IPv6 VIP"],
         ),
         rejected(
-            "xdp_with_ipv6_backend_is_rejected",
+            "xdp_nat_with_ipv6_backend_is_rejected",
             xdp_service(
                 "\"198.18.0.100:25\"",
                 "",
-                "\n[[service.backend]]\nname = \"v6\"\naddress = \"[2001:db8::2]:25\"\n",
+                &format!(
+                    "{NAT}\n[[service.backend]]\nname = \"v6\"\naddress = \"[2001:db8::2]:25\"\n"
+                ),
             ),
-            10,
-            &["backend \"v6\"", "IPv6", "IPv4 only"],
+            11,
+            &["backend \"v6\"", "IPv6", "\"nat\" forwards IPv4 only"],
         ),
         rejected(
             "xdp_ipv6_backend_is_named_even_after_a_bad_one_1",
-            xdp_service("\"198.18.0.100:25\"", "", BAD_THEN_V6_BACKENDS),
-            10,
+            xdp_service(
+                "\"198.18.0.100:25\"",
+                "",
+                &format!("{NAT}{BAD_THEN_V6_BACKENDS}"),
+            ),
+            11,
             &["backend \"bad\"", "not an IP address"],
         ),
         rejected(
             "xdp_ipv6_backend_is_named_even_after_a_bad_one_2",
-            xdp_service("\"198.18.0.100:25\"", "", BAD_THEN_V6_BACKENDS),
-            14,
+            xdp_service(
+                "\"198.18.0.100:25\"",
+                "",
+                &format!("{NAT}{BAD_THEN_V6_BACKENDS}"),
+            ),
+            15,
             &["backend \"v6\"", "IPv4 only"],
         ),
         rejected(

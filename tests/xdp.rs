@@ -9,7 +9,7 @@
 #[path = "support/netns.rs"]
 mod netns;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -123,14 +123,64 @@ fn vip() -> SocketAddrV4 {
 /// Runs `count` sessions in parallel from the client namespace, each held `hold`; returns
 /// each session's result.
 fn sessions(topo: &Topology, count: usize, hold: Duration) -> Vec<anyhow::Result<String>> {
-    topo.client.run(move || parallel_sessions(count, hold))
+    sessions_to(topo, vip().into(), count, hold)
+}
+
+/// [`sessions`] to `target`.
+fn sessions_to(
+    topo: &Topology,
+    target: SocketAddr,
+    count: usize,
+    hold: Duration,
+) -> Vec<anyhow::Result<String>> {
+    topo.client
+        .run(move || parallel_sessions_to(target, count, hold))
+}
+
+/// Which IP version a test's sessions use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn vip(self) -> SocketAddr {
+        match self {
+            Family::V4 => vip().into(),
+            Family::V6 => SocketAddrV6::new(netns::VIP6, SMTP_PORT, 0, 0).into(),
+        }
+    }
+
+    fn client(self) -> IpAddr {
+        match self {
+            Family::V4 => netns::CLIENT.into(),
+            Family::V6 => netns::CLIENT6.into(),
+        }
+    }
 }
 
 /// `count` sessions to the VIP in parallel from the calling thread's namespace, each held
 /// `hold`; each session's result.
 fn parallel_sessions(count: usize, hold: Duration) -> Vec<anyhow::Result<String>> {
+    parallel_sessions_to(vip().into(), count, hold)
+}
+
+/// [`parallel_sessions`] to `target`.
+fn parallel_sessions_to(
+    target: SocketAddr,
+    count: usize,
+    hold: Duration,
+) -> Vec<anyhow::Result<String>> {
+    let options = SessionOptions {
+        hold,
+        ..SessionOptions::default()
+    };
     let workers: Vec<_> = (0..count)
-        .map(|_| std::thread::spawn(move || smtp_session(vip(), hold)))
+        .map(|_| {
+            let options = options.clone();
+            std::thread::spawn(move || smtp_session_blocking(target, &options))
+        })
         .collect();
     workers
         .into_iter()
@@ -202,6 +252,25 @@ impl Network {
     /// Switchyard in the balancer namespace, ready once its program is attached.
     fn start(&self, config: &str) -> Switchyard {
         start_switchyard(&self.balancer, config, &ready_line(self))
+    }
+
+    /// [`Network::service_toml`] listening on the IPv6 VIP too, with the backends at their
+    /// IPv6 addresses (health checks and MACs over IPv6).
+    fn dual_stack_service_toml(&self, name: &str, algorithm: &str) -> String {
+        let mut text = self.service_toml(name, algorithm).replace(
+            &format!("listen = \"{VIP}:{SMTP_PORT}\""),
+            &format!(
+                "listen = [\"{VIP}:{SMTP_PORT}\", \"[{}]:{SMTP_PORT}\"]",
+                netns::VIP6
+            ),
+        );
+        for i in 0..self.backends.len() {
+            text = text.replace(
+                &format!("address = \"{}:{SMTP_PORT}\"", self.backend_addr(i)),
+                &format!("address = \"[{}]:{SMTP_PORT}\"", self.backend_addr6(i)),
+            );
+        }
+        text
     }
 
     /// The `[[service]]` table for this network (health checks every 500 ms, fall 2).
@@ -369,38 +438,62 @@ fn sessions_complete_spread_and_keep_the_client_address(
     name: &str,
     expected_mode: &str,
 ) {
+    sessions_complete_spread_and_keep_the_client_address_over(
+        topo,
+        name,
+        expected_mode,
+        Family::V4,
+    );
+}
+
+/// [`sessions_complete_spread_and_keep_the_client_address`] through the VIP of `family`; for
+/// IPv6 the service listens on both VIPs and knows its backends by their IPv6 addresses.
+fn sessions_complete_spread_and_keep_the_client_address_over(
+    topo: &Network,
+    name: &str,
+    expected_mode: &str,
+    family: Family,
+) {
     let layout = topo.layout;
-    let mut sy = topo.start(&topo.service_toml(name, "least_conn"));
+    let config = match family {
+        Family::V4 => topo.service_toml(name, "least_conn"),
+        Family::V6 => topo.dual_stack_service_toml(name, "least_conn"),
+    };
+    let mut sy = topo.start(&config);
     if layout == Layout::Dsr {
         // dsr learns the backends' MACs first (SYNs before that are dropped, and retried).
         wait_for_every_backend_to_take_flows(&sy);
     }
 
     // Long-lived sessions: least_conn must spread them evenly (3 each).
-    let results = sessions(topo, 9, Duration::from_millis(1500));
+    let results = sessions_to(topo, family.vip(), 9, Duration::from_millis(1500));
     let failures: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(
         failures.is_empty(),
-        "{layout:?}: failed sessions {failures:?}\n{}",
+        "{layout:?} {family:?}: failed sessions {failures:?}\n{}",
         sy.stderr_text()
     );
+    let own: [IpAddr; 6] = [
+        netns::CLIENT.into(),
+        netns::BALANCER.into(),
+        netns::BALANCER_INSIDE.into(),
+        netns::CLIENT6.into(),
+        netns::BALANCER6.into(),
+        netns::BALANCER_INSIDE6.into(),
+    ];
     for backend in &topo.servers {
         // Every connection a backend got from outside came from the real client address.
-        let from_client = backend.sessions_from(netns::CLIENT);
+        let from_client = backend.sessions_from(family.client());
         assert_eq!(
             from_client,
             3,
-            "{layout:?}: {} got {from_client} of 9 long sessions: least_conn should spread 3/3/3",
+            "{layout:?} {family:?}: {} got {from_client} of 9 long sessions: least_conn should spread 3/3/3",
             backend.name()
         );
         for peer in backend.peers() {
-            let ip = match peer.ip() {
-                std::net::IpAddr::V4(ip) => ip,
-                other => panic!("unexpected peer {other}"),
-            };
             assert!(
-                ip == netns::CLIENT || ip == netns::BALANCER || ip == netns::BALANCER_INSIDE,
-                "{layout:?}: {} saw {ip}: not the client's own address",
+                own.contains(&peer.ip()),
+                "{layout:?} {family:?}: {} saw {peer}: not the client's own address",
                 backend.name()
             );
         }
@@ -461,6 +554,30 @@ fn sessions_complete_spread_and_keep_the_client_address(
 fn dsr_sessions_complete_spread_and_keep_the_client_address() {
     if let Some((topo, name)) = running_topology(Layout::Dsr) {
         sessions_complete_spread_and_keep_the_client_address(&topo, &name, "native");
+    }
+}
+
+#[test]
+fn dsr_ipv6_sessions_complete_spread_and_keep_the_client_address() {
+    if let Some((topo, name)) = running_topology(Layout::Dsr) {
+        sessions_complete_spread_and_keep_the_client_address_over(
+            &topo,
+            &name,
+            "native",
+            Family::V6,
+        );
+    }
+}
+
+#[test]
+fn plain_topology_dsr_ipv6_in_auto_mode_runs_generic_and_sessions_complete() {
+    if let Some((topo, name)) = running(&Plan::plain(Layout::Dsr, 3), None) {
+        sessions_complete_spread_and_keep_the_client_address_over(
+            &topo,
+            &name,
+            "generic",
+            Family::V6,
+        );
     }
 }
 
@@ -690,6 +807,58 @@ fn non_vip_traffic_is_untouched() {
         0
     );
     assert!(active_counts(&topo).iter().all(|&c| c == 0));
+}
+
+/// IPv6 that is not for a VIP through the balancer's interfaces while the program runs (in
+/// dsr with an IPv6 VIP served): ICMPv6 (neighbour discovery
+/// before it), whole and in fragments, to the balancer; in nat, routed through it to a
+/// backend, and TCP to a backend's IPv6 address, which must reach that host from the client's
+/// own address.
+fn ipv6_traffic_is_untouched(layout: Layout) {
+    let Some((topo, name)) = running_topology(layout) else {
+        return;
+    };
+    // dsr serves an IPv6 VIP too: the IPv6 path runs on every IPv6 packet.
+    let config = match layout {
+        Layout::Dsr => topo.dual_stack_service_toml(&name, "least_conn"),
+        Layout::Nat => topo.service_toml(&name, "least_conn"),
+    };
+    let _sy = topo.start(&config);
+    let mut targets = vec![netns::BALANCER6];
+    if layout == Layout::Nat {
+        targets.push(topo.backend_addr6(1));
+    }
+    for target in targets {
+        for payload in [56, 3000] {
+            topo.client
+                .run(move || netns::ping6(target, payload, Duration::from_secs(3)))
+                .unwrap_or_else(|e| {
+                    panic!("{layout:?}: ping {target} with {payload} bytes: {e:#}")
+                });
+        }
+    }
+    if layout == Layout::Nat {
+        let direct = SocketAddrV6::new(topo.backend_addr6(1), SMTP_PORT, 0, 0);
+        for _ in 0..3 {
+            let got = topo.client.run(move || {
+                smtp_session_blocking(direct.into(), &SessionOptions::default())
+                    .map_err(|e| format!("{e:#}"))
+            });
+            assert_eq!(got.as_deref(), Ok("mta2"), "TCP over IPv6 to {direct}");
+        }
+        assert_eq!(topo.servers[1].sessions_from(netns::CLIENT6), 3);
+    }
+    assert!(active_counts(&topo).iter().all(|&c| c == 0));
+}
+
+#[test]
+fn dsr_ipv6_traffic_is_untouched() {
+    ipv6_traffic_is_untouched(Layout::Dsr);
+}
+
+#[test]
+fn nat_ipv6_traffic_is_untouched() {
+    ipv6_traffic_is_untouched(Layout::Nat);
 }
 
 #[test]

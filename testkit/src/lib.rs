@@ -4,6 +4,7 @@
 pub mod config_toml;
 pub mod harness;
 pub mod netns;
+pub mod ping6;
 pub mod raw_syn;
 pub mod smtp_client;
 pub mod smtp_server;

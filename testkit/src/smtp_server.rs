@@ -441,7 +441,9 @@ async fn accept_loop(
         let record = shared.behaviour.keep_records.then(|| {
             let mut records = shared.records();
             records.push(Connection {
-                peer,
+                // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: record them as
+                // the IPv4 addresses they are.
+                peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
                 proxy_header: None,
                 messages: 0,
                 completed: false,

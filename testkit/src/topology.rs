@@ -15,13 +15,16 @@
 //! LVS-DR real servers), and `nat`, client and backends on two subnets with the balancer
 //! routing between them. Addresses: client 198.18.0.1, balancer 198.18.0.2 (and 198.18.1.1 in
 //! nat), backend `i` 198.18.0.(11+i) in dsr and 198.18.1.(11+i) in nat, VIP 198.18.0.100.
+//! Every host has the same layout in IPv6 too (dual stack, addresses added with `nodad` so they
+//! work at once): 2001:2::1, 2001:2::2 (and 2001:2:1::1), backend `i` 2001:2::(11+i) in dsr and
+//! 2001:2:1::(11+i) in nat, VIP 2001:2::100.
 //!
 //! Safety rules (DEVELOPERS.md): before anything is created the root namespace gets
-//! `ip route replace blackhole 198.18.0.0/15`, so nothing addressed to a test host can leave the
-//! machine. Namespaces are named `sy-<tag>-<pid>-<n>-<role>`; `Drop` deletes them (also on
+//! `ip route replace blackhole 198.18.0.0/15` and `ip -6 route replace blackhole 2001:2::/48`,
+//! so nothing addressed to a test host can leave the machine. Namespaces are named `sy-<tag>-<pid>-<n>-<role>`; `Drop` deletes them (also on
 //! panic), and a build deletes those of its tag whose pid no longer runs (a killed run's).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -36,6 +39,11 @@ pub const BALANCER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// Balancer's address towards the backends in the nat layout.
 pub const BALANCER_INSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const SMTP_PORT: u16 = 25;
+/// The IPv6 VIP, and the hosts' IPv6 addresses (the same roles as the IPv4 ones).
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x100);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+pub const BALANCER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+pub const BALANCER_INSIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
 
 /// Which forwarding layout to build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +95,8 @@ pub struct Plan {
     pub tuning: Tuning,
     /// Hosts send complete TCP checksums (transmit checksum offload off on their veths).
     pub complete_checksums: bool,
-    /// The nat balancer forwards IPv4 (`net.ipv4.ip_forward = 1`) from the start.
+    /// The nat balancer forwards IPv4 and IPv6 (`net.ipv4.ip_forward = 1`,
+    /// `net.ipv6.conf.all.forwarding = 1`) from the start.
     pub nat_forwarding: bool,
 }
 
@@ -168,6 +177,11 @@ impl Topology {
     pub fn build(plan: &Plan) -> Result<Topology> {
         run("ip", &["route", "replace", "blackhole", "198.18.0.0/15"])
             .context("blackholing 198.18.0.0/15 in the root namespace")?;
+        run(
+            "ip",
+            &["-6", "route", "replace", "blackhole", "2001:2::/48"],
+        )
+        .context("blackholing 2001:2::/48 in the root namespace")?;
         remove_stale_namespaces(plan.tag);
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let suffix = format!(
@@ -215,6 +229,15 @@ impl Topology {
         }
     }
 
+    /// IPv6 address of backend `i` (config order).
+    pub fn backend_addr6(&self, i: usize) -> Ipv6Addr {
+        let subnet = match self.layout {
+            Layout::Dsr => 0,
+            Layout::Nat => 1,
+        };
+        Ipv6Addr::new(0x2001, 2, subnet, 0, 0, 0, 0, 11 + i as u16)
+    }
+
     /// Every namespace of this topology.
     pub fn namespaces(&self) -> impl Iterator<Item = &Netns> {
         [&self.client, &self.balancer, &self.switch]
@@ -223,11 +246,20 @@ impl Topology {
     }
 
     /// A veth from `ns` (named `inner` there) to the switch's bridge (named `port` there).
-    fn plug(&self, ns: &Netns, inner: &str, port: &str, address: &str) -> Result<()> {
+    /// The host end gets `address` (IPv4) and `address6` (IPv6, a /64).
+    fn plug(
+        &self,
+        ns: &Netns,
+        inner: &str,
+        port: &str,
+        address: &str,
+        address6: Ipv6Addr,
+    ) -> Result<()> {
         veth(ns, inner, &self.switch, port)?;
         self.switch.ip(&["link", "set", port, "master", "br0"])?;
         self.switch.ip(&["link", "set", port, "up"])?;
         ns.ip(&["addr", "add", address, "dev", inner])?;
+        add_address6(ns, inner, &format!("{address6}/64"))?;
         ns.ip(&["link", "set", inner, "up"])?;
         self.prepare_checksums(ns, inner)
     }
@@ -244,8 +276,14 @@ impl Topology {
     }
 
     fn wire_dsr(&self) -> Result<()> {
-        self.plug(&self.client, "eth0", "pc", &format!("{CLIENT}/24"))?;
-        self.plug(&self.balancer, "eth0", "plb", &format!("{BALANCER}/24"))?;
+        self.plug(&self.client, "eth0", "pc", &format!("{CLIENT}/24"), CLIENT6)?;
+        self.plug(
+            &self.balancer,
+            "eth0",
+            "plb",
+            &format!("{BALANCER}/24"),
+            BALANCER6,
+        )?;
         // Clients reach the VIP through the balancer; it does not hold the VIP itself.
         self.client.ip(&[
             "route",
@@ -254,10 +292,20 @@ impl Topology {
             "via",
             &BALANCER.to_string(),
         ])?;
+        self.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            &BALANCER6.to_string(),
+        ])?;
         for (i, ns) in self.backends.iter().enumerate() {
             let address = format!("{}/24", self.backend_addr(i));
-            self.plug(ns, "eth0", &bridge_port(i), &address)?;
+            self.plug(ns, "eth0", &bridge_port(i), &address, self.backend_addr6(i))?;
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            // On lo the VIP is never announced or answered for in neighbour discovery.
+            add_address6(ns, "lo", &format!("{VIP6}/128"))?;
             // Like LVS-DR real servers: never answer or announce ARP for the VIP.
             ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
             ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
@@ -269,28 +317,48 @@ impl Topology {
         let (client, lb) = (&self.client, &self.balancer);
         veth(client, "eth0", lb, "eth0")?;
         client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
+        add_address6(client, "eth0", &format!("{CLIENT6}/64"))?;
         client.ip(&["link", "set", "eth0", "up"])?;
         self.prepare_checksums(client, "eth0")?;
         lb.ip(&["addr", "add", &format!("{BALANCER}/24"), "dev", "eth0"])?;
+        add_address6(lb, "eth0", &format!("{BALANCER6}/64"))?;
         lb.ip(&["link", "set", "eth0", "up"])?;
         self.prepare_checksums(lb, "eth0")?;
         // The VIP sits in the client's own /24: route it (and the backends' net) via the balancer.
         let via = BALANCER.to_string();
         client.ip(&["route", "add", &format!("{VIP}/32"), "via", &via])?;
         client.ip(&["route", "add", "198.18.1.0/24", "via", &via])?;
-        self.plug(lb, "eth1", "plb", &format!("{BALANCER_INSIDE}/24"))?;
+        let via6 = BALANCER6.to_string();
+        client.ip(&["-6", "route", "add", &format!("{VIP6}/128"), "via", &via6])?;
+        client.ip(&["-6", "route", "add", "2001:2:1::/64", "via", &via6])?;
+        self.plug(
+            lb,
+            "eth1",
+            "plb",
+            &format!("{BALANCER_INSIDE}/24"),
+            BALANCER_INSIDE6,
+        )?;
         if forwarding {
             lb.sysctl("net.ipv4.ip_forward", "1")?;
+            lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
         for (i, ns) in self.backends.iter().enumerate() {
             let address = format!("{}/24", self.backend_addr(i));
-            self.plug(ns, "eth0", &bridge_port(i), &address)?;
+            self.plug(ns, "eth0", &bridge_port(i), &address, self.backend_addr6(i))?;
             ns.ip(&[
                 "route",
                 "add",
                 "default",
                 "via",
                 &BALANCER_INSIDE.to_string(),
+            ])?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &BALANCER_INSIDE6.to_string(),
             ])?;
         }
         Ok(())
@@ -339,6 +407,12 @@ impl Topology {
 fn give_ports(ns: &Netns) -> Result<()> {
     ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
+}
+
+/// An IPv6 address usable at once: `nodad` skips duplicate address detection (nothing else
+/// on these private links could hold it), so tests need not wait for it.
+fn add_address6(ns: &Netns, interface: &str, address: &str) -> Result<()> {
+    ns.ip(&["-6", "addr", "add", address, "dev", interface, "nodad"])
 }
 
 /// The bridge port of backend `i`.

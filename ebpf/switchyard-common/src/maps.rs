@@ -13,12 +13,17 @@ pub type ActiveCell = u64;
 /// Map names, as the XDP object declares them and the loader looks them up.
 pub mod names {
     pub const SERVICES: &str = "SERVICES";
+    /// The IPv6 VIPs: the same services (`ServiceValue`, index and all) by IPv6 key.
+    pub const SERVICES6: &str = "SERVICES6";
     pub const BACKENDS: &str = "BACKENDS";
     pub const SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
     pub const ACTIVE: &str = "ACTIVE";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const FLOWS: &str = "FLOWS";
+    /// IPv6 flows: `FlowKey6` to the same `FlowValue` as `FLOWS` (a table of its own, so the
+    /// IPv4 key stays 16 bytes).
+    pub const FLOWS6: &str = "FLOWS6";
     pub const NAT_REPLIES: &str = "NAT_REPLIES";
     pub const MAGLEV: &str = "MAGLEV";
     pub const WEIGHTED: &str = "WEIGHTED";
@@ -121,7 +126,18 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
-/// Value of `SERVICES`.
+/// Key of `SERVICES6`: an IPv6 VIP (the address's four 32-bit words as they lie in the packet)
+/// and port, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `SERVICES` and `SERVICES6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
@@ -251,7 +267,19 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of `FLOWS`.
+/// Key of `FLOWS6` (client → VIP direction), addresses as in [`ServiceKey6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub src_addr: [u32; 4],
+    pub dst_addr: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `FLOWS` and `FLOWS6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -332,6 +360,8 @@ mod pod {
     unsafe impl aya::Pod for BackendEntry {}
     unsafe impl aya::Pod for ServiceBackend {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for NatReply {}
     unsafe impl aya::Pod for BackendStats {}
@@ -352,6 +382,8 @@ mod tests {
         assert_eq!(size_of::<BackendEntry>(), 16);
         assert_eq!(size_of::<ServiceBackend>(), 16);
         assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<ServiceKey6>(), 20);
+        assert_eq!(size_of::<FlowKey6>(), 40);
         assert_eq!(size_of::<FlowValue>(), 24);
         assert_eq!(size_of::<NatReply>(), 16);
         assert_eq!(size_of::<BackendStats>(), 24);

@@ -5,12 +5,13 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, atomic_xsub};
 
+use switchyard_common::hash;
 use switchyard_common::maps::{
-    ENDED_LINGER_NS, FlowKey, FlowValue, NatReply, PROTO_TCP, ServiceValue, flow_ended,
+    ENDED_LINGER_NS, FlowKey, FlowKey6, FlowValue, NatReply, PROTO_TCP, ServiceValue, flow_ended,
     flow_flags, forwarding,
 };
 
-use crate::maps::{ACTIVE, BACKENDS, FLOWS, NAT_REPLIES};
+use crate::maps::{ACTIVE, BACKENDS, FLOWS, FLOWS6, NAT_REPLIES};
 use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::select::select;
 use crate::stats::count_new_flow;
@@ -158,21 +159,11 @@ fn close_flow(flow: *mut FlowValue) {
 /// Chooses a backend for a SYN, records the flow, and counts it. Returns the backend slot.
 #[inline(always)]
 pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> {
-    let slot = select(service, key)?;
-    let value = FlowValue {
-        backend: slot,
-        service: service.index,
-        last_seen_ns: now,
-        flags: flow_flags::COUNTED,
-    };
+    let client_hash = || hash::hash_ipv4(key.src_addr.to_ne_bytes());
     // BPF_ANY: replaces a closed entry for a reused 5-tuple (its count was already given back).
-    if FLOWS.insert(key, &value, 0).is_err() {
-        return None;
-    }
-    if let Some(active) = ACTIVE.get_ptr_mut(slot) {
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
-    }
-    count_new_flow(slot);
+    let slot = take_flow(service, client_hash, now, |value| {
+        FLOWS.insert(key, value, 0).is_ok()
+    })?;
     if service.forwarding == forwarding::NAT
         && let Some(backend) = BACKENDS.get(slot)
     {
@@ -185,5 +176,40 @@ pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> 
         };
         let _ = NAT_REPLIES.insert(&reply_key, &reply, 0);
     }
+    Some(slot)
+}
+
+/// [`new_flow`] for an IPv6 client (dsr: nothing to record for replies).
+#[inline(always)]
+pub fn new_flow6(service: &ServiceValue, key: &FlowKey6, now: u64) -> Option<u32> {
+    let client_hash = || hash::hash_ipv6(unsafe { core::mem::transmute(key.src_addr) });
+    take_flow(service, client_hash, now, |value| {
+        FLOWS6.insert(key, value, 0).is_ok()
+    })
+}
+
+/// Chooses a backend for a new flow, has `record` store the flow's value, and on success takes
+/// one unit of the backend's count. Returns the backend slot.
+#[inline(always)]
+fn take_flow(
+    service: &ServiceValue,
+    client_hash: impl FnOnce() -> u64,
+    now: u64,
+    record: impl FnOnce(&FlowValue) -> bool,
+) -> Option<u32> {
+    let slot = select(service, client_hash)?;
+    let value = FlowValue {
+        backend: slot,
+        service: service.index,
+        last_seen_ns: now,
+        flags: flow_flags::COUNTED,
+    };
+    if !record(&value) {
+        return None;
+    }
+    if let Some(active) = ACTIVE.get_ptr_mut(slot) {
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
+    }
+    count_new_flow(slot);
     Some(slot)
 }

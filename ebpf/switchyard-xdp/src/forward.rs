@@ -19,7 +19,7 @@ use switchyard_common::maps::{BackendEntry, FlowKey, PROTO_TCP};
 use crate::checksum::{csum_replace2, csum_replace4, is_partial_seed, seed_replace4};
 use crate::flow::follow_reply;
 use crate::maps::NAT_REPLIES;
-use crate::parse::Packet;
+use crate::parse::{EthHdr, Packet};
 
 const AF_INET: u8 = 2;
 
@@ -31,10 +31,16 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 /// dsr: the backend owns the VIP too, so only the MACs change and the frame goes back out.
 #[inline(always)]
 pub fn forward_dsr(pkt: &Packet, backend: &BackendEntry) -> u32 {
+    dsr_frame(pkt.eth, backend)
+}
+
+/// dsr for a frame of either IP version: only its Ethernet header is touched.
+#[inline(always)]
+pub fn dsr_frame(eth: *mut EthHdr, backend: &BackendEntry) -> u32 {
     // The frame came to this interface's MAC: that becomes the source towards the backend.
     unsafe {
-        (*pkt.eth).src = (*pkt.eth).dst;
-        (*pkt.eth).dst = backend.mac;
+        (*eth).src = (*eth).dst;
+        (*eth).dst = backend.mac;
     }
     xdp_action::XDP_TX
 }

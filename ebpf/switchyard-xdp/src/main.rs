@@ -6,7 +6,7 @@
 //! and the client's first FIN or RST (or, in nat, the backend's RST) gives the count back
 //! (exactly once, by compare-and-swap on the flow's flags). A closed flow never captures a new
 //! connection on its 4-tuple, and an ended one stops matching after a short linger (`flow`).
-//! Everything else passes to the kernel stack untouched.
+//! Everything else passes to the kernel stack untouched. IPv6 takes its own path (`ipv6`).
 //! In `nat` mode the same program also runs on the backend-facing interface, where it rewrites
 //! the replies' source back to the VIP:port (one program, so one interface can play both roles).
 //!
@@ -15,7 +15,7 @@
 //! flow finds its service by the flow's index, not by the `SERVICES` hash.
 //!
 //! This file holds the entry points and the dispatch; the rest lives by concern: `parse`
-//! (headers), `filter` (address filter, service routes), `clock` (the coarse clock once per
+//! (headers), `ipv6` (the IPv6 path), `filter` (address filter, service routes), `clock` (the coarse clock once per
 //! tick), `flow` (flow table), `select` (backend choice), `forward` (dsr, nat, replies),
 //! `checksum`, `stats` (counters) and `maps` (the map statics; layouts in
 //! `switchyard_common::maps`).
@@ -31,6 +31,7 @@ mod clock;
 mod filter;
 mod flow;
 mod forward;
+mod ipv6;
 mod maps;
 mod parse;
 mod select;
@@ -66,7 +67,7 @@ pub fn switchyard_pass(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> u32 {
     let Some(pkt) = parse(ctx) else {
-        return xdp_action::XDP_PASS;
+        return ipv6::balance(ctx);
     };
     let (saddr, daddr, sport, dport) = unsafe {
         (

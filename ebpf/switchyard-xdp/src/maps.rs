@@ -7,9 +7,9 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::MAX_BACKENDS;
 use switchyard_common::maps::{
-    ActiveCell, BackendEntry, ClockCache, BackendStats, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS, DEFAULT_SERVICES,
-    FlowKey, FlowValue, NatReply, ServiceBackend, ServiceKey, ServiceRoute, ServiceStats,
-    ServiceValue, WEIGHTED_TABLE_SIZE, address_filter,
+    ActiveCell, BackendEntry, BackendStats, ClockCache, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS,
+    DEFAULT_SERVICES, FlowKey, FlowKey6, FlowValue, NatReply, ServiceBackend, ServiceKey,
+    ServiceKey6, ServiceRoute, ServiceStats, ServiceValue, WEIGHTED_TABLE_SIZE, address_filter,
 };
 
 /// `BPF_F_MMAPABLE`: the control plane maps the active counts into its address space.
@@ -28,6 +28,9 @@ pub static CLOCK_CACHE: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(
 #[map]
 pub static ADDRESS_FILTER: Array<u64> = Array::with_max_entries(2 * address_filter::WORDS, 0);
 #[map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+#[map]
 pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
 /// Per service, its backends' slots and policy (weight, cap, state), `MAX_BACKENDS` entries each.
 #[map]
@@ -45,6 +48,8 @@ pub static SERVICE_STATS: PerCpuArray<ServiceStats> =
     PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+#[map]
+pub static FLOWS6: LruHashMap<FlowKey6, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
 #[map]
 pub static NAT_REPLIES: LruHashMap<FlowKey, NatReply> =
     LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);

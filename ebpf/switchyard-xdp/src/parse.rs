@@ -1,6 +1,11 @@
-//! Packet parsing: the Ethernet, IPv4 and TCP headers as they lie in the frame, and the one
-//! bounds-checked way to reach them that the verifier accepts (every header checked against
+//! Packet parsing: the Ethernet, IPv4, IPv6 and TCP headers as they lie in the frame, and the
+//! one bounds-checked way to reach them that the verifier accepts (every header checked against
 //! `data_end` before it is touched).
+//!
+//! IPv6 is parsed only where TCP follows the fixed header directly. Extension headers (hop-by-hop,
+//! routing, destination options, fragments, ...) and ICMPv6 (neighbour discovery among it) are
+//! not walked: such packets are no TCP packet to this program and pass to the stack untouched,
+//! never dropped and never taken for something they are not.
 
 use core::mem::size_of;
 
@@ -9,6 +14,9 @@ use switchyard_common::maps::PROTO_TCP;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// The fixed IPv6 header; extension headers would follow it.
+const IPV6_HLEN: usize = 40;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -36,6 +44,18 @@ pub struct Ipv4Hdr {
 }
 
 #[repr(C)]
+pub struct Ipv6Hdr {
+    /// Version (high nibble) and the traffic class's high nibble.
+    pub version_class: u8,
+    pub class_flow: [u8; 3],
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+}
+
+#[repr(C)]
 pub struct TcpHdr {
     pub sport: u16,
     pub dport: u16,
@@ -52,6 +72,14 @@ pub struct TcpHdr {
 pub struct Packet {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
+    pub tcp: *mut TcpHdr,
+    pub len: u64,
+}
+
+/// A TCP/IPv6 packet without extension headers, every header bounds-checked.
+pub struct Packet6 {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv6Hdr,
     pub tcp: *mut TcpHdr,
     pub len: u64,
 }
@@ -89,6 +117,27 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
     }
     let tcp: *mut TcpHdr = header(ctx, ETH_HLEN + ihl)?;
     Some(Packet {
+        eth,
+        ip,
+        tcp,
+        len: (ctx.data_end() - ctx.data()) as u64,
+    })
+}
+
+/// `None` for anything that is not TCP directly after an IPv6 header (see the module docs).
+#[inline(always)]
+pub fn parse_v6(ctx: &XdpContext) -> Option<Packet6> {
+    let eth: *mut EthHdr = header(ctx, 0)?;
+    if unsafe { (*eth).proto } != ETH_P_IPV6.to_be() {
+        return None;
+    }
+    let ip: *mut Ipv6Hdr = header(ctx, ETH_HLEN)?;
+    let (version, next_header) = unsafe { ((*ip).version_class >> 4, (*ip).next_header) };
+    if version != 6 || next_header != PROTO_TCP {
+        return None;
+    }
+    let tcp: *mut TcpHdr = header(ctx, ETH_HLEN + IPV6_HLEN)?;
+    Some(Packet6 {
         eth,
         ip,
         tcp,

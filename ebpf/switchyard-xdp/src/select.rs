@@ -10,12 +10,12 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::bpf_loop;
 use switchyard_common::backend::BackendView;
 use switchyard_common::maps::{
-    FlowKey, ServiceValue, WEIGHTED_TABLE_SIZE, algorithm, backend_state, maglev_index,
+    ServiceValue, WEIGHTED_TABLE_SIZE, algorithm, backend_state, maglev_index,
     service_backend_index, weighted_index,
 };
 use switchyard_common::walk::{Step, Walk};
 use switchyard_common::{
-    MAGLEV_TABLE_SIZE, MAX_BACKENDS, hash, least_conn, maglev, round_robin, weighted_round_robin,
+    MAGLEV_TABLE_SIZE, MAX_BACKENDS, least_conn, maglev, round_robin, weighted_round_robin,
 };
 
 use crate::maps::{ACTIVE, MAGLEV, RR_CURSOR, SERVICE_BACKENDS, WEIGHTED};
@@ -66,10 +66,11 @@ fn view(entry: u32) -> Option<BackendView> {
     })
 }
 
-/// The backend slot the service's algorithm picks for a new flow `key`, or `None` when no
-/// backend may take it. Table entries and picks name backends by their index within the service.
+/// The backend slot the service's algorithm picks for a new flow from a client whose address
+/// hashes to `client_hash()` (asked by ip_hash only), or `None` when no backend may take it.
+/// Table entries and picks name backends by their index within the service.
 #[inline(always)]
-pub fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
+pub fn select(service: &ServiceValue, client_hash: impl FnOnce() -> u64) -> Option<u32> {
     let count = service.backend_count as usize;
     if count == 0 || count > MAX_BACKENDS {
         return None;
@@ -91,10 +92,9 @@ pub fn select(service: &ServiceValue, key: &FlowKey) -> Option<u32> {
                 0,
             );
             let entry = move |slot: usize| MAGLEV.get(first + slot as u32).map(|&b| b as usize);
-            let client_hash = hash::hash_ipv4(key.src_addr.to_ne_bytes());
             maglev::pick(
                 BpfLoop,
-                client_hash,
+                client_hash(),
                 MAGLEV_TABLE_SIZE,
                 count,
                 entry,

@@ -371,8 +371,8 @@ fn validate_service(
             service,
             header,
             &listen,
-            algorithm,
-            proxy_protocol,
+            (algorithm, proxy_protocol),
+            xdp.as_ref().map(|x| x.forwarding),
             context,
             report,
         );
@@ -393,6 +393,47 @@ fn validate_service(
         backends,
         dataplane,
         xdp,
+    }
+}
+
+/// An xdp service's VIPs: concrete addresses, at most one IPv4 and one IPv6, and in nat
+/// IPv4 only.
+fn check_xdp_vips(
+    listen_value: &toml::Spanned<raw::Listen>,
+    listen: &[SocketAddr],
+    nat: bool,
+    context: &str,
+    report: &mut Report,
+) {
+    let span = listen_value.span();
+    let count = match listen_value.get_ref() {
+        raw::Listen::One(_) => 1,
+        raw::Listen::Many(all) => all.len(),
+    };
+    let ipv4 = listen.iter().filter(|a| a.is_ipv4()).count();
+    let ipv6 = listen.len() - ipv4;
+    if count == 0 || count > 2 || ipv4 > 1 || ipv6 > 1 {
+        report.error(
+            &span,
+            context,
+            "with dataplane = \"xdp\", listen must be one VIP address:port, or one IPv4 and one IPv6 VIP",
+        );
+    } else if let Some(vip) = listen.iter().find(|a| a.ip().is_unspecified()) {
+        report.error(
+            &span,
+            context,
+            format_args!(
+                "with dataplane = \"xdp\", listen must be a concrete IP address (the VIP), not {vip}"
+            ),
+        );
+    } else if let Some(vip) = listen.iter().find(|a| nat && a.is_ipv6()) {
+        report.error(
+            &span,
+            context,
+            format_args!(
+                "VIP {vip} is IPv6; xdp forwarding = \"nat\" serves IPv4 VIPs only (\"dsr\" serves IPv6 too)"
+            ),
+        );
     }
 }
 
@@ -718,13 +759,14 @@ fn validate_xdp(xdp: &raw::Xdp, context: &str, report: &mut Report) -> XdpConfig
     }
 }
 
-/// What the kernel path can do: IPv4 only, one VIP, no PROXY header, no response-time metric.
+/// What the kernel path can do: one VIP per IP version (IPv6 in dsr only), no PROXY header,
+/// no response-time metric.
 fn check_xdp_service(
     service: &raw::Service,
     header: &Range<usize>,
     listen: &[SocketAddr],
-    algorithm: Algorithm,
-    proxy_protocol: ProxyProtocol,
+    (algorithm, proxy_protocol): (Algorithm, ProxyProtocol),
+    forwarding: Option<Forwarding>,
     context: &str,
     report: &mut Report,
 ) {
@@ -750,36 +792,18 @@ fn check_xdp_service(
             "proxy_protocol must be \"none\" with dataplane = \"xdp\": packets are forwarded unchanged and backends see the client address directly",
         );
     }
+    let nat = forwarding == Some(Forwarding::Nat);
     if let Some(listen_value) = &service.listen {
-        let span = listen_value.span();
-        let count = match listen_value.get_ref() {
-            raw::Listen::One(_) => 1,
-            raw::Listen::Many(all) => all.len(),
-        };
-        if count != 1 {
-            report.error(
-                &span,
-                context,
-                "with dataplane = \"xdp\", listen must be exactly one IPv4 address:port (the VIP)",
-            );
-        } else if let Some(vip) = listen.first()
-            && (!vip.is_ipv4() || vip.ip().is_unspecified())
-        {
-            report.error(
-                &span,
-                context,
-                format_args!(
-                    "with dataplane = \"xdp\", listen must be a concrete IPv4 address (the VIP), not {vip}"
-                ),
-            );
-        }
+        check_xdp_vips(listen_value, listen, nat, context, report);
     }
     for (index, addr, span) in parsed_backend_addresses(service) {
-        if addr.is_ipv6() {
+        if nat && addr.is_ipv6() {
             report.error(
                 &span,
                 &backend_context(service, index, context),
-                format_args!("address {addr} is IPv6; dataplane = \"xdp\" forwards IPv4 only"),
+                format_args!(
+                    "address {addr} is IPv6; xdp forwarding = \"nat\" forwards IPv4 only (\"dsr\" forwards IPv6 too)"
+                ),
             );
         }
     }

@@ -1,7 +1,8 @@
 //! The flow table from userspace: expiring flows that ended without a FIN the kernel saw
 //! (client vanished, RST lost, entry idle), reconciling the shared counts with it (open flows
 //! evicted from a full table take their unit with them), and rebuilding the active counts
-//! from it after a restart, so the shared counts never drift.
+//! from it after a restart, so the shared counts never drift. IPv4 flows (`FLOWS`) and IPv6
+//! flows (`FLOWS6`) count in the same slots: every pass reads both tables.
 //!
 //! A flow holds one unit of its backend's count while `COUNTED` is set and `CLOSED` is not
 //! (the kernel sets `CLOSED` once, on the client's FIN or RST or the backend's RST). Ended
@@ -17,7 +18,7 @@ use anyhow::Context;
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData};
 use switchyard_common::maps::{
-    ENDED_LINGER_NS, FlowKey, FlowValue, NatReply, flow_ended, flow_flags, names,
+    ENDED_LINGER_NS, FlowKey, FlowKey6, FlowValue, NatReply, flow_ended, flow_flags, names,
 };
 use tracing::warn;
 
@@ -57,9 +58,22 @@ fn is_open(flow: &FlowValue) -> bool {
 /// the pinned array may include the old process's proxy sessions, which are gone). Returns
 /// how many open flows there were.
 pub fn rebuild_counts(bpf: &Ebpf, counters: &CounterTable) -> anyhow::Result<u64> {
-    let flows: HashMap<&MapData, FlowKey, FlowValue> =
-        HashMap::try_from(bpf.map(names::FLOWS).context("map FLOWS missing")?)?;
     let mut open = vec![0u64; counters.len()];
+    let total = count_open::<FlowKey>(bpf, names::FLOWS, &mut open)?
+        + count_open::<FlowKey6>(bpf, names::FLOWS6, &mut open)?;
+    for (slot, count) in open.into_iter().enumerate() {
+        let current = counters.load(slot);
+        counters.add(slot, count.wrapping_sub(current) as i64);
+    }
+    Ok(total)
+}
+
+/// Adds the open flows of flow table `name` to their slots in `open`; returns how many.
+fn count_open<K: aya::Pod>(bpf: &Ebpf, name: &str, open: &mut [u64]) -> anyhow::Result<u64> {
+    let flows: HashMap<&MapData, K, FlowValue> = HashMap::try_from(
+        bpf.map(name)
+            .with_context(|| format!("map {name} missing"))?,
+    )?;
     let mut total = 0;
     for entry in flows.iter() {
         let Ok((_, flow)) = entry else { continue };
@@ -70,11 +84,90 @@ pub fn rebuild_counts(bpf: &Ebpf, counters: &CounterTable) -> anyhow::Result<u64
             total += 1;
         }
     }
-    for (slot, count) in open.into_iter().enumerate() {
-        let current = counters.load(slot);
-        counters.add(slot, count.wrapping_sub(current) as i64);
-    }
     Ok(total)
+}
+
+/// What one expiry pass goes by: per service index its idle timeout, the longest of them (for
+/// flows of services no longer configured), the tables' capacity (bounding each walk), now.
+struct Pass {
+    timeouts: StdHashMap<u32, Duration>,
+    longest: Duration,
+    capacity: u64,
+    now: u64,
+}
+
+impl Pass {
+    /// How long `flow` may stay after its last packet.
+    fn limit(&self, flow: &FlowValue) -> Duration {
+        let timeout = self
+            .timeouts
+            .get(&flow.service)
+            .copied()
+            .unwrap_or(self.longest);
+        if flow_ended(flow.flags) {
+            timeout.min(ENDED_LINGER)
+        } else if !is_open(flow) {
+            timeout.min(CLOSED_LINGER)
+        } else if flow.flags & flow_flags::ESTABLISHED == 0 {
+            timeout.min(HANDSHAKE_LIMIT)
+        } else {
+            timeout
+        }
+    }
+
+    /// Expires the flows of table `name` that outlived their limit (giving back the count of
+    /// an open one) and adds the open flows left to their slots in `per_slot`.
+    fn expire<K: aya::Pod + Eq + std::hash::Hash>(
+        &self,
+        bpf: &mut Ebpf,
+        name: &str,
+        counters: &CounterTable,
+        per_slot: &mut [u64],
+    ) -> anyhow::Result<()> {
+        let mut flows: HashMap<&mut MapData, K, FlowValue> = HashMap::try_from(
+            bpf.map_mut(name)
+                .with_context(|| format!("map {name} missing"))?,
+        )?;
+        // A key deleted under the iterator (eviction, a FIN's cleanup) restarts it from the
+        // first key: open flows are counted once by key, and the walk is bounded.
+        let mut open: StdHashMap<K, u32> = StdHashMap::new();
+        let mut expired: Vec<(K, FlowValue)> = Vec::new();
+        for (key, flow) in flows
+            .iter()
+            .take((self.capacity as usize).saturating_mul(2).max(1024))
+            .filter_map(Result::ok)
+        {
+            if self.now.saturating_sub(flow.last_seen_ns) > self.limit(&flow).as_nanos() as u64 {
+                expired.push((key, flow));
+            } else if is_open(&flow) {
+                open.insert(key, flow.backend);
+            }
+        }
+        for (key, seen) in expired {
+            // Re-read: a packet (or FIN) may have come since the scan.
+            let Ok(flow) = flows.get(&key, 0) else {
+                continue;
+            };
+            if flow.last_seen_ns != seen.last_seen_ns || flow.flags != seen.flags {
+                if is_open(&flow) {
+                    open.insert(key, flow.backend);
+                }
+                continue;
+            }
+            if flows.remove(&key).is_ok()
+                && is_open(&flow)
+                && (flow.backend as usize) < counters.len()
+            {
+                counters.add(flow.backend as usize, -1);
+            }
+        }
+        for slot in open.into_values() {
+            if let Some(count) = per_slot.get_mut(slot as usize) {
+                *count += 1;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Periodic expiry and count reconciliation, both from one scan of the flow table.
@@ -127,58 +220,15 @@ impl Expiry {
             .map(|x| u64::from(x.flow_table_size))
             .sum();
         let now = monotonic_ns();
-
-        let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(bpf.map_mut(names::FLOWS).context("map FLOWS missing")?)?;
-        // A key deleted under the iterator (eviction, a FIN's cleanup) restarts it from the
-        // first key: open flows are counted once by key, and the walk is bounded.
-        let mut open: StdHashMap<FlowKey, u32> = StdHashMap::new();
-        let mut expired: Vec<(FlowKey, FlowValue)> = Vec::new();
-        for (key, flow) in flows
-            .iter()
-            .take((capacity as usize).saturating_mul(2).max(1024))
-            .filter_map(Result::ok)
-        {
-            let timeout = timeouts.get(&flow.service).copied().unwrap_or(longest);
-            let limit = if flow_ended(flow.flags) {
-                timeout.min(ENDED_LINGER)
-            } else if !is_open(&flow) {
-                timeout.min(CLOSED_LINGER)
-            } else if flow.flags & flow_flags::ESTABLISHED == 0 {
-                timeout.min(HANDSHAKE_LIMIT)
-            } else {
-                timeout
-            };
-            if now.saturating_sub(flow.last_seen_ns) > limit.as_nanos() as u64 {
-                expired.push((key, flow));
-            } else if is_open(&flow) {
-                open.insert(key, flow.backend);
-            }
-        }
-        for (key, seen) in expired {
-            // Re-read: a packet (or FIN) may have come since the scan.
-            let Ok(flow) = flows.get(&key, 0) else {
-                continue;
-            };
-            if flow.last_seen_ns != seen.last_seen_ns || flow.flags != seen.flags {
-                if is_open(&flow) {
-                    open.insert(key, flow.backend);
-                }
-                continue;
-            }
-            if flows.remove(&key).is_ok()
-                && is_open(&flow)
-                && (flow.backend as usize) < counters.len()
-            {
-                counters.add(flow.backend as usize, -1);
-            }
-        }
+        let pass = Pass {
+            timeouts,
+            longest,
+            capacity,
+            now,
+        };
         let mut per_slot = vec![0u64; counters.len()];
-        for slot in open.into_values() {
-            if let Some(count) = per_slot.get_mut(slot as usize) {
-                *count += 1;
-            }
-        }
+        pass.expire::<FlowKey>(bpf, names::FLOWS, counters, &mut per_slot)?;
+        pass.expire::<FlowKey6>(bpf, names::FLOWS6, counters, &mut per_slot)?;
         self.reconcile(&per_slot, snapshot, counters);
 
         let mut replies: HashMap<&mut MapData, FlowKey, NatReply> = HashMap::try_from(

@@ -2,7 +2,6 @@
 //! step with the running state.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,14 +31,16 @@ use crate::totals::{KernelCounters, Totals, XdpAttachment};
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
 
 /// Maps pinned (and reused after a restart) when pinning is on.
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 15] = [
     names::SERVICES,
+    names::SERVICES6,
     names::BACKENDS,
     names::SERVICE_BACKENDS,
     names::ACTIVE,
     names::BACKEND_STATS,
     names::SERVICE_STATS,
     names::FLOWS,
+    names::FLOWS6,
     names::NAT_REPLIES,
     names::MAGLEV,
     names::WEIGHTED,
@@ -90,6 +91,7 @@ impl XdpPlane {
         loader
             .map_max_entries(names::SERVICES, services)
             .map_max_entries(names::SERVICE_ROUTES, services)
+            .map_max_entries(names::SERVICES6, services)
             .map_max_entries(names::BACKENDS, slots)
             .map_max_entries(names::SERVICE_BACKENDS, services * MAX_BACKENDS as u32)
             .map_max_entries(names::ACTIVE, slots)
@@ -97,6 +99,7 @@ impl XdpPlane {
             .map_max_entries(names::SERVICE_STATS, services)
             .map_max_entries(names::RR_CURSOR, services)
             .map_max_entries(names::FLOWS, flows)
+            .map_max_entries(names::FLOWS6, flows)
             .map_max_entries(names::NAT_REPLIES, flows)
             .map_max_entries(names::MAGLEV, services * 2 * MAGLEV_TABLE_SIZE as u32)
             .map_max_entries(names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE);
@@ -538,10 +541,7 @@ fn backend_states(service: &Service) -> tables::BackendStates {
     let mut states = Vec::new();
     let mut macs = Vec::new();
     for backend in &service.backends {
-        let ip = match backend.config.address.ip() {
-            IpAddr::V4(ip) => ip,
-            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-        };
+        let ip = backend.config.address.ip();
         let mac = if dsr {
             neighbours.get(&ip).copied()
         } else {

@@ -6,8 +6,8 @@
 use std::mem::size_of;
 
 use switchyard_common::maps::{
-    ActiveCell, BackendEntry, BackendStats, ClockCache, FlowKey, FlowValue, NatReply,
-    ServiceBackend, ServiceKey, ServiceRoute, ServiceStats, ServiceValue, names,
+    ActiveCell, BackendEntry, BackendStats, ClockCache, FlowKey, FlowKey6, FlowValue, NatReply,
+    ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceStats, ServiceValue, names,
 };
 
 /// `bpf_map_type` values of the kinds the program declares.
@@ -25,6 +25,12 @@ fn expected() -> Vec<(&'static str, u32, usize, usize)> {
             names::SERVICES,
             HASH,
             size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+        ),
+        (
+            names::SERVICES6,
+            HASH,
+            size_of::<ServiceKey6>(),
             size_of::<ServiceValue>(),
         ),
         (names::BACKENDS, ARRAY, index, size_of::<BackendEntry>()),
@@ -51,6 +57,12 @@ fn expected() -> Vec<(&'static str, u32, usize, usize)> {
             names::FLOWS,
             LRU_HASH,
             size_of::<FlowKey>(),
+            size_of::<FlowValue>(),
+        ),
+        (
+            names::FLOWS6,
+            LRU_HASH,
+            size_of::<FlowKey6>(),
             size_of::<FlowValue>(),
         ),
         (

@@ -64,7 +64,7 @@ impl Netdev {
     }
 }
 
-fn ifindex(name: &str) -> anyhow::Result<u32> {
+pub(super) fn ifindex(name: &str) -> anyhow::Result<u32> {
     let c_name = std::ffi::CString::new(name).context("interface name with a NUL byte")?;
     // SAFETY: a valid NUL-terminated string.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
@@ -126,7 +126,7 @@ const CTRL_ATTR_FAMILY_NAME: u16 = 2;
 const NETDEV_CMD_DEV_GET: u8 = 1;
 const NETDEV_A_DEV_IFINDEX: u16 = 1;
 const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
-const NLMSG_ERROR: u16 = 2;
+pub(super) const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 
 /// The interface's XDP features from the `netdev` generic-netlink family.
@@ -160,19 +160,7 @@ struct Genl(OwnedFd);
 
 impl Genl {
     fn open() -> anyhow::Result<Genl> {
-        // SAFETY: plain socket(2); the fd is owned at once.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_GENERIC,
-            )
-        };
-        if fd < 0 {
-            bail!("generic netlink socket: {}", io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        Ok(Genl(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Genl(netlink_socket(libc::NETLINK_GENERIC)?))
     }
 
     /// Sends `cmd` with one attribute to `family` and returns the reply's attributes.
@@ -190,32 +178,10 @@ impl Genl {
         message.extend_from_slice(&attr.to_ne_bytes());
         message.extend_from_slice(value);
         message.resize(total, 0);
-        // SAFETY: the buffer is live for the call; the kernel is the default destination.
-        let sent = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-                0,
-            )
-        };
-        if sent < 0 {
-            bail!("netlink send: {}", io::Error::last_os_error());
-        }
+        netlink_send(&self.0, &message)?;
         let mut reply = vec![0u8; 8192];
-        // SAFETY: the buffer is live and as long as said.
-        let got = unsafe {
-            libc::recv(
-                self.0.as_raw_fd(),
-                reply.as_mut_ptr().cast(),
-                reply.len(),
-                0,
-            )
-        };
-        if got < 0 {
-            bail!("netlink receive: {}", io::Error::last_os_error());
-        }
-        reply.truncate(got as usize);
+        let got = netlink_receive(&self.0, &mut reply)?;
+        reply.truncate(got);
         if reply.len() < 20 {
             bail!("netlink reply too short ({} bytes)", reply.len());
         }
@@ -230,12 +196,63 @@ impl Genl {
     }
 }
 
+/// A netlink socket of `protocol` (`NETLINK_GENERIC`, `NETLINK_ROUTE`).
+pub(super) fn netlink_socket(protocol: i32) -> anyhow::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        bail!("netlink socket: {}", io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends one request to the kernel (the default destination).
+pub(super) fn netlink_send(socket: &OwnedFd, message: &[u8]) -> anyhow::Result<()> {
+    // SAFETY: the buffer is live for the call.
+    let sent = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            message.as_ptr().cast(),
+            message.len(),
+            0,
+        )
+    };
+    if sent < 0 {
+        bail!("netlink send: {}", io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one datagram into `buffer`; its length.
+pub(super) fn netlink_receive(socket: &OwnedFd, buffer: &mut [u8]) -> anyhow::Result<usize> {
+    // SAFETY: the buffer is live and as long as said.
+    let got = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            0,
+        )
+    };
+    if got < 0 {
+        bail!("netlink receive: {}", io::Error::last_os_error());
+    }
+    Ok(got as usize)
+}
+
 fn align(len: usize) -> usize {
     (len + 3) & !3
 }
 
 /// The payload of attribute `kind` in a flat attribute list.
-fn attribute(attributes: &[u8], kind: u16) -> Option<&[u8]> {
+pub(super) fn attribute(attributes: &[u8], kind: u16) -> Option<&[u8]> {
     let mut rest = attributes;
     while rest.len() >= 4 {
         let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;

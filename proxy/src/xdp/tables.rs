@@ -13,7 +13,10 @@
 //! Two maps spare the kernel hash lookups and must never say less than the maps they stand
 //! for: `ADDRESS_FILTER` gets a VIP's or backend's bit before its `SERVICES` key or `BACKENDS`
 //! entry is written (and keeps it), and a service's `SERVICE_ROUTES` entry is written after its
-//! `SERVICES` entry, with the same key and forwarding.
+//! `SERVICES` entry, with the same key and forwarding. (Both serve the IPv4 path only.)
+//!
+//! A service listening on an IPv4 and an IPv6 VIP has one entry per VIP (in `SERVICES` and
+//! `SERVICES6`), with the same value: one index, one set of backends, tables and counts.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -22,7 +25,7 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::maps::{
-    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceRoute, ServiceValue,
+    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceValue,
     WEIGHTED_TABLE_SIZE, address_filter, algorithm, forwarding, maglev_index, names,
     service_backend_index, weighted_index,
 };
@@ -30,17 +33,82 @@ use switchyard_common::maps::{
 use crate::config::{Algorithm, Forwarding};
 use crate::state::Service;
 
-/// The `SERVICES` key of a VIP.
-pub fn service_key(address: SocketAddr) -> anyhow::Result<ServiceKey> {
-    let IpAddr::V4(ip) = address.ip() else {
-        bail!("the XDP fast path serves IPv4 VIPs only, not {address}");
-    };
-    Ok(ServiceKey {
-        addr: u32::from_ne_bytes(ip.octets()),
-        port: address.port().to_be(),
-        proto: PROTO_TCP,
-        _pad: 0,
-    })
+/// A VIP as the program looks it up: in `SERVICES` (IPv4) or `SERVICES6` (IPv6).
+#[derive(Clone, Copy, Debug)]
+pub enum VipKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+impl VipKey {
+    pub fn of(address: SocketAddr) -> VipKey {
+        let port = address.port().to_be();
+        match address.ip() {
+            IpAddr::V4(ip) => VipKey::V4(ServiceKey {
+                addr: u32::from_ne_bytes(ip.octets()),
+                port,
+                proto: PROTO_TCP,
+                _pad: 0,
+            }),
+            IpAddr::V6(ip) => VipKey::V6(ServiceKey6 {
+                addr: words(ip.octets()),
+                port,
+                proto: PROTO_TCP,
+                _pad: 0,
+            }),
+        }
+    }
+
+    /// The service's current entry under this VIP, if it has one.
+    fn read(&self, bpf: &Ebpf) -> anyhow::Result<Option<ServiceValue>> {
+        Ok(match self {
+            VipKey::V4(key) => services::<ServiceKey>(bpf, names::SERVICES)?
+                .get(key, 0)
+                .ok(),
+            VipKey::V6(key) => services::<ServiceKey6>(bpf, names::SERVICES6)?
+                .get(key, 0)
+                .ok(),
+        })
+    }
+
+    fn write(&self, bpf: &mut Ebpf, value: ServiceValue) -> anyhow::Result<()> {
+        match self {
+            VipKey::V4(key) => {
+                services_mut::<ServiceKey>(bpf, names::SERVICES)?.insert(key, value, 0)
+            }
+            VipKey::V6(key) => {
+                services_mut::<ServiceKey6>(bpf, names::SERVICES6)?.insert(key, value, 0)
+            }
+        }
+        .context("writing the service entry")
+    }
+}
+
+/// An IPv6 address's 32-bit words as the program reads them from the packet.
+pub fn words(octets: [u8; 16]) -> [u32; 4] {
+    let word =
+        |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+fn services<'a, K: aya::Pod>(
+    bpf: &'a Ebpf,
+    name: &str,
+) -> anyhow::Result<HashMap<&'a MapData, K, ServiceValue>> {
+    let map = bpf
+        .map(name)
+        .with_context(|| format!("map {name} missing"))?;
+    Ok(HashMap::try_from(map)?)
+}
+
+fn services_mut<'a, K: aya::Pod>(
+    bpf: &'a mut Ebpf,
+    name: &str,
+) -> anyhow::Result<HashMap<&'a mut MapData, K, ServiceValue>> {
+    let map = bpf
+        .map_mut(name)
+        .with_context(|| format!("map {name} missing"))?;
+    Ok(HashMap::try_from(map)?)
 }
 
 pub fn algorithm_code(algorithm: Algorithm) -> anyhow::Result<u32> {
@@ -77,12 +145,13 @@ pub fn program_service(
         .xdp
         .as_ref()
         .context("service has no [service.xdp] table")?;
-    let vip = *service
+    let vips: Vec<VipKey> = service
         .config
         .listen
-        .first()
-        .context("service has no VIP")?;
-    let key = service_key(vip)?;
+        .iter()
+        .map(|&a| VipKey::of(a))
+        .collect();
+    let first_vip = vips.first().context("service has no VIP")?;
     {
         let [Some(filter), Some(backends)] =
             bpf.maps_disjoint_mut([names::ADDRESS_FILTER, names::BACKENDS])
@@ -99,14 +168,14 @@ pub fn program_service(
                 continue;
             }
             let slot = backend.active.slot() as u32;
-            let SocketAddr::V4(address) = backend.config.address else {
-                bail!(
-                    "backend {:?}: the XDP fast path needs an IPv4 address",
-                    backend.config.name
-                );
-            };
+            let address = backend.config.address;
             let entry = BackendEntry {
-                addr: u32::from_ne_bytes(address.ip().octets()),
+                // nat rewrites to it (IPv4 only); dsr needs the MAC alone, so an IPv6
+                // backend's entry carries no address.
+                addr: match address.ip() {
+                    IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
+                    IpAddr::V6(_) => 0,
+                },
                 port: address.port().to_be(),
                 mac: states.macs[i],
                 ifindex: 0,
@@ -143,20 +212,11 @@ pub fn program_service(
         }
     }
 
-    let services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
-        bpf.map_mut(names::SERVICES)
-            .context("map SERVICES missing")?,
-    )?;
-    let current = services.get(&key, 0).ok();
+    let current = first_vip.read(bpf)?;
     if previous.is_some() && current.is_some() {
         return Ok(());
     }
-    let mut filter: Array<&mut MapData, u64> = Array::try_from(
-        bpf.map_mut(names::ADDRESS_FILTER)
-            .context("map ADDRESS_FILTER missing")?,
-    )?;
-    address_filter::admit(&mut filter, address_filter::VIPS, key.addr, key.port)
-        .context("writing the address filter")?;
+    admit_vips(bpf, &vips)?;
     let version = current.map_or(0, |c| c.table_version ^ 1);
     let weighted_len = write_tables(bpf, index, version, service)?;
     let value = ServiceValue {
@@ -171,26 +231,45 @@ pub fn program_service(
         weighted_len,
         flags: 0,
     };
-    let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
-        bpf.map_mut(names::SERVICES)
-            .context("map SERVICES missing")?,
+    for vip in &vips {
+        vip.write(bpf, value)?;
+        if let VipKey::V4(key) = vip {
+            write_route(bpf, index, *key, value.forwarding)?;
+        }
+    }
+    Ok(())
+}
+
+/// The filter bits of a service's IPv4 VIPs, set before their `SERVICES` entries are written.
+fn admit_vips(bpf: &mut Ebpf, vips: &[VipKey]) -> anyhow::Result<()> {
+    let mut filter: Array<&mut MapData, u64> = Array::try_from(
+        bpf.map_mut(names::ADDRESS_FILTER)
+            .context("map ADDRESS_FILTER missing")?,
     )?;
-    services
-        .insert(key, value, 0)
-        .context("writing the service entry")?;
+    for vip in vips {
+        if let VipKey::V4(key) = vip {
+            address_filter::admit(&mut filter, address_filter::VIPS, key.addr, key.port)
+                .context("writing the address filter")?;
+        }
+    }
+    Ok(())
+}
+
+/// The route of the service at `index` (its IPv4 VIP and forwarding), written after its
+/// `SERVICES` entry.
+fn write_route(bpf: &mut Ebpf, index: u32, key: ServiceKey, forwarding: u32) -> anyhow::Result<()> {
     let mut routes: Array<&mut MapData, ServiceRoute> = Array::try_from(
         bpf.map_mut(names::SERVICE_ROUTES)
             .context("map SERVICE_ROUTES missing")?,
     )?;
     let route = ServiceRoute {
         vip: key,
-        forwarding: value.forwarding,
+        forwarding,
         _pad: 0,
     };
     routes
         .set(index, route, 0)
-        .context("writing the service route")?;
-    Ok(())
+        .context("writing the service route")
 }
 
 /// Before a run's first sync: forgets the routes (pinned ones are an earlier run's, whose
@@ -328,6 +407,14 @@ listen = "127.0.0.1:2599"
 name = "p1"
 address = "127.0.0.1:2598"
 "#;
+
+    /// The `SERVICES` key of an IPv4 VIP (or a backend's address in the same form).
+    fn service_key(address: SocketAddr) -> anyhow::Result<ServiceKey> {
+        match VipKey::of(address) {
+            VipKey::V4(key) => Ok(key),
+            VipKey::V6(_) => bail!("{address} is an IPv6 address: its key is in SERVICES6"),
+        }
+    }
 
     fn filter_has(bpf: &Ebpf, half: u32, addr: u32, port: u16) -> bool {
         let filter: Array<&MapData, u64> =

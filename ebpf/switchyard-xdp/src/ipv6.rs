@@ -1,0 +1,101 @@
+//! The IPv6 path: packets that are not TCP/IPv4 come here from the dispatch. Only TCP right
+//! after the IPv6 header is ever considered (`parse::parse_v6`); everything else, IPv4 that is
+//! not TCP included, passes to the stack untouched.
+//!
+//! A TCP segment to an IPv6 VIP:port (`SERVICES6`, the same services as `SERVICES`) takes the
+//! IPv4 path's steps on its own flow table, `FLOWS6`: a SYN without a flow picks a backend
+//! with the service's algorithm and counts it in the shared `ACTIVE` array, later segments
+//! follow their flow, the client's FIN or RST gives the count back once. Forwarding is `dsr`:
+//! only the Ethernet header changes.
+
+use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::programs::XdpContext;
+use switchyard_common::maps::{FlowKey6, PROTO_TCP, ServiceKey6, ServiceValue, forwarding};
+
+use crate::flow::{follow, is_stale, new_flow6};
+use crate::forward::dsr_frame;
+use crate::maps::{BACKENDS, FLOWS6, SERVICES6};
+use crate::parse::{Packet6, TCP_ACK, TCP_SYN, parse_v6};
+use crate::stats::{count_packet, count_service};
+
+/// Per packet that the IPv4 path did not take.
+#[inline(always)]
+pub fn balance(ctx: &XdpContext) -> u32 {
+    let Some(pkt) = parse_v6(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (service_key, flow_key, flags) = keys(&pkt);
+    let Some(service) = (unsafe { SERVICES6.get(&service_key) }) else {
+        return xdp_action::XDP_PASS;
+    };
+    let service = *service;
+    if service.forwarding != forwarding::DSR {
+        // Only dsr serves IPv6 VIPs (the control plane writes no other).
+        return xdp_action::XDP_PASS;
+    }
+    match flow_slot(&service, &flow_key, flags) {
+        Ok(slot) => send_dsr(&service, &pkt, slot),
+        Err(action) => action,
+    }
+}
+
+/// The packet's service key (its destination), flow key and TCP flags.
+#[inline(always)]
+fn keys(pkt: &Packet6) -> (ServiceKey6, FlowKey6, u8) {
+    let (ip, tcp) = (pkt.ip, pkt.tcp);
+    let flow = unsafe {
+        FlowKey6 {
+            src_addr: (*ip).saddr,
+            dst_addr: (*ip).daddr,
+            src_port: (*tcp).sport,
+            dst_port: (*tcp).dport,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        }
+    };
+    let service = ServiceKey6 {
+        addr: flow.dst_addr,
+        port: flow.dst_port,
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    (service, flow, unsafe { (*tcp).flags })
+}
+
+/// The backend slot of the packet's flow: its entry's, or a new flow's for a SYN; otherwise
+/// the action to take (counted): pass a mid-stream packet without state, drop a SYN that no
+/// backend can take.
+#[inline(always)]
+fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u32> {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(flow) = FLOWS6.get_ptr_mut(key)
+        && !is_stale(flow, is_syn, now)
+    {
+        return Ok(follow(flow, flags, now));
+    }
+    if !is_syn {
+        count_service(service.index, |s| s.passed += 1);
+        return Err(xdp_action::XDP_PASS);
+    }
+    new_flow6(service, key, now).ok_or_else(|| {
+        count_service(service.index, |s| {
+            s.no_backend += 1;
+            s.dropped += 1;
+        });
+        xdp_action::XDP_DROP
+    })
+}
+
+/// Sends the packet to backend `slot` by its MAC, counted for the backend and the service.
+#[inline(always)]
+fn send_dsr(service: &ServiceValue, pkt: &Packet6, slot: u32) -> u32 {
+    let Some(backend) = BACKENDS.get(slot) else {
+        count_service(service.index, |s| s.dropped += 1);
+        return xdp_action::XDP_DROP;
+    };
+    count_packet(slot, pkt.len);
+    count_service(service.index, |s| s.forwarded += 1);
+    dsr_frame(pkt.eth, backend)
+}
