@@ -782,13 +782,35 @@ fn table() -> Vec<Case> {
             &["listen must be a concrete IP address", "0.0.0.0:"],
         ),
         rejected(
-            "xdp_nat_with_ipv6_vip_is_rejected",
+            "xdp_nat_with_ipv6_vip_and_ipv4_backends_is_rejected",
             xdp_service("\"[2001:db8::1]:25\"", "", &format!("{NAT}{GOOD_BACKENDS}")),
-            3,
+            11,
             &[
-                "VIP [2001:db8::1]:25 is IPv6",
-                "\"nat\" serves IPv4 VIPs only",
+                "backend \"mta1\"",
+                "address 127.0.0.1:2601 is IPv4 and the VIP [2001:db8::1]:25 is IPv6",
+                "\"nat\" does not translate between IPv4 and IPv6",
             ],
+        ),
+        accepted(
+            "xdp_nat_with_ipv6_vip_and_ipv6_backends_is_accepted",
+            xdp_service(
+                "\"[2001:2::100]:25\"",
+                "",
+                &format!(
+                    "{NAT}\n[[service.backend]]\nname = \"a\"\naddress = \"[2001:2:1::11]:25\"\n\n[[service.backend]]\nname = \"b\"\naddress = \"[2001:2:1::12]:25\"\n"
+                ),
+            ),
+            &["fast"],
+        ),
+        rejected(
+            "xdp_nat_with_an_ipv4_and_an_ipv6_vip_is_rejected",
+            xdp_service(
+                "[\"198.18.0.100:25\", \"[2001:2::100]:25\"]",
+                "",
+                &format!("{NAT}{GOOD_BACKENDS}"),
+            ),
+            3,
+            &["\"nat\" serves one VIP, IPv4 or IPv6"],
         ),
         accepted(
             "xdp_dsr_with_an_ipv4_and_an_ipv6_vip_and_ipv6_backends_is_accepted",
@@ -829,7 +851,11 @@ fn table() -> Vec<Case> {
                 ),
             ),
             11,
-            &["backend \"v6\"", "IPv6", "\"nat\" forwards IPv4 only"],
+            &[
+                "backend \"v6\"",
+                "address [2001:db8::2]:25 is IPv6 and the VIP 198.18.0.100:25 is IPv4",
+                "\"nat\" does not translate between IPv4 and IPv6",
+            ],
         ),
         rejected(
             "xdp_ipv6_backend_is_named_even_after_a_bad_one_1",
@@ -849,7 +875,7 @@ fn table() -> Vec<Case> {
                 &format!("{NAT}{BAD_THEN_V6_BACKENDS}"),
             ),
             15,
-            &["backend \"v6\"", "IPv4 only"],
+            &["backend \"v6\"", "does not translate between IPv4 and IPv6"],
         ),
         rejected(
             "xdp_with_proxy_protocol_is_rejected",

@@ -25,6 +25,11 @@ pub mod names {
     /// IPv4 key stays 16 bytes).
     pub const FLOWS6: &str = "FLOWS6";
     pub const NAT_REPLIES: &str = "NAT_REPLIES";
+    /// IPv6 backends' addresses (`BackendEntry6`), by the same slot as `BACKENDS`: nat
+    /// rewrites IPv6 packets to them.
+    pub const BACKENDS6: &str = "BACKENDS6";
+    /// nat replies of IPv6 flows: `FlowKey6` (backend → client) to `NatReply6`.
+    pub const NAT_REPLIES6: &str = "NAT_REPLIES6";
     pub const MAGLEV: &str = "MAGLEV";
     pub const WEIGHTED: &str = "WEIGHTED";
     pub const RR_CURSOR: &str = "RR_CURSOR";
@@ -233,6 +238,17 @@ pub struct BackendEntry {
     pub ifindex: u32,
 }
 
+/// Value of `BACKENDS6`, indexed by the same backend slot as `BACKENDS`: an IPv6 backend's
+/// address and port (network byte order, the address's words as in [`ServiceKey6`]), which nat
+/// rewrites IPv6 packets to. All zero for a slot whose backend is IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendEntry6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// Value of `SERVICE_BACKENDS`: one backend of one service, as that service's policy sees it.
 /// Entries are indexed by [`service_backend_index`]; table entries (Maglev, weighted) name
 /// backends by their index within the service.
@@ -267,7 +283,8 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Key of `FLOWS6` (client → VIP direction), addresses as in [`ServiceKey6`].
+/// Key of `FLOWS6` (client → VIP direction) and `NAT_REPLIES6` (backend → client direction),
+/// addresses as in [`ServiceKey6`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey6 {
@@ -300,6 +317,16 @@ pub struct NatReply {
     pub vip_addr: u32,
     pub vip_port: u16,
     pub _pad: u16,
+    pub last_seen_ns: u64,
+}
+
+/// Value of `NAT_REPLIES6`: what an IPv6 reply's source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReply6 {
+    pub vip_addr: [u32; 4],
+    pub vip_port: u16,
+    pub _pad: [u16; 3],
     pub last_seen_ns: u64,
 }
 
@@ -364,6 +391,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for NatReply {}
+    unsafe impl aya::Pod for BackendEntry6 {}
+    unsafe impl aya::Pod for NatReply6 {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceStats {}
 }
@@ -386,6 +415,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey6>(), 40);
         assert_eq!(size_of::<FlowValue>(), 24);
         assert_eq!(size_of::<NatReply>(), 16);
+        assert_eq!(size_of::<BackendEntry6>(), 20);
+        assert_eq!(size_of::<NatReply6>(), 32);
         assert_eq!(size_of::<BackendStats>(), 24);
         assert_eq!(size_of::<ServiceStats>(), 32);
     }

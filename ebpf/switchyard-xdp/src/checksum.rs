@@ -41,15 +41,58 @@ fn seed_add2(sum: u16, old: u16, new: u16) -> u16 {
     sum as u16
 }
 
+/// [`csum_replace4`] for an IPv6 address (four words as they lie in the packet).
+#[inline(always)]
+pub fn csum_replace16(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let mut check = check;
+    for i in 0..4 {
+        check = csum_replace4(check, old[i], new[i]);
+    }
+    check
+}
+
+/// [`seed_replace4`] for an IPv6 address.
+#[inline(always)]
+pub fn seed_replace16(seed: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let mut seed = seed;
+    for i in 0..4 {
+        seed = seed_replace4(seed, old[i], new[i]);
+    }
+    seed
+}
+
 /// Whether `check` is exactly the pseudo-header seed of a TCP segment of `tcp_len` bytes from
 /// `saddr` to `daddr` (words as they lie in the packet): what a CHECKSUM_PARTIAL frame
 /// carries. A complete checksum equals it only by a 1-in-65536 chance; see the caller.
 #[inline(always)]
 pub fn is_partial_seed(check: u16, saddr: u32, daddr: u32, tcp_len: u16) -> bool {
+    check == pseudo_header_sum(halves(saddr) + halves(daddr), tcp_len)
+}
+
+/// [`is_partial_seed`] for IPv6 addresses: the IPv6 pseudo-header (RFC 8200 8.1) has the
+/// upper-layer length and next header as 32-bit words, whose high halves are zero here, so it
+/// sums like IPv4's.
+#[inline(always)]
+pub fn is_partial_seed6(check: u16, saddr: &[u32; 4], daddr: &[u32; 4], tcp_len: u16) -> bool {
+    let mut addresses = 0;
+    for i in 0..4 {
+        addresses += halves(saddr[i]) + halves(daddr[i]);
+    }
+    check == pseudo_header_sum(addresses, tcp_len)
+}
+
+/// A 32-bit word's two 16-bit halves, summed.
+#[inline(always)]
+fn halves(word: u32) -> u32 {
+    (word & 0xffff) + (word >> 16)
+}
+
+/// The folded sum of a pseudo-header whose address words sum to `addresses`.
+#[inline(always)]
+fn pseudo_header_sum(addresses: u32, tcp_len: u16) -> u16 {
     // Protocol 6 and the length as big-endian words, as they would lie in a pseudo-header.
-    let mut sum = (saddr & 0xffff) + (saddr >> 16) + (daddr & 0xffff) + (daddr >> 16);
-    sum += (6u16.to_be() as u32) + (tcp_len.to_be() as u32);
+    let mut sum = addresses + (6u16.to_be() as u32) + (tcp_len.to_be() as u32);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    check == sum as u16
+    sum as u16
 }

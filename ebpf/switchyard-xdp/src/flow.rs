@@ -1,4 +1,4 @@
-//! The flow table (`FLOWS`): a SYN's new flow (backend chosen, count taken, nat reply entry
+//! The flow tables (`FLOWS`, and `FLOWS6` for IPv6): a SYN's new flow (backend chosen, count taken, nat reply entry
 //! recorded), later packets following their entry in both directions, and the flow's end: the
 //! count is given back exactly once by compare-and-swap on the flow's flags, and an entry that
 //! closed or ended stops matching new connections (see `switchyard_common::maps::flow_flags`).
@@ -7,11 +7,11 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, ato
 
 use switchyard_common::hash;
 use switchyard_common::maps::{
-    ENDED_LINGER_NS, FlowKey, FlowKey6, FlowValue, NatReply, PROTO_TCP, ServiceValue, flow_ended,
-    flow_flags, forwarding,
+    ENDED_LINGER_NS, FlowKey, FlowKey6, FlowValue, NatReply, NatReply6, PROTO_TCP, ServiceValue,
+    flow_ended, flow_flags, forwarding,
 };
 
-use crate::maps::{ACTIVE, BACKENDS, FLOWS, FLOWS6, NAT_REPLIES};
+use crate::maps::{ACTIVE, BACKENDS, BACKENDS6, FLOWS, FLOWS6, NAT_REPLIES, NAT_REPLIES6};
 use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::select::select;
 use crate::stats::count_new_flow;
@@ -114,6 +114,38 @@ pub fn follow_reply(reply_key: &FlowKey, vip: u32, vport: u16, flags: u8, now: u
     if backend.addr != reply_key.src_addr || backend.port != reply_key.src_port {
         return false;
     }
+    reply_seen(flow, flags, now)
+}
+
+/// [`follow_reply`] for an IPv6 reply: its flow in `FLOWS6`, its backend's address in
+/// `BACKENDS6`.
+#[inline(always)]
+pub fn follow_reply6(reply_key: &FlowKey6, vip: &[u32; 4], vport: u16, flags: u8, now: u64) -> bool {
+    let flow_key = FlowKey6 {
+        src_addr: reply_key.dst_addr,
+        dst_addr: *vip,
+        src_port: reply_key.dst_port,
+        dst_port: vport,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let Some(flow) = FLOWS6.get_ptr_mut(&flow_key) else {
+        return false;
+    };
+    let Some(backend) = BACKENDS6.get(unsafe { (*flow).backend }) else {
+        return false;
+    };
+    if backend.addr != reply_key.src_addr || backend.port != reply_key.src_port {
+        return false;
+    }
+    reply_seen(flow, flags, now)
+}
+
+/// A reply (TCP `flags`) from the backend of `flow`: false when the flow is stale for it;
+/// otherwise the flow is refreshed and the backend's FIN or RST recorded (a RST gives the
+/// count back).
+#[inline(always)]
+fn reply_seen(flow: *mut FlowValue, flags: u8, now: u64) -> bool {
     if is_stale(flow, flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK, now) {
         return false;
     }
@@ -179,13 +211,34 @@ pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> 
     Some(slot)
 }
 
-/// [`new_flow`] for an IPv6 client (dsr: nothing to record for replies).
+/// [`new_flow`] for an IPv6 client: the flow in `FLOWS6`, a nat flow's reply entry in
+/// `NAT_REPLIES6`.
 #[inline(always)]
 pub fn new_flow6(service: &ServiceValue, key: &FlowKey6, now: u64) -> Option<u32> {
     let client_hash = || hash::hash_ipv6(unsafe { core::mem::transmute(key.src_addr) });
-    take_flow(service, client_hash, now, |value| {
+    let slot = take_flow(service, client_hash, now, |value| {
         FLOWS6.insert(key, value, 0).is_ok()
-    })
+    })?;
+    if service.forwarding == forwarding::NAT
+        && let Some(backend) = BACKENDS6.get(slot)
+    {
+        let reply_key = FlowKey6 {
+            src_addr: backend.addr,
+            dst_addr: key.src_addr,
+            src_port: backend.port,
+            dst_port: key.src_port,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let reply = NatReply6 {
+            vip_addr: key.dst_addr,
+            vip_port: key.dst_port,
+            _pad: [0; 3],
+            last_seen_ns: now,
+        };
+        let _ = NAT_REPLIES6.insert(&reply_key, &reply, 0);
+    }
+    Some(slot)
 }
 
 /// Chooses a backend for a new flow, has `record` store the flow's value, and on success takes

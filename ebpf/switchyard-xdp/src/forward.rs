@@ -1,5 +1,5 @@
 //! Sending a packet on: dsr (MAC rewrite, back out of the same interface), nat (destination
-//! rewritten to the backend, routed by the FIB), and nat replies (a backend's reply rewritten to
+//! rewritten to the backend, routed by the FIB; IPv4 and IPv6 alike), and nat replies (a backend's reply rewritten to
 //! come from the VIP:port, found in `NAT_REPLIES` and checked against its flow, so a reply
 //! entry outliving its flow never rewrites another connection).
 //!
@@ -14,14 +14,18 @@ use core::mem::size_of;
 use aya_ebpf::bindings::{bpf_fib_lookup as FibParams, xdp_action};
 use aya_ebpf::helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect};
 use aya_ebpf::programs::XdpContext;
-use switchyard_common::maps::{BackendEntry, FlowKey, PROTO_TCP};
+use switchyard_common::maps::{BackendEntry, BackendEntry6, FlowKey, FlowKey6, PROTO_TCP};
 
-use crate::checksum::{csum_replace2, csum_replace4, is_partial_seed, seed_replace4};
-use crate::flow::follow_reply;
-use crate::maps::NAT_REPLIES;
-use crate::parse::{EthHdr, Packet};
+use crate::checksum::{
+    csum_replace2, csum_replace4, csum_replace16, is_partial_seed, is_partial_seed6,
+    seed_replace4, seed_replace16,
+};
+use crate::flow::{follow_reply, follow_reply6};
+use crate::maps::{NAT_REPLIES, NAT_REPLIES6};
+use crate::parse::{EthHdr, IPV6_HLEN, Packet, Packet6};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Set to 1 by the control plane at load when a nat interface can receive partial checksums.
 #[unsafe(no_mangle)]
@@ -74,10 +78,36 @@ fn route(ctx: &XdpContext, pkt: &Packet) -> u32 {
         params.__bindgen_anon_3.ipv4_src = (*pkt.ip).saddr;
         params.__bindgen_anon_4.ipv4_dst = (*pkt.ip).daddr;
     }
+    redirect(ctx, pkt.eth, &mut params)
+}
+
+/// [`route`] for an IPv6 packet. Like the IPv4 path with the TTL, it leaves the hop limit as it
+/// is: the balancer stands in for the VIP's host, it is not a hop of its own.
+#[inline(always)]
+fn route6(ctx: &XdpContext, pkt: &Packet6) -> u32 {
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    unsafe {
+        params.family = AF_INET6;
+        params.l4_protocol = PROTO_TCP;
+        params.sport = (*pkt.tcp).sport;
+        params.dport = (*pkt.tcp).dport;
+        params.__bindgen_anon_1.tot_len =
+            u16::from_be((*pkt.ip).payload_len).saturating_add(IPV6_HLEN);
+        params.ifindex = ctx.ingress_ifindex() as u32;
+        params.__bindgen_anon_3.ipv6_src = (*pkt.ip).saddr;
+        params.__bindgen_anon_4.ipv6_dst = (*pkt.ip).daddr;
+    }
+    redirect(ctx, pkt.eth, &mut params)
+}
+
+/// Asks the FIB with `params` (filled for the packet) and redirects the frame to the next hop
+/// it names; passes it to the stack on any other answer.
+#[inline(always)]
+fn redirect(ctx: &XdpContext, eth: *mut EthHdr, params: &mut FibParams) -> u32 {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut params,
+            params,
             size_of::<FibParams>() as i32,
             0,
         )
@@ -86,8 +116,8 @@ fn route(ctx: &XdpContext, pkt: &Packet) -> u32 {
         return xdp_action::XDP_PASS;
     }
     unsafe {
-        (*pkt.eth).dst = params.dmac;
-        (*pkt.eth).src = params.smac;
+        (*eth).dst = params.dmac;
+        (*eth).src = params.smac;
         bpf_redirect(params.ifindex, 0) as u32
     }
 }
@@ -151,5 +181,76 @@ unsafe fn tcp_len(pkt: &Packet) -> u16 {
     unsafe {
         let ihl = (((*pkt.ip).vihl & 0x0f) as u16) * 4;
         u16::from_be((*pkt.ip).tot_len).wrapping_sub(ihl)
+    }
+}
+
+/// nat for IPv6: the destination becomes the backend's IPv6 address and port (IPv6 has no
+/// header checksum; the TCP checksum covers the addresses through the pseudo-header).
+#[inline(always)]
+pub fn forward_nat6(ctx: &XdpContext, pkt: &Packet6, backend: &BackendEntry6) -> u32 {
+    unsafe {
+        let old_addr = (*pkt.ip).daddr;
+        let old_port = (*pkt.tcp).dport;
+        rewrite_tcp_checksum6(pkt, &old_addr, &backend.addr, old_port, backend.port);
+        (*pkt.ip).daddr = backend.addr;
+        (*pkt.tcp).dport = backend.port;
+    }
+    route6(ctx, pkt)
+}
+
+/// [`nat_reply`] for IPv6: a backend's reply found in `NAT_REPLIES6` and checked against its
+/// flow in `FLOWS6` is rewritten to come from the IPv6 VIP:port; anything else passes.
+#[inline(always)]
+pub fn nat_reply6(ctx: &XdpContext, pkt: &Packet6) -> u32 {
+    let key = unsafe {
+        FlowKey6 {
+            src_addr: (*pkt.ip).saddr,
+            dst_addr: (*pkt.ip).daddr,
+            src_port: (*pkt.tcp).sport,
+            dst_port: (*pkt.tcp).dport,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        }
+    };
+    let Some(reply) = NAT_REPLIES6.get_ptr_mut(&key) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (vip, vport) = unsafe { ((*reply).vip_addr, (*reply).vip_port) };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if !follow_reply6(&key, &vip, vport, unsafe { (*pkt.tcp).flags }, now) {
+        let _ = NAT_REPLIES6.remove(&key);
+        return xdp_action::XDP_PASS;
+    }
+    unsafe {
+        (*reply).last_seen_ns = now;
+        let old_port = (*pkt.tcp).sport;
+        rewrite_tcp_checksum6(pkt, &key.src_addr, &vip, old_port, vport);
+        (*pkt.ip).saddr = vip;
+        (*pkt.tcp).sport = vport;
+    }
+    route6(ctx, pkt)
+}
+
+/// [`rewrite_tcp_checksum`] for an IPv6 packet, whose 128-bit addresses the pseudo-header sums.
+#[inline(always)]
+unsafe fn rewrite_tcp_checksum6(
+    pkt: &Packet6,
+    old_addr: &[u32; 4],
+    new_addr: &[u32; 4],
+    old_port: u16,
+    new_port: u16,
+) {
+    unsafe {
+        let check = (*pkt.tcp).check;
+        let partial_possible = core::ptr::read_volatile(&PARTIAL_CHECKSUMS) != 0;
+        // Without extension headers (`parse_v6`) the payload is the TCP segment.
+        let tcp_len = u16::from_be((*pkt.ip).payload_len);
+        if partial_possible && is_partial_seed6(check, &(*pkt.ip).saddr, &(*pkt.ip).daddr, tcp_len)
+        {
+            (*pkt.tcp).check = seed_replace16(check, old_addr, new_addr);
+        } else {
+            let check = csum_replace16(check, old_addr, new_addr);
+            (*pkt.tcp).check = csum_replace2(check, old_port, new_port);
+        }
     }
 }

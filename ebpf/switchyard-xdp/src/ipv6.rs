@@ -5,8 +5,11 @@
 //! A TCP segment to an IPv6 VIP:port (`SERVICES6`, the same services as `SERVICES`) takes the
 //! IPv4 path's steps on its own flow table, `FLOWS6`: a SYN without a flow picks a backend
 //! with the service's algorithm and counts it in the shared `ACTIVE` array, later segments
-//! follow their flow, the client's FIN or RST gives the count back once. Forwarding is `dsr`:
-//! only the Ethernet header changes.
+//! follow their flow, the client's FIN or RST gives the count back once. In `dsr` only the
+//! Ethernet header changes; in `nat` the destination becomes the backend's IPv6 address
+//! (`BACKENDS6`) and the FIB routes the packet, and a TCP segment to no VIP may be a nat
+//! backend's reply (`NAT_REPLIES6`, checked against its flow like IPv4's), rewritten to come
+//! from the VIP.
 
 use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
@@ -14,10 +17,10 @@ use aya_ebpf::programs::XdpContext;
 use switchyard_common::maps::{FlowKey6, PROTO_TCP, ServiceKey6, ServiceValue, forwarding};
 
 use crate::flow::{follow, is_stale, new_flow6};
-use crate::forward::dsr_frame;
-use crate::maps::{BACKENDS, FLOWS6, SERVICES6};
+use crate::forward::{dsr_frame, forward_nat6, nat_reply6};
+use crate::maps::{BACKENDS, BACKENDS6, FLOWS6, SERVICES6};
 use crate::parse::{Packet6, TCP_ACK, TCP_SYN, parse_v6};
-use crate::stats::{count_packet, count_service};
+use crate::stats::{count_outcome, count_packet, count_service};
 
 /// Per packet that the IPv4 path did not take.
 #[inline(always)]
@@ -27,15 +30,12 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     };
     let (service_key, flow_key, flags) = keys(&pkt);
     let Some(service) = (unsafe { SERVICES6.get(&service_key) }) else {
-        return xdp_action::XDP_PASS;
+        // Not for a VIP: maybe a nat backend's reply (on the backend-facing interface).
+        return nat_reply6(ctx, &pkt);
     };
     let service = *service;
-    if service.forwarding != forwarding::DSR {
-        // Only dsr serves IPv6 VIPs (the control plane writes no other).
-        return xdp_action::XDP_PASS;
-    }
     match flow_slot(&service, &flow_key, flags) {
-        Ok(slot) => send_dsr(&service, &pkt, slot),
+        Ok(slot) => send(ctx, &service, &pkt, slot),
         Err(action) => action,
     }
 }
@@ -88,14 +88,26 @@ fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u
     })
 }
 
-/// Sends the packet to backend `slot` by its MAC, counted for the backend and the service.
+/// Sends the packet to backend `slot` (dsr: by its MAC; nat: to its IPv6 address), counted
+/// for the backend and the service.
 #[inline(always)]
-fn send_dsr(service: &ServiceValue, pkt: &Packet6, slot: u32) -> u32 {
-    let Some(backend) = BACKENDS.get(slot) else {
-        count_service(service.index, |s| s.dropped += 1);
-        return xdp_action::XDP_DROP;
+fn send(ctx: &XdpContext, service: &ServiceValue, pkt: &Packet6, slot: u32) -> u32 {
+    let action = if service.forwarding == forwarding::NAT {
+        match BACKENDS6.get(slot) {
+            Some(backend) => {
+                count_packet(slot, pkt.len);
+                forward_nat6(ctx, pkt, backend)
+            }
+            None => xdp_action::XDP_DROP,
+        }
+    } else {
+        match BACKENDS.get(slot) {
+            Some(backend) => {
+                count_packet(slot, pkt.len);
+                dsr_frame(pkt.eth, backend)
+            }
+            None => xdp_action::XDP_DROP,
+        }
     };
-    count_packet(slot, pkt.len);
-    count_service(service.index, |s| s.forwarded += 1);
-    dsr_frame(pkt.eth, backend)
+    count_outcome(service.index, action)
 }

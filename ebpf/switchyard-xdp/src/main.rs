@@ -50,7 +50,7 @@ use crate::flow::{follow, is_stale, new_flow, tcp_flow_key};
 use crate::forward::{forward_dsr, forward_nat, nat_reply};
 use crate::maps::{BACKENDS, FLOWS, SERVICES};
 use crate::parse::{Packet, TCP_ACK, TCP_SYN, parse};
-use crate::stats::{count_packet, count_service};
+use crate::stats::{count_outcome, count_packet, count_service};
 
 #[xdp]
 pub fn switchyard_balance(ctx: XdpContext) -> u32 {
@@ -196,12 +196,7 @@ fn send(ctx: &XdpContext, pkt: &Packet, target: Target) -> u32 {
     } else {
         forward_dsr(pkt, &backend)
     };
-    if action == xdp_action::XDP_DROP || action == xdp_action::XDP_ABORTED {
-        count_service(service_index, |s| s.dropped += 1);
-    } else {
-        count_service(service_index, |s| s.forwarded += 1);
-    }
-    action
+    count_outcome(service_index, action)
 }
 
 #[cfg(not(test))]

@@ -7,8 +7,8 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::MAX_BACKENDS;
 use switchyard_common::maps::{
-    ActiveCell, BackendEntry, BackendStats, ClockCache, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS,
-    DEFAULT_SERVICES, FlowKey, FlowKey6, FlowValue, NatReply, ServiceBackend, ServiceKey,
+    ActiveCell, BackendEntry, BackendEntry6, BackendStats, ClockCache, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS,
+    DEFAULT_SERVICES, FlowKey, FlowKey6, FlowValue, NatReply, NatReply6, ServiceBackend, ServiceKey,
     ServiceKey6, ServiceRoute, ServiceStats, ServiceValue, WEIGHTED_TABLE_SIZE, address_filter,
 };
 
@@ -32,6 +32,9 @@ pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_SERVICES, 0);
 #[map]
 pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
+/// IPv6 backends' addresses by slot (nat's rewrite target for IPv6 flows).
+#[map]
+pub static BACKENDS6: Array<BackendEntry6> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
 /// Per service, its backends' slots and policy (weight, cap, state), `MAX_BACKENDS` entries each.
 #[map]
 pub static SERVICE_BACKENDS: Array<ServiceBackend> =
@@ -52,6 +55,9 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(
 pub static FLOWS6: LruHashMap<FlowKey6, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
 #[map]
 pub static NAT_REPLIES: LruHashMap<FlowKey, NatReply> =
+    LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+#[map]
+pub static NAT_REPLIES6: LruHashMap<FlowKey6, NatReply6> =
     LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
 /// Two Maglev tables per service (double buffer); entries are backend indexes within the service.
 #[map]

@@ -16,7 +16,7 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// The fixed IPv6 header; extension headers would follow it.
-const IPV6_HLEN: usize = 40;
+pub const IPV6_HLEN: u16 = 40;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -136,7 +136,7 @@ pub fn parse_v6(ctx: &XdpContext) -> Option<Packet6> {
     if version != 6 || next_header != PROTO_TCP {
         return None;
     }
-    let tcp: *mut TcpHdr = header(ctx, ETH_HLEN + IPV6_HLEN)?;
+    let tcp: *mut TcpHdr = header(ctx, ETH_HLEN + IPV6_HLEN as usize)?;
     Some(Packet6 {
         eth,
         ip,

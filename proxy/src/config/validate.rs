@@ -397,7 +397,7 @@ fn validate_service(
 }
 
 /// An xdp service's VIPs: concrete addresses, at most one IPv4 and one IPv6, and in nat
-/// IPv4 only.
+/// only one.
 fn check_xdp_vips(
     listen_value: &toml::Spanned<raw::Listen>,
     listen: &[SocketAddr],
@@ -426,13 +426,11 @@ fn check_xdp_vips(
                 "with dataplane = \"xdp\", listen must be a concrete IP address (the VIP), not {vip}"
             ),
         );
-    } else if let Some(vip) = listen.iter().find(|a| nat && a.is_ipv6()) {
+    } else if nat && ipv4 == 1 && ipv6 == 1 {
         report.error(
             &span,
             context,
-            format_args!(
-                "VIP {vip} is IPv6; xdp forwarding = \"nat\" serves IPv4 VIPs only (\"dsr\" serves IPv6 too)"
-            ),
+            "xdp forwarding = \"nat\" serves one VIP, IPv4 or IPv6: it rewrites packets to the backends' addresses, and a backend has one address, of one IP version (give each VIP a service of its own, or use \"dsr\")",
         );
     }
 }
@@ -759,8 +757,13 @@ fn validate_xdp(xdp: &raw::Xdp, context: &str, report: &mut Report) -> XdpConfig
     }
 }
 
-/// What the kernel path can do: one VIP per IP version (IPv6 in dsr only), no PROXY header,
-/// no response-time metric.
+/// "IPv4" or "IPv6".
+fn ip_version(address: SocketAddr) -> &'static str {
+    if address.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// What the kernel path can do: one VIP per IP version (one VIP in nat, its backends of its IP
+/// version), no PROXY header, no response-time metric.
 fn check_xdp_service(
     service: &raw::Service,
     header: &Range<usize>,
@@ -796,13 +799,19 @@ fn check_xdp_service(
     if let Some(listen_value) = &service.listen {
         check_xdp_vips(listen_value, listen, nat, context, report);
     }
+    // nat translates addresses, not IP versions: every backend of the VIP's.
+    let Some(vip) = listen.first().filter(|_| nat && listen.len() == 1) else {
+        return;
+    };
     for (index, addr, span) in parsed_backend_addresses(service) {
-        if nat && addr.is_ipv6() {
+        if addr.is_ipv4() != vip.is_ipv4() {
             report.error(
                 &span,
                 &backend_context(service, index, context),
                 format_args!(
-                    "address {addr} is IPv6; xdp forwarding = \"nat\" forwards IPv4 only (\"dsr\" forwards IPv6 too)"
+                    "address {addr} is {} and the VIP {vip} is {}; xdp forwarding = \"nat\" does not translate between IPv4 and IPv6: give every backend an address of the VIP's IP version (\"dsr\" takes either)",
+                    ip_version(addr),
+                    ip_version(*vip),
                 ),
             );
         }

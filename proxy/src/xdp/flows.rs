@@ -18,7 +18,8 @@ use anyhow::Context;
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData};
 use switchyard_common::maps::{
-    ENDED_LINGER_NS, FlowKey, FlowKey6, FlowValue, NatReply, flow_ended, flow_flags, names,
+    ENDED_LINGER_NS, FlowKey, FlowKey6, FlowValue, NatReply, NatReply6, flow_ended, flow_flags,
+    names,
 };
 use tracing::warn;
 
@@ -231,21 +232,14 @@ impl Expiry {
         pass.expire::<FlowKey6>(bpf, names::FLOWS6, counters, &mut per_slot)?;
         self.reconcile(&per_slot, snapshot, counters);
 
-        let mut replies: HashMap<&mut MapData, FlowKey, NatReply> = HashMap::try_from(
-            bpf.map_mut(names::NAT_REPLIES)
-                .context("map NAT_REPLIES missing")?,
-        )?;
-        let stale: Vec<FlowKey> = replies
-            .iter()
-            .take((capacity as usize).saturating_mul(2).max(1024))
-            .filter_map(Result::ok)
-            .filter(|(_, reply)| now.saturating_sub(reply.last_seen_ns) > longest.as_nanos() as u64)
-            .map(|(key, _)| key)
-            .collect();
-        for key in stale {
-            let _ = replies.remove(&key);
-        }
-        Ok(())
+        let limit = (capacity as usize).saturating_mul(2).max(1024);
+        let idle = |last_seen_ns: u64| now.saturating_sub(last_seen_ns) > longest.as_nanos() as u64;
+        forget_replies::<FlowKey, NatReply>(bpf, names::NAT_REPLIES, limit, |r| {
+            idle(r.last_seen_ns)
+        })?;
+        forget_replies::<FlowKey6, NatReply6>(bpf, names::NAT_REPLIES6, limit, |r| {
+            idle(r.last_seen_ns)
+        })
     }
 
     /// Compares every slot's count with `open` flows plus proxy sessions and corrects the
@@ -283,6 +277,30 @@ impl Expiry {
             list.join(", ")
         );
     }
+}
+
+/// Deletes the entries of nat reply table `name` (at most `limit` looked at) that are `stale`.
+fn forget_replies<K: aya::Pod, V: aya::Pod>(
+    bpf: &mut Ebpf,
+    name: &str,
+    limit: usize,
+    stale: impl Fn(&V) -> bool,
+) -> anyhow::Result<()> {
+    let mut replies: HashMap<&mut MapData, K, V> = HashMap::try_from(
+        bpf.map_mut(name)
+            .with_context(|| format!("map {name} missing"))?,
+    )?;
+    let stale: Vec<K> = replies
+        .iter()
+        .take(limit)
+        .filter_map(Result::ok)
+        .filter(|(_, reply)| stale(reply))
+        .map(|(key, _)| key)
+        .collect();
+    for key in stale {
+        let _ = replies.remove(&key);
+    }
+    Ok(())
 }
 
 /// Backend name(s) of every counter slot, for logs (a slot shared by services under different

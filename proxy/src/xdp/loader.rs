@@ -31,7 +31,7 @@ use crate::totals::{KernelCounters, Totals, XdpAttachment};
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
 
 /// Maps pinned (and reused after a restart) when pinning is on.
-const PINNED_MAPS: [&str; 15] = [
+const PINNED_MAPS: [&str; 17] = [
     names::SERVICES,
     names::SERVICES6,
     names::BACKENDS,
@@ -42,6 +42,8 @@ const PINNED_MAPS: [&str; 15] = [
     names::FLOWS,
     names::FLOWS6,
     names::NAT_REPLIES,
+    names::BACKENDS6,
+    names::NAT_REPLIES6,
     names::MAGLEV,
     names::WEIGHTED,
     names::RR_CURSOR,
@@ -93,6 +95,7 @@ impl XdpPlane {
             .map_max_entries(names::SERVICE_ROUTES, services)
             .map_max_entries(names::SERVICES6, services)
             .map_max_entries(names::BACKENDS, slots)
+            .map_max_entries(names::BACKENDS6, slots)
             .map_max_entries(names::SERVICE_BACKENDS, services * MAX_BACKENDS as u32)
             .map_max_entries(names::ACTIVE, slots)
             .map_max_entries(names::BACKEND_STATS, slots)
@@ -101,6 +104,7 @@ impl XdpPlane {
             .map_max_entries(names::FLOWS, flows)
             .map_max_entries(names::FLOWS6, flows)
             .map_max_entries(names::NAT_REPLIES, flows)
+            .map_max_entries(names::NAT_REPLIES6, flows)
             .map_max_entries(names::MAGLEV, services * 2 * MAGLEV_TABLE_SIZE as u32)
             .map_max_entries(names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE);
         if nat_sees_partial_checksums(config) {

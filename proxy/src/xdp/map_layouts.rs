@@ -6,8 +6,8 @@
 use std::mem::size_of;
 
 use switchyard_common::maps::{
-    ActiveCell, BackendEntry, BackendStats, ClockCache, FlowKey, FlowKey6, FlowValue, NatReply,
-    ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceStats, ServiceValue, names,
+    ActiveCell, BackendEntry, BackendEntry6, BackendStats, ClockCache, FlowKey, FlowKey6, FlowValue,
+    NatReply, NatReply6, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceStats, ServiceValue, names,
 };
 
 /// `bpf_map_type` values of the kinds the program declares.
@@ -70,6 +70,13 @@ fn expected() -> Vec<(&'static str, u32, usize, usize)> {
             LRU_HASH,
             size_of::<FlowKey>(),
             size_of::<NatReply>(),
+        ),
+        (names::BACKENDS6, ARRAY, index, size_of::<BackendEntry6>()),
+        (
+            names::NAT_REPLIES6,
+            LRU_HASH,
+            size_of::<FlowKey6>(),
+            size_of::<NatReply6>(),
         ),
         (names::MAGLEV, ARRAY, index, size_of::<u32>()),
         (names::WEIGHTED, ARRAY, index, size_of::<u32>()),

@@ -25,7 +25,7 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::maps::{
-    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceValue,
+    BackendEntry, BackendEntry6, PROTO_TCP, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceValue,
     WEIGHTED_TABLE_SIZE, address_filter, algorithm, forwarding, maglev_index, names,
     service_backend_index, weighted_index,
 };
@@ -153,13 +153,14 @@ pub fn program_service(
         .collect();
     let first_vip = vips.first().context("service has no VIP")?;
     {
-        let [Some(filter), Some(backends)] =
-            bpf.maps_disjoint_mut([names::ADDRESS_FILTER, names::BACKENDS])
+        let [Some(filter), Some(backends), Some(backends6)] =
+            bpf.maps_disjoint_mut([names::ADDRESS_FILTER, names::BACKENDS, names::BACKENDS6])
         else {
-            bail!("map ADDRESS_FILTER or BACKENDS missing");
+            bail!("map ADDRESS_FILTER, BACKENDS or BACKENDS6 missing");
         };
         let mut filter: Array<&mut MapData, u64> = Array::try_from(filter)?;
         let mut backends: Array<&mut MapData, BackendEntry> = Array::try_from(backends)?;
+        let mut backends6: Array<&mut MapData, BackendEntry6> = Array::try_from(backends6)?;
         for (i, backend) in service.backends.iter().enumerate() {
             // dsr needs the MAC: while it is unknown the backend takes no new flows, and the
             // entry keeps the MAC it had (a pinned run's, or an earlier lookup's), so that
@@ -170,8 +171,8 @@ pub fn program_service(
             let slot = backend.active.slot() as u32;
             let address = backend.config.address;
             let entry = BackendEntry {
-                // nat rewrites to it (IPv4 only); dsr needs the MAC alone, so an IPv6
-                // backend's entry carries no address.
+                // nat rewrites IPv4 flows to it; an IPv6 backend's address is in
+                // `BACKENDS6` (dsr needs the MAC alone).
                 addr: match address.ip() {
                     IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
                     IpAddr::V6(_) => 0,
@@ -187,9 +188,17 @@ pub fn program_service(
                 entry.port,
             )
             .context("writing the address filter")?;
-            backends.set(slot, entry, 0).with_context(|| {
-                format!("writing backend {:?} (slot {slot})", backend.config.name)
-            })?;
+            let context = || format!("writing backend {:?} (slot {slot})", backend.config.name);
+            if let IpAddr::V6(ip) = address.ip() {
+                // Before `BACKENDS`: by then nat can rewrite IPv6 flows to the slot.
+                let entry6 = BackendEntry6 {
+                    addr: words(ip.octets()),
+                    port: entry.port,
+                    _pad: 0,
+                };
+                backends6.set(slot, entry6, 0).with_context(context)?;
+            }
+            backends.set(slot, entry, 0).with_context(context)?;
         }
     }
     {
