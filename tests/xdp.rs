@@ -55,7 +55,11 @@ fn smtp_session(target: SocketAddrV4, hold: Duration) -> anyhow::Result<String> 
 /// One SMTP session to `target` from local port `port` (bound with SO_REUSEADDR, so a port
 /// whose connection just ended can be used again), held `hold` before QUIT; the backend that
 /// greeted.
-fn session_from_port(target: SocketAddrV4, port: u16, hold: Duration) -> anyhow::Result<String> {
+fn session_from_port(
+    target: impl Into<SocketAddr>,
+    port: u16,
+    hold: Duration,
+) -> anyhow::Result<String> {
     let options = SessionOptions {
         source_port: port,
         hold,
@@ -158,6 +162,14 @@ impl Family {
             Family::V6 => netns::CLIENT6.into(),
         }
     }
+
+    /// The sysctl that turns forwarding of this IP version on for every interface.
+    fn forwarding_sysctl(self) -> &'static str {
+        match self {
+            Family::V4 => "net.ipv4.ip_forward",
+            Family::V6 => "net.ipv6.conf.all.forwarding",
+        }
+    }
 }
 
 /// `count` sessions to the VIP in parallel from the calling thread's namespace, each held
@@ -254,15 +266,18 @@ impl Network {
         start_switchyard(&self.balancer, config, &ready_line(self))
     }
 
-    /// [`Network::service_toml`] listening on the IPv6 VIP too, with the backends at their
-    /// IPv6 addresses (health checks and MACs over IPv6).
-    fn dual_stack_service_toml(&self, name: &str, algorithm: &str) -> String {
+    /// [`Network::service_toml`] listening on the IPv6 VIP (dsr: too; nat, which serves one
+    /// VIP: instead), with the backends at their IPv6 addresses (health checks, and dsr's MACs,
+    /// over IPv6).
+    fn ipv6_service_toml(&self, name: &str, algorithm: &str) -> String {
+        let vip6 = format!("\"[{}]:{SMTP_PORT}\"", netns::VIP6);
+        let listen = match self.layout {
+            Layout::Dsr => format!("[\"{VIP}:{SMTP_PORT}\", {vip6}]"),
+            Layout::Nat => vip6,
+        };
         let mut text = self.service_toml(name, algorithm).replace(
             &format!("listen = \"{VIP}:{SMTP_PORT}\""),
-            &format!(
-                "listen = [\"{VIP}:{SMTP_PORT}\", \"[{}]:{SMTP_PORT}\"]",
-                netns::VIP6
-            ),
+            &format!("listen = {listen}"),
         );
         for i in 0..self.backends.len() {
             text = text.replace(
@@ -271,6 +286,14 @@ impl Network {
             );
         }
         text
+    }
+
+    /// A least_conn service through the VIP of `family`.
+    fn family_service_toml(&self, name: &str, family: Family) -> String {
+        match family {
+            Family::V4 => self.service_toml(name, "least_conn"),
+            Family::V6 => self.ipv6_service_toml(name, "least_conn"),
+        }
     }
 
     /// The `[[service]]` table for this network (health checks every 500 ms, fall 2).
@@ -447,7 +470,8 @@ fn sessions_complete_spread_and_keep_the_client_address(
 }
 
 /// [`sessions_complete_spread_and_keep_the_client_address`] through the VIP of `family`; for
-/// IPv6 the service listens on both VIPs and knows its backends by their IPv6 addresses.
+/// IPv6 the service listens on the IPv6 VIP (dsr: on both) and knows its backends by their
+/// IPv6 addresses.
 fn sessions_complete_spread_and_keep_the_client_address_over(
     topo: &Network,
     name: &str,
@@ -455,10 +479,7 @@ fn sessions_complete_spread_and_keep_the_client_address_over(
     family: Family,
 ) {
     let layout = topo.layout;
-    let config = match family {
-        Family::V4 => topo.service_toml(name, "least_conn"),
-        Family::V6 => topo.dual_stack_service_toml(name, "least_conn"),
-    };
+    let config = topo.family_service_toml(name, family);
     let mut sy = topo.start(&config);
     if layout == Layout::Dsr {
         // dsr learns the backends' MACs first (SYNs before that are dropped, and retried).
@@ -557,28 +578,27 @@ fn dsr_sessions_complete_spread_and_keep_the_client_address() {
     }
 }
 
-#[test]
-fn dsr_ipv6_sessions_complete_spread_and_keep_the_client_address() {
-    if let Some((topo, name)) = running_topology(Layout::Dsr) {
+/// [`sessions_complete_spread_and_keep_the_client_address_over`] IPv6 on `network` (from
+/// [`running`]), the program expected in `expected_mode`.
+fn ipv6_sessions_complete(network: Option<(Network, String)>, expected_mode: &str) {
+    if let Some((topo, name)) = network {
         sessions_complete_spread_and_keep_the_client_address_over(
             &topo,
             &name,
-            "native",
+            expected_mode,
             Family::V6,
         );
     }
 }
 
 #[test]
+fn dsr_ipv6_sessions_complete_spread_and_keep_the_client_address() {
+    ipv6_sessions_complete(running_topology(Layout::Dsr), "native");
+}
+
+#[test]
 fn plain_topology_dsr_ipv6_in_auto_mode_runs_generic_and_sessions_complete() {
-    if let Some((topo, name)) = running(&Plan::plain(Layout::Dsr, 3), None) {
-        sessions_complete_spread_and_keep_the_client_address_over(
-            &topo,
-            &name,
-            "generic",
-            Family::V6,
-        );
-    }
+    ipv6_sessions_complete(running(&Plan::plain(Layout::Dsr, 3), None), "generic");
 }
 
 #[test]
@@ -586,6 +606,24 @@ fn nat_sessions_complete_spread_and_keep_the_client_address() {
     if let Some((topo, name)) = running_topology(Layout::Nat) {
         sessions_complete_spread_and_keep_the_client_address(&topo, &name, "native");
     }
+}
+
+#[test]
+fn nat_ipv6_sessions_complete_spread_and_keep_the_client_address() {
+    ipv6_sessions_complete(running_topology(Layout::Nat), "native");
+}
+
+#[test]
+fn plain_topology_nat_ipv6_refuses_without_forwarding_then_sessions_complete_in_auto_mode() {
+    nat_refuses_without_forwarding_then_sessions_complete(
+        Family::V6,
+        &[
+            "net.ipv6.conf.all.forwarding",
+            "net.ipv6.conf.eth0.forwarding",
+            "net.ipv6.conf.eth1.forwarding",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
+    );
 }
 
 #[test]
@@ -597,30 +635,48 @@ fn plain_topology_dsr_in_auto_mode_runs_generic_and_sessions_complete() {
 
 #[test]
 fn plain_topology_nat_refuses_without_forwarding_then_sessions_complete_in_auto_mode() {
+    nat_refuses_without_forwarding_then_sessions_complete(
+        Family::V4,
+        &[
+            "net.ipv4.conf.eth0.forwarding",
+            "net.ipv4.conf.eth1.forwarding",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+}
+
+/// nat of `family` on the plain topology: without forwarding the clear refusal, naming each
+/// of `sysctls` (and none of the other IP version's), nothing attached; then, with what it
+/// says to set, sessions complete in generic mode.
+fn nat_refuses_without_forwarding_then_sessions_complete(family: Family, sysctls: &[&str]) {
     let Some((topo, name)) = running(&Plan::plain(Layout::Nat, 3), None) else {
         return;
     };
-    let (status, stderr) = run_to_exit(&topo.balancer, &topo.service_toml(&name, "least_conn"));
+    let (status, stderr) = run_to_exit(&topo.balancer, &topo.family_service_toml(&name, family));
     assert_eq!(status.code(), Some(1), "must refuse: {stderr}");
-    for sysctl in [
-        "net.ipv4.conf.eth0.forwarding",
-        "net.ipv4.conf.eth1.forwarding",
-        "net.ipv4.ip_forward=1",
-    ] {
+    for sysctl in sysctls {
         assert!(
             stderr.contains(sysctl),
             "the refusal names {sysctl}: {stderr}"
         );
     }
+    let other = match family {
+        Family::V4 => "net.ipv6",
+        Family::V6 => "net.ipv4",
+    };
+    assert!(
+        !stderr.contains(other),
+        "{family:?} nat needs no {other} forwarding: {stderr}"
+    );
     assert!(
         !stderr.contains("XDP program attached"),
         "nothing attached: {stderr}"
     );
     // What the refusal says to do.
     topo.balancer
-        .sysctl("net.ipv4.ip_forward", "1")
+        .sysctl(family.forwarding_sysctl(), "1")
         .expect("forwarding on");
-    sessions_complete_spread_and_keep_the_client_address(&topo, &name, "generic");
+    sessions_complete_spread_and_keep_the_client_address_over(&topo, &name, "generic", family);
 }
 
 /// Local senders on veths leave only a partial checksum (the pseudo-header seed) in the frames;
@@ -630,18 +686,28 @@ fn plain_topology_nat_refuses_without_forwarding_then_sessions_complete_in_auto_
 /// make every segment arrive with a bad checksum, and no session would complete.
 #[test]
 fn nat_keeps_partial_checksums_right_for_a_device_that_completes_them() {
+    partial_checksums_stay_right_for_a_device_that_completes_them(Family::V4);
+}
+
+/// The same over IPv6, whose pseudo-header sums the 128-bit addresses.
+#[test]
+fn nat_ipv6_keeps_partial_checksums_right_for_a_device_that_completes_them() {
+    partial_checksums_stay_right_for_a_device_that_completes_them(Family::V6);
+}
+
+fn partial_checksums_stay_right_for_a_device_that_completes_them(family: Family) {
     let Some((topo, name)) = running(&Plan::plain(Layout::Nat, 3), None) else {
         return;
     };
     topo.balancer
-        .sysctl("net.ipv4.ip_forward", "1")
+        .sysctl(family.forwarding_sysctl(), "1")
         .expect("forwarding on");
     for i in 0..topo.backends.len() {
         topo.switch
             .disable_tx_checksum(&format!("pb{i}"))
             .expect("no checksum offload on the backend's bridge port");
     }
-    sessions_complete_spread_and_keep_the_client_address(&topo, &name, "generic");
+    sessions_complete_spread_and_keep_the_client_address_over(&topo, &name, "generic", family);
 }
 
 #[test]
@@ -672,25 +738,45 @@ fn native_mode_on_a_plain_veth_refuses_and_says_what_native_needs() {
 /// from the VIP, which the client would never accept).
 #[test]
 fn nat_a_direct_connection_from_an_ended_flows_client_port_completes() {
+    a_direct_connection_from_an_ended_nat_flows_client_port_completes(Family::V4, 20025);
+}
+
+/// The same over IPv6: the ended flow's entry in `NAT_REPLIES6` must not rewrite the direct
+/// connection's replies.
+#[test]
+fn nat_ipv6_a_direct_connection_from_an_ended_flows_client_port_completes() {
+    a_direct_connection_from_an_ended_nat_flows_client_port_completes(Family::V6, 20027);
+}
+
+fn a_direct_connection_from_an_ended_nat_flows_client_port_completes(family: Family, port: u16) {
     let Some((topo, name)) = running_topology(Layout::Nat) else {
         return;
     };
-    let sy = topo.start(&topo.service_toml(&name, "least_conn"));
-    const PORT: u16 = 20025;
+    let sy = topo.start(&topo.family_service_toml(&name, family));
+    let vip = family.vip();
     let via_vip = topo
         .client
-        .run(|| session_from_port(vip(), PORT, Duration::ZERO))
+        .run(move || session_from_port(vip, port, Duration::ZERO))
         .expect("a session through the VIP");
     wait_for_counts_back_to_zero(&topo);
-    let direct = SocketAddrV4::new(topo.backend_addr(backend_index(&via_vip)), SMTP_PORT);
+    let index = backend_index(&via_vip);
+    let direct: SocketAddr = match family {
+        Family::V4 => SocketAddrV4::new(topo.backend_addr(index), SMTP_PORT).into(),
+        Family::V6 => SocketAddrV6::new(topo.backend_addr6(index), SMTP_PORT, 0, 0).into(),
+    };
     let got = topo
         .client
-        .run(move || session_from_port(direct, PORT, Duration::ZERO).map_err(|e| format!("{e:#}")));
+        .run(move || session_from_port(direct, port, Duration::ZERO).map_err(|e| format!("{e:#}")));
     assert_eq!(
         got.as_deref(),
         Ok(via_vip.as_str()),
-        "a direct session from port {PORT} to {direct}, where the VIP's session from that port went\n{}",
+        "a direct session from port {port} to {direct}, where the VIP's session from that port went\n{}",
         sy.stderr_text()
+    );
+    assert_eq!(
+        topo.servers[index].sessions_from(family.client()),
+        2,
+        "both sessions came from the client's own address"
     );
     assert!(active_counts(&topo).iter().all(|&c| c == 0));
 }
@@ -820,7 +906,7 @@ fn ipv6_traffic_is_untouched(layout: Layout) {
     };
     // dsr serves an IPv6 VIP too: the IPv6 path runs on every IPv6 packet.
     let config = match layout {
-        Layout::Dsr => topo.dual_stack_service_toml(&name, "least_conn"),
+        Layout::Dsr => topo.ipv6_service_toml(&name, "least_conn"),
         Layout::Nat => topo.service_toml(&name, "least_conn"),
     };
     let _sy = topo.start(&config);

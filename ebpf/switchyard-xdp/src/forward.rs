@@ -198,27 +198,18 @@ pub fn forward_nat6(ctx: &XdpContext, pkt: &Packet6, backend: &BackendEntry6) ->
     route6(ctx, pkt)
 }
 
-/// [`nat_reply`] for IPv6: a backend's reply found in `NAT_REPLIES6` and checked against its
-/// flow in `FLOWS6` is rewritten to come from the IPv6 VIP:port; anything else passes.
+/// [`nat_reply`] for IPv6: a backend's reply (`key`: the packet's own 4-tuple) found in
+/// `NAT_REPLIES6` and checked against its flow in `FLOWS6` is rewritten to come from the IPv6
+/// VIP:port; anything else passes, and a stale reply entry is forgotten.
 #[inline(always)]
-pub fn nat_reply6(ctx: &XdpContext, pkt: &Packet6) -> u32 {
-    let key = unsafe {
-        FlowKey6 {
-            src_addr: (*pkt.ip).saddr,
-            dst_addr: (*pkt.ip).daddr,
-            src_port: (*pkt.tcp).sport,
-            dst_port: (*pkt.tcp).dport,
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        }
-    };
-    let Some(reply) = NAT_REPLIES6.get_ptr_mut(&key) else {
+pub fn nat_reply6(ctx: &XdpContext, pkt: &Packet6, key: &FlowKey6, flags: u8) -> u32 {
+    let Some(reply) = NAT_REPLIES6.get_ptr_mut(key) else {
         return xdp_action::XDP_PASS;
     };
     let (vip, vport) = unsafe { ((*reply).vip_addr, (*reply).vip_port) };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if !follow_reply6(&key, &vip, vport, unsafe { (*pkt.tcp).flags }, now) {
-        let _ = NAT_REPLIES6.remove(&key);
+    if !follow_reply6(key, &vip, vport, flags, now) {
+        let _ = NAT_REPLIES6.remove(key);
         return xdp_action::XDP_PASS;
     }
     unsafe {

@@ -31,7 +31,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     let (service_key, flow_key, flags) = keys(&pkt);
     let Some(service) = (unsafe { SERVICES6.get(&service_key) }) else {
         // Not for a VIP: maybe a nat backend's reply (on the backend-facing interface).
-        return nat_reply6(ctx, &pkt);
+        return nat_reply6(ctx, &pkt, &flow_key, flags);
     };
     let service = *service;
     match flow_slot(&service, &flow_key, flags) {

@@ -160,8 +160,8 @@ mod tests {
     #[test]
     fn nat_without_forwarding_names_the_sysctl_of_each_interface_that_lacks_it() {
         let conf = sysctls(&[("ipv4", "eth0", "1"), ("ipv4", "eth1", "0")]);
-        let error = check_nat_forwarding_in(&nat_config(), conf.path())
-            .expect_err("eth1 does not forward");
+        let error =
+            check_nat_forwarding_in(&nat_config(), conf.path()).expect_err("eth1 does not forward");
         let text = format!("{error:#}");
         assert!(text.contains("net.ipv4.conf.eth1.forwarding=1"), "{text}");
         assert!(text.contains("net.ipv4.ip_forward=1"), "{text}");

@@ -6,8 +6,9 @@
 use std::mem::size_of;
 
 use switchyard_common::maps::{
-    ActiveCell, BackendEntry, BackendEntry6, BackendStats, ClockCache, FlowKey, FlowKey6, FlowValue,
-    NatReply, NatReply6, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceStats, ServiceValue, names,
+    ActiveCell, BackendEntry, BackendEntry6, BackendStats, ClockCache, FlowKey, FlowKey6,
+    FlowValue, NatReply, NatReply6, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute,
+    ServiceStats, ServiceValue, names,
 };
 
 /// `bpf_map_type` values of the kinds the program declares.

@@ -25,8 +25,8 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::maps::{
-    BackendEntry, BackendEntry6, PROTO_TCP, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceValue,
-    WEIGHTED_TABLE_SIZE, address_filter, algorithm, forwarding, maglev_index, names,
+    BackendEntry, BackendEntry6, PROTO_TCP, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute,
+    ServiceValue, WEIGHTED_TABLE_SIZE, address_filter, algorithm, forwarding, maglev_index, names,
     service_backend_index, weighted_index,
 };
 
