@@ -180,7 +180,7 @@ fn plain_path(results: &[ContenderResult]) -> Option<PlainPath> {
     let get = |mode: Mode| results.iter().find(|r| r.name == mode.contender());
     let direct = get(Mode::PlainDirect)?;
     let direct_rates: Vec<f64> = direct.runs.iter().map(|r| r.sessions_per_s).collect();
-    let xdp = [Mode::PlainDsr, Mode::PlainNat]
+    let xdp = [Mode::PlainDsr, Mode::PlainNat, Mode::PlainRouting]
         .into_iter()
         .filter_map(get)
         .filter_map(|r| {

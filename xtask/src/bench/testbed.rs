@@ -50,10 +50,13 @@ pub enum Mode {
     PlainDirect,
     PlainDsr,
     PlainNat,
+    /// Reference: the plain network's balancer forwarding by kernel routing (ECMP to the
+    /// sinks, no program): what the extra hop through the balancer costs by itself.
+    PlainRouting,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 7] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Routing,
         Mode::Proxy,
         Mode::Dsr,
@@ -61,6 +64,7 @@ impl Mode {
         Mode::PlainDirect,
         Mode::PlainDsr,
         Mode::PlainNat,
+        Mode::PlainRouting,
     ];
 
     /// The contender's name in the benchmark's table.
@@ -73,12 +77,16 @@ impl Mode {
             Mode::PlainDirect => "plain: direct to one MTA",
             Mode::PlainDsr => "plain: switchyard xdp dsr (auto)",
             Mode::PlainNat => "plain: switchyard xdp nat (auto)",
+            Mode::PlainRouting => "plain: kernel routing (reference)",
         }
     }
 
     /// Whether it runs on the plain network.
     pub fn plain(self) -> bool {
-        matches!(self, Mode::PlainDirect | Mode::PlainDsr | Mode::PlainNat)
+        matches!(
+            self,
+            Mode::PlainDirect | Mode::PlainDsr | Mode::PlainNat | Mode::PlainRouting
+        )
     }
 
     /// The forwarding a switchyard xdp mode configures.
@@ -99,6 +107,7 @@ impl Mode {
             Mode::PlainDirect => "plain-direct",
             Mode::PlainDsr => "plain-dsr",
             Mode::PlainNat => "plain-nat",
+            Mode::PlainRouting => "plain-routing",
         }
     }
 }
@@ -202,14 +211,26 @@ impl Testbed {
         self.deactivate();
         let mut process = None;
         match mode {
-            Mode::Routing => {
+            Mode::Routing | Mode::PlainRouting => {
+                let net = self.network(mode);
+                if mode == Mode::PlainRouting {
+                    // As the prepared network's routing contender: no ICMP redirect may send
+                    // the client around the balancer; ECMP by the layer-4 hash. (Neither
+                    // touches the XDP contenders, whose packets the stack never routes.)
+                    for key in ["all", "eth0"] {
+                        let key = format!("net.ipv4.conf.{key}.send_redirects");
+                        net.balancer.sysctl(&key, "0")?;
+                    }
+                    net.balancer
+                        .sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+                }
                 let mut args = vec!["route".to_string(), "replace".into(), format!("{VIP}/32")];
-                for i in 0..self.net.backends.len() {
-                    let via = self.net.backend_addr(i).to_string();
+                for i in 0..net.backends.len() {
+                    let via = net.backend_addr(i).to_string();
                     args.extend(["nexthop".into(), "via".into(), via]);
                 }
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                self.net.balancer.ip(&args)?;
+                net.balancer.ip(&args)?;
             }
             Mode::PlainDirect => {}
             Mode::Dsr | Mode::Proxy | Mode::PlainDsr => {
@@ -233,10 +254,9 @@ impl Testbed {
             // Graceful: switchyard detaches its XDP program on SIGTERM.
             p.stop(Duration::from_secs(10));
         }
-        let _ = self
-            .net
-            .balancer
-            .ip(&["route", "del", &format!("{VIP}/32")]);
+        for net in [&self.net, &self.plain] {
+            let _ = net.balancer.ip(&["route", "del", &format!("{VIP}/32")]);
+        }
         for ns in self.net.backends.iter().chain(&self.plain.backends) {
             let _ = ns.ip(&["route", "del", &format!("{CLIENT}/32")]);
         }
