@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use switchyard::config;
+use testkit::harness::free_addr;
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
@@ -1252,16 +1253,10 @@ struct ConfigFile {
     ports: Vec<u16>,
 }
 
-/// A port nobody listens on right now (the kernel picks it; we let it go again).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
-
 /// Writes `text` to a file, its `@PORTn@` placeholders replaced with free loopback ports.
 fn write_config(text: &str) -> ConfigFile {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let (text, ports) = fill_ports(text, |_| free_port());
+    let (text, ports) = fill_ports(text, |_| free_addr().port());
     let path = dir.path().join("switchyard.toml");
     std::fs::write(&path, text).expect("write config");
     ConfigFile {

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use testkit::config_toml::ServiceToml;
-use testkit::harness::{Switchyard, free_addr};
+use testkit::harness::{Switchyard, free_addr, free_addr_v6};
 use testkit::smtp_client::smtp_session;
 use testkit::smtp_server::{Behaviour, ProxyExpect, SmtpServer};
 
@@ -447,11 +447,6 @@ async fn smtp_check_passes_through_a_backend_requiring_proxy_v2() {
 // ---------------------------------------------------------------------------------------------
 // PROXY headers of real client sessions
 // ---------------------------------------------------------------------------------------------
-
-fn free_addr_v6() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("[::1]:0").expect("bind [::1]");
-    listener.local_addr().expect("local address")
-}
 
 /// A minimal client: greeting, QUIT. Returns its own address (what the header must announce).
 async fn greet_and_quit(addr: SocketAddr) -> SocketAddr {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use testkit::harness::{Switchyard, free_addr};
+use testkit::harness::{Switchyard, free_addr, free_addr_v6};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
@@ -430,8 +430,8 @@ async fn postfix_smtpd_logs_the_real_client_address_through_proxy_v1_and_v2() {
     let pf = tokio::task::spawn_blocking(PrivatePostfix::start)
         .await
         .expect("start Postfix");
-    let v1 = (free_addr(), free_v6_addr());
-    let v2 = (free_addr(), free_v6_addr());
+    let v1 = (free_addr(), free_addr_v6());
+    let v2 = (free_addr(), free_addr_v6());
     let service = |name: &str, proxy: &str, listen: (SocketAddr, SocketAddr)| {
         format!(
             "[[service]]\nname = \"{name}\"\nlisten = [\"{}\", \"{}\"]\nproxy_protocol = \"{proxy}\"\n\n\
@@ -482,11 +482,6 @@ async fn postfix_smtpd_logs_the_real_client_address_through_proxy_v1_and_v2() {
     tokio::task::spawn_blocking(move || drop(pf))
         .await
         .expect("stop Postfix");
-}
-
-fn free_v6_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("[::1]:0").expect("bind [::1]");
-    listener.local_addr().expect("local address")
 }
 
 /// Effective uid 0, from /proc (the test's nix features do not include the user module).

@@ -138,15 +138,15 @@ pub async fn run(
         result = relay(&client, &server, greeting, idle) => result.map_err(anyhow::Error::from),
     };
     // The client's address is asked again only when debug logging wants it: keeping it for
-    // the whole session would cost every idle session its bytes.
+    // the whole session would cost every idle session its bytes
+    // (tracing evaluates these fields only when the event is enabled).
     let backend = &backend.config.name;
-    let client = client.peer_addr().ok();
     match result {
         Ok(()) => {
-            debug!(?client, %backend, elapsed = ?started.elapsed(), "session closed")
+            debug!(client = ?client.peer_addr().ok(), %backend, elapsed = ?started.elapsed(), "session closed")
         }
         Err(error) => {
-            debug!(?client, %backend, "session ended: {error:#}")
+            debug!(client = ?client.peer_addr().ok(), %backend, "session ended: {error:#}")
         }
     }
     drop(_active);
@@ -353,15 +353,17 @@ async fn greet(
     let generation = backend.health.generation();
     let started = Instant::now();
     let result = reach(service, backend.config.address, header).await;
+    // One clock read for both the health verdict and the response time.
+    let finished = Instant::now();
     let seen = match &result {
         Ok(_) => Some(Observation::Greeted),
         Err(failure) => failure.observation(),
     };
     if let Some(seen) = seen {
-        observe(service, backend, generation, seen, &result);
+        observe(service, backend, generation, seen, &result, finished);
     }
     let (stream, greeting, talked_ahead) = result?;
-    let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+    let micros = u32::try_from((finished - started).as_micros()).unwrap_or(u32::MAX);
     backend.record_response(micros);
     let mut bytes = greeting;
     // A backend that talks ahead of the client (rare) must not lose those bytes.
@@ -377,9 +379,10 @@ fn observe<T>(
     generation: Generation,
     seen: Observation,
     result: &Result<T, Failure>,
+    now: Instant,
 ) {
     let health = &backend.health;
-    if health.record_live(generation, seen, Instant::now()) == Some(false)
+    if health.record_live(generation, seen, now) == Some(false)
         && let Err(failure) = result
     {
         warn!(

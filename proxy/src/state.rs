@@ -303,6 +303,11 @@ impl HealthState {
     /// With `kind = "none"`, brings a backend that live traffic took down back once it has
     /// been down for the hold-down; returns `Some(true)` when it did.
     pub fn end_hold_down(&self, now: Instant) -> Option<bool> {
+        // Checked without the lock first: an up backend, nearly always, has nothing to end,
+        // and the lock is the one every session's outcome takes.
+        if self.kind != HealthKind::None || self.is_up() {
+            return None;
+        }
         let mut tally = self.tally.lock();
         let since = tally.down_since?;
         if self.kind != HealthKind::None

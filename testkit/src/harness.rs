@@ -3,7 +3,7 @@
 //! environment), waited on until ready, signalled and stopped, with its stderr for failure
 //! messages and its shutdown totals read from the file `run --totals FILE` writes.
 //!
-//! Tests pass `env!("CARGO_BIN_EXE_switchyard")` as the binary; xtask passes its release build.
+//! Tests pass `env!("CARGO_BIN_EXE_switchyard")` as the binary.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -191,11 +191,6 @@ impl Switchyard {
         self.child.id()
     }
 
-    /// The `listen` addresses of the config's userspace services, in order.
-    pub fn listen_addrs(&self) -> &[SocketAddr] {
-        &self.listen
-    }
-
     /// The temporary directory holding the config, the stderr log and the totals file.
     pub fn config_dir(&self) -> &Path {
         self.dir.path()
@@ -313,6 +308,15 @@ fn listen_addresses(config_toml: &str) -> Vec<SocketAddr> {
 
 /// A loopback address with a port that was free a moment ago (for a `listen` address).
 pub fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    free_addr_on("127.0.0.1:0")
+}
+
+/// [`free_addr`] on `[::1]`.
+pub fn free_addr_v6() -> SocketAddr {
+    free_addr_on("[::1]:0")
+}
+
+fn free_addr_on(any_port: &str) -> SocketAddr {
+    let listener = std::net::TcpListener::bind(any_port).expect("bind an ephemeral port");
     listener.local_addr().expect("local address")
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, Result, bail, ensure};
 
 /// Why the kernel-path tests cannot run here, if they cannot.
-pub fn unavailable(object_expected: bool) -> Option<String> {
+fn unavailable(object_expected: bool) -> Option<String> {
     if unsafe { nix::libc::geteuid() } != 0 {
         return Some("not root".into());
     }
@@ -138,12 +138,6 @@ impl Netns {
             std::fs::write(&file, &value)
                 .with_context(|| format!("sysctl in {name}: writing {value} to {file}"))
         })
-    }
-
-    /// Turns GRO on for a veth end (so its NAPI runs: redirected frames are polled).
-    pub fn enable_gro(&self, interface: &str) -> Result<()> {
-        let interface = interface.to_string();
-        self.run(move || ethtool_set(&interface, ETHTOOL_SGRO, 1))
     }
 
     /// Turns transmit checksum offload off: a veth otherwise hands on TCP segments with only
@@ -271,7 +265,6 @@ fn enter(path: &Path) {
     }
 }
 
-const ETHTOOL_SGRO: u32 = 0x2c;
 const ETHTOOL_STXCSUM: u32 = 0x17;
 
 /// The object the binary embeds.

@@ -245,11 +245,6 @@ impl SmtpServer {
         self.shared.counters.message_bytes.load(Ordering::SeqCst)
     }
 
-    /// One record per connection so far, in accept order (empty without `keep_records`).
-    pub fn connection_records(&self) -> Vec<Connection> {
-        self.shared.records().clone()
-    }
-
     /// Client addresses of every connection, health checks included.
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.shared.records().iter().map(|c| c.peer).collect()
@@ -310,7 +305,7 @@ impl SmtpServer {
     }
 
     /// Serves on a new `listener` (after `stop` or `pause`); open sessions carry on.
-    pub fn restart_on(&self, listener: StdTcpListener) -> Result<()> {
+    fn restart_on(&self, listener: StdTcpListener) -> Result<()> {
         self.pause();
         self.listen(listener)
     }

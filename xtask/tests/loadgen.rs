@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use testkit::harness::free_addr;
 use testkit::smtp_server::RejectAt;
 use xtask::loadgen::{self, Budget, LoadSpec};
 use xtask::sink::{Reject, SinkConfig, SinkThread};
@@ -16,13 +17,6 @@ fn any_port() -> SocketAddr {
 /// xtask's sink on a loopback port, accepting everything.
 fn prompt_sink() -> SinkThread {
     SinkThread::start(&[any_port()], SinkConfig::default()).expect("sink starts")
-}
-
-/// A loopback port nothing listens on (bound, then dropped).
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind(any_port())
-        .and_then(|l| l.local_addr())
-        .expect("free port")
 }
 
 /// Every one of `sessions` sessions succeeded with one message each.
@@ -147,7 +141,7 @@ fn rejections_are_counted_by_code_and_stage() {
 
 #[test]
 fn refused_connections_are_an_error_kind() {
-    let addr = free_port();
+    let addr = free_addr();
     let report = loadgen::run_blocking(spec(addr, 3, 10)).expect("load runs");
     assert_eq!(report.sessions_failed, 10);
     assert_eq!(
@@ -196,7 +190,7 @@ fn counts_exactly_what_postfix_smtp_sink_received() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .expect("chmod");
-    let addr = free_port();
+    let addr = free_addr();
     let mut cmd = Command::new(bin);
     if nix_is_root() {
         cmd.args(["-u", "nobody"]);

@@ -4,7 +4,6 @@
 //! clock only moves on a tick anyway, so within one jiffy the value read at its start stands.
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
-use switchyard_common::maps::ClockCache;
 
 use crate::maps::CLOCK_CACHE;
 

@@ -54,9 +54,16 @@ fn mark(flow: *mut FlowValue, flag: u64) {
 /// packets of a busy flow leave its cache line clean for the other CPUs.
 #[inline(always)]
 fn refresh(flow: *mut FlowValue, now: u64) {
+    stamp(unsafe { &raw mut (*flow).last_seen_ns }, now);
+}
+
+/// Sets a last-seen stamp to `now` only when it differs (once per clock tick), so a busy
+/// entry's cache line is not dirtied on every packet for other CPUs.
+#[inline(always)]
+pub fn stamp(last_seen_ns: *mut u64, now: u64) {
     unsafe {
-        if (*flow).last_seen_ns != now {
-            (*flow).last_seen_ns = now;
+        if *last_seen_ns != now {
+            *last_seen_ns = now;
         }
     }
 }
@@ -149,7 +156,7 @@ fn reply_seen(flow: *mut FlowValue, flags: u8, now: u64) -> bool {
     if is_stale(flow, flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK, now) {
         return false;
     }
-    unsafe { (*flow).last_seen_ns = now };
+    refresh(flow, now);
     if flags & TCP_RST != 0 {
         mark(flow, flow_flags::RESET);
         close_flow(flow);

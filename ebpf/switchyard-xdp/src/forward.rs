@@ -12,15 +12,16 @@
 use core::mem::size_of;
 
 use aya_ebpf::bindings::{bpf_fib_lookup as FibParams, xdp_action};
-use aya_ebpf::helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect};
+use aya_ebpf::helpers::{bpf_fib_lookup, bpf_redirect};
 use aya_ebpf::programs::XdpContext;
-use switchyard_common::maps::{BackendEntry, BackendEntry6, FlowKey, FlowKey6, PROTO_TCP};
+use switchyard_common::maps::{BackendEntry, BackendEntry6, FlowKey6, PROTO_TCP};
 
 use crate::checksum::{
     csum_replace2, csum_replace4, csum_replace16, is_partial_seed, is_partial_seed6,
     seed_replace4, seed_replace16,
 };
-use crate::flow::{follow_reply, follow_reply6};
+use crate::clock::coarse_now;
+use crate::flow::{follow_reply, follow_reply6, stamp, tcp_flow_key};
 use crate::maps::{NAT_REPLIES, NAT_REPLIES6};
 use crate::parse::{EthHdr, IPV6_HLEN, Packet, Packet6};
 
@@ -127,20 +128,18 @@ fn redirect(ctx: &XdpContext, eth: *mut EthHdr, params: &mut FibParams) -> u32 {
 #[inline(always)]
 pub fn nat_reply(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let key = unsafe {
-        FlowKey {
-            src_addr: (*pkt.ip).saddr,
-            dst_addr: (*pkt.ip).daddr,
-            src_port: (*pkt.tcp).sport,
-            dst_port: (*pkt.tcp).dport,
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        }
+        tcp_flow_key(
+            (*pkt.ip).saddr,
+            (*pkt.ip).daddr,
+            (*pkt.tcp).sport,
+            (*pkt.tcp).dport,
+        )
     };
     let Some(reply) = NAT_REPLIES.get_ptr_mut(&key) else {
         return xdp_action::XDP_PASS;
     };
     let (vip, vport) = unsafe { ((*reply).vip_addr, (*reply).vip_port) };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = coarse_now();
     if !follow_reply(&key, vip, vport, unsafe { (*pkt.tcp).flags }, now) {
         // Stale: not this flow's reply (any more). The stack gets it as it is, e.g. a direct
         // connection from the same client port to this backend.
@@ -148,7 +147,7 @@ pub fn nat_reply(ctx: &XdpContext, pkt: &Packet) -> u32 {
         return xdp_action::XDP_PASS;
     }
     unsafe {
-        (*reply).last_seen_ns = now;
+        stamp(&raw mut (*reply).last_seen_ns, now);
         let old_addr = (*pkt.ip).saddr;
         let old_port = (*pkt.tcp).sport;
         rewrite_tcp_checksum(pkt, old_addr, vip, old_port, vport);
@@ -207,13 +206,13 @@ pub fn nat_reply6(ctx: &XdpContext, pkt: &Packet6, key: &FlowKey6, flags: u8) ->
         return xdp_action::XDP_PASS;
     };
     let (vip, vport) = unsafe { ((*reply).vip_addr, (*reply).vip_port) };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = coarse_now();
     if !follow_reply6(key, &vip, vport, flags, now) {
         let _ = NAT_REPLIES6.remove(key);
         return xdp_action::XDP_PASS;
     }
     unsafe {
-        (*reply).last_seen_ns = now;
+        stamp(&raw mut (*reply).last_seen_ns, now);
         let old_port = (*pkt.tcp).sport;
         rewrite_tcp_checksum6(pkt, &key.src_addr, &vip, old_port, vport);
         (*pkt.ip).saddr = vip;

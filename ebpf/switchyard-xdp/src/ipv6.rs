@@ -12,10 +12,10 @@
 //! from the VIP.
 
 use aya_ebpf::bindings::xdp_action;
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::programs::XdpContext;
 use switchyard_common::maps::{FlowKey6, PROTO_TCP, ServiceKey6, ServiceValue, forwarding};
 
+use crate::clock::coarse_now;
 use crate::flow::{follow, is_stale, new_flow6};
 use crate::forward::{dsr_frame, forward_nat6, nat_reply6};
 use crate::maps::{BACKENDS, BACKENDS6, FLOWS6, SERVICES6};
@@ -68,7 +68,7 @@ fn keys(pkt: &Packet6) -> (ServiceKey6, FlowKey6, u8) {
 /// backend can take.
 #[inline(always)]
 fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u32> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = coarse_now();
     let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(flow) = FLOWS6.get_ptr_mut(key)
         && !is_stale(flow, is_syn, now)
