@@ -5,6 +5,7 @@
 
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod counters;
 pub mod health;
 pub mod limits;

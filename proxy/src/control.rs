@@ -1,0 +1,169 @@
+//! The runtime-control protocol between `switchyard ctl` and a running balancer: what can be
+//! asked (`Request`), what comes back (`Reply`), and the state report `ctl show` prints. One
+//! JSON object per line each way over the admin socket (`admin.rs` serves it, `ctl.rs` asks).
+//!
+//! The types are plain serde values so the client, the daemon and the tests share one schema.
+
+use serde::{Deserialize, Serialize};
+
+/// One request as the admin socket hands it to the control loop: who asked (the peer's uid
+/// from `SO_PEERCRED`) and where the answer goes.
+pub struct Call {
+    pub request: Request,
+    pub uid: u32,
+    pub reply: tokio::sync::oneshot::Sender<Reply>,
+}
+
+/// One backend of one service, as `ctl` names it: `SERVICE/BACKEND`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub service: String,
+    pub backend: String,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.service, self.backend)
+    }
+}
+
+/// What `ctl` asks the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    /// The state of every service, or of one.
+    Show { service: Option<String> },
+    /// No new sessions or flows for the backend; those it has finish.
+    Drain { target: Target },
+    /// Ends a runtime drain (the file's `drain` applies again).
+    Undrain { target: Target },
+    /// No traffic and no health checks (HAProxy's maintenance mode).
+    Disable { target: Target },
+    Enable { target: Target },
+    /// A runtime weight, until the file changes that backend's `weight`.
+    Weight { target: Target, weight: u32 },
+    /// Re-read the config file `run` was given and apply the difference.
+    Reload,
+    /// Validate the config file on disk without applying it.
+    Check,
+}
+
+/// The daemon's answer to one request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request was carried out (`ctl` exits 0) or refused (`ctl` exits 1).
+    pub ok: bool,
+    /// What happened, for people: the changes a reload applied ("no change" when none), the
+    /// config errors exactly as `check` prints them, or why a request was refused.
+    pub text: String,
+    /// For `show`: the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show: Option<ShowReport>,
+}
+
+impl Reply {
+    pub fn ok(text: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            text: text.into(),
+            show: None,
+        }
+    }
+
+    pub fn refused(text: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            text: text.into(),
+            show: None,
+        }
+    }
+}
+
+/// `ctl show`: every service (or the one asked for) with its backends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShowReport {
+    pub services: Vec<ServiceReport>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceReport {
+    pub name: String,
+    /// `proxy` or `xdp`.
+    pub dataplane: String,
+    pub algorithm: String,
+    /// Listen addresses (proxy) or VIPs (xdp).
+    pub listeners: Vec<String>,
+    /// Client sessions open now (proxy).
+    pub sessions_active: u64,
+    /// Client sessions accepted since start (proxy).
+    pub sessions_total: u64,
+    /// Clients answered `421` (no backend, or `max_connections` reached) since start.
+    pub refused_421: u64,
+    /// Open flows in the kernel's flow table (xdp services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
+    pub backends: Vec<BackendReport>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendReport {
+    pub name: String,
+    pub address: String,
+    /// `up`, `down`, `drain` or `disabled`.
+    pub state: String,
+    /// Why it is in that state (`health checks`, `drain = true in the file`, `ctl drain by uid
+    /// 0`, ...).
+    pub why: String,
+    /// The last active check, if any ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckReport>,
+    /// The weight in use (the file's, or a runtime one).
+    pub weight: u32,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    /// Sessions and flows open now (both data planes).
+    pub active: u64,
+    /// Sessions (and flows) ever assigned since start.
+    pub sessions_total: u64,
+    /// Failed attempts (connect failures, missing or refused greetings) seen on live traffic.
+    pub failures: u64,
+    /// least_time's moving average of connect + greeting, in microseconds (0 = unknown).
+    pub response_us: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub ok: bool,
+    /// When it ended, Unix time in milliseconds.
+    pub at_unix_ms: u64,
+    /// What it saw (`greeted 220`, `connect refused`, `timeout`, ...).
+    pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_read_as_ctl_writes_them() {
+        let drain = Request::Drain {
+            target: Target {
+                service: "mx".into(),
+                backend: "mta2".into(),
+            },
+        };
+        let line = serde_json::to_string(&drain).expect("serialize");
+        assert_eq!(
+            line,
+            r#"{"command":"drain","target":{"service":"mx","backend":"mta2"}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(&line).expect("parse"),
+            drain
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"reload"}"#).expect("parse"),
+            Request::Reload
+        );
+    }
+}
