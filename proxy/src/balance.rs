@@ -54,6 +54,13 @@ impl Selector {
         }
     }
 
+    /// Takes over `previous`'s rotation position (a reload of the same service), so a
+    /// round-robin turn or a tie-break does not start again at the first backend.
+    pub fn continue_from(&self, previous: &Selector) {
+        self.cursor
+            .store(previous.cursor.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// The service's prebuilt table, as backend indexes: the Maglev table for ip_hash, the smooth
     /// weighted table for weighted_round_robin, empty otherwise (round robin walks the backends
     /// themselves; least_* need none). The kernel path writes this very table into its maps, so

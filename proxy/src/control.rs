@@ -32,16 +32,29 @@ impl std::fmt::Display for Target {
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     /// The state of every service, or of one.
-    Show { service: Option<String> },
+    Show {
+        service: Option<String>,
+    },
     /// No new sessions or flows for the backend; those it has finish.
-    Drain { target: Target },
+    Drain {
+        target: Target,
+    },
     /// Ends a runtime drain (the file's `drain` applies again).
-    Undrain { target: Target },
+    Undrain {
+        target: Target,
+    },
     /// No traffic and no health checks (HAProxy's maintenance mode).
-    Disable { target: Target },
-    Enable { target: Target },
+    Disable {
+        target: Target,
+    },
+    Enable {
+        target: Target,
+    },
     /// A runtime weight, until the file changes that backend's `weight`.
-    Weight { target: Target, weight: u32 },
+    Weight {
+        target: Target,
+        weight: u32,
+    },
     /// Re-read the config file `run` was given and apply the difference.
     Reload,
     /// Validate the config file on disk without applying it.

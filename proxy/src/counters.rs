@@ -157,6 +157,11 @@ impl ActiveCount {
         self.slot
     }
 
+    /// The table the count is in.
+    pub fn table(&self) -> &CounterTable {
+        &self.table
+    }
+
     pub fn get(&self) -> u32 {
         let raw = self.table.cell(self.slot).load(Ordering::Relaxed);
         // A transiently wrapped value (a decrement seen before its increment) reads as 0.

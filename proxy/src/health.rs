@@ -25,7 +25,7 @@ use crate::limits::{self, Site};
 use crate::loops;
 use crate::proxy_protocol;
 use crate::smtp;
-use crate::state::{Backend, Service};
+use crate::state::{Backend, CheckRecord, Service};
 
 /// Spawns one check loop per backend of `service` on the current runtime (for
 /// `kind = "none"`, one loop that ends hold-downs and never connects); loops end when `stop` is
@@ -42,13 +42,24 @@ pub fn spawn_checks(service: Arc<Service>, stop: CancellationToken) {
         return;
     }
     let count = service.backends.len() as u32;
+    let interval = service.config.health.interval;
+    let now = Instant::now();
     for (index, backend) in service.backends.iter().enumerate() {
-        // Staggered by index so that checks of one service do not hit the pool all at once.
-        let offset = service.config.health.interval / count.max(1) * index as u32;
+        // A disabled backend is not checked (`ctl disable`); `enable` starts its checks again.
+        if backend.disabled {
+            continue;
+        }
+        // Staggered by index so that checks of one service do not hit the pool all at once;
+        // after a reload, each backend keeps the rhythm its last check set.
+        let offset = interval / count.max(1) * index as u32;
+        let first = match &*backend.live.last_check.lock() {
+            Some(last) => Instant::from_std(last.started + interval).max(now),
+            None => now + offset,
+        };
         tokio::spawn(check_loop(
             service.clone(),
             backend.clone(),
-            offset,
+            first,
             stop.clone(),
         ));
     }
@@ -57,12 +68,12 @@ pub fn spawn_checks(service: Arc<Service>, stop: CancellationToken) {
 async fn check_loop(
     service: Arc<Service>,
     backend: Arc<Backend>,
-    offset: Duration,
+    first: Instant,
     stop: CancellationToken,
 ) {
     let health = &service.config.health;
     let proxy = service.config.proxy_protocol;
-    let mut next = Instant::now() + offset;
+    let mut next = first;
     // Our own streak, for the log line; HealthState decides the state.
     let mut streak = 0u32;
     let mut last_ok: Option<bool> = None;
@@ -72,12 +83,13 @@ async fn check_loop(
             _ = tokio::time::sleep_until(next) => {}
         }
         next += health.interval;
-        let (generation, read_greeting) = backend.health.begin_check();
+        let (generation, read_greeting) = backend.live.health.begin_check();
         let kind = match (health.kind, read_greeting) {
             (HealthKind::Tcp, true) => CheckKind::Greeting,
             (HealthKind::Tcp, false) => CheckKind::Connect,
             _ => CheckKind::Smtp,
         };
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             result = check(health, kind, proxy, backend.config.address) => result,
@@ -92,6 +104,15 @@ async fn check_loop(
             Ok(latency) => Ok(latency),
         };
         let ok = result.is_ok();
+        *backend.live.last_check.lock() = Some(CheckRecord {
+            ok,
+            started,
+            ended: std::time::SystemTime::now(),
+            detail: match &result {
+                Ok(latency) => format!("passed in {} ms", latency.as_millis()),
+                Err(reason) => reason.clone(),
+            },
+        });
         if last_ok != Some(ok) {
             streak = 0;
         }
@@ -107,7 +128,7 @@ async fn check_loop(
                 service.config.name
             ),
         }
-        match (backend.health.record_check(generation, ok), result) {
+        match (backend.live.health.record_check(generation, ok), result) {
             (Some(true), _) => tracing::info!(
                 "backend {} of service {} is UP ({streak} consecutive successful {} checks)",
                 backend.config.name,
@@ -139,12 +160,12 @@ async fn hold_down_loop(service: Arc<Service>, backend: Arc<Backend>, stop: Canc
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if backend.health.end_hold_down(std::time::Instant::now()) == Some(true) {
+        if backend.live.health.end_hold_down(std::time::Instant::now()) == Some(true) {
             tracing::info!(
                 "backend {} of service {} is UP (held down {:?} after failures on live traffic; kind none runs no checks)",
                 backend.config.name,
                 service.config.name,
-                backend.health.hold_down(),
+                backend.live.health.hold_down(),
             );
         }
     }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
@@ -18,17 +17,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, Dataplane};
-use crate::health;
+use crate::config::Config;
 use crate::limits::{self, Site, SpareDescriptor};
+use crate::listeners::{Accept, Listeners, Route};
 use crate::loops;
+use crate::reload::Control;
 use crate::session::{self, SERVICE_UNAVAILABLE, SessionSlot};
-use crate::state::{LiveState, Snapshot};
+use crate::state::{LiveState, Service, Snapshot};
 use crate::totals::Totals;
 use crate::xdp;
-
-/// Pending connections the kernel queues per listener (capped by net.core.somaxconn).
-const BACKLOG: i32 = 4096;
 
 /// Pause after an accept error that is about us, not the client, when no spare descriptor can
 /// answer a queued client (memory short, or the spare is gone): no busy spin.
@@ -58,6 +55,8 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
 struct Signals {
     terminate: Signal,
     interrupt: Signal,
+    /// SIGHUP: reload the config file.
+    hangup: Signal,
 }
 
 impl Signals {
@@ -65,7 +64,17 @@ impl Signals {
         Ok(Self {
             terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
+    }
+
+    /// The next stop signal, or `None` for a SIGHUP.
+    async fn next_or_hangup(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            _ = self.terminate.recv() => Some("SIGTERM"),
+            _ = self.interrupt.recv() => Some("SIGINT"),
+            _ = self.hangup.recv() => None,
+        }
     }
 
     async fn next(&mut self) -> &'static str {
@@ -79,43 +88,16 @@ impl Signals {
 async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     // Before listening, so a signal right after startup is never the default (fatal) action.
     let mut signals = Signals::install()?;
-    let shutdown_timeout = config.shutdown_timeout;
     // The kernel path (if any service asks for it) goes through the verifier before anything
     // listens, and its shared count array becomes the one every session counts in.
     let mut xdp = xdp::load_if_wanted(&config)?;
     let counters = xdp::counters_for(xdp.as_ref(), &config);
-    let state = Arc::new(LiveState::new(Snapshot::build(&config, &counters)));
+    let state = Arc::new(LiveState::new(Snapshot::build(&config, &counters)?));
     xdp::start_if_loaded(&mut xdp, &state)?;
     let snapshot = state.snapshot();
     let workers = config.workers.map_or_else(auto_workers, |n| n as usize);
     info!("{workers} worker thread(s)");
     limits::prepare_descriptors(&config, workers);
-
-    // Every worker gets a handle on every listener; all binds happen before anything runs, so
-    // a bad address fails the start as a whole.
-    let mut per_worker: Vec<Vec<ListenerHandle>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut listening = Vec::new();
-    for service in &snapshot.services {
-        // The kernel path steers that service's packets itself; its VIP is not ours to bind.
-        if service.config.dataplane == Dataplane::Xdp {
-            continue;
-        }
-        for &address in &service.config.listen {
-            let sockets = bind_for_workers(address, workers).with_context(|| {
-                match service.config.listen_origin(address) {
-                    Some(origin) => format!("{origin} {address}: cannot listen"),
-                    None => format!(
-                        "service {:?}: cannot listen on {address}",
-                        service.config.name
-                    ),
-                }
-            })?;
-            for (worker, socket) in per_worker.iter_mut().zip(sockets) {
-                worker.push((service.config.name.clone(), address, socket));
-            }
-            listening.push((service.config.name.clone(), address));
-        }
-    }
 
     let stop_accepting = CancellationToken::new();
     let cut_sessions = CancellationToken::new();
@@ -123,13 +105,22 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let accepting = TaskTracker::new();
     let sessions = TaskTracker::new();
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let mut listeners = Listeners::new(stop_accepting.clone());
+    let mut queues = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (queue, accepts) = mpsc::unbounded_channel();
+        listeners.add_worker(queue);
+        queues.push(accepts);
+    }
+    // Every worker gets a handle on every listener; all binds happen before anything runs, so
+    // a bad address fails the start as a whole.
+    let opening = listeners.bind_new(&snapshot)?;
+    listeners.commit(&snapshot, opening)?;
     let mut threads = Vec::new();
     let mut started = Ok(());
-    for (index, listeners) in per_worker.into_iter().enumerate() {
+    for (index, accepts) in queues.into_iter().enumerate() {
         let worker = Worker {
-            listeners,
-            state: state.clone(),
-            stop_accepting: stop_accepting.clone(),
+            accepts,
             cut_sessions: cut_sessions.clone(),
             finished: finished.clone(),
             accepting: accepting.clone(),
@@ -160,16 +151,23 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
         join_workers(threads);
         return Err(error);
     }
-    for (service, address) in &listening {
+    for (address, service) in listeners.addresses() {
         info!(service = %service, "listening on {address}");
     }
     tokio::spawn(limits::report_exhaustion());
-    for service in &snapshot.services {
-        health::spawn_checks(service.clone(), stop_accepting.child_token());
-    }
     drop(snapshot);
+    let mut control = Control::new(config, state.clone(), listeners, stop_accepting.clone());
+    control.start_checks();
 
-    let first = signals.next().await;
+    let first = loop {
+        match signals.next_or_hangup().await {
+            Some(signal) => break signal,
+            None => {
+                control.reload("SIGHUP").await;
+            }
+        }
+    };
+    let shutdown_timeout = control.config().shutdown_timeout;
     info!(
         "{first} received: no longer accepting; waiting up to {shutdown_timeout:?} for {} sessions",
         sessions.len()
@@ -231,13 +229,10 @@ fn join_workers(threads: Vec<std::thread::JoinHandle<()>>) {
 }
 
 /// One worker thread: its listeners, and the sessions they accept, on a runtime of its own.
-/// A worker's handle on one listener, with its service's name and its address.
-type ListenerHandle = (String, SocketAddr, std::net::TcpListener);
-
 struct Worker {
-    listeners: Vec<ListenerHandle>,
-    state: Arc<LiveState>,
-    stop_accepting: CancellationToken,
+    /// Listeners to accept on: those of the start are queued before the worker runs, a
+    /// reload's come later.
+    accepts: mpsc::UnboundedReceiver<Accept>,
     cut_sessions: CancellationToken,
     /// Cancelled once every session is over: the runtime may then go.
     finished: CancellationToken,
@@ -265,8 +260,11 @@ impl Worker {
             }
         };
         runtime.block_on(async {
-            let listeners = std::mem::take(&mut self.listeners);
-            match self.start_accepting(listeners) {
+            let mut first = Vec::new();
+            while let Ok(accept) = self.accepts.try_recv() {
+                first.push(accept);
+            }
+            match self.start_accepting(first) {
                 Ok(()) => {
                     let _ = ready.send(Ok(()));
                 }
@@ -276,30 +274,41 @@ impl Worker {
                 }
             }
             tokio::spawn(keep_timer_wake_near());
-            self.finished.cancelled().await;
+            loop {
+                tokio::select! {
+                    _ = self.finished.cancelled() => break,
+                    Some(accept) = self.accepts.recv() => {
+                        // A reload's listener: the other workers may still serve it.
+                        if let Err(error) = self.start_accepting(vec![accept]) {
+                            warn!("{name}: {error:#}");
+                        }
+                    }
+                }
+            }
         });
     }
 
     /// Registers every listener with this runtime and spawns its accept loop.
-    fn start_accepting(&self, listeners: Vec<ListenerHandle>) -> anyhow::Result<()> {
+    fn start_accepting(&self, accepts: Vec<Accept>) -> anyhow::Result<()> {
         let mut loops = Vec::new();
-        for (name, address, listener) in listeners {
-            let listener = TcpListener::from_std(listener).with_context(|| {
+        for accept in accepts {
+            let address = accept.address;
+            let name = accept.route.load().config.name.clone();
+            let listener = TcpListener::from_std(accept.socket).with_context(|| {
                 format!("service {name:?}: registering the listener on {address}")
             })?;
             let spare = SpareDescriptor::reserve().with_context(|| {
                 format!("service {name:?}: reserving a spare descriptor for {address}")
             })?;
-            loops.push((listener, spare, name));
+            loops.push((listener, spare, accept.route, accept.stop));
         }
         // Only once every listener is registered, so a failure leaves no loop half started.
-        for (listener, spare, name) in loops {
+        for (listener, spare, route, stop) in loops {
             self.accepting.spawn(accept_loop(
                 listener,
                 spare,
-                name,
-                self.state.clone(),
-                self.stop_accepting.clone(),
+                route,
+                stop,
                 self.cut_sessions.clone(),
                 self.sessions.clone(),
             ));
@@ -343,47 +352,10 @@ fn auto_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// `count` handles on one listening socket, one per worker: every worker waits on the same
-/// accept queue, so whichever is free takes the next client.
-fn bind_for_workers(
-    address: SocketAddr,
-    count: usize,
-) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    let first = bind(address)?;
-    let mut all = Vec::with_capacity(count);
-    for _ in 1..count {
-        all.push(first.try_clone().context("duplicating the listener")?);
-    }
-    all.push(first);
-    Ok(all)
-}
-
-/// A nonblocking listening socket: address reuse so a restart is not blocked by TIME_WAIT,
-/// IPv6 sockets IPv6-only so `[::]` and `0.0.0.0` can be listed side by side.
-fn bind(address: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    let socket =
-        Socket::new(Domain::for_address(address), Type::STREAM, None).context("creating socket")?;
-    socket
-        .set_reuse_address(true)
-        .context("setting SO_REUSEADDR")?;
-    if address.is_ipv6() {
-        socket.set_only_v6(true).context("setting IPV6_V6ONLY")?;
-    }
-    socket.set_nonblocking(true).context("setting O_NONBLOCK")?;
-    // Accepted sockets inherit it: no setsockopt per client.
-    socket
-        .set_tcp_nodelay(true)
-        .context("setting TCP_NODELAY")?;
-    socket.bind(&address.into())?;
-    socket.listen(BACKLOG).context("listen")?;
-    Ok(socket.into())
-}
-
 async fn accept_loop(
     listener: TcpListener,
     mut spare: SpareDescriptor,
-    service_name: String,
-    state: Arc<LiveState>,
+    route: Route,
     stop: CancellationToken,
     cut_sessions: CancellationToken,
     sessions: TaskTracker,
@@ -404,7 +376,7 @@ async fn accept_loop(
                 continue;
             }
             Err(error) => {
-                warn!(service = %service_name, "accept failed: {error}; pausing");
+                warn!(service = %route.load().config.name, "accept failed: {error}; pausing");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
@@ -413,19 +385,17 @@ async fn accept_loop(
         if loops::is_own_connection(&client, client_addr) {
             // Closed at once, it fails that attempt (or check) like a dead backend, before it
             // could open a connection of its own and grow a chain.
-            loops::report_refused(&service_name, client_addr);
+            loops::report_refused(&route.load().config.name, client_addr);
             continue;
         }
-        if let Err(error) = start_session(
-            &state,
-            &service_name,
+        // The service as it is now; the session keeps it for its whole life.
+        start_session(
+            route.load_full(),
             client,
             client_addr,
             &cut_sessions,
             &sessions,
-        ) {
-            warn!(service = %service_name, client = %client_addr, "{error:#}");
-        }
+        );
     }
 }
 
@@ -439,23 +409,12 @@ fn is_per_connection(error: &std::io::Error) -> bool {
 }
 
 fn start_session(
-    state: &LiveState,
-    service_name: &str,
+    service: Arc<Service>,
     client: TcpStream,
     client_addr: SocketAddr,
     cut_sessions: &CancellationToken,
     sessions: &TaskTracker,
-) -> anyhow::Result<()> {
-    // The snapshot current at accept time; the session keeps its service for its whole life.
-    let snapshot = state.snapshot();
-    let Some(service) = snapshot
-        .services
-        .iter()
-        .find(|s| s.config.name == service_name)
-        .cloned()
-    else {
-        bail!("service no longer configured; closing");
-    };
+) {
     match SessionSlot::try_acquire(&service) {
         Some(slot) => {
             sessions.spawn(session::run(
@@ -467,28 +426,12 @@ fn start_session(
             ));
         }
         None => {
-            tracing::debug!(service = %service_name, client = %client_addr, "max_connections reached: 421");
+            tracing::debug!(service = %service.config.name, client = %client_addr, "max_connections reached: 421");
+            service
+                .counts
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             sessions.spawn(session::reject(client));
         }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use socket2::SockRef;
-
-    /// The listener's TCP_NODELAY is what every client socket relies on (no per-client
-    /// setsockopt): if a kernel stopped copying it on accept, small SMTP replies would wait
-    /// for Nagle.
-    #[test]
-    fn accepted_sockets_inherit_nodelay() {
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
-        let address = listener.local_addr().expect("local address");
-        let _client = std::net::TcpStream::connect(address).expect("connect");
-        listener.set_nonblocking(false).expect("blocking accept");
-        let (accepted, _) = listener.accept().expect("accept");
-        assert!(SockRef::from(&accepted).tcp_nodelay().expect("getsockopt"));
     }
 }

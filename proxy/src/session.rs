@@ -54,11 +54,12 @@ impl SessionSlot {
     /// Takes a slot unless the service is at `max_connections` (0 = unlimited).
     pub fn try_acquire(service: &Arc<Service>) -> Option<SessionSlot> {
         let max = service.config.max_connections;
-        let previous = service.sessions.fetch_add(1, Ordering::AcqRel);
+        let previous = service.counts.sessions.fetch_add(1, Ordering::AcqRel);
         if max != 0 && previous >= max {
-            service.sessions.fetch_sub(1, Ordering::AcqRel);
+            service.counts.sessions.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        service.counts.accepted.fetch_add(1, Ordering::Relaxed);
         Some(SessionSlot {
             service: service.clone(),
         })
@@ -67,7 +68,7 @@ impl SessionSlot {
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
-        self.service.sessions.fetch_sub(1, Ordering::AcqRel);
+        self.service.counts.sessions.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -117,6 +118,7 @@ pub async fn run(
         }
         Err(SetUpFailed::NoBackend) => {
             debug!(client = %client_addr, service = %service.config.name, "no backend available: 421");
+            service.counts.refused.fetch_add(1, Ordering::Relaxed);
             Box::pin(reject_unless_stopped(client, stop)).await;
             return;
         }
@@ -264,7 +266,7 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
         };
         match greet(service, backend, header).await {
             Ok((stream, greeting)) => {
-                backend.assigned_total.fetch_add(1, Ordering::Relaxed);
+                backend.live.assigned_total.fetch_add(1, Ordering::Relaxed);
                 return Some(Upstream {
                     backend: backend.clone(),
                     _active: active,
@@ -350,7 +352,7 @@ async fn greet(
     backend: &Backend,
     header: &[u8],
 ) -> Result<(TcpStream, Vec<u8>), Failure> {
-    let generation = backend.health.generation();
+    let generation = backend.live.health.generation();
     let started = Instant::now();
     let result = reach(service, backend.config.address, header).await;
     // One clock read for both the health verdict and the response time.
@@ -381,7 +383,10 @@ fn observe<T>(
     result: &Result<T, Failure>,
     now: Instant,
 ) {
-    let health = &backend.health;
+    let health = &backend.live.health;
+    if seen != Observation::Greeted {
+        backend.live.failures.fetch_add(1, Ordering::Relaxed);
+    }
     if health.record_live(generation, seen, now) == Some(false)
         && let Err(failure) = result
     {

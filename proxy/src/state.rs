@@ -1,108 +1,298 @@
-//! The running state: services and backends built from a validated config, their health
-//! (up/down verdicts from checks and live traffic, each attempt's outcome counted only under the
-//! state it started in), and their shared active counts.
+//! The running state: services and backends built from a validated config (with the runtime
+//! overrides `switchyard ctl` set), and what must survive a reload.
 //!
-//! Sessions hold an `Arc` of the [`Snapshot`] they started under; a reload builds a new
-//! snapshot and swaps it in atomically, so no session loses the state it depends on. Counts and
-//! health live in per-backend objects that a reload can carry over by (service, backend) name.
+//! Sessions hold an `Arc` of the [`Service`] they started under; a reload or a runtime change
+//! builds a new [`Snapshot`] and swaps it in atomically (no lock on the accept path), so no
+//! session loses the state it depends on. What must carry over from one snapshot to the next
+//! lives behind `Arc`s that the next snapshot shares: a backend's health, response-time
+//! average and totals ([`BackendLive`], by service and backend name and address), its active
+//! count (a slot of the shared counter table, by address), a service's session counts and its
+//! selector's rotation position.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
 
-use parking_lot::{Mutex, RwLock};
+use anyhow::bail;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
 use crate::balance::Selector;
-use crate::config::{BackendConfig, Config, HealthConfig, HealthKind, ServiceConfig};
+use crate::config::{BackendConfig, Config, HealthKind, ServiceConfig};
 use crate::counters::{ActiveCount, CounterTable};
+pub use crate::health_state::{Generation, HealthState, Observation};
 
 /// The whole running state, swappable as one unit (not a tokio runtime: the services and
 /// backends sessions are served from).
 pub struct LiveState {
-    current: RwLock<Arc<Snapshot>>,
+    current: ArcSwap<Snapshot>,
 }
 
 impl LiveState {
     pub fn new(snapshot: Snapshot) -> Self {
         Self {
-            current: RwLock::new(Arc::new(snapshot)),
+            current: ArcSwap::from_pointee(snapshot),
         }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.read().clone()
+        self.current.load_full()
     }
 
     /// Makes `next` the state new sessions see; sessions already running keep theirs.
     pub fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
-        std::mem::replace(&mut *self.current.write(), Arc::new(next))
+        self.current.swap(Arc::new(next))
     }
 }
 
 pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
+    /// Counter slots by backend address, and the table they are in (shared by every
+    /// snapshot of a run).
+    slots: Arc<SlotBook>,
+    /// Kernel-path service indexes by service name (stable for a run; see [`Service`]).
+    indexes: Arc<IndexBook>,
 }
+
+/// The runtime state of one backend that `switchyard ctl` changes and reloads keep.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Override {
+    /// `ctl drain` (true) or `ctl undrain` (false), until the file changes that backend's
+    /// `drain`.
+    pub drain: Option<bool>,
+    /// `ctl weight`, until the file changes that backend's `weight`.
+    pub weight: Option<u32>,
+    /// `ctl disable`, until `ctl enable`.
+    pub disabled: bool,
+    /// Who set the override last (the uid `SO_PEERCRED` gave), for `ctl show`.
+    pub by_uid: Option<u32>,
+}
+
+/// Runtime overrides by (service, backend) name.
+pub type Overrides = HashMap<(String, String), Override>;
 
 impl Snapshot {
     /// Builds fresh state for `config`, with one counter slot per backend address in
     /// `counters`: services that share an MTA share its count, so least_conn in any service
     /// (and in the kernel path) sees that MTA's whole load.
-    pub fn build(config: &Config, counters: &Arc<CounterTable>) -> Self {
-        let slots = backend_slots(config);
-        let services = config
-            .services
-            .iter()
-            .map(|service| {
-                let backends = service
-                    .backends
-                    .iter()
-                    .map(|backend| {
-                        let slot = slots[&backend.address];
-                        Arc::new(Backend::new(
-                            backend.clone(),
-                            service,
-                            ActiveCount::new(counters.clone(), slot),
-                        ))
-                    })
-                    .collect();
-                Arc::new(Service {
-                    selector: Selector::new(service.algorithm, &service.backends),
-                    config: service.clone(),
-                    backends,
-                    sessions: AtomicU32::new(0),
-                })
-            })
-            .collect();
-        Self { services }
+    pub fn build(config: &Config, counters: &Arc<CounterTable>) -> anyhow::Result<Self> {
+        let first = Snapshot {
+            services: Vec::new(),
+            slots: Arc::new(SlotBook::new(counters.clone())),
+            indexes: Arc::new(IndexBook::new(Self::service_capacity(config))),
+        };
+        first.next(config, &Overrides::new())
     }
 
-    /// Backend slots a config needs in the counter table: one per distinct backend address.
+    /// The state for `config` with `overrides` applied, carrying over from `self` every
+    /// service and backend that keeps its name (backends also their address): health, counts,
+    /// averages, totals, rotation positions. Fails (and nothing changes) when the counter table
+    /// or the kernel's service table has no room left for new addresses or services.
+    pub fn next(&self, config: &Config, overrides: &Overrides) -> anyhow::Result<Snapshot> {
+        let mut services = Vec::with_capacity(config.services.len());
+        for service in &config.services {
+            let old = self.service(&service.name);
+            services.push(Arc::new(Service::carry(
+                service,
+                old.map(|s| &**s),
+                overrides,
+                &self.slots,
+                &self.indexes,
+            )?));
+        }
+        Ok(Snapshot {
+            services,
+            slots: self.slots.clone(),
+            indexes: self.indexes.clone(),
+        })
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.iter().find(|s| s.config.name == name)
+    }
+
+    /// The shared counter table every backend counts in.
+    pub fn counters(&self) -> &Arc<CounterTable> {
+        &self.slots.table
+    }
+
+    /// Counter slots a config needs: one per distinct backend address.
     pub fn slots_needed(config: &Config) -> usize {
-        backend_slots(config).len()
+        let mut addresses: Vec<SocketAddr> = config
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        addresses.len()
+    }
+
+    /// Counter slots to allocate at start: what the config needs and room for the backends
+    /// reloads add (a slot is never reused within a run: flows may still point at it).
+    pub fn slot_capacity(config: &Config) -> usize {
+        let needed = Self::slots_needed(config);
+        needed.saturating_mul(2).max(needed + SLOT_HEADROOM)
+    }
+
+    /// Kernel service indexes to allocate at start, with room for services reloads add.
+    pub fn service_capacity(config: &Config) -> usize {
+        config.services.len() + SERVICE_HEADROOM
     }
 }
 
-/// Counter slot of every distinct backend address, numbered in order of first appearance.
-fn backend_slots(config: &Config) -> HashMap<SocketAddr, usize> {
-    let mut slots = HashMap::new();
-    for backend in config.services.iter().flat_map(|s| &s.backends) {
-        let next = slots.len();
-        slots.entry(backend.address).or_insert(next);
+/// Room for backend addresses added by reloads, at least.
+const SLOT_HEADROOM: usize = 256;
+/// Room for services added by reloads.
+const SERVICE_HEADROOM: usize = 16;
+
+/// Which counter slot each backend address counts in. A slot, once given, stays with its
+/// address for the run: sessions and kernel flows of a removed backend still count in it, and a
+/// backend that comes back at the same address finds its count.
+struct SlotBook {
+    table: Arc<CounterTable>,
+    slots: Mutex<HashMap<SocketAddr, usize>>,
+}
+
+impl SlotBook {
+    fn new(table: Arc<CounterTable>) -> Self {
+        Self {
+            table,
+            slots: Mutex::new(HashMap::new()),
+        }
     }
-    slots
+
+    fn slot(&self, address: SocketAddr) -> anyhow::Result<usize> {
+        let mut slots = self.slots.lock();
+        if let Some(&slot) = slots.get(&address) {
+            return Ok(slot);
+        }
+        let next = slots.len();
+        if next >= self.table.len() {
+            bail!(
+                "no room for backend address {address}: the counter table holds {} addresses for this run (sized at start); restart switchyard to add more",
+                self.table.len()
+            );
+        }
+        slots.insert(address, next);
+        Ok(next)
+    }
+}
+
+/// The kernel path's index of each service, by name: flows record it, so it stays with its
+/// service for the run and is never given to another.
+struct IndexBook {
+    capacity: usize,
+    indexes: Mutex<HashMap<String, u32>>,
+}
+
+impl IndexBook {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            indexes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn index(&self, name: &str) -> anyhow::Result<u32> {
+        let mut indexes = self.indexes.lock();
+        if let Some(&index) = indexes.get(name) {
+            return Ok(index);
+        }
+        let next = indexes.len();
+        if next >= self.capacity {
+            bail!(
+                "no room for service {name:?}: this run has room for {} services (sized at start); restart switchyard to add more",
+                self.capacity
+            );
+        }
+        indexes.insert(name.to_string(), next as u32);
+        Ok(next as u32)
+    }
 }
 
 pub struct Service {
+    /// The service as configured, with runtime overrides applied to its backends.
     pub config: ServiceConfig,
     pub backends: Vec<Arc<Backend>>,
     pub selector: Selector,
+    /// Session counts shared by every snapshot of this service.
+    pub counts: Arc<ServiceCounts>,
+    /// The service's index in the kernel path's maps (stable for the run).
+    pub kernel_index: u32,
+}
+
+/// A service's session counts, which reloads carry over.
+#[derive(Default)]
+pub struct ServiceCounts {
     /// Client sessions currently open on this service (for `max_connections`).
     pub sessions: AtomicU32,
+    /// Client sessions accepted since start.
+    pub accepted: AtomicU64,
+    /// Clients answered `421` since start (no backend, or `max_connections` reached).
+    pub refused: AtomicU64,
 }
 
 impl Service {
+    fn carry(
+        config: &ServiceConfig,
+        old: Option<&Service>,
+        overrides: &Overrides,
+        slots: &SlotBook,
+        indexes: &IndexBook,
+    ) -> anyhow::Result<Service> {
+        let mut config = config.clone();
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for backend in &mut config.backends {
+            let key = (config.name.clone(), backend.name.clone());
+            let runtime = overrides.get(&key).cloned().unwrap_or_default();
+            if let Some(drain) = runtime.drain {
+                backend.drain = drain;
+            }
+            if let Some(weight) = runtime.weight {
+                backend.weight = weight;
+            }
+            let slot = slots.slot(backend.address)?;
+            // The same backend: same name, same address. A new address is a new backend that
+            // starts fresh; the old one's sessions finish on it.
+            let live = old
+                .and_then(|s| s.backend(&backend.name))
+                .filter(|b| b.config.address == backend.address)
+                .map(|b| b.live.clone());
+            let live = match live {
+                Some(live) => {
+                    live.health.reconfigure(&config.health);
+                    live
+                }
+                None => Arc::new(BackendLive::new(&config.health)),
+            };
+            backends.push(Arc::new(Backend {
+                config: backend.clone(),
+                disabled: runtime.disabled,
+                runtime,
+                active: ActiveCount::new(slots.table.clone(), slot),
+                live,
+            }));
+        }
+        let selector = Selector::new(config.algorithm, &config.backends);
+        if let Some(old) = old {
+            selector.continue_from(&old.selector);
+        }
+        Ok(Service {
+            kernel_index: indexes.index(&config.name)?,
+            counts: old.map_or_else(Default::default, |s| s.counts.clone()),
+            selector,
+            backends,
+            config,
+        })
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
+        self.backends.iter().find(|b| b.config.name == name)
+    }
+
     /// An available backend for `client` whose index is not in `exclude`, by the service's
     /// algorithm over its backends' live views (see [`Selector::pick`]).
     ///
@@ -124,30 +314,57 @@ impl Service {
 }
 
 pub struct Backend {
+    /// The backend as configured, with its runtime overrides (`drain`, `weight`) applied.
     pub config: BackendConfig,
+    /// `ctl disable`: no traffic and no checks.
+    pub disabled: bool,
+    /// The runtime overrides in force (for `ctl show`'s why).
+    pub runtime: Override,
     pub active: ActiveCount,
+    pub live: Arc<BackendLive>,
+}
+
+/// What a backend keeps across reloads: health, the response-time average, totals, the last
+/// check.
+pub struct BackendLive {
     pub health: HealthState,
     /// Exponential moving average of connect + greeting latency in microseconds; 0 = unknown.
     pub response_us: AtomicU32,
     /// Sessions ever assigned (for logs and benchmarks' distribution figures).
     pub assigned_total: AtomicU64,
+    /// Failed attempts on live traffic (connect failures, no positive greeting).
+    pub failures: AtomicU64,
+    /// The last active check's result.
+    pub last_check: Mutex<Option<CheckRecord>>,
+}
+
+/// One active check's result, for `ctl show` and for the next check's schedule after a reload.
+#[derive(Clone, Debug)]
+pub struct CheckRecord {
+    pub ok: bool,
+    pub started: Instant,
+    pub ended: SystemTime,
+    pub detail: String,
+}
+
+impl BackendLive {
+    fn new(health: &crate::config::HealthConfig) -> Self {
+        Self {
+            health: HealthState::new(health),
+            response_us: AtomicU32::new(0),
+            assigned_total: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_check: Mutex::new(None),
+        }
+    }
 }
 
 impl Backend {
-    pub fn new(config: BackendConfig, service: &ServiceConfig, active: ActiveCount) -> Self {
-        Self {
-            config,
-            active,
-            health: HealthState::new(&service.health),
-            response_us: AtomicU32::new(0),
-            assigned_total: AtomicU64::new(0),
-        }
-    }
-
     /// Folds one latency sample into the moving average (weight 1/8 per sample, like TCP's SRTT).
     pub fn record_response(&self, micros: u32) {
         let micros = micros.max(1);
         let _ = self
+            .live
             .response_us
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
                 Some(if old == 0 {
@@ -158,9 +375,14 @@ impl Backend {
             });
     }
 
+    /// Whether new sessions and flows may go to it (health aside): not drained, not disabled.
+    pub fn takes_new(&self) -> bool {
+        !self.config.drain && !self.disabled
+    }
+
     /// The view the selection algorithms read.
     pub fn view(&self) -> switchyard_common::backend::BackendView {
-        self.view_if(self.health.is_up())
+        self.view_if(self.live.health.is_up())
     }
 
     /// The view with health taken as `up`.
@@ -170,383 +392,8 @@ impl Backend {
             weight: self.config.weight,
             max_connections: self.config.max_connections,
             // A drained backend keeps what it has; for choosing, it is as good as down.
-            healthy: (up && !self.config.drain) as u32,
-            response_us: self.response_us.load(Ordering::Relaxed),
+            healthy: (up && self.takes_new()) as u32,
+            response_us: self.live.response_us.load(Ordering::Relaxed),
         }
-    }
-}
-
-/// The state an attempt (a health check, or a live session's connect and greeting) started
-/// under. Every up/down change starts a new generation, and what an attempt of an older one
-/// saw is ignored: it is about a state that no longer holds (the greeting timeouts of sessions
-/// that started while an MTA was silent must not take it down again once it is back).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Generation(u64);
-
-/// What a live session saw of a backend, for passive health.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Observation {
-    /// A positive (2xx) greeting.
-    Greeted,
-    /// The connect failed or timed out.
-    Unreachable,
-    /// Connected, but no positive greeting: a 4xx/5xx one, none in time, or the connection
-    /// ended first.
-    NoGreeting,
-}
-
-/// Up/down state with rise/fall hysteresis, fed by active checks and live traffic.
-///
-/// Failures of either kind count towards `fall`. What brings a backend back depends on the
-/// check kind and on what took it down:
-/// - `smtp`: `rise` successful checks (each reads the greeting).
-/// - `tcp`: `rise` successful checks; when live traffic took the backend down for want of a
-///   positive greeting (4xx/5xx, or none in time), a connect proves nothing, so until it is
-///   back its checks read the greeting too ([`HealthState::begin_check`]).
-/// - `none`: no checks; a backend live traffic took down is held down for `rise × interval`
-///   ([`HealthState::end_hold_down`]), then live traffic judges it again.
-pub struct HealthState {
-    up: AtomicBool,
-    generation: AtomicU64,
-    kind: HealthKind,
-    rise: u32,
-    fall: u32,
-    hold_down: Duration,
-    tally: Mutex<Tally>,
-}
-
-/// The streaks since the last change, and why the backend is down.
-#[derive(Default)]
-struct Tally {
-    successes: u32,
-    failures: u32,
-    /// Some failure in the current streak was a missing or refused greeting on live traffic.
-    greeting_failed: bool,
-    /// Down for want of a positive greeting: only greetings bring it back.
-    needs_greeting: bool,
-    /// When live traffic took it down.
-    down_since: Option<Instant>,
-}
-
-impl HealthState {
-    /// Backends start up so a fresh start serves at once; checks take them down within `fall`.
-    pub fn new(config: &HealthConfig) -> Self {
-        let rise = config.rise.max(1);
-        Self {
-            up: AtomicBool::new(true),
-            generation: AtomicU64::new(0),
-            kind: config.kind,
-            rise,
-            fall: config.fall.max(1),
-            hold_down: config.interval.saturating_mul(rise),
-            tally: Mutex::new(Tally::default()),
-        }
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
-    }
-
-    /// The generation an attempt starting now runs under.
-    pub fn generation(&self) -> Generation {
-        Generation(self.generation.load(Ordering::Acquire))
-    }
-
-    /// What a check starting now runs under, and whether it must read the greeting even when
-    /// its kind is `tcp` (the backend is down for want of a positive greeting).
-    pub fn begin_check(&self) -> (Generation, bool) {
-        let tally = self.tally.lock();
-        (self.generation(), tally.needs_greeting)
-    }
-
-    /// Records an active check that started under `started`; returns the new state when it
-    /// changed.
-    pub fn record_check(&self, started: Generation, ok: bool) -> Option<bool> {
-        let mut tally = self.tally.lock();
-        if started != self.generation() {
-            return None;
-        }
-        if ok {
-            self.succeeded(&mut tally)
-        } else {
-            self.failed(&mut tally, None)
-        }
-    }
-
-    /// Records what a live session that started under `started` saw; returns `Some(false)`
-    /// when it took the backend down. A positive greeting clears the failure streak but does
-    /// not raise a down backend (checks do, or the hold-down's end).
-    pub fn record_live(
-        &self,
-        started: Generation,
-        seen: Observation,
-        now: Instant,
-    ) -> Option<bool> {
-        let mut tally = self.tally.lock();
-        if started != self.generation() {
-            return None;
-        }
-        match seen {
-            Observation::Greeted => {
-                tally.failures = 0;
-                tally.greeting_failed = false;
-                None
-            }
-            Observation::Unreachable => self.failed(&mut tally, Some(now)),
-            Observation::NoGreeting => {
-                tally.greeting_failed = true;
-                self.failed(&mut tally, Some(now))
-            }
-        }
-    }
-
-    /// With `kind = "none"`, brings a backend that live traffic took down back once it has
-    /// been down for the hold-down; returns `Some(true)` when it did.
-    pub fn end_hold_down(&self, now: Instant) -> Option<bool> {
-        // Checked without the lock first: an up backend, nearly always, has nothing to end,
-        // and the lock is the one every session's outcome takes.
-        if self.kind != HealthKind::None || self.is_up() {
-            return None;
-        }
-        let mut tally = self.tally.lock();
-        let since = tally.down_since?;
-        if self.kind != HealthKind::None
-            || self.is_up()
-            || now.saturating_duration_since(since) < self.hold_down
-        {
-            return None;
-        }
-        Some(self.change(&mut tally, true))
-    }
-
-    /// The hold-down of a backend that live traffic took down, with `kind = "none"`.
-    pub fn hold_down(&self) -> Duration {
-        self.hold_down
-    }
-
-    fn succeeded(&self, tally: &mut Tally) -> Option<bool> {
-        // A connect-only check says nothing about greetings: refused ones keep counting.
-        let greeted = self.kind == HealthKind::Smtp || tally.needs_greeting;
-        if greeted || !tally.greeting_failed {
-            tally.failures = 0;
-            tally.greeting_failed = false;
-        }
-        tally.successes = tally.successes.saturating_add(1);
-        if self.is_up() || tally.successes < self.rise {
-            return None;
-        }
-        Some(self.change(tally, true))
-    }
-
-    /// One more failure; `live` is when live traffic saw it (None: a check).
-    fn failed(&self, tally: &mut Tally, live: Option<Instant>) -> Option<bool> {
-        tally.successes = 0;
-        tally.failures = tally.failures.saturating_add(1);
-        if !self.is_up() || tally.failures < self.fall {
-            return None;
-        }
-        let needs_greeting = tally.greeting_failed;
-        self.change(tally, false);
-        tally.needs_greeting = needs_greeting;
-        tally.down_since = live;
-        Some(false)
-    }
-
-    /// Moves to `up`, starting a new generation with fresh streaks.
-    fn change(&self, tally: &mut Tally, up: bool) -> bool {
-        *tally = Tally::default();
-        self.up.store(up, Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        up
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn health(kind: HealthKind, rise: u32, fall: u32) -> HealthState {
-        HealthState::new(&HealthConfig {
-            kind,
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            rise,
-            fall,
-            ehlo: "switchyard.invalid".into(),
-        })
-    }
-
-    /// `n` checks with result `ok`, each started under the generation current at its start.
-    fn checks(state: &HealthState, ok: bool, n: u32) -> Vec<Option<bool>> {
-        (0..n)
-            .map(|_| state.record_check(state.generation(), ok))
-            .collect()
-    }
-
-    #[test]
-    fn every_change_starts_a_new_generation() {
-        let state = health(HealthKind::Smtp, 2, 2);
-        let first = state.generation();
-        assert_eq!(checks(&state, false, 2), [None, Some(false)]);
-        let down = state.generation();
-        assert_ne!(down, first);
-        assert_eq!(checks(&state, true, 2), [None, Some(true)]);
-        assert_ne!(state.generation(), down);
-        assert_ne!(state.generation(), first);
-        // A result without a change keeps the generation.
-        let up = state.generation();
-        checks(&state, true, 3);
-        checks(&state, false, 1);
-        assert_eq!(state.generation(), up);
-    }
-
-    #[test]
-    fn outcomes_of_attempts_older_than_the_last_change_are_ignored() {
-        let state = health(HealthKind::Smtp, 2, 2);
-        // Sessions start while the MTA is silent; checks take it down, then bring it back.
-        let silent = state.generation();
-        checks(&state, false, 2);
-        checks(&state, true, 2);
-        assert!(state.is_up());
-        let now = Instant::now();
-        for _ in 0..5 {
-            assert_eq!(
-                state.record_live(silent, Observation::NoGreeting, now),
-                None
-            );
-            assert_eq!(state.record_check(silent, false), None);
-        }
-        assert!(state.is_up(), "stale failures took it down");
-        // Failures of the current generation still count from zero.
-        let current = state.generation();
-        assert_eq!(
-            state.record_live(current, Observation::NoGreeting, now),
-            None
-        );
-        assert_eq!(
-            state.record_live(current, Observation::Unreachable, now),
-            Some(false)
-        );
-    }
-
-    #[test]
-    fn a_stale_success_does_not_count_towards_rise() {
-        let state = health(HealthKind::Tcp, 2, 1);
-        let before = state.generation();
-        assert_eq!(checks(&state, false, 1), [Some(false)]);
-        assert_eq!(state.record_check(before, true), None);
-        assert_eq!(checks(&state, true, 1), [None]);
-        assert!(
-            !state.is_up(),
-            "a check that began while up counted towards rise"
-        );
-        assert_eq!(checks(&state, true, 1), [Some(true)]);
-    }
-
-    #[test]
-    fn refused_greetings_count_towards_fall_for_every_kind() {
-        for kind in [HealthKind::None, HealthKind::Tcp, HealthKind::Smtp] {
-            let state = health(kind, 2, 3);
-            let now = Instant::now();
-            let seen: Vec<_> = (0..3)
-                .map(|_| state.record_live(state.generation(), Observation::NoGreeting, now))
-                .collect();
-            assert_eq!(seen, [None, None, Some(false)], "{kind:?}");
-        }
-    }
-
-    #[test]
-    fn a_greeting_clears_the_failure_streak() {
-        let state = health(HealthKind::Tcp, 2, 2);
-        let now = Instant::now();
-        let g = state.generation();
-        state.record_live(g, Observation::NoGreeting, now);
-        state.record_live(g, Observation::Greeted, now);
-        assert_eq!(state.record_live(g, Observation::NoGreeting, now), None);
-        assert!(state.is_up());
-        // A live greeting clears any failure, a connect failure included.
-        state.record_live(g, Observation::Greeted, now);
-        state.record_live(g, Observation::Unreachable, now);
-        state.record_live(g, Observation::Greeted, now);
-        assert_eq!(state.record_live(g, Observation::Unreachable, now), None);
-        assert!(state.is_up());
-    }
-
-    #[test]
-    fn a_connect_only_check_does_not_clear_refused_greetings() {
-        let now = Instant::now();
-        let tcp = health(HealthKind::Tcp, 2, 2);
-        let g = tcp.generation();
-        tcp.record_live(g, Observation::NoGreeting, now);
-        assert_eq!(tcp.record_check(g, true), None);
-        assert_eq!(
-            tcp.record_live(g, Observation::NoGreeting, now),
-            Some(false)
-        );
-        // It clears connect failures, and an smtp check (which reads the greeting) clears both.
-        for (kind, seen) in [
-            (HealthKind::Tcp, Observation::Unreachable),
-            (HealthKind::Smtp, Observation::NoGreeting),
-        ] {
-            let state = health(kind, 2, 2);
-            let g = state.generation();
-            state.record_live(g, seen, now);
-            assert_eq!(state.record_check(g, true), None);
-            assert_eq!(state.record_live(g, seen, now), None, "{kind:?}");
-        }
-    }
-
-    #[test]
-    fn tcp_checks_read_the_greeting_only_while_refused_greetings_keep_it_down() {
-        let state = health(HealthKind::Tcp, 2, 2);
-        let now = Instant::now();
-        assert!(!state.begin_check().1);
-        // Down by connect failures: a connect is evidence enough.
-        for _ in 0..2 {
-            state.record_live(state.generation(), Observation::Unreachable, now);
-        }
-        assert!(!state.is_up());
-        assert!(!state.begin_check().1);
-        checks(&state, true, 2);
-        assert!(state.is_up());
-        // Down by refused greetings (a connect failure in the streak does not change that).
-        state.record_live(state.generation(), Observation::Unreachable, now);
-        state.record_live(state.generation(), Observation::NoGreeting, now);
-        assert!(!state.is_up());
-        let (generation, read_greeting) = state.begin_check();
-        assert!(read_greeting);
-        assert_eq!(state.record_check(generation, true), None);
-        assert!(state.begin_check().1, "still down: still reading greetings");
-        assert_eq!(checks(&state, true, 1), [Some(true)]);
-        assert!(!state.begin_check().1, "back up: connect-only checks again");
-    }
-
-    #[test]
-    fn kind_none_holds_a_backend_down_for_rise_intervals() {
-        let state = health(HealthKind::None, 2, 2);
-        assert_eq!(state.hold_down(), Duration::from_secs(4));
-        let t0 = Instant::now();
-        assert_eq!(state.end_hold_down(t0), None, "up: nothing to end");
-        for _ in 0..2 {
-            state.record_live(state.generation(), Observation::NoGreeting, t0);
-        }
-        assert!(!state.is_up());
-        let down = state.generation();
-        assert_eq!(state.end_hold_down(t0 + Duration::from_secs(3)), None);
-        assert!(!state.is_up());
-        assert_eq!(state.end_hold_down(t0 + Duration::from_secs(4)), Some(true));
-        assert!(state.is_up());
-        assert_ne!(state.generation(), down);
-        assert_eq!(state.end_hold_down(t0 + Duration::from_secs(9)), None);
-    }
-
-    #[test]
-    fn hold_downs_are_for_kind_none_only() {
-        let state = health(HealthKind::Tcp, 2, 1);
-        let t0 = Instant::now();
-        state.record_live(state.generation(), Observation::NoGreeting, t0);
-        assert!(!state.is_up());
-        assert_eq!(state.end_hold_down(t0 + Duration::from_secs(3600)), None);
-        assert!(!state.is_up(), "with checks, only checks bring it back");
     }
 }

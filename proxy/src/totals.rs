@@ -128,7 +128,7 @@ impl Totals {
         xdp_only: bool,
     ) -> Totals {
         let mut services = Vec::new();
-        for (index, service) in snapshot.services.iter().enumerate() {
+        for service in &snapshot.services {
             let xdp = service.config.dataplane == Dataplane::Xdp;
             if xdp_only && !xdp {
                 continue;
@@ -141,7 +141,7 @@ impl Totals {
                     name: backend.config.name.clone(),
                     address: backend.config.address,
                     active: u64::from(backend.active.get()),
-                    assigned: backend.assigned_total.load(Ordering::Relaxed),
+                    assigned: backend.live.assigned_total.load(Ordering::Relaxed),
                     kernel: kernel.and_then(|k| k.backend(backend.active.slot())),
                 })
                 .collect();
@@ -149,7 +149,7 @@ impl Totals {
                 name: service.config.name.clone(),
                 dataplane: if xdp { "xdp" } else { "proxy" }.to_string(),
                 backends,
-                kernel: kernel.and_then(|k| k.service(index)),
+                kernel: kernel.and_then(|k| k.service(service.kernel_index as usize)),
             });
         }
         Totals {

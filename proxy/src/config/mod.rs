@@ -100,7 +100,7 @@ pub enum ProxyProtocol {
     V2,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthConfig {
     pub kind: HealthKind,
     pub interval: Duration,
@@ -117,7 +117,7 @@ pub enum HealthKind {
     Smtp,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     pub name: String,
     pub address: SocketAddr,
@@ -160,7 +160,7 @@ pub enum XdpMode {
 }
 
 /// The `[service.xdp]` table.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct XdpConfig {
     /// Where client packets arrive.
     pub interface: String,

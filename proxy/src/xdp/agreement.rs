@@ -196,12 +196,12 @@ fn agree() {
     let config = config(&agreement_config());
     let plane = XdpPlane::load(&config).unwrap_or_else(|e| panic!("{e:#}"));
     let counters = plane.counters();
-    let snapshot = Snapshot::build(&config, &counters);
+    let snapshot = Snapshot::build(&config, &counters).expect("snapshot");
     for service in &snapshot.services[..ALGORITHMS.len()] {
         let backends = &service.backends;
-        let (generation, _) = backends[DOWN].health.begin_check();
+        let (generation, _) = backends[DOWN].live.health.begin_check();
         assert_eq!(
-            backends[DOWN].health.record_check(generation, false),
+            backends[DOWN].live.health.record_check(generation, false),
             Some(false)
         );
         for (backend, &(_, active, _)) in backends.iter().zip(&MIXED) {
@@ -219,8 +219,8 @@ fn agree() {
     // rewrites states only; both planes go on from where they are.
     for service in &snapshot.services[..ALGORITHMS.len()] {
         let backends = &service.backends;
-        let (generation, _) = backends[0].health.begin_check();
-        backends[0].health.record_check(generation, false);
+        let (generation, _) = backends[0].live.health.begin_check();
+        backends[0].live.health.record_check(generation, false);
         counters.add(backends[FULL].active.slot(), -1);
     }
     sync.run(&mut bpf, &snapshot, false)

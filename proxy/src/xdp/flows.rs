@@ -197,12 +197,11 @@ impl Expiry {
         let timeouts: StdHashMap<u32, Duration> = snapshot
             .services
             .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
+            .filter_map(|s| {
                 s.config
                     .xdp
                     .as_ref()
-                    .map(|x| (i as u32, x.flow_idle_timeout))
+                    .map(|x| (s.kernel_index, x.flow_idle_timeout))
             })
             .collect();
         let Some(&shortest) = timeouts.values().min() else {

@@ -70,8 +70,8 @@ impl XdpPlane {
     /// shared active counts.
     pub fn load(config: &Config) -> anyhow::Result<Self> {
         let object = super::object().ok_or_else(|| anyhow!(super::NOT_BUILT))?;
-        let slots = Snapshot::slots_needed(config).max(1) as u32;
-        let services = config.services.len().max(1) as u32;
+        let slots = Snapshot::slot_capacity(config).max(1) as u32;
+        let services = Snapshot::service_capacity(config).max(1) as u32;
         let flows: u32 = config
             .services
             .iter()
@@ -147,7 +147,7 @@ impl XdpPlane {
                 .context("duplicating the ACTIVE map fd")?,
             _ => bail!("the XDP object has no ACTIVE array"),
         };
-        let counters = map_counters(active, Snapshot::slots_needed(config))?;
+        let counters = map_counters(active, Snapshot::slot_capacity(config))?;
         if reused && let Some(dir) = &pin_dir {
             info!(
                 "reusing pinned XDP maps in {}: established flows keep their backends",
@@ -504,7 +504,7 @@ impl KernelSync {
         if first {
             tables::prepare_first_sync(bpf)?;
         }
-        for (index, service) in snapshot.services.iter().enumerate() {
+        for service in &snapshot.services {
             if service.config.dataplane != Dataplane::Xdp {
                 continue;
             }
@@ -513,7 +513,7 @@ impl KernelSync {
             if !first && previous == Some(&states) {
                 continue;
             }
-            tables::program_service(bpf, index as u32, service, &states, previous)
+            tables::program_service(bpf, service.kernel_index, service, &states, previous)
                 .with_context(|| format!("service {:?}", service.config.name))?;
             for (i, backend) in service.backends.iter().enumerate() {
                 let was = previous.map(|p| p.states[i]);
@@ -554,9 +554,9 @@ fn backend_states(service: &Service) -> tables::BackendStates {
         if mac.is_none() {
             neighbours::nudge(ip);
         }
-        let state = if backend.config.drain {
+        let state = if !backend.takes_new() {
             backend_state::DRAIN
-        } else if !backend.health.is_up() || mac.is_none() {
+        } else if !backend.live.health.is_up() || mac.is_none() {
             backend_state::DOWN
         } else {
             backend_state::UP

@@ -73,7 +73,7 @@ pub fn load_if_wanted(config: &Config) -> anyhow::Result<Option<XdpPlane>> {
 pub fn counters_for(plane: Option<&XdpPlane>, config: &Config) -> Arc<CounterTable> {
     match plane {
         Some(plane) => plane.counters(),
-        None => CounterTable::new(crate::state::Snapshot::slots_needed(config)),
+        None => CounterTable::new(crate::state::Snapshot::slot_capacity(config)),
     }
 }
 
@@ -88,6 +88,7 @@ pub fn start_if_loaded(plane: &mut Option<XdpPlane>, state: &Arc<LiveState>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Snapshot;
 
     /// Root and the object are needed; CI (SWITCHYARD_REQUIRE_XDP=1) turns a skip into a failure.
     pub(super) fn skip_reason() -> Option<&'static str> {
@@ -156,7 +157,7 @@ address = "198.18.1.12:25"
         let plane = XdpPlane::load(&config).unwrap_or_else(|e| panic!("{e:#}"));
         let counters = plane.counters();
         assert!(counters.is_shared_with_kernel());
-        assert_eq!(counters.len(), 2);
+        assert_eq!(counters.len(), Snapshot::slot_capacity(&config));
         // The mapping is the kernel's array: a write through it reads back through the map.
         counters.add(1, 5);
         assert_eq!(plane.active_from_map(1).expect("read ACTIVE"), 5);

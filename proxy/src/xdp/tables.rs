@@ -444,7 +444,7 @@ address = "127.0.0.1:2598"
         own_network_namespace_with_forwarding();
         let config = config(CONFIG);
         let plane = XdpPlane::load(&config).unwrap_or_else(|e| panic!("{e:#}"));
-        let snapshot = Snapshot::build(&config, &plane.counters());
+        let snapshot = Snapshot::build(&config, &plane.counters()).expect("snapshot");
         let mut bpf = plane.ebpf().lock();
         let earlier = service_key("198.18.0.200:25".parse().unwrap()).unwrap();
         {

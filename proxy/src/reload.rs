@@ -1,0 +1,522 @@
+//! Changing the running balancer in place: a reload of the config file (SIGHUP, `ctl reload`)
+//! and the runtime changes `switchyard ctl` asks for (drain, disable, weight), applied to both
+//! data planes without dropping a session.
+//!
+//! Everything goes through one step, [`Control::apply`]: the next snapshot is built from the
+//! file's config with the runtime overrides on top (carrying over what unchanged services and
+//! backends have), the addresses it adds are bound, and only then is it swapped in and the
+//! listeners and health checks follow. Any failure before the swap changes nothing.
+//!
+//! How runtime changes and the file combine: a runtime drain/undrain or weight holds until the
+//! file changes that backend's `drain` or `weight` (the file's new value then applies), or the
+//! backend leaves the file; `disable` holds until `enable`. So a reload of an unchanged file
+//! never undoes an operator's drain.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config, Dataplane, ServiceConfig};
+use crate::control::{Call, Reply, Request, Target};
+use crate::health;
+use crate::listeners::Listeners;
+use crate::show;
+use crate::state::{LiveState, Override, Overrides};
+use crate::xdp;
+
+/// The running balancer as reloads and `ctl` change it (owned by the main thread).
+pub struct Control {
+    /// The config file's contents as last applied.
+    file: Config,
+    overrides: Overrides,
+    state: Arc<LiveState>,
+    listeners: Listeners,
+    /// Parent of every health check task (shutdown).
+    stop: CancellationToken,
+    /// The running checks: replaced at every apply.
+    checks: CancellationToken,
+}
+
+impl Control {
+    pub fn new(
+        file: Config,
+        state: Arc<LiveState>,
+        listeners: Listeners,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            file,
+            overrides: Overrides::new(),
+            state,
+            listeners,
+            checks: stop.child_token(),
+            stop,
+        }
+    }
+
+    /// The config as last applied (`shutdown_timeout` is read from it at shutdown).
+    pub fn config(&self) -> &Config {
+        &self.file
+    }
+
+    /// Runs the health checks of the current snapshot, ending those of the previous one (each
+    /// backend keeps its schedule: see `health::spawn_checks`).
+    pub fn start_checks(&mut self) {
+        self.checks.cancel();
+        self.checks = self.stop.child_token();
+        for service in &self.state.snapshot().services {
+            health::spawn_checks(service.clone(), self.checks.clone());
+        }
+    }
+
+    /// Answers one `ctl` request.
+    pub async fn handle(&mut self, call: Call) {
+        let Call {
+            request,
+            uid,
+            reply,
+        } = call;
+        let answer = match request {
+            Request::Show { service } => {
+                match show::report(&self.state.snapshot(), service.as_deref()) {
+                    Ok(report) => Reply {
+                        ok: true,
+                        text: String::new(),
+                        show: Some(report),
+                    },
+                    Err(refused) => Reply::refused(refused),
+                }
+            }
+            Request::Reload => self.reload(&format!("ctl reload by uid {uid}")).await,
+            Request::Check => self.check(),
+            Request::Drain { target } => self.set(&target, uid, |o| o.drain = Some(true)),
+            Request::Undrain { target } => self.set(&target, uid, |o| o.drain = Some(false)),
+            Request::Disable { target } => self.set(&target, uid, |o| o.disabled = true),
+            Request::Enable { target } => self.set(&target, uid, |o| o.disabled = false),
+            Request::Weight { target, weight } => {
+                if !(1..=1000).contains(&weight) {
+                    Reply::refused(format!(
+                        "weight {weight} for {target}: must be between 1 and 1000"
+                    ))
+                } else {
+                    self.set(&target, uid, |o| o.weight = Some(weight))
+                }
+            }
+        };
+        // The asker may have given up (ctl's timeout): nothing to tell then.
+        let _ = reply.send(answer);
+    }
+
+    /// Re-reads the config file and applies the difference; `who` says who asked (for the
+    /// log). An invalid file, or one that changes what cannot change live, changes nothing.
+    pub async fn reload(&mut self, who: &str) -> Reply {
+        let source = self.file.source.clone();
+        let file = match config::load(&source) {
+            Ok(file) => file,
+            Err(errors) => {
+                error!("reload ({who}) refused, the running config stays:\n{errors}");
+                return Reply::refused(format!("{errors}"));
+            }
+        };
+        if let Err(fixed) = fixed_keys_unchanged(&self.file, &file) {
+            error!("reload ({who}) refused, the running config stays: {fixed}");
+            return Reply::refused(fixed);
+        }
+        let mut changes = describe(&self.file, &file);
+        let overrides = carry_overrides(&self.file, &file, &self.overrides, &mut changes);
+        match self.apply(file, overrides) {
+            Ok(mut applied) => {
+                changes.append(&mut applied);
+                let text = if changes.is_empty() {
+                    "no change".to_string()
+                } else {
+                    changes.join("\n")
+                };
+                info!("reload ({who}) applied: {}", text.replace('\n', "; "));
+                Reply::ok(text)
+            }
+            Err(error) => {
+                error!("reload ({who}) refused, the running config stays: {error:#}");
+                Reply::refused(format!("{error:#}"))
+            }
+        }
+    }
+
+    /// Validates the file on disk as a reload would, without applying it.
+    fn check(&self) -> Reply {
+        let source = &self.file.source;
+        match config::load(source) {
+            Err(errors) => Reply::refused(format!("{errors}")),
+            Ok(file) => match fixed_keys_unchanged(&self.file, &file) {
+                Err(fixed) => Reply::refused(fixed),
+                Ok(()) => {
+                    let changes = describe(&self.file, &file);
+                    let pending = if changes.is_empty() {
+                        "no change from the running config".to_string()
+                    } else {
+                        format!("a reload would apply:\n{}", changes.join("\n"))
+                    };
+                    Reply::ok(format!("{}: valid; {pending}", source.display()))
+                }
+            },
+        }
+    }
+
+    /// Changes one backend's runtime override and applies it.
+    fn set(&mut self, target: &Target, uid: u32, change: impl FnOnce(&mut Override)) -> Reply {
+        if let Err(unknown) = self.find(target) {
+            return Reply::refused(unknown);
+        }
+        let key = (target.service.clone(), target.backend.clone());
+        let mut overrides = self.overrides.clone();
+        let entry = overrides.entry(key.clone()).or_default();
+        let before = entry.clone();
+        change(entry);
+        entry.by_uid = Some(uid);
+        normalize(entry, self.file_backend(target));
+        if *entry == Override::default() {
+            overrides.remove(&key);
+        }
+        let after = overrides.get(&key).cloned().unwrap_or_default();
+        let what = describe_override(&before, &after);
+        match self.apply(self.file.clone(), overrides) {
+            Ok(_) => {
+                info!("ctl by uid {uid}: {target}: {what}");
+                Reply::ok(format!("{target}: {what}"))
+            }
+            Err(error) => {
+                warn!("ctl by uid {uid}: {target}: refused: {error:#}");
+                Reply::refused(format!("{target}: {error:#}"))
+            }
+        }
+    }
+
+    /// The target's backend in the running state, or a message listing what exists.
+    fn find(&self, target: &Target) -> Result<(), String> {
+        let snapshot = self.state.snapshot();
+        let Some(service) = snapshot.service(&target.service) else {
+            let names: Vec<&str> = snapshot
+                .services
+                .iter()
+                .map(|s| s.config.name.as_str())
+                .collect();
+            return Err(format!(
+                "unknown service {:?}; services: {}",
+                target.service,
+                names.join(", ")
+            ));
+        };
+        if service.backend(&target.backend).is_none() {
+            let names: Vec<&str> = service
+                .backends
+                .iter()
+                .map(|b| b.config.name.as_str())
+                .collect();
+            return Err(format!(
+                "service {:?} has no backend {:?}; backends: {}",
+                target.service,
+                target.backend,
+                names.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    fn file_backend(&self, target: &Target) -> Option<&config::BackendConfig> {
+        self.file
+            .services
+            .iter()
+            .find(|s| s.name == target.service)?
+            .backends
+            .iter()
+            .find(|b| b.name == target.backend)
+    }
+
+    /// Makes `file` with `overrides` the running state: builds the next snapshot, binds the
+    /// addresses it adds, then swaps it in and moves listeners and checks over. Returns the
+    /// listener changes. Fails, changing nothing, before the swap.
+    fn apply(&mut self, file: Config, overrides: Overrides) -> anyhow::Result<Vec<String>> {
+        if xdp::wanted(&file) {
+            xdp::check_nat_forwarding(&file)?;
+        }
+        let next = self.state.snapshot().next(&file, &overrides)?;
+        let opening = self.listeners.bind_new(&next)?;
+        self.state.swap(next);
+        let changes = self.listeners.commit(&self.state.snapshot(), opening)?;
+        self.file = file;
+        self.overrides = overrides;
+        self.start_checks();
+        Ok(changes)
+    }
+}
+
+/// Drops what the file now decides: an override of a backend that left the file, a drain or
+/// weight whose key the file changed. Says what it dropped in `changes`.
+fn carry_overrides(
+    old: &Config,
+    new: &Config,
+    overrides: &Overrides,
+    changes: &mut Vec<String>,
+) -> Overrides {
+    let backend = |config: &Config, (service, name): &(String, String)| {
+        config
+            .services
+            .iter()
+            .find(|s| &s.name == service)
+            .and_then(|s| s.backends.iter().find(|b| &b.name == name))
+            .cloned()
+    };
+    let mut kept = Overrides::new();
+    for (key, runtime) in overrides {
+        let (Some(before), Some(after)) = (backend(old, key), backend(new, key)) else {
+            changes.push(format!(
+                "service {}: backend {}: runtime state forgotten (removed from the file)",
+                key.0, key.1
+            ));
+            continue;
+        };
+        let mut runtime = runtime.clone();
+        if runtime.drain.is_some() && before.drain != after.drain {
+            runtime.drain = None;
+            changes.push(format!(
+                "service {}: backend {}: runtime drain/undrain ended (the file changed drain)",
+                key.0, key.1
+            ));
+        }
+        if runtime.weight.is_some() && before.weight != after.weight {
+            runtime.weight = None;
+            changes.push(format!(
+                "service {}: backend {}: runtime weight ended (the file changed weight)",
+                key.0, key.1
+            ));
+        }
+        normalize(&mut runtime, Some(&after));
+        if runtime != Override::default() {
+            kept.insert(key.clone(), runtime);
+        }
+    }
+    kept
+}
+
+/// An override that says what the file says is no override.
+fn normalize(runtime: &mut Override, file: Option<&config::BackendConfig>) {
+    if let Some(file) = file {
+        if runtime.drain == Some(file.drain) {
+            runtime.drain = None;
+        }
+        if runtime.weight == Some(file.weight) {
+            runtime.weight = None;
+        }
+    }
+    if runtime.drain.is_none() && runtime.weight.is_none() && !runtime.disabled {
+        runtime.by_uid = None;
+    }
+}
+
+fn describe_override(before: &Override, after: &Override) -> String {
+    let mut said = Vec::new();
+    if before.disabled != after.disabled {
+        said.push(if after.disabled {
+            "disabled (no traffic, no checks)"
+        } else {
+            "enabled"
+        });
+    }
+    if before.drain != after.drain {
+        said.push(match after.drain {
+            Some(true) => "drained (keeps its sessions, takes no new ones)",
+            Some(false) => "undrained (takes new sessions)",
+            None => "runtime drain ended (the file's drain applies)",
+        });
+    }
+    let weight;
+    if before.weight != after.weight {
+        weight = match after.weight {
+            Some(w) => format!("weight {w}"),
+            None => "runtime weight ended (the file's weight applies)".to_string(),
+        };
+        said.push(&weight);
+    }
+    if said.is_empty() {
+        "no change".to_string()
+    } else {
+        said.join(", ")
+    }
+}
+
+/// What cannot change while running; the first difference found refuses the whole reload
+/// (a half-applied file would run a config nobody wrote).
+fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), String> {
+    let file = new.source.display();
+    let restart = "restart switchyard to change it; nothing was applied";
+    if old.workers != new.workers {
+        return Err(format!(
+            "{file}: workers cannot change while running ({} -> {}): {restart}",
+            shown(old.workers),
+            shown(new.workers)
+        ));
+    }
+    if xdp::wanted(new) && !xdp::wanted(old) {
+        return Err(format!(
+            "{file}: the first xdp service cannot be added while running (the XDP program is loaded at start): {restart}"
+        ));
+    }
+    for service in &new.services {
+        let Some(before) = old.services.iter().find(|s| s.name == service.name) else {
+            continue;
+        };
+        if before.dataplane != service.dataplane {
+            return Err(format!(
+                "{file}: service {:?}: dataplane cannot change while running ({} -> {}): {restart}",
+                service.name, before.dataplane, service.dataplane
+            ));
+        }
+        if let (Some(was), Some(now)) = (&before.xdp, &service.xdp)
+            && was != now
+        {
+            return Err(format!(
+                "{file}: service {:?}: [service.xdp] cannot change while running: {restart}",
+                service.name
+            ));
+        }
+        if service.dataplane == Dataplane::Xdp && before.listen != service.listen {
+            return Err(format!(
+                "{file}: service {:?}: an xdp service's listen (its VIPs) cannot change while running: {restart}",
+                service.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn shown(workers: Option<u32>) -> String {
+    workers.map_or("automatic".to_string(), |n| n.to_string())
+}
+
+/// What a reload from `old` to `new` changes, a line per service
+/// (`service mx: backend mta4 added; backend mta2 weight 1 -> 3`).
+pub fn describe(old: &Config, new: &Config) -> Vec<String> {
+    let mut lines = Vec::new();
+    for service in &old.services {
+        if !new.services.iter().any(|s| s.name == service.name) {
+            lines.push(format!(
+                "service {}: removed (its sessions and flows finish)",
+                service.name
+            ));
+        }
+    }
+    for service in &new.services {
+        match old.services.iter().find(|s| s.name == service.name) {
+            None => lines.push(format!(
+                "service {}: added ({} backends)",
+                service.name,
+                service.backends.len()
+            )),
+            Some(before) => {
+                let changes = service_changes(before, service);
+                if !changes.is_empty() {
+                    lines.push(format!("service {}: {}", service.name, changes.join("; ")));
+                }
+            }
+        }
+    }
+    if old.shutdown_timeout != new.shutdown_timeout {
+        lines.push(format!(
+            "shutdown_timeout {:?} -> {:?}",
+            old.shutdown_timeout, new.shutdown_timeout
+        ));
+    }
+    lines
+}
+
+fn service_changes(old: &ServiceConfig, new: &ServiceConfig) -> Vec<String> {
+    let mut changes = Vec::new();
+    let mut field = |name: &str, before: String, after: String| {
+        if before != after {
+            changes.push(format!("{name} {before} -> {after}"));
+        }
+    };
+    field("listen", list(&old.listen), list(&new.listen));
+    field(
+        "algorithm",
+        old.algorithm.to_string(),
+        new.algorithm.to_string(),
+    );
+    field(
+        "proxy_protocol",
+        old.proxy_protocol.to_string(),
+        new.proxy_protocol.to_string(),
+    );
+    field(
+        "max_connections",
+        old.max_connections.to_string(),
+        new.max_connections.to_string(),
+    );
+    field(
+        "connect_timeout",
+        format!("{:?}", old.connect_timeout),
+        format!("{:?}", new.connect_timeout),
+    );
+    field(
+        "greeting_timeout",
+        format!("{:?}", old.greeting_timeout),
+        format!("{:?}", new.greeting_timeout),
+    );
+    field(
+        "idle_timeout",
+        format!("{:?}", old.idle_timeout),
+        format!("{:?}", new.idle_timeout),
+    );
+    field("retries", old.retries.to_string(), new.retries.to_string());
+    field(
+        "health",
+        format!("{:?}", old.health),
+        format!("{:?}", new.health),
+    );
+    for backend in &old.backends {
+        if !new.backends.iter().any(|b| b.name == backend.name) {
+            changes.push(format!(
+                "backend {} removed (its sessions finish)",
+                backend.name
+            ));
+        }
+    }
+    for backend in &new.backends {
+        let Some(before) = old.backends.iter().find(|b| b.name == backend.name) else {
+            changes.push(format!("backend {} added", backend.name));
+            continue;
+        };
+        let name = &backend.name;
+        if before.address != backend.address {
+            changes.push(format!(
+                "backend {name} address {} -> {} (a new backend: fresh health and count; the old address's sessions finish)",
+                before.address, backend.address
+            ));
+        }
+        if before.weight != backend.weight {
+            changes.push(format!(
+                "backend {name} weight {} -> {}",
+                before.weight, backend.weight
+            ));
+        }
+        if before.max_connections != backend.max_connections {
+            changes.push(format!(
+                "backend {name} max_connections {} -> {}",
+                before.max_connections, backend.max_connections
+            ));
+        }
+        if before.drain != backend.drain {
+            changes.push(format!(
+                "backend {name} drain {} -> {}",
+                before.drain, backend.drain
+            ));
+        }
+    }
+    changes
+}
+
+fn list(addresses: &[std::net::SocketAddr]) -> String {
+    let shown: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+    shown.join(",")
+}

@@ -1,0 +1,122 @@
+//! `ctl show`: the running state as a report — per service its listeners and session counts,
+//! per backend its state and why, the last check, weight, counts and the response-time
+//! average.
+
+use std::sync::atomic::Ordering;
+use std::time::UNIX_EPOCH;
+
+use crate::config::{Dataplane, HealthKind};
+use crate::control::{BackendReport, CheckReport, ServiceReport, ShowReport};
+use crate::state::{Backend, Service, Snapshot};
+
+/// The report for every service, or for the one named (an unknown name lists those that
+/// exist).
+pub fn report(snapshot: &Snapshot, only: Option<&str>) -> Result<ShowReport, String> {
+    if let Some(name) = only
+        && snapshot.service(name).is_none()
+    {
+        let names: Vec<&str> = snapshot
+            .services
+            .iter()
+            .map(|s| s.config.name.as_str())
+            .collect();
+        return Err(format!(
+            "unknown service {name:?}; services: {}",
+            names.join(", ")
+        ));
+    }
+    let services = snapshot
+        .services
+        .iter()
+        .filter(|s| only.is_none_or(|name| s.config.name == name))
+        .map(|s| service_report(s))
+        .collect();
+    Ok(ShowReport { services })
+}
+
+/// Kernel flows open to the service's backends: each slot's count less this process's own
+/// proxy sessions in it.
+fn open_flows(service: &Service) -> u64 {
+    service
+        .backends
+        .iter()
+        .map(|b| {
+            let slot = b.active.slot();
+            let table = b.active.table();
+            table.load(slot).saturating_sub(table.sessions(slot))
+        })
+        .sum()
+}
+
+fn service_report(service: &Service) -> ServiceReport {
+    let config = &service.config;
+    let xdp = config.dataplane == Dataplane::Xdp;
+    ServiceReport {
+        name: config.name.clone(),
+        dataplane: config.dataplane.to_string(),
+        algorithm: config.algorithm.to_string(),
+        listeners: config.listen.iter().map(|a| a.to_string()).collect(),
+        sessions_active: u64::from(service.counts.sessions.load(Ordering::Relaxed)),
+        sessions_total: service.counts.accepted.load(Ordering::Relaxed),
+        refused_421: service.counts.refused.load(Ordering::Relaxed),
+        flows: xdp.then(|| open_flows(service)),
+        backends: service
+            .backends
+            .iter()
+            .map(|b| backend_report(service, b))
+            .collect(),
+    }
+}
+
+fn backend_report(service: &Service, backend: &Backend) -> BackendReport {
+    let live = &backend.live;
+    let last_check = live.last_check.lock().clone();
+    let by = |uid: Option<u32>| uid.map_or(String::new(), |uid| format!(" by uid {uid}"));
+    let (state, why) = if backend.disabled {
+        (
+            "disabled",
+            format!("ctl disable{}", by(backend.runtime.by_uid)),
+        )
+    } else if backend.config.drain {
+        let why = match backend.runtime.drain {
+            Some(true) => format!("ctl drain{}", by(backend.runtime.by_uid)),
+            _ => "drain = true in the config file".to_string(),
+        };
+        ("drain", why)
+    } else if !live.health.is_up() {
+        let why = match (&last_check, service.config.health.kind) {
+            (_, HealthKind::None) => {
+                "failures on live traffic (held down; kind none runs no checks)".to_string()
+            }
+            (Some(check), _) if !check.ok => format!("health check: {}", check.detail),
+            _ => "failures on live traffic".to_string(),
+        };
+        ("down", why)
+    } else {
+        let why = match service.config.health.kind {
+            HealthKind::None => "no checks (kind none); live traffic judges it".to_string(),
+            kind => format!("{kind} checks pass"),
+        };
+        ("up", why)
+    };
+    BackendReport {
+        name: backend.config.name.clone(),
+        address: backend.config.address.to_string(),
+        state: state.to_string(),
+        why,
+        last_check: last_check.map(|check| CheckReport {
+            ok: check.ok,
+            at_unix_ms: check
+                .ended
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            detail: check.detail,
+        }),
+        weight: backend.config.weight,
+        max_connections: backend.config.max_connections,
+        active: u64::from(backend.active.get()),
+        sessions_total: live.assigned_total.load(Ordering::Relaxed),
+        failures: live.failures.load(Ordering::Relaxed),
+        response_us: live.response_us.load(Ordering::Relaxed),
+    }
+}
