@@ -10,6 +10,7 @@ pub mod counters;
 pub mod health;
 pub mod limits;
 pub mod loops;
+pub mod notify;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod server;

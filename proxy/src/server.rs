@@ -22,6 +22,7 @@ use crate::config::{Config, Dataplane};
 use crate::health;
 use crate::limits::{self, Site, SpareDescriptor};
 use crate::loops;
+use crate::notify;
 use crate::session::{self, SERVICE_UNAVAILABLE, SessionSlot};
 use crate::state::{LiveState, Snapshot};
 use crate::totals::Totals;
@@ -163,6 +164,7 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     for (service, address) in &listening {
         info!(service = %service, "listening on {address}");
     }
+    notify::ready();
     tokio::spawn(limits::report_exhaustion());
     for service in &snapshot.services {
         health::spawn_checks(service.clone(), stop_accepting.child_token());
@@ -170,6 +172,7 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     drop(snapshot);
 
     let first = signals.next().await;
+    notify::stopping();
     info!(
         "{first} received: no longer accepting; waiting up to {shutdown_timeout:?} for {} sessions",
         sessions.len()
