@@ -12,6 +12,7 @@ pub mod health_state;
 pub mod limits;
 pub mod listeners;
 pub mod loops;
+pub mod notify;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;

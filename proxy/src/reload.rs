@@ -21,6 +21,7 @@ use crate::config::{self, Config, Dataplane, ServiceConfig};
 use crate::control::{Call, Reply, Request, Target};
 use crate::health;
 use crate::listeners::Listeners;
+use crate::notify;
 use crate::show;
 use crate::state::{LiveState, Override, Overrides};
 use crate::xdp;
@@ -111,6 +112,15 @@ impl Control {
     /// Re-reads the config file and applies the difference; `who` says who asked (for the
     /// log). An invalid file, or one that changes what cannot change live, changes nothing.
     pub async fn reload(&mut self, who: &str) -> Reply {
+        notify::reloading();
+        let reply = self.reload_file(who);
+        notify::status(&reply.text);
+        notify::ready();
+        reply
+    }
+
+    fn reload_file(&mut self, who: &str) -> Reply {
+        let started = std::time::Instant::now();
         let source = self.file.source.clone();
         let file = match config::load(&source) {
             Ok(file) => file,
@@ -133,7 +143,11 @@ impl Control {
                 } else {
                     changes.join("\n")
                 };
-                info!("reload ({who}) applied: {}", text.replace('\n', "; "));
+                info!(
+                    "reload ({who}) applied in {:?}: {}",
+                    started.elapsed(),
+                    text.replace('\n', "; ")
+                );
                 Reply::ok(text)
             }
             Err(error) => {

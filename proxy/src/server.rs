@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::limits::{self, Site, SpareDescriptor};
 use crate::listeners::{Accept, Listeners, Route};
 use crate::loops;
+use crate::notify;
 use crate::reload::Control;
 use crate::session::{self, SERVICE_UNAVAILABLE, SessionSlot};
 use crate::state::{LiveState, Service, Snapshot};
@@ -154,6 +155,7 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     for (address, service) in listeners.addresses() {
         info!(service = %service, "listening on {address}");
     }
+    notify::ready();
     tokio::spawn(limits::report_exhaustion());
     drop(snapshot);
     let mut control = Control::new(config, state.clone(), listeners, stop_accepting.clone());
@@ -167,6 +169,7 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
             }
         }
     };
+    notify::stopping();
     let shutdown_timeout = control.config().shutdown_timeout;
     info!(
         "{first} received: no longer accepting; waiting up to {shutdown_timeout:?} for {} sessions",

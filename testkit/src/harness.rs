@@ -3,12 +3,20 @@
 //! environment), waited on until ready, signalled and stopped, with its stderr for failure
 //! messages and its shutdown totals read from the file `run --totals FILE` writes.
 //!
+//! Readiness is what systemd would see: the harness plays the service manager, with a Unix
+//! datagram socket of its own as the process's `NOTIFY_SOCKET` (a path, so it reaches a process
+//! in another network namespace too), and the process is ready once it sent `READY=1`. Every
+//! notification is kept, in order and with its arrival time, for the tests to read.
+//!
 //! Tests pass `env!("CARGO_BIN_EXE_switchyard")` as the binary.
 
 use std::fs::File;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use switchyard::totals::Totals;
@@ -19,14 +27,19 @@ use crate::netns::{Netns, PrivateBpffs};
 const READY_LIMIT: Duration = Duration::from_secs(10);
 /// How long a SIGTERM'd process may take to exit.
 const TERMINATE_LIMIT: Duration = Duration::from_secs(60);
+/// How long the harness waits before it looks again whether the process is ready or gone.
+const POLL_PAUSE: Duration = Duration::from_millis(20);
+/// How long after the process's exit its last notifications may take to be read.
+const EXITED_GRACE: Duration = Duration::from_millis(500);
 
 /// When a started process counts as ready.
 #[derive(Clone, Debug)]
 enum Ready {
-    /// It logged "listening on ADDR" for every userspace `listen` address of its config.
+    /// It sent `READY=1` to the harness's `NOTIFY_SOCKET`.
+    Notified,
+    /// Started without a `NOTIFY_SOCKET` of the harness's: it logged "listening on ADDR" for
+    /// every userspace `listen` address of its config.
     Listening,
-    /// It logged this text.
-    Logged(String),
 }
 
 /// How to start the binary; [`Launch::start`] starts it.
@@ -37,6 +50,8 @@ pub struct Launch {
     open_files: Option<u32>,
     env: Vec<(String, String)>,
     ready: Ready,
+    /// Also wait until this text is logged.
+    logged: Option<String>,
 }
 
 impl Launch {
@@ -46,7 +61,8 @@ impl Launch {
             rust_log: "info".into(),
             open_files: None,
             env: Vec::new(),
-            ready: Ready::Listening,
+            ready: Ready::Notified,
+            logged: None,
         }
     }
 
@@ -68,10 +84,18 @@ impl Launch {
         self
     }
 
-    /// Ready once `text` is logged, instead of once every `listen` address is bound (the
-    /// kernel path does not listen on its VIP).
+    /// Ready once `text` is logged as well (a particular start-up path, such as pinned maps
+    /// reused).
     pub fn ready_when_logged(mut self, text: &str) -> Launch {
-        self.ready = Ready::Logged(text.to_string());
+        self.logged = Some(text.to_string());
+        self
+    }
+
+    /// No `NOTIFY_SOCKET` of the harness's (and none inherited): the process runs as it would
+    /// outside systemd, and is ready once it logged "listening on" for every `listen` address.
+    /// An explicit [`Launch::env`] `NOTIFY_SOCKET` still applies.
+    pub fn without_notify_socket(mut self) -> Launch {
+        self.ready = Ready::Listening;
         self
     }
 
@@ -120,6 +144,17 @@ impl Launch {
         let stderr_path = dir.path().join("stderr.log");
         let totals_path = dir.path().join("totals.json");
         let stderr = File::create(&stderr_path).expect("create stderr log");
+        let notifications = match self.ready {
+            Ready::Notified => {
+                let socket_path = dir.path().join("notify.sock");
+                command.env("NOTIFY_SOCKET", &socket_path);
+                Some(Notifications::listen(&socket_path))
+            }
+            Ready::Listening => {
+                command.env_remove("NOTIFY_SOCKET");
+                None
+            }
+        };
         command
             .arg("run")
             .arg("--config")
@@ -138,9 +173,10 @@ impl Launch {
             stderr_path,
             totals_path,
             listen: listen_addresses(config_toml),
+            notifications,
             status: None,
         };
-        sy.wait_ready(&self.ready);
+        sy.wait_ready(&self.ready, self.logged.as_deref());
         sy
     }
 }
@@ -152,28 +188,30 @@ pub struct Switchyard {
     stderr_path: PathBuf,
     totals_path: PathBuf,
     listen: Vec<SocketAddr>,
+    notifications: Option<Arc<Notifications>>,
     status: Option<ExitStatus>,
 }
 
 impl Switchyard {
-    /// `Launch::new(binary).start(config_toml)`: ready once every `listen` address is bound
-    /// (from its log, not a probe connection, so no backend counts a phantom session).
+    /// `Launch::new(binary).start(config_toml)`: ready once it sent `READY=1` (not from a
+    /// probe connection, so no backend counts a phantom session).
     pub fn start(binary: impl Into<PathBuf>, config_toml: &str) -> Switchyard {
         Launch::new(binary).start(config_toml)
     }
 
-    fn wait_ready(&mut self, ready: &Ready) {
+    fn wait_ready(&mut self, ready: &Ready, logged: Option<&str>) {
         let deadline = Instant::now() + READY_LIMIT;
         loop {
             let text = self.stderr_text();
-            let done = match ready {
+            let received = self.notifications();
+            let is_ready = match ready {
+                Ready::Notified => received.iter().any(|n| n.has("READY=1")),
                 Ready::Listening => self
                     .listen
                     .iter()
                     .all(|a| text.contains(&format!("listening on {a}"))),
-                Ready::Logged(needle) => text.contains(needle.as_str()),
             };
-            if done {
+            if is_ready && logged.is_none_or(|needle| text.contains(needle)) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -181,9 +219,62 @@ impl Switchyard {
                 panic!("switchyard exited during startup ({status}); stderr:\n{text}");
             }
             if Instant::now() > deadline {
-                panic!("switchyard not ready ({ready:?}) within {READY_LIMIT:?}; stderr:\n{text}");
+                panic!(
+                    "switchyard not ready ({ready:?}, logged {logged:?}) within {READY_LIMIT:?}; \
+                     notifications: {received:?}; stderr:\n{text}"
+                );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            self.await_more(received.len(), POLL_PAUSE);
+        }
+    }
+
+    /// Every notification received so far, oldest first (none when started
+    /// [`Launch::without_notify_socket`]).
+    pub fn notifications(&self) -> Vec<Notification> {
+        self.notifications
+            .as_ref()
+            .map(|n| n.received())
+            .unwrap_or_default()
+    }
+
+    /// Waits (at most `limit`, and not much past the process's exit) until `count`
+    /// notifications have arrived and returns them all; panics, with what did arrive and the
+    /// stderr, otherwise.
+    pub fn wait_notifications(&mut self, count: usize, limit: Duration) -> Vec<Notification> {
+        let mut deadline = Instant::now() + limit;
+        let mut exited = None;
+        loop {
+            let received = self.notifications();
+            if received.len() >= count {
+                return received;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let end = exited.map_or(format!("none within {limit:?}"), |s| format!("{s}"));
+                panic!(
+                    "{count} notifications expected, got {received:?} (exit: {end}); \
+                     stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            if exited.is_none() {
+                exited = self.wait_timeout(Duration::ZERO);
+                if exited.is_some() {
+                    // Datagrams sent just before the exit may still be on their way to the list.
+                    deadline = deadline.min(now + EXITED_GRACE);
+                }
+            }
+            // Woken by a notification at once; otherwise back soon to look for an exit.
+            let pause = deadline.saturating_duration_since(now).min(POLL_PAUSE);
+            self.await_more(received.len(), pause);
+        }
+    }
+
+    /// Sleeps at most `limit`, waking as soon as there are more than `seen` notifications.
+    fn await_more(&self, seen: usize, limit: Duration) {
+        match &self.notifications {
+            Some(notifications) => notifications.await_more(seen, limit),
+            None => std::thread::sleep(limit),
         }
     }
 
@@ -274,6 +365,100 @@ impl Drop for Switchyard {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// One datagram the process sent to its `NOTIFY_SOCKET`: `KEY=value` lines (`READY=1`, or
+/// `RELOADING=1` and `MONOTONIC_USEC=…` together).
+#[derive(Clone, Debug)]
+pub struct Notification {
+    /// When the harness received it.
+    pub at: Instant,
+    /// The datagram as sent.
+    pub text: String,
+}
+
+impl Notification {
+    /// Whether one of its lines is exactly `line` (e.g. "READY=1").
+    pub fn has(&self, line: &str) -> bool {
+        self.text.lines().any(|l| l == line)
+    }
+
+    /// The value of its `key=` line, if it has one.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.text
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+    }
+}
+
+/// The harness's end of `NOTIFY_SOCKET`: a reader thread that keeps every datagram until the
+/// [`Switchyard`] holding it is dropped.
+struct Notifications {
+    received: Mutex<Vec<Notification>>,
+    arrived: Condvar,
+}
+
+impl Notifications {
+    /// How often the reader looks whether anyone still holds the list.
+    const POLL: Duration = Duration::from_millis(200);
+
+    fn listen(path: &Path) -> Arc<Notifications> {
+        let socket = UnixDatagram::bind(path)
+            .unwrap_or_else(|e| panic!("binding the notify socket {}: {e}", path.display()));
+        socket
+            .set_read_timeout(Some(Self::POLL))
+            .expect("a read timeout on the notify socket");
+        let notifications = Arc::new(Notifications {
+            received: Mutex::new(Vec::new()),
+            arrived: Condvar::new(),
+        });
+        let weak = Arc::downgrade(&notifications);
+        std::thread::Builder::new()
+            .name("notify-socket".into())
+            .spawn(move || Self::read(&socket, &weak))
+            .expect("starting the notify socket's reader");
+        notifications
+    }
+
+    fn read(socket: &UnixDatagram, notifications: &Weak<Notifications>) {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let received = socket.recv(&mut buffer);
+            let Some(notifications) = notifications.upgrade() else {
+                return;
+            };
+            match received {
+                Ok(len) => notifications.push(Notification {
+                    at: Instant::now(),
+                    text: String::from_utf8_lossy(&buffer[..len]).into_owned(),
+                }),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => panic!("reading the notify socket: {e}"),
+            }
+        }
+    }
+
+    fn push(&self, notification: Notification) {
+        self.lock().push(notification);
+        self.arrived.notify_all();
+    }
+
+    fn received(&self) -> Vec<Notification> {
+        self.lock().clone()
+    }
+
+    fn await_more(&self, seen: usize, limit: Duration) {
+        let guard = self.lock();
+        let _ = self
+            .arrived
+            .wait_timeout_while(guard, limit, |received| received.len() <= seen);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Notification>> {
+        // A panicking reader leaves the list as it was: still worth reading.
+        self.received.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
