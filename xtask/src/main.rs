@@ -62,6 +62,10 @@ enum Cmd {
         /// network, no release build, no results file): prints the figures.
         #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "rounds", "messages"])]
         xdp_cost_only: bool,
+        /// Only what a reload costs: 1000 backends in 10 services, 5000 open sessions (quick:
+        /// 1000), six reloads through the admin socket with a connect loop running.
+        #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "xdp_cost_only"])]
+        reload_only: bool,
     },
     /// A fast SMTP sink (used where Postfix's smtp-sink is missing).
     Sink {
@@ -143,12 +147,16 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             kernel_only,
             smtp_source,
             xdp_cost_only,
+            reload_only,
         } => {
             if xdp_cost_only {
                 // The program runs in the kernel: this build's speed does not matter.
                 return bench::xdp_cost_only(quick).map(|_| ExitCode::SUCCESS);
             }
             reexec_release(&["xtask", "switchyard"])?;
+            if reload_only {
+                return bench::reload_only(quick).map(|_| ExitCode::SUCCESS);
+            }
             let mut opts = bench::BenchOptions::new(quick, rounds, messages);
             opts.kernel_only = kernel_only;
             opts.smtp_source = smtp_source;

@@ -19,6 +19,7 @@ mod contenders;
 mod cpu;
 mod drive;
 mod idle;
+pub mod reload;
 mod report;
 pub mod results;
 mod stats;
@@ -259,6 +260,9 @@ fn run_contenders(
         distribution,
     )?;
     results.xdp_cost = xdp_cost;
+    if !opts.kernel_only {
+        results.reload = reload_figures(opts, dir, switchyard, &mut results.skipped);
+    }
     report::print_table(&results);
     // A kernel-only run does not replace the full benchmark's results.
     let stem = if opts.kernel_only { "kernel-" } else { "" };
@@ -270,6 +274,41 @@ fn run_contenders(
     crate::chart::draw(&validated, &chart)?;
     println!("\nbench: wrote {} and {}", json.display(), chart.display());
     Ok(validated)
+}
+
+/// The reload measurement ([`reload`]), or a skipped entry saying why it could not run.
+fn reload_figures(
+    opts: &BenchOptions,
+    dir: &Path,
+    switchyard: &Path,
+    skipped: &mut Vec<Skipped>,
+) -> Option<reload::ReloadFigures> {
+    let sessions = if opts.quick { 1000 } else { 5000 };
+    match reload::measure(dir, switchyard, sessions) {
+        Ok(figures) => {
+            println!("bench: {}", reload::describe(&figures));
+            Some(figures)
+        }
+        Err(error) => {
+            println!("bench: reload measurement failed: {error:#}");
+            skipped.push(Skipped {
+                name: "reload".into(),
+                reason: format!("{error:#}"),
+            });
+            None
+        }
+    }
+}
+
+/// `--reload-only`: the reload measurement alone, printed.
+pub fn reload_only(quick: bool) -> Result<reload::ReloadFigures> {
+    supervise::stop_children_on_signal();
+    workspace::raise_nofile_limit();
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir)?;
+    let figures = reload::measure(&dir, &workspace::switchyard_release(), if quick { 1000 } else { 5000 })?;
+    println!("{}", reload::describe(&figures));
+    Ok(figures)
 }
 
 /// One run of load through `c`, with the CPU time every part used; printed and recorded.

@@ -90,6 +90,9 @@ pub fn markdown(res: &BenchResults) -> String {
     }
     s.push_str(&kernel_markdown(res));
     s.push_str(&xdp_cost_markdown(res));
+    if let Some(reload) = &res.reload {
+        s.push_str(&format!("\n{}\n", super::reload::describe(reload)));
+    }
     for sk in &res.skipped {
         s.push_str(&format!("\nnot measured: {} ({})", sk.name, sk.reason));
     }

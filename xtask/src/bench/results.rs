@@ -40,6 +40,9 @@ pub struct BenchResults {
     /// The XDP program's cost per packet (BPF_PROG_TEST_RUN), when it could be measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xdp_cost: Option<XdpCost>,
+    /// What a reload costs a large running config (1000 backends, thousands of sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<super::reload::ReloadFigures>,
 }
 
 /// The XDP program's cost per packet in nanoseconds per run, from `BPF_PROG_TEST_RUN`, beside

@@ -116,6 +116,7 @@ pub fn summarize(
         kernel_path,
         loadgen_vs_smtp_source,
         xdp_cost: None,
+        reload: None,
     })
 }
 
