@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin;
 use crate::config::{Config, Dataplane};
+use crate::control::{Call, Reply};
 use crate::health;
 use crate::limits::{self, Site, SpareDescriptor};
 use crate::loops;
@@ -152,14 +154,27 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     if started.is_ok() {
         started = wait_for_workers(&mut ready_rx, threads.len()).await;
     }
-    if let Err(error) = started {
-        // Nothing was announced as listening: stop the workers that did start, and fail.
-        stop_accepting.cancel();
-        cut_sessions.cancel();
-        finished.cancel();
-        join_workers(threads);
-        return Err(error);
-    }
+    let (calls_tx, calls_rx) = mpsc::channel(16);
+    let admin = started
+        .and_then(|()| admin::serve(&config.admin_socket, calls_tx, stop_accepting.child_token()));
+    let admin = match admin {
+        Ok(admin) => admin,
+        Err(error) => {
+            // Nothing was announced as listening: stop the workers that did start, and fail.
+            stop_accepting.cancel();
+            cut_sessions.cancel();
+            finished.cancel();
+            join_workers(threads);
+            return Err(error);
+        }
+    };
+    let mut calls: mpsc::Receiver<Call> = calls_rx;
+    // LEAD: replace (the control loop answers these).
+    tokio::spawn(async move {
+        while let Some(call) = calls.recv().await {
+            let _ = call.reply.send(Reply::refused("not implemented yet"));
+        }
+    });
     for (service, address) in &listening {
         info!(service = %service, "listening on {address}");
     }
@@ -177,6 +192,8 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     stop_accepting.cancel();
     accepting.close();
     accepting.wait().await;
+    // The socket file is gone before anything else ends.
+    let _ = admin.await;
     sessions.close();
     tokio::select! {
         _ = sessions.wait() => {}

@@ -1,7 +1,8 @@
 //! The real `switchyard run` process under a test's config: started (optionally with another
 //! RUST_LOG, a lower open-files limit, inside a network namespace with a private bpffs, extra
 //! environment), waited on until ready, signalled and stopped, with its stderr for failure
-//! messages and its shutdown totals read from the file `run --totals FILE` writes.
+//! messages and its shutdown totals read from the file `run --totals FILE` writes; and
+//! `switchyard ctl` against its admin socket (one per test, in its temporary directory).
 //!
 //! Tests pass `env!("CARGO_BIN_EXE_switchyard")` as the binary.
 
@@ -116,7 +117,8 @@ impl Launch {
     fn spawn(self, mut command: Command, config_toml: &str) -> Switchyard {
         let dir = tempfile::tempdir().expect("temporary directory");
         let config_path = dir.path().join("switchyard.toml");
-        std::fs::write(&config_path, config_toml).expect("write config");
+        let (config_toml, admin_socket) = with_admin_socket(config_toml, dir.path());
+        std::fs::write(&config_path, &config_toml).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let totals_path = dir.path().join("totals.json");
         let stderr = File::create(&stderr_path).expect("create stderr log");
@@ -134,10 +136,12 @@ impl Launch {
         let child = command.spawn().expect("spawn switchyard");
         let mut sy = Switchyard {
             child,
+            binary: self.binary.clone(),
             dir,
             stderr_path,
             totals_path,
-            listen: listen_addresses(config_toml),
+            admin_socket,
+            listen: listen_addresses(&config_toml),
             status: None,
         };
         sy.wait_ready(&self.ready);
@@ -148,9 +152,11 @@ impl Launch {
 /// A running (or exited) `switchyard run`; dropping it kills a process still running.
 pub struct Switchyard {
     child: Child,
+    binary: PathBuf,
     dir: tempfile::TempDir,
     stderr_path: PathBuf,
     totals_path: PathBuf,
+    admin_socket: PathBuf,
     listen: Vec<SocketAddr>,
     status: Option<ExitStatus>,
 }
@@ -194,6 +200,20 @@ impl Switchyard {
     /// The temporary directory holding the config, the stderr log and the totals file.
     pub fn config_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The admin socket it serves: the config's `[admin] socket`, or one in
+    /// [`Switchyard::config_dir`] that the harness added (never the shared default, so tests
+    /// running in parallel do not collide).
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// `switchyard ctl --socket <its admin socket> ARGS...`, run to the end.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        let mut command = Command::new(&self.binary);
+        command.arg("ctl").arg("--socket").arg(&self.admin_socket);
+        run_ctl(command.args(args))
     }
 
     /// Everything the process logged so far.
@@ -274,6 +294,50 @@ impl Drop for Switchyard {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// `config_toml` with an `[admin] socket` in `dir` added when it sets none, and the socket
+/// it names (a relative one resolved against `dir`, where the config file is written).
+fn with_admin_socket(config_toml: &str, dir: &Path) -> (String, PathBuf) {
+    let written = config_toml
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|doc| doc.get("admin")?.get("socket")?.as_str().map(PathBuf::from));
+    match written {
+        Some(socket) => (config_toml.to_string(), dir.join(socket)),
+        None => {
+            let socket = dir.join("admin.sock");
+            let mut text = config_toml.to_string();
+            // A table header at the end belongs to no other table, whatever came before.
+            text.push_str(&format!(
+                "\n[admin]\nsocket = {:?}\n",
+                socket.display().to_string()
+            ));
+            (text, socket)
+        }
+    }
+}
+
+/// What `switchyard ctl` did: its exit code (`None` when killed by a signal) and its output.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a `switchyard ctl` command (built by the caller: another user, another socket) to
+/// its end.
+pub fn run_ctl(command: &mut Command) -> CtlOutput {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn switchyard ctl");
+    CtlOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 
