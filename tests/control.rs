@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use switchyard::control::{Reply, Request};
-use testkit::config_toml::ServiceToml;
+use testkit::config_toml::{ServiceToml, admin_table};
 use testkit::harness::{CtlOutput, Switchyard, free_addr, run_ctl};
 
 /// The binary under test.
@@ -27,10 +27,6 @@ fn config(extra: &str) -> String {
         .health("kind = \"none\"")
         .backend("mta1", free_addr());
     format!("shutdown_timeout = \"1s\"\n{extra}{service}")
-}
-
-fn admin_table(socket: &Path) -> String {
-    format!("[admin]\nsocket = {:?}\n", socket.display().to_string())
 }
 
 /// `switchyard ctl ARGS...` (the caller names the socket or config).

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::totals::Totals;
 
+use crate::config_toml::admin_table;
 use crate::netns::{Netns, PrivateBpffs};
 
 /// How long startup may take before the harness gives up.
@@ -308,12 +309,8 @@ fn with_admin_socket(config_toml: &str, dir: &Path) -> (String, PathBuf) {
         Some(socket) => (config_toml.to_string(), dir.join(socket)),
         None => {
             let socket = dir.join("admin.sock");
-            let mut text = config_toml.to_string();
             // A table header at the end belongs to no other table, whatever came before.
-            text.push_str(&format!(
-                "\n[admin]\nsocket = {:?}\n",
-                socket.display().to_string()
-            ));
+            let text = format!("{config_toml}{}", admin_table(&socket));
             (text, socket)
         }
     }
