@@ -1050,6 +1050,66 @@ fn table() -> Vec<Case> {
             ],
         ),
         // -------------------------------------------------------------------------------
+        // [admin]
+        rejected(
+            "admin_socket_empty_is_rejected",
+            format!("[admin]\nsocket = \"\"\n{}", service_with("")),
+            2,
+            &["admin.socket must not be empty", "leave the key out"],
+        ),
+        rejected(
+            "admin_socket_with_nul_is_rejected",
+            format!("[admin]\nsocket = \"a\\u0000b\"\n{}", service_with("")),
+            2,
+            &["admin.socket", "NUL"],
+        ),
+        rejected(
+            "admin_socket_longer_than_a_unix_socket_path_is_rejected",
+            format!(
+                "[admin]\nsocket = \"{}/admin.sock\"\n{}",
+                "d".repeat(100),
+                service_with("")
+            ),
+            2,
+            &["admin.socket", "at most 107", "/etc/switchyard/ddd"],
+        ),
+        rejected(
+            "admin_socket_of_wrong_type_is_named",
+            format!("[admin]\nsocket = 1\n{}", service_with("")),
+            2,
+            &["admin.socket", "integer"],
+        ),
+        rejected(
+            "unknown_admin_key_lists_expected_keys",
+            format!("[admin]\nsockets = \"a.sock\"\n{}", service_with("")),
+            2,
+            &["sockets", "socket"],
+        ),
+        rejected(
+            "unknown_top_level_key_lists_admin",
+            format!("admn = 1\n{}", service_with("")),
+            1,
+            &["admn", "admin"],
+        ),
+        accepted(
+            "admin_socket_defaults_to_run_switchyard",
+            service_with(""),
+            &["admin socket /run/switchyard/admin.sock"],
+        ),
+        accepted(
+            "relative_admin_socket_is_taken_from_the_config_directory",
+            format!("[admin]\nsocket = \"run/admin.sock\"\n{}", service_with("")),
+            &["admin socket /etc/switchyard/run/admin.sock"],
+        ),
+        accepted(
+            "absolute_admin_socket_is_kept",
+            format!(
+                "[admin]\nsocket = \"/var/run/sy/ctl.sock\"\n{}",
+                service_with("")
+            ),
+            &["admin socket /var/run/sy/ctl.sock"],
+        ),
+        // -------------------------------------------------------------------------------
         // The shipped examples
         accepted(
             "shipped_xdp_example_passes_check_once_uncommented",

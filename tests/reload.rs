@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use testkit::config_toml::ServiceToml;
+use testkit::config_toml::{ServiceToml, admin_table};
 use testkit::harness::{Switchyard, free_addr};
 use testkit::smtp_client::{HeldSession, SessionOptions, run_session, smtp_session};
 use testkit::smtp_server::{Behaviour, SmtpServer};
@@ -42,7 +42,9 @@ fn reload(sy: &Switchyard, config: &str) -> String {
 }
 
 fn try_reload(sy: &Switchyard, config: &str) -> testkit::harness::CtlOutput {
-    std::fs::write(sy.config_dir().join("switchyard.toml"), config).expect("write config");
+    // The same admin socket as at start: it cannot change while running.
+    let text = format!("{config}{}", admin_table(sy.admin_socket()));
+    std::fs::write(sy.config_dir().join("switchyard.toml"), text).expect("write config");
     sy.ctl(&["reload"])
 }
 

@@ -3,10 +3,12 @@
 //! the test kit and xtask call the same modules in process (config parsing, the SMTP reply
 //! parser, the shutdown totals' schema).
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod control;
 pub mod counters;
+pub mod ctl;
 pub mod health;
 pub mod health_state;
 pub mod limits;

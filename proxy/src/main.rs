@@ -1,11 +1,12 @@
-//! The `switchyard` binary: command line, logging, and the hand-off to the control plane.
+//! The `switchyard` binary: command line, logging, and the hand-off to the control plane (or,
+//! for `ctl`, to the admin socket's client).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use switchyard::{config, server};
+use switchyard::{config, ctl, server};
 
 #[derive(Parser)]
 #[command(
@@ -36,11 +37,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask a running balancer over its admin socket: show its state, drain, disable or
+    /// re-weight a backend, reload or check its configuration. Exits 0 when done, 1 otherwise.
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Ctl(args) => ctl::main(args),
         Command::Check { config } => match config::load(&config) {
             Ok(cfg) => {
                 print!("{}", cfg.summary());

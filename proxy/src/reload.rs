@@ -371,6 +371,13 @@ fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             shown(new.workers)
         ));
     }
+    if old.admin_socket != new.admin_socket {
+        return Err(format!(
+            "{file}: admin.socket cannot change while running ({} -> {}): {restart}",
+            old.admin_socket.display(),
+            new.admin_socket.display()
+        ));
+    }
     if xdp::wanted(new) && !xdp::wanted(old) {
         return Err(format!(
             "{file}: the first xdp service cannot be added while running (the XDP program is loaded at start): {restart}"

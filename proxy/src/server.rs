@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin;
 use crate::config::Config;
+use crate::control::Call;
 use crate::limits::{self, Site, SpareDescriptor};
 use crate::listeners::{Accept, Listeners, Route};
 use crate::loops;
@@ -144,14 +146,21 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     if started.is_ok() {
         started = wait_for_workers(&mut ready_rx, threads.len()).await;
     }
-    if let Err(error) = started {
-        // Nothing was announced as listening: stop the workers that did start, and fail.
-        stop_accepting.cancel();
-        cut_sessions.cancel();
-        finished.cancel();
-        join_workers(threads);
-        return Err(error);
-    }
+    let (calls_tx, calls_rx) = mpsc::channel(16);
+    let admin = started
+        .and_then(|()| admin::serve(&config.admin_socket, calls_tx, stop_accepting.child_token()));
+    let admin = match admin {
+        Ok(admin) => admin,
+        Err(error) => {
+            // Nothing was announced as listening: stop the workers that did start, and fail.
+            stop_accepting.cancel();
+            cut_sessions.cancel();
+            finished.cancel();
+            join_workers(threads);
+            return Err(error);
+        }
+    };
+    let mut calls: mpsc::Receiver<Call> = calls_rx;
     for (address, service) in listeners.addresses() {
         info!(service = %service, "listening on {address}");
     }
@@ -161,12 +170,17 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let mut control = Control::new(config, state.clone(), listeners, stop_accepting.clone());
     control.start_checks();
 
+    // The control loop: reloads (SIGHUP, `ctl reload`) and every other `ctl` request, one at
+    // a time, until a stop signal.
     let first = loop {
-        match signals.next_or_hangup().await {
-            Some(signal) => break signal,
-            None => {
-                control.reload("SIGHUP").await;
-            }
+        tokio::select! {
+            signal = signals.next_or_hangup() => match signal {
+                Some(signal) => break signal,
+                None => {
+                    control.reload("SIGHUP").await;
+                }
+            },
+            Some(call) = calls.recv() => control.handle(call).await,
         }
     };
     notify::stopping();
@@ -178,6 +192,8 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     stop_accepting.cancel();
     accepting.close();
     accepting.wait().await;
+    // The socket file is gone before anything else ends.
+    let _ = admin.await;
     sessions.close();
     tokio::select! {
         _ = sessions.wait() => {}

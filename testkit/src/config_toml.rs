@@ -1,12 +1,20 @@
 //! The configuration a test writes for `switchyard run`: one `[[service]]` table with its
 //! `[service.health]` table and one `[[service.backend]]` table per backend, spelled the same
 //! way by every test. Keys outside the service (`shutdown_timeout`, `workers`) and further
-//! services are plain text the test puts around it.
+//! services are plain text the test puts around it; [`admin_table`] is the `[admin]` table.
 
 use std::fmt::{self, Display};
 use std::net::SocketAddr;
+use std::path::Path;
 
 use crate::smtp_server::SmtpServer;
+
+/// The `[admin]` table naming `socket` (relative: to the config file's directory). Every
+/// switchyard a test or xtask starts gets one of its own: the default socket is shared by the
+/// whole host, and a second switchyard on it refuses to start.
+pub fn admin_table(socket: &Path) -> String {
+    format!("\n[admin]\nsocket = {:?}\n", socket.display().to_string())
+}
 
 /// One `[[service]]` table; [`Display`] writes it as TOML.
 #[derive(Clone, Debug)]

@@ -1,7 +1,8 @@
 //! The real `switchyard run` process under a test's config: started (optionally with another
 //! RUST_LOG, a lower open-files limit, inside a network namespace with a private bpffs, extra
 //! environment), waited on until ready, signalled and stopped, with its stderr for failure
-//! messages and its shutdown totals read from the file `run --totals FILE` writes.
+//! messages and its shutdown totals read from the file `run --totals FILE` writes; and
+//! `switchyard ctl` against its admin socket (one per test, in its temporary directory).
 //!
 //! Readiness is what systemd would see: the harness plays the service manager, with a Unix
 //! datagram socket of its own as the process's `NOTIFY_SOCKET` (a path, so it reaches a process
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::totals::Totals;
 
+use crate::config_toml::admin_table;
 use crate::netns::{Netns, PrivateBpffs};
 
 /// How long startup may take before the harness gives up.
@@ -140,7 +142,8 @@ impl Launch {
     fn spawn(self, mut command: Command, config_toml: &str) -> Switchyard {
         let dir = tempfile::tempdir().expect("temporary directory");
         let config_path = dir.path().join("switchyard.toml");
-        std::fs::write(&config_path, config_toml).expect("write config");
+        let (config_toml, admin_socket) = with_admin_socket(config_toml, dir.path());
+        std::fs::write(&config_path, &config_toml).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let totals_path = dir.path().join("totals.json");
         let stderr = File::create(&stderr_path).expect("create stderr log");
@@ -169,10 +172,12 @@ impl Launch {
         let child = command.spawn().expect("spawn switchyard");
         let mut sy = Switchyard {
             child,
+            binary: self.binary.clone(),
             dir,
             stderr_path,
             totals_path,
-            listen: listen_addresses(config_toml),
+            admin_socket,
+            listen: listen_addresses(&config_toml),
             notifications,
             status: None,
         };
@@ -184,9 +189,11 @@ impl Launch {
 /// A running (or exited) `switchyard run`; dropping it kills a process still running.
 pub struct Switchyard {
     child: Child,
+    binary: PathBuf,
     dir: tempfile::TempDir,
     stderr_path: PathBuf,
     totals_path: PathBuf,
+    admin_socket: PathBuf,
     listen: Vec<SocketAddr>,
     notifications: Option<Arc<Notifications>>,
     status: Option<ExitStatus>,
@@ -285,6 +292,20 @@ impl Switchyard {
     /// The temporary directory holding the config, the stderr log and the totals file.
     pub fn config_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The admin socket it serves: the config's `[admin] socket`, or one in
+    /// [`Switchyard::config_dir`] that the harness added (never the shared default, so tests
+    /// running in parallel do not collide).
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// `switchyard ctl --socket <its admin socket> ARGS...`, run to the end.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        let mut command = Command::new(&self.binary);
+        command.arg("ctl").arg("--socket").arg(&self.admin_socket);
+        run_ctl(command.args(args))
     }
 
     /// Everything the process logged so far.
@@ -459,6 +480,46 @@ impl Notifications {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Notification>> {
         // A panicking reader leaves the list as it was: still worth reading.
         self.received.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `config_toml` with an `[admin] socket` in `dir` added when it sets none, and the socket
+/// it names (a relative one resolved against `dir`, where the config file is written).
+fn with_admin_socket(config_toml: &str, dir: &Path) -> (String, PathBuf) {
+    let written = config_toml
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|doc| doc.get("admin")?.get("socket")?.as_str().map(PathBuf::from));
+    match written {
+        Some(socket) => (config_toml.to_string(), dir.join(socket)),
+        None => {
+            let socket = dir.join("admin.sock");
+            // A table header at the end belongs to no other table, whatever came before.
+            let text = format!("{config_toml}{}", admin_table(&socket));
+            (text, socket)
+        }
+    }
+}
+
+/// What `switchyard ctl` did: its exit code (`None` when killed by a signal) and its output.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a `switchyard ctl` command (built by the caller: another user, another socket) to
+/// its end.
+pub fn run_ctl(command: &mut Command) -> CtlOutput {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn switchyard ctl");
+    CtlOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 

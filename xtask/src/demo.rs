@@ -19,6 +19,7 @@ use anyhow::{Context, Result};
 
 use crate::loadgen::{self, Budget, LoadSpec};
 use crate::workspace;
+use testkit::config_toml::admin_table;
 use testkit::supervise::{self, Supervised};
 
 /// What config/demo.toml sets; the fallback config uses the same values.
@@ -43,13 +44,19 @@ fn fallback_config() -> String {
     cfg
 }
 
+/// config/demo.toml (or the fallback) copied into `dir` with an admin socket of its own
+/// there: the default one is the host's, where a real switchyard may be serving.
 fn config_path(dir: &Path) -> Result<PathBuf> {
     let shipped = workspace::root().join("config").join("demo.toml");
-    if shipped.is_file() {
-        return Ok(shipped);
-    }
+    let text = if shipped.is_file() {
+        std::fs::read_to_string(&shipped)
+            .with_context(|| format!("reading {}", shipped.display()))?
+    } else {
+        fallback_config()
+    };
     let path = dir.join("demo.toml");
-    std::fs::write(&path, fallback_config())?;
+    std::fs::write(&path, text + &admin_table(Path::new("admin.sock")))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use errors::ConfigErrors;
+pub use schema::DEFAULT_ADMIN_SOCKET;
 
 /// A whole, validated configuration.
 #[derive(Clone, Debug)]
@@ -31,6 +32,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Worker threads for the userspace proxy (top-level `workers`); `None` = automatic.
     pub workers: Option<u32>,
+    /// The Unix socket `switchyard ctl` talks to (`[admin] socket`), a relative one already
+    /// resolved against the config file's directory.
+    pub admin_socket: PathBuf,
     pub services: Vec<ServiceConfig>,
 }
 

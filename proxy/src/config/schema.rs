@@ -27,6 +27,9 @@ pub(super) const DEFAULT_EHLO: &str = "switchyard.invalid";
 pub(super) const DEFAULT_WEIGHT: u32 = 1;
 pub(super) const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 pub(super) const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Where `run` serves and `ctl` finds the admin socket when `[admin] socket` is not set
+/// (systemd's `RuntimeDirectory=switchyard` creates the directory).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/switchyard/admin.sock";
 
 pub(super) const ALGORITHMS: &[(&str, Algorithm)] = &[
     ("round_robin", Algorithm::RoundRobin),
@@ -67,8 +70,16 @@ pub(super) fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], value: T
 pub(super) struct Config {
     pub(super) shutdown_timeout: Option<Spanned<toml::Value>>,
     pub(super) workers: Option<Spanned<i64>>,
+    pub(super) admin: Option<Spanned<Admin>>,
     #[serde(default)]
     pub(super) service: Vec<Spanned<Service>>,
+}
+
+/// The `[admin]` table: the runtime-control socket.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Admin {
+    pub(super) socket: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

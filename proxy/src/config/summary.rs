@@ -20,6 +20,7 @@ impl Config {
             self.workers
                 .map_or_else(|| "auto".to_string(), |n| n.to_string())
         );
+        let _ = writeln!(out, "admin socket {}", self.admin_socket.display());
         for s in &self.services {
             let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
             let dataplane = match &s.xdp {

@@ -6,20 +6,21 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::errors::{Report, shown};
 use super::schema::{
-    self as raw, ALGORITHMS, DATAPLANES, DEFAULT_ALGORITHM, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EHLO,
-    DEFAULT_FALL, DEFAULT_FLOW_IDLE_TIMEOUT, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_GREETING_TIMEOUT,
-    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_RETRIES, DEFAULT_RISE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WEIGHT, FORWARDINGS,
-    HEALTH_KINDS, PROXY_PROTOCOLS, XDP_MODES,
+    self as raw, ALGORITHMS, DATAPLANES, DEFAULT_ADMIN_SOCKET, DEFAULT_ALGORITHM,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_EHLO, DEFAULT_FALL, DEFAULT_FLOW_IDLE_TIMEOUT,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_GREETING_TIMEOUT, DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_HEALTH_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_RETRIES,
+    DEFAULT_RISE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WEIGHT, FORWARDINGS, HEALTH_KINDS,
+    PROXY_PROTOCOLS, XDP_MODES,
 };
 use super::values::{
-    AddressUse, FLOW_TABLE_RANGE, MAX_IFNAME, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT,
-    MIN_IDLE_DURATION, MIN_SHORT_DURATION, WORKERS_RANGE, interface_ok, name_ok, parse_address,
-    usable_address,
+    AddressUse, FLOW_TABLE_RANGE, MAX_IFNAME, MAX_RETRIES, MAX_RISE_FALL, MAX_SOCKET_PATH,
+    MAX_WEIGHT, MIN_IDLE_DURATION, MIN_SHORT_DURATION, WORKERS_RANGE, interface_ok, name_ok,
+    parse_address, usable_address,
 };
 use super::{
     Algorithm, BackendConfig, Config, Dataplane, Forwarding, HealthConfig, HealthKind, Origin,
@@ -56,6 +57,7 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
         .workers
         .as_ref()
         .map(|_| report.integer(&raw.workers, "", "workers", WORKERS_RANGE, 1));
+    let admin_socket = validate_admin(path, raw.admin.as_ref(), report);
 
     if raw.service.is_empty() {
         report.error(
@@ -143,8 +145,58 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
         source: path.to_path_buf(),
         shutdown_timeout,
         workers,
+        admin_socket,
         services,
     }
+}
+
+/// `[admin] socket`: a path that can be bound as a Unix socket, a relative one taken from the
+/// config file's directory (so the file means the same whatever directory `run` starts in).
+fn validate_admin(
+    path: &Path,
+    admin: Option<&toml::Spanned<raw::Admin>>,
+    report: &mut Report,
+) -> PathBuf {
+    let default = PathBuf::from(DEFAULT_ADMIN_SOCKET);
+    let Some(socket) = admin.and_then(|a| a.get_ref().socket.as_ref()) else {
+        return default;
+    };
+    let written = socket.get_ref();
+    let problem = if written.is_empty() {
+        Some(
+            "admin.socket must not be empty; write a path, or leave the key out for the default"
+                .to_owned(),
+        )
+    } else if written.contains('\0') {
+        Some(format!(
+            "admin.socket {} contains a NUL byte",
+            shown(written)
+        ))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        report.error(&socket.span(), "", problem);
+        return default;
+    }
+    let resolved = match path.parent() {
+        Some(dir) => dir.join(written),
+        None => PathBuf::from(written),
+    };
+    let length = resolved.as_os_str().len();
+    if length > MAX_SOCKET_PATH {
+        report.error(
+            &socket.span(),
+            "",
+            format_args!(
+                "admin.socket {} is {length} bytes long as a full path ({}); a Unix socket path can have at most {MAX_SOCKET_PATH}",
+                shown(written),
+                shown(&resolved.display().to_string())
+            ),
+        );
+        return default;
+    }
+    resolved
 }
 
 /// A backend that is one of our own listeners would send every session (and every health

@@ -23,6 +23,8 @@ pub(super) const FLOW_TABLE_RANGE: (i64, i64) = (1024, 1 << 26);
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 pub(super) const MAX_IFNAME: usize = 15;
 pub(super) const MAX_NAME: usize = 64;
+/// A Unix socket's path fits in `sun_path` (108 bytes) with its terminating NUL.
+pub(super) const MAX_SOCKET_PATH: usize = 107;
 
 /// Single-value checks; each reports a problem and returns the default in its place.
 impl Report<'_> {

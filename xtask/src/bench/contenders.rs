@@ -15,6 +15,7 @@ use super::results::{CpuUse, Skipped};
 use super::testbed::{Mode, Testbed};
 use crate::loadgen::LoadReport;
 use crate::workspace;
+use testkit::config_toml::admin_table;
 use testkit::supervise::{self, Supervised};
 
 pub const HAPROXY_PORT: u16 = 3620;
@@ -135,8 +136,9 @@ pub fn start_switchyard_process(
 ) -> Result<(Supervised, PathBuf)> {
     supervise::ensure_port_free(listen)?;
     let cfg = dir.join(format!("{stem}.toml"));
-    std::fs::write(&cfg, switchyard_config(listen, algorithm, backends))
-        .with_context(|| format!("writing {}", cfg.display()))?;
+    let text = switchyard_config(listen, algorithm, backends)
+        + &admin_table(Path::new(&format!("{stem}.sock")));
+    std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
     let totals = dir.join(format!("{stem}-totals.json"));
     let _ = std::fs::remove_file(&totals);
     let mut cmd = Command::new(bin);

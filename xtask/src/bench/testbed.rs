@@ -38,6 +38,7 @@ use testkit::topology::{BALANCER, CLIENT, Plan, SMTP_PORT, Topology, VIP};
 
 use super::cpu::CpuSample;
 use crate::workspace;
+use testkit::config_toml::admin_table;
 use testkit::supervise::{self, Supervised};
 
 /// What stands between the client and the backends during a run.
@@ -266,8 +267,9 @@ impl Testbed {
         let cfg = self
             .dir
             .join(format!("switchyard-netns-{}.toml", mode.word()));
-        std::fs::write(&cfg, self.switchyard_config(mode))
-            .with_context(|| format!("writing {}", cfg.display()))?;
+        let socket = format!("switchyard-netns-{}.sock", mode.word());
+        let text = self.switchyard_config(mode) + &admin_table(Path::new(&socket));
+        std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
         let mut cmd = Command::new("ip");
         let balancer = &self.network(mode).balancer.name;
         cmd.args(["netns", "exec", balancer])
