@@ -10,13 +10,11 @@ use std::time::{Duration, Instant};
 
 use testkit::config_toml::{ServiceToml, admin_table};
 use testkit::harness::{Switchyard, free_addr};
-use testkit::smtp_client::{HeldSession, SessionOptions, run_session, smtp_session};
+use testkit::smtp_client::{HeldSession, SessionOptions, TEST_MESSAGE, run_session, smtp_session};
 use testkit::smtp_server::{Behaviour, SmtpServer};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
-const MESSAGE: &[u8] = b"Subject: reload\r\n\r\nOne line.\r\n";
 
 /// The service "mx" on `listen` with `algorithm` over `backends` as (server, weight), smtp
 /// checks every 200 ms.
@@ -77,7 +75,7 @@ impl Load {
                 // Bounded: a stuck test ends after a minute whatever happens.
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match run_session(target, &options, MESSAGE).await {
+                    match run_session(target, &options, TEST_MESSAGE).await {
                         Ok(_) => {
                             sent.fetch_add(1, Ordering::Relaxed);
                         }
@@ -107,7 +105,8 @@ async fn reloads_under_load_lose_no_session_and_follow_the_new_backends() {
     let servers = backends(&["a", "b", "c", "d"]).await;
     let [a, b, c, d] = [&servers[0], &servers[1], &servers[2], &servers[3]];
     let listen = free_addr();
-    let file = |algorithm: &str, list: &[(&SmtpServer, u32)]| mx(&[listen], algorithm, list).to_string();
+    let file =
+        |algorithm: &str, list: &[(&SmtpServer, u32)]| mx(&[listen], algorithm, list).to_string();
     let sy = Switchyard::start(BIN, &file("round_robin", &[(a, 1), (b, 1)]));
     let load = Load::start(listen, 50);
     let started = Instant::now();
@@ -134,7 +133,8 @@ async fn reloads_under_load_lose_no_session_and_follow_the_new_backends() {
         let output = tokio::task::block_in_place(|| try_reload(&sy, config));
         if output.code != Some(0) {
             assert!(
-                output.stdout.contains("switchyard.toml") || output.stderr.contains("switchyard.toml"),
+                output.stdout.contains("switchyard.toml")
+                    || output.stderr.contains("switchyard.toml"),
                 "an invalid file's errors name the file: {output:?}"
             );
             refused += 1;
@@ -158,11 +158,20 @@ async fn reloads_under_load_lose_no_session_and_follow_the_new_backends() {
     assert_eq!(refused, 1, "exactly the invalid file was refused");
     assert!(started.elapsed() >= Duration::from_secs(10));
     let (sent, failures) = load.finish().await;
-    assert!(failures.is_empty(), "{} failed sessions: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed sessions: {:?}\nswitchyard's log:\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        sy.stderr_text()
+    );
     assert!(sent > 100, "only {sent} sessions in the run");
     assert!(d.connections() > 0, "the added backend d got no session");
     let received: usize = servers.iter().map(|s| s.messages()).sum();
-    assert_eq!(received as u64, sent, "the sinks received exactly what the clients sent");
+    assert_eq!(
+        received as u64, sent,
+        "the sinks received exactly what the clients sent"
+    );
     let mut sy = sy;
     sy.terminate();
     for (_, backend) in sy.totals().backends() {
@@ -197,7 +206,8 @@ async fn an_unchanged_listener_never_refuses_during_a_hundred_reloads() {
     for round in 0..100 {
         let config = if round % 2 == 0 { &two } else { &one };
         tokio::task::block_in_place(|| reload(&sy, config));
-        let reachable = std::net::TcpStream::connect_timeout(&added, Duration::from_secs(1)).is_ok();
+        let reachable =
+            std::net::TcpStream::connect_timeout(&added, Duration::from_secs(1)).is_ok();
         assert_eq!(
             reachable,
             round % 2 == 0,
@@ -206,7 +216,12 @@ async fn an_unchanged_listener_never_refuses_during_a_hundred_reloads() {
     }
     stop.store(true, Ordering::Relaxed);
     let (ok, refused) = connects.await.expect("connect loop");
-    assert!(refused.is_empty(), "{} connects refused: {:?}", refused.len(), &refused[..refused.len().min(3)]);
+    assert!(
+        refused.is_empty(),
+        "{} connects refused: {:?}",
+        refused.len(),
+        &refused[..refused.len().min(3)]
+    );
     assert!(ok > 100, "only {ok} connects");
 }
 
@@ -215,7 +230,10 @@ async fn health_state_and_held_counts_carry_over_a_reload() {
     let servers = backends(&["a", "b", "c"]).await;
     let [a, b, c] = [&servers[0], &servers[1], &servers[2]];
     let listen = free_addr();
-    let sy = Switchyard::start(BIN, &mx(&[listen], "least_conn", &[(a, 1), (b, 1)]).to_string());
+    let sy = Switchyard::start(
+        BIN,
+        &mx(&[listen], "least_conn", &[(a, 1), (b, 1)]).to_string(),
+    );
     // b goes silent: checks take it down.
     b.stop();
     wait_for(|| state_of(&sy, "b") == "down", "b down").await;
@@ -226,11 +244,18 @@ async fn health_state_and_held_counts_carry_over_a_reload() {
     assert!(held.iter().all(|h| h.backend == "a"));
     assert_eq!(active_of(&sy, "a"), 2);
     let reply = tokio::task::block_in_place(|| {
-        reload(&sy, &mx(&[listen], "round_robin", &[(a, 2), (b, 1), (c, 1)]).to_string())
+        reload(
+            &sy,
+            &mx(&[listen], "round_robin", &[(a, 2), (b, 1), (c, 1)]).to_string(),
+        )
     });
     assert!(reply.contains("backend c added"), "{reply}");
     assert!(reply.contains("backend a weight 1 -> 2"), "{reply}");
-    assert_eq!(state_of(&sy, "b"), "down", "a down backend stays down across a reload");
+    assert_eq!(
+        state_of(&sy, "b"),
+        "down",
+        "a down backend stays down across a reload"
+    );
     assert_eq!(active_of(&sy, "a"), 2, "held sessions keep their count");
     // New sessions go to a and c only (b is down).
     for _ in 0..6 {
@@ -243,7 +268,10 @@ async fn health_state_and_held_counts_carry_over_a_reload() {
     assert_eq!(active_of(&sy, "a"), 0);
     // An unchanged file reloads as "no change".
     let again = tokio::task::block_in_place(|| {
-        reload(&sy, &mx(&[listen], "round_robin", &[(a, 2), (b, 1), (c, 1)]).to_string())
+        reload(
+            &sy,
+            &mx(&[listen], "round_robin", &[(a, 2), (b, 1), (c, 1)]).to_string(),
+        )
     });
     assert_eq!(again.trim(), "no change");
 }

@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 use tracing::info;
 
 use crate::config::Dataplane;
@@ -34,11 +35,33 @@ pub struct Accept {
     pub route: Route,
     /// Cancelled when a reload removes the address (or at shutdown).
     pub stop: CancellationToken,
+    /// Held by the worker's accept loop until it has closed its handle on the socket.
+    pub held: TaskTrackerToken,
 }
 
 struct Open {
     route: Route,
     stop: CancellationToken,
+    /// Tracks the workers' handles on the socket.
+    handles: TaskTracker,
+}
+
+/// Listeners a reload removed, until every worker has closed its handle (then the address
+/// refuses connects).
+pub struct Closing {
+    handles: Vec<TaskTracker>,
+}
+
+impl Closing {
+    /// Waits until the removed addresses are closed, at most `limit`.
+    pub async fn wait(self, limit: std::time::Duration) {
+        let all = async {
+            for handles in &self.handles {
+                handles.wait().await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all).await;
+    }
 }
 
 /// The open listeners and the workers' queues for new ones.
@@ -92,8 +115,15 @@ impl Listeners {
     /// Makes the open listeners those of `snapshot`: kept addresses now serve their service's
     /// new state, `opening`'s are handed to every worker, the others close. Returns what
     /// changed, for the reload's report ("listener 127.0.0.1:25 added").
-    pub fn commit(&mut self, snapshot: &Snapshot, opening: Opening) -> anyhow::Result<Vec<String>> {
+    pub fn commit(
+        &mut self,
+        snapshot: &Snapshot,
+        opening: Opening,
+    ) -> anyhow::Result<(Vec<String>, Closing)> {
         let mut changes = Vec::new();
+        let mut closing = Closing {
+            handles: Vec::new(),
+        };
         let wanted: HashMap<SocketAddr, &Arc<Service>> = proxy_addresses(snapshot)
             .map(|(service, address)| (address, service))
             .collect();
@@ -101,6 +131,8 @@ impl Listeners {
             let keep = wanted.contains_key(address);
             if !keep {
                 open.stop.cancel();
+                open.handles.close();
+                closing.handles.push(open.handles.clone());
                 info!("listener {address} closed");
                 changes.push(format!("listener {address} removed"));
             }
@@ -117,6 +149,7 @@ impl Listeners {
             };
             let route: Route = Arc::new(ArcSwap::new((*service).clone()));
             let stop = self.stop.child_token();
+            let handles = TaskTracker::new();
             for worker in &self.workers {
                 let socket = socket
                     .try_clone()
@@ -127,15 +160,23 @@ impl Listeners {
                     socket,
                     route: route.clone(),
                     stop: stop.clone(),
+                    held: handles.token(),
                 });
             }
-            self.open.insert(address, Open { route, stop });
+            self.open.insert(
+                address,
+                Open {
+                    route,
+                    stop,
+                    handles,
+                },
+            );
             changes.push(format!(
                 "listener {address} added (service {})",
                 service.config.name
             ));
         }
-        Ok(changes)
+        Ok((changes, closing))
     }
 
     /// The open addresses with the service each serves, in address order.

@@ -20,11 +20,14 @@ use tracing::{error, info, warn};
 use crate::config::{self, Config, Dataplane, ServiceConfig};
 use crate::control::{Call, Reply, Request, Target};
 use crate::health;
-use crate::listeners::Listeners;
+use crate::listeners::{Closing, Listeners};
 use crate::notify;
 use crate::show;
 use crate::state::{LiveState, Override, Overrides};
 use crate::xdp;
+
+/// How long a reload waits for the workers to close the listeners it removed.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The running balancer as reloads and `ctl` change it (owned by the main thread).
 pub struct Control {
@@ -113,13 +116,13 @@ impl Control {
     /// log). An invalid file, or one that changes what cannot change live, changes nothing.
     pub async fn reload(&mut self, who: &str) -> Reply {
         notify::reloading();
-        let reply = self.reload_file(who);
+        let reply = self.reload_file(who).await;
         notify::status(&reply.text);
         notify::ready();
         reply
     }
 
-    fn reload_file(&mut self, who: &str) -> Reply {
+    async fn reload_file(&mut self, who: &str) -> Reply {
         let started = std::time::Instant::now();
         let source = self.file.source.clone();
         let file = match config::load(&source) {
@@ -136,7 +139,9 @@ impl Control {
         let mut changes = describe(&self.file, &file);
         let overrides = carry_overrides(&self.file, &file, &self.overrides, &mut changes);
         match self.apply(file, overrides) {
-            Ok(mut applied) => {
+            Ok((mut applied, closing)) => {
+                // Answered once removed addresses refuse: what `ctl reload` says is in force.
+                closing.wait(CLOSE_LIMIT).await;
                 changes.append(&mut applied);
                 let text = if changes.is_empty() {
                     "no change".to_string()
@@ -249,19 +254,24 @@ impl Control {
 
     /// Makes `file` with `overrides` the running state: builds the next snapshot, binds the
     /// addresses it adds, then swaps it in and moves listeners and checks over. Returns the
-    /// listener changes. Fails, changing nothing, before the swap.
-    fn apply(&mut self, file: Config, overrides: Overrides) -> anyhow::Result<Vec<String>> {
+    /// listener changes and the removed listeners to wait for. Fails, changing nothing, before
+    /// the swap.
+    fn apply(
+        &mut self,
+        file: Config,
+        overrides: Overrides,
+    ) -> anyhow::Result<(Vec<String>, Closing)> {
         if xdp::wanted(&file) {
             xdp::check_nat_forwarding(&file)?;
         }
         let next = self.state.snapshot().next(&file, &overrides)?;
         let opening = self.listeners.bind_new(&next)?;
         self.state.swap(next);
-        let changes = self.listeners.commit(&self.state.snapshot(), opening)?;
+        let (changes, closing) = self.listeners.commit(&self.state.snapshot(), opening)?;
         self.file = file;
         self.overrides = overrides;
         self.start_checks();
-        Ok(changes)
+        Ok((changes, closing))
     }
 }
 

@@ -319,18 +319,23 @@ impl Worker {
             let spare = SpareDescriptor::reserve().with_context(|| {
                 format!("service {name:?}: reserving a spare descriptor for {address}")
             })?;
-            loops.push((listener, spare, accept.route, accept.stop));
+            loops.push((listener, spare, accept.route, accept.stop, accept.held));
         }
         // Only once every listener is registered, so a failure leaves no loop half started.
-        for (listener, spare, route, stop) in loops {
-            self.accepting.spawn(accept_loop(
+        for (listener, spare, route, stop, held) in loops {
+            let accepting = accept_loop(
                 listener,
                 spare,
                 route,
                 stop,
                 self.cut_sessions.clone(),
                 self.sessions.clone(),
-            ));
+            );
+            self.accepting.spawn(async move {
+                accepting.await;
+                // The listener is closed by now: a reload that removed it may answer.
+                drop(held);
+            });
         }
         Ok(())
     }

@@ -306,7 +306,11 @@ pub fn reload_only(quick: bool) -> Result<reload::ReloadFigures> {
     workspace::raise_nofile_limit();
     let dir = bench_dir();
     std::fs::create_dir_all(&dir)?;
-    let figures = reload::measure(&dir, &workspace::switchyard_release(), if quick { 1000 } else { 5000 })?;
+    let figures = reload::measure(
+        &dir,
+        &workspace::switchyard_release(),
+        if quick { 1000 } else { 5000 },
+    )?;
     println!("{}", reload::describe(&figures));
     Ok(figures)
 }
