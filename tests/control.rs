@@ -275,3 +275,149 @@ fn malformed_request_lines_get_refused_replies() {
     let mut rest = String::new();
     assert_eq!(reader.read_line(&mut rest).expect("end of stream"), 0);
 }
+
+/// The commands against a running balancer in front of three real SMTP servers: what `show`
+/// says and where new sessions go follow each change at once, a runtime drain holds across a
+/// reload of an unchanged file, a file that changes that key ends it, and unknown names are
+/// refused with the names that exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_changes_what_show_says_and_where_sessions_go() {
+    use testkit::smtp_client::smtp_session;
+    use testkit::smtp_server::{Behaviour, SmtpServer};
+    let servers: Vec<SmtpServer> = ["a", "b", "c"]
+        .iter()
+        .map(|name| SmtpServer::start(name, Behaviour::default()))
+        .collect();
+    let listen = free_addr();
+    let file = |c_weight: u32| {
+        ServiceToml::new("mx", &[listen])
+            .keys("algorithm = \"round_robin\"")
+            .health(
+                "kind = \"smtp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1",
+            )
+            .backend(servers[0].name(), servers[0].addr())
+            .backend(servers[1].name(), servers[1].addr())
+            .backend_with(
+                servers[2].name(),
+                servers[2].addr(),
+                &format!("weight = {c_weight}"),
+            )
+            .to_string()
+    };
+    let sy = Switchyard::start(BIN, &file(1));
+    let write = |text: &str| {
+        let text = format!("{text}{}", admin_table(sy.admin_socket()));
+        std::fs::write(sy.config_dir().join("switchyard.toml"), text).expect("write config");
+    };
+    let ctl = |args: &[&str]| block(|| sy.ctl(args));
+    let ok = |args: &[&str]| {
+        let out = ctl(args);
+        assert_eq!(out.code, Some(0), "ctl {args:?}: {out:?}");
+        out.stdout
+    };
+    let backend = |name: &str| {
+        let report: switchyard::control::ShowReport =
+            serde_json::from_str(&ok(&["--json", "show", "mx"])).expect("show --json");
+        report.services[0]
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .expect("backend in show")
+    };
+    async fn served(listen: std::net::SocketAddr, sessions: usize) -> Vec<String> {
+        let mut names = Vec::new();
+        for _ in 0..sessions {
+            names.push(smtp_session(listen).await.expect("session"));
+        }
+        names
+    }
+
+    let table = ok(&["show"]);
+    for name in ["mx", "a", "b", "c", "up"] {
+        assert!(table.contains(name), "{name} missing from:\n{table}");
+    }
+    assert_eq!(backend("a").state, "up");
+
+    ok(&["drain", "mx/a"]);
+    let a = backend("a");
+    assert_eq!(a.state, "drain");
+    assert!(a.why.contains("ctl drain by uid 0"), "{a:?}");
+    assert!(!served(listen, 6).await.contains(&"a".to_string()));
+    // A reload of the unchanged file keeps the operator's drain.
+    write(&file(1));
+    ok(&["reload"]);
+    assert_eq!(backend("a").state, "drain");
+    ok(&["undrain", "mx/a"]);
+    assert_eq!(backend("a").state, "up");
+    assert!(served(listen, 6).await.contains(&"a".to_string()));
+
+    ok(&["disable", "mx/b"]);
+    let b = backend("b");
+    assert_eq!(b.state, "disabled");
+    assert!(!served(listen, 6).await.contains(&"b".to_string()));
+    // No checks while disabled: the last check does not move.
+    let checked = b.last_check.as_ref().map(|c| c.at_unix_ms);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(backend("b").last_check.map(|c| c.at_unix_ms), checked);
+    ok(&["enable", "mx/b"]);
+    assert_eq!(backend("b").state, "up");
+    assert!(served(listen, 6).await.contains(&"b".to_string()));
+
+    ok(&["weight", "mx/c", "3"]);
+    assert_eq!(backend("c").weight, 3);
+    write(&file(1));
+    ok(&["reload"]);
+    assert_eq!(
+        backend("c").weight,
+        3,
+        "an unchanged file keeps the runtime weight"
+    );
+    write(&file(2));
+    let reloaded = ok(&["reload"]);
+    assert!(reloaded.contains("runtime weight ended"), "{reloaded}");
+    assert_eq!(
+        backend("c").weight,
+        2,
+        "the file changed weight: its value applies"
+    );
+
+    // check: the file on disk, valid or not, is only looked at.
+    let checked = ok(&["check"]);
+    assert!(checked.contains("valid"), "{checked}");
+    write("[[service]]\nname = 1\n");
+    let out = ctl(&["check"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stdout.contains("switchyard.toml:") || out.stderr.contains("switchyard.toml:"),
+        "{out:?}"
+    );
+    let out = ctl(&["reload"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(
+        served(listen, 3).await.len(),
+        3,
+        "the old config keeps serving"
+    );
+
+    // Unknown names: refused, listing what exists.
+    for (args, names) in [
+        (vec!["drain", "mx/zz"], vec!["a", "b", "c"]),
+        (vec!["weight", "nope/a", "2"], vec!["mx"]),
+        (vec!["show", "nope"], vec!["mx"]),
+    ] {
+        let out = ctl(&args);
+        assert_eq!(out.code, Some(1), "{args:?}: {out:?}");
+        let said = format!("{}{}", out.stdout, out.stderr);
+        for name in names {
+            assert!(said.contains(name), "{args:?} does not list {name}: {said}");
+        }
+    }
+    let out = ctl(&["weight", "mx/a", "5000"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+}
+
+/// Runs blocking work (a `ctl` process) from an async test.
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
