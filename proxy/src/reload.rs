@@ -214,18 +214,7 @@ impl Control {
     /// The target's backend in the running state, or a message listing what exists.
     fn find(&self, target: &Target) -> Result<(), String> {
         let snapshot = self.state.snapshot();
-        let Some(service) = snapshot.service(&target.service) else {
-            let names: Vec<&str> = snapshot
-                .services
-                .iter()
-                .map(|s| s.config.name.as_str())
-                .collect();
-            return Err(format!(
-                "unknown service {:?}; services: {}",
-                target.service,
-                names.join(", ")
-            ));
-        };
+        let service = snapshot.named(&target.service)?;
         if service.backend(&target.backend).is_none() {
             let names: Vec<&str> = service
                 .backends

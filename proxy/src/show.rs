@@ -12,18 +12,8 @@ use crate::state::{Backend, Service, Snapshot};
 /// The report for every service, or for the one named (an unknown name lists those that
 /// exist).
 pub fn report(snapshot: &Snapshot, only: Option<&str>) -> Result<ShowReport, String> {
-    if let Some(name) = only
-        && snapshot.service(name).is_none()
-    {
-        let names: Vec<&str> = snapshot
-            .services
-            .iter()
-            .map(|s| s.config.name.as_str())
-            .collect();
-        return Err(format!(
-            "unknown service {name:?}; services: {}",
-            names.join(", ")
-        ));
+    if let Some(name) = only {
+        snapshot.named(name)?;
     }
     let services = snapshot
         .services

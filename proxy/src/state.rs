@@ -113,6 +113,19 @@ impl Snapshot {
         self.services.iter().find(|s| s.config.name == name)
     }
 
+    /// The service called `name`, or a message for the one who asked that lists those that
+    /// exist.
+    pub fn named(&self, name: &str) -> Result<&Arc<Service>, String> {
+        self.service(name).ok_or_else(|| {
+            let names: Vec<&str> = self
+                .services
+                .iter()
+                .map(|s| s.config.name.as_str())
+                .collect();
+            format!("unknown service {name:?}; services: {}", names.join(", "))
+        })
+    }
+
     /// The shared counter table every backend counts in.
     pub fn counters(&self) -> &Arc<CounterTable> {
         &self.slots.table

@@ -27,7 +27,7 @@ pub(super) const MAX_NAME: usize = 64;
 pub(super) const MAX_SOCKET_PATH: usize = 107;
 
 /// Single-value checks; each reports a problem and returns the default in its place.
-impl Report<'_> {
+impl Report {
     pub(super) fn choice<T: Copy>(
         &mut self,
         value: &Option<toml::Spanned<String>>,
