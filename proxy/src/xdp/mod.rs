@@ -28,7 +28,7 @@ mod tables;
 
 use std::sync::Arc;
 
-use crate::config::{Config, Dataplane};
+use crate::config::{Config, Dataplane, Forwarding};
 use crate::counters::CounterTable;
 use crate::state::LiveState;
 
@@ -67,6 +67,74 @@ pub fn load_if_wanted(config: &Config) -> anyhow::Result<Option<XdpPlane>> {
         return Ok(None);
     }
     XdpPlane::load(config).map(Some)
+}
+
+/// What a reload from `old` to `new` may not do to the kernel path, as a message naming the
+/// service: the program stays attached where it was attached at start (with the checksum
+/// handling and attach mode decided then), so an added xdp service must use interfaces the
+/// running xdp services use (a nat one, interfaces of running nat services) with the same
+/// `mode` and `pin`; and no xdp service may have more backends than the fast path takes.
+/// (Changes to a running service's `[service.xdp]` and VIPs are refused by the caller.)
+pub fn reload_refusal(old: &Config, new: &Config) -> Result<(), String> {
+    let file = new.source.display();
+    let restart = "restart switchyard to apply it; nothing was applied";
+    let running: Vec<&crate::config::XdpConfig> =
+        old.services.iter().filter_map(|s| s.xdp.as_ref()).collect();
+    let interfaces = |nat_only: bool| -> std::collections::BTreeSet<&str> {
+        running
+            .iter()
+            .filter(|x| !nat_only || x.forwarding == Forwarding::Nat)
+            .flat_map(|x| [x.interface.as_str(), x.backend_interface.as_str()])
+            .collect()
+    };
+    for service in new
+        .services
+        .iter()
+        .filter(|s| s.dataplane == Dataplane::Xdp)
+    {
+        if service.backends.len() > switchyard_common::MAX_BACKENDS {
+            return Err(format!(
+                "{file}: service {:?}: the XDP fast path takes at most {} backends ({} given): nothing was applied",
+                service.name,
+                switchyard_common::MAX_BACKENDS,
+                service.backends.len()
+            ));
+        }
+        let Some(xdp) = &service.xdp else { continue };
+        if old.services.iter().any(|s| s.name == service.name) {
+            continue;
+        }
+        let nat = xdp.forwarding == Forwarding::Nat;
+        let attached = interfaces(nat);
+        for interface in [&xdp.interface, &xdp.backend_interface] {
+            if !attached.contains(interface.as_str()) {
+                let what = if nat {
+                    "running nat services"
+                } else {
+                    "running xdp services"
+                };
+                let names: Vec<&str> = attached.iter().copied().collect();
+                return Err(format!(
+                    "{file}: service {:?}: an xdp service added while running must use an interface the {what} use ({}), not {interface:?}: {restart}",
+                    service.name,
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ));
+            }
+        }
+        if let Some(first) = running.first()
+            && (first.mode != xdp.mode || first.pin != xdp.pin)
+        {
+            return Err(format!(
+                "{file}: service {:?}: an xdp service added while running must have the running services' mode and pin ({} and {}): {restart}",
+                service.name, first.mode, first.pin
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The counter table for `config`: the plane's shared one, or a heap table.
