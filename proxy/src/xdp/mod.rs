@@ -9,6 +9,9 @@
 //! 2. [`XdpPlane::start`] once the runtime exists: writes services, backends and tables,
 //!    attaches, and spawns the sync task (health and drain → backend state, flow expiry and
 //!    count reconciliation, the traffic counters in the log once a minute).
+//!    A reload or runtime change swaps the state; the task follows it within one period (at
+//!    once after a poke of [`XdpPlane::sync_now_handle`]): see `tables` for what it rewrites,
+//!    and [`reload_refusal`] for what a reload may not ask of the kernel path.
 //! 3. [`XdpPlane::shutdown`]: stops the task and detaches — unless the maps and links were
 //!    pinned on purpose (`pin = true` in `[service.xdp]`), in which case the program keeps steering
 //!    established flows and the next start takes them over.
@@ -215,6 +218,43 @@ address = "198.18.1.11:25"
 name = "b"
 address = "198.18.1.12:25"
 "#;
+
+    /// The dsr service `name` on VIP port `port` and `interface`, with `backends` backends.
+    fn dsr_service(name: &str, port: u16, interface: &str, backends: usize) -> String {
+        let mut text = format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"198.18.0.100:{port}\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"{interface}\"\n"
+        );
+        for i in 0..backends {
+            text += &format!(
+                "[[service.backend]]\nname = \"b{i}\"\naddress = \"198.18.{}.{}:25\"\n",
+                1 + i / 250,
+                1 + i % 250
+            );
+        }
+        text
+    }
+
+    #[test]
+    fn a_reload_adds_xdp_services_only_where_the_program_is_attached() {
+        let running = config(&dsr_service("a", 25, "lo", 2));
+        let same = config(&(dsr_service("a", 25, "lo", 2) + &dsr_service("b", 26, "lo", 1)));
+        assert_eq!(reload_refusal(&running, &same), Ok(()));
+        let elsewhere =
+            config(&(dsr_service("a", 25, "lo", 2) + &dsr_service("b", 26, "sy-other", 1)));
+        let refused = reload_refusal(&running, &elsewhere).expect_err("another interface");
+        assert!(
+            refused.contains("service \"b\"") && refused.contains("\"sy-other\""),
+            "{refused}"
+        );
+        let too_many = config(&dsr_service(
+            "a",
+            25,
+            "lo",
+            switchyard_common::MAX_BACKENDS + 1,
+        ));
+        let refused = reload_refusal(&running, &too_many).expect_err("too many backends");
+        assert!(refused.contains("at most"), "{refused}");
+    }
 
     #[test]
     fn program_passes_the_kernel_verifier_and_counts_are_shared() {

@@ -2,13 +2,22 @@
 //!
 //! The tables are the proxy's own: the service's `Selector` builds them over every backend of
 //! the config, and the kernel walks them with the same shared selection code, skipping down
-//! and drained backends as their states in `SERVICE_BACKENDS` say. So a health change rewrites
-//! states only; tables change with the config, at the first sync of a run.
+//! and drained backends as their states in `SERVICE_BACKENDS` say. So a health, drain or
+//! disable change rewrites states only (in the half in use); the backend list and the tables
+//! change when the config does: at the first sync of a run, and when a reload changes a
+//! service's backends (names, addresses, order), weights, caps or algorithm ([`Layout`]).
 //!
-//! New flows must never see a half-written table: each service owns two halves of the Maglev
-//! and weighted arrays, the control plane fills the half that is not in use, then flips
-//! `table_version` (with the new table length) in one update of the service's `SERVICES`
-//! entry. The kernel copies that entry once per packet, so a flow sees either table whole.
+//! New flows must never see a half-written table: each service owns two halves of
+//! `SERVICE_BACKENDS` and of the Maglev and weighted arrays; the control plane fills the half
+//! that is not in use, then flips `table_version` (with the new backend count, table length
+//! and algorithm) in one update of the service's `SERVICES` entry. The kernel copies that
+//! entry once per packet, so a flow sees either list and table whole. Established flows follow
+//! their backend slot, whose `BACKENDS` entry is never cleared: flows of a backend a reload
+//! removed go on until they end, and count in its slot until then.
+//!
+//! A service a reload removed is retired ([`retire_service`]): new SYNs for its VIPs pass to
+//! the stack, its established flows go on (IPv4 through its `SERVICE_ROUTES` entry, IPv6
+//! through its `SERVICES6` entry marked retired).
 //!
 //! Two maps spare the kernel hash lookups and must never say less than the maps they stand
 //! for: `ADDRESS_FILTER` gets a VIP's or backend's bit before its `SERVICES` key or `BACKENDS`
