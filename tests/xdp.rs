@@ -1321,3 +1321,236 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
     wait_for_counts_back_to_zero(&topo);
     assert!(second.terminate().success(), "{}", second.stderr_text());
 }
+
+/// Writes `config` over the running switchyard's config file and has it reload (SIGHUP).
+fn reload_with(sy: &Switchyard, config: &str) {
+    std::fs::write(sy.config_dir().join("switchyard.toml"), config).expect("rewrite the config");
+    sy.signal(nix::sys::signal::Signal::SIGHUP);
+}
+
+/// `config` without backend `mta{number}`.
+fn without_backend(topo: &Topology, config: &str, number: usize) -> String {
+    let block = format!(
+        "\n[[service.backend]]\nname = \"mta{number}\"\naddress = \"{}:{SMTP_PORT}\"\n",
+        topo.backend_addr(number - 1)
+    );
+    assert!(config.contains(&block), "no mta{number} in {config}");
+    config.replace(&block, "")
+}
+
+/// `config` with `keys` (lines) added to backend `mta{number}`.
+fn with_backend_keys(config: &str, number: usize, keys: &str) -> String {
+    let name = format!("name = \"mta{number}\"\n");
+    assert!(config.contains(&name), "no mta{number} in {config}");
+    config.replace(&name, &format!("{name}{keys}"))
+}
+
+/// One session from the client namespace to `target`: the backend that greeted, or why it
+/// failed.
+fn one_session(topo: &Topology, target: impl Into<SocketAddr>) -> anyhow::Result<String> {
+    session_with(topo, target.into(), SessionOptions::default())
+}
+
+/// [`one_session`] where a failure is expected: each step gets 1 s.
+fn quick_session(topo: &Topology, target: impl Into<SocketAddr>) -> anyhow::Result<String> {
+    let options = SessionOptions {
+        step_timeout: Some(Duration::from_secs(1)),
+        ..SessionOptions::default()
+    };
+    session_with(topo, target.into(), options)
+}
+
+fn session_with(
+    topo: &Topology,
+    target: SocketAddr,
+    options: SessionOptions,
+) -> anyhow::Result<String> {
+    topo.client
+        .run(move || smtp_session_blocking(target, &options))
+}
+
+/// Per backend (mta1, mta2, mta3), how many sessions the client namespace has had (from its
+/// IPv4 and its IPv6 address).
+fn sessions_per_backend(topo: &Network) -> Vec<usize> {
+    topo.servers
+        .iter()
+        .map(|s| s.sessions_from(netns::CLIENT) + s.sessions_from(netns::CLIENT6))
+        .collect()
+}
+
+/// Stops switchyard and checks its shutdown totals: every backend's active count is 0.
+fn assert_stopped_idle(mut sy: Switchyard) {
+    assert!(sy.terminate().success(), "{}", sy.stderr_text());
+    let totals = sy.totals();
+    for (service, backend) in totals.backends() {
+        assert_eq!(
+            backend.active, 0,
+            "{service}/{}: active at shutdown",
+            backend.name
+        );
+    }
+}
+
+/// A reload removes mta1 and adds mta3: sessions held on mta1 across it complete (QUIT, 221),
+/// new sessions never reach mta1 once the new table is in and do reach mta3, and every count
+/// is 0 at the end.
+#[test]
+fn reload_removed_backends_flows_complete_and_new_flows_follow_the_new_table() {
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
+        return;
+    };
+    let all = topo.service_toml(&name, "round_robin");
+    let sy = topo.start(&without_backend(&topo, &all, 3));
+    let held = topo
+        .client
+        .spawn(|| parallel_sessions(4, Duration::from_secs(8)));
+    wait_for("held sessions on mta1", Duration::from_secs(5), || {
+        sessions_per_backend(&topo)[0] >= 1
+            && sessions_per_backend(&topo).iter().sum::<usize>() == 4
+    });
+
+    reload_with(&sy, &without_backend(&topo, &all, 1));
+    // The new table is in once a new session reaches the added backend.
+    wait_for("a new session on mta3", Duration::from_secs(10), || {
+        one_session(&topo, vip()).is_ok() && sessions_per_backend(&topo)[2] > 0
+    });
+    let before = sessions_per_backend(&topo);
+    let after: Vec<_> = (0..8).map(|_| one_session(&topo, vip())).collect();
+    assert!(
+        after.iter().all(|r| r.is_ok()),
+        "sessions after the reload: {after:?}\n{}",
+        sy.stderr_text()
+    );
+    let now = sessions_per_backend(&topo);
+    assert_eq!(now[0], before[0], "the removed mta1 got new flows");
+    assert!(now[2] > before[2], "the added mta3 got none of 8: {now:?}");
+
+    let held = held.join().expect("client thread");
+    assert!(
+        held.iter().all(|r| r.is_ok()),
+        "sessions held across the reload: {held:?}\n{}",
+        sy.stderr_text()
+    );
+    assert!(held.iter().flatten().any(|b| b == "mta1"), "{held:?}");
+    wait_for_counts_back_to_zero(&topo);
+    assert_stopped_idle(sy);
+}
+
+/// A reload that changes the algorithm (round_robin to weighted_round_robin), the weights and
+/// drains mta1 reaches the kernel: mta1 gets no new flows, mta3 (weight 100 against mta2's
+/// 1) nearly all.
+#[test]
+fn reload_algorithm_weight_and_drain_reach_the_kernel() {
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
+        return;
+    };
+    let config = topo.service_toml(&name, "round_robin");
+    let sy = topo.start(&config);
+    let before: Vec<_> = (0..6).map(|_| one_session(&topo, vip())).collect();
+    assert!(before.iter().all(|r| r.is_ok()), "{before:?}");
+
+    let weighted = config.replace(
+        "algorithm = \"round_robin\"",
+        "algorithm = \"weighted_round_robin\"",
+    );
+    let weighted = with_backend_keys(&weighted, 1, "drain = true\n");
+    let weighted = with_backend_keys(&weighted, 3, "weight = 100\n");
+    reload_with(&sy, &weighted);
+    // Round robin never sends five sessions in a row to one of three backends (a cursor per
+    // CPU, two CPUs): five on mta3 say the weighted table is in.
+    let mut streak = 0;
+    wait_for(
+        "five sessions in a row on mta3",
+        Duration::from_secs(10),
+        || {
+            match one_session(&topo, vip()) {
+                Ok(backend) if backend == "mta3" => streak += 1,
+                _ => streak = 0,
+            }
+            streak >= 5
+        },
+    );
+    let drained_at = sessions_per_backend(&topo)[0];
+    let after: Vec<_> = (0..20).map(|_| one_session(&topo, vip())).collect();
+    assert!(after.iter().all(|r| r.is_ok()), "{after:?}");
+    assert_eq!(
+        sessions_per_backend(&topo)[0],
+        drained_at,
+        "the drained mta1 got new flows"
+    );
+    let on_mta3 = after.iter().flatten().filter(|b| *b == "mta3").count();
+    // At most one pick of mta2 per CPU's pass through the 101-entry table.
+    assert!(on_mta3 >= 18, "mta3 got {on_mta3} of 20: {after:?}");
+    wait_for_counts_back_to_zero(&topo);
+    assert_stopped_idle(sy);
+}
+
+/// A reload removes one of two xdp services: its VIP no longer steers new connections (they
+/// pass to the balancer's stack, which does not serve the VIP), its established session
+/// completes, the other service goes on, and every count is 0 at the end.
+#[test]
+fn reload_removed_services_vip_takes_no_new_flows_and_its_flows_complete() {
+    removed_services_vip_takes_no_new_flows_and_its_flows_complete(Family::V4);
+}
+
+/// [`reload_removed_services_vip_takes_no_new_flows_and_its_flows_complete`] on IPv6 VIPs,
+/// whose retired entries the program keeps for the established flows.
+#[test]
+fn reload_removed_ipv6_services_vip_takes_no_new_flows_and_its_flows_complete() {
+    removed_services_vip_takes_no_new_flows_and_its_flows_complete(Family::V6);
+}
+
+fn removed_services_vip_takes_no_new_flows_and_its_flows_complete(family: Family) {
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
+        return;
+    };
+    let service = |name: &str| match family {
+        Family::V4 => topo.service_toml(name, "round_robin"),
+        Family::V6 => topo.ipv6_service_toml(name, "round_robin"),
+    };
+    let removed_vip = family.vip();
+    let mut other_vip = removed_vip;
+    other_vip.set_port(2525);
+    let other = service(&format!("{name}-b"))
+        .replace("shutdown_timeout = \"2s\"\n", "")
+        .replace(
+            &format!("listen = \"{removed_vip}\""),
+            &format!("listen = \"{other_vip}\""),
+        );
+    assert!(other.contains(&other_vip.to_string()), "{other}");
+    let sy = topo.start(&format!("{}\n{other}", service(&name)));
+    let first = one_session(&topo, other_vip);
+    assert!(first.is_ok(), "{first:?}\n{}", sy.stderr_text());
+    let held = topo
+        .client
+        .spawn(move || parallel_sessions_to(removed_vip, 1, Duration::from_secs(6)));
+    wait_for("the held session", Duration::from_secs(5), || {
+        sessions_per_backend(&topo).iter().sum::<usize>() == 2
+    });
+
+    reload_with(&sy, &format!("shutdown_timeout = \"2s\"\n{other}"));
+    wait_for(
+        "new connections to the removed VIP to fail",
+        Duration::from_secs(10),
+        || quick_session(&topo, removed_vip).is_err(),
+    );
+    let at_removal = sessions_per_backend(&topo);
+    for _ in 0..2 {
+        assert!(quick_session(&topo, removed_vip).is_err());
+    }
+    assert_eq!(
+        sessions_per_backend(&topo),
+        at_removal,
+        "a connection to the removed VIP reached a backend"
+    );
+    let kept: Vec<_> = (0..3).map(|_| one_session(&topo, other_vip)).collect();
+    assert!(kept.iter().all(|r| r.is_ok()), "the kept service: {kept:?}");
+    let held = held.join().expect("client thread");
+    assert!(
+        held.iter().all(|r| r.is_ok()),
+        "the removed service's held session: {held:?}\n{}",
+        sy.stderr_text()
+    );
+    wait_for_counts_back_to_zero(&topo);
+    assert_stopped_idle(sy);
+}

@@ -382,6 +382,7 @@ fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             "{file}: the first xdp service cannot be added while running (the XDP program is loaded at start): {restart}"
         ));
     }
+    xdp::reload_refusal(old, new)?;
     for service in &new.services {
         let Some(before) = old.services.iter().find(|s| s.name == service.name) else {
             continue;

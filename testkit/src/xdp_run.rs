@@ -103,7 +103,7 @@ impl XdpRun {
                 max_connections: 0,
                 state: backend_state::UP,
             };
-            policies.set(service_backend_index(0, slot), policy, 0)?;
+            policies.set(service_backend_index(0, 0, slot), policy, 0)?;
         }
         let mut services: HashMap<_, ServiceKey, ServiceValue> =
             HashMap::try_from(self.bpf.map_mut(names::SERVICES).context("no SERVICES")?)?;

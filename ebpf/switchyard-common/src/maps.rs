@@ -152,16 +152,26 @@ pub struct ServiceValue {
     pub algorithm: u32,
     /// One of [`forwarding`].
     pub forwarding: u32,
-    /// The service's backends are entries `service_backend_index(index, 0 .. backend_count)`
-    /// of `SERVICE_BACKENDS`.
+    /// The service's backends are entries
+    /// `service_backend_index(index, table_version, 0 .. backend_count)` of `SERVICE_BACKENDS`.
     pub backend_count: u32,
-    /// Which half (0 or 1) of the double-buffered Maglev/weighted tables new flows read.
+    /// Which half (0 or 1) of the double-buffered `SERVICE_BACKENDS`, Maglev and weighted
+    /// tables new flows read.
     pub table_version: u32,
     /// Used entries of the active weighted table (0 for algorithms without one).
     /// Written together with `table_version`, in the same map update.
     pub weighted_len: u32,
-    /// Reserved, zero.
+    /// [`service_flags`].
     pub flags: u32,
+}
+
+/// `ServiceValue::flags`.
+pub mod service_flags {
+    /// The service left the config: its established flows go on, a SYN without a flow passes
+    /// to the stack. (The IPv6 path keeps such an entry in `SERVICES6`, since it finds a
+    /// flow's service by its VIP; an IPv4 VIP's entry is deleted instead and its flows follow
+    /// their `SERVICE_ROUTES` entry.)
+    pub const RETIRED: u32 = 1;
 }
 
 /// Value of `SERVICE_ROUTES`, indexed by service index: what a packet of an existing flow needs
@@ -265,10 +275,12 @@ pub struct ServiceBackend {
     pub state: u32,
 }
 
-/// Entry of backend `i` of service `service` in `SERVICE_BACKENDS`.
+/// Entry of backend `i` of service `service` in half `version` of `SERVICE_BACKENDS`
+/// (double-buffered like the tables: a change of the backend list is written into the half new
+/// flows do not read, then `table_version` flips).
 #[inline(always)]
-pub fn service_backend_index(service: u32, i: u32) -> u32 {
-    service * crate::MAX_BACKENDS as u32 + i
+pub fn service_backend_index(service: u32, version: u32, i: u32) -> u32 {
+    (service * 2 + (version & 1)) * crate::MAX_BACKENDS as u32 + i
 }
 
 /// Key of `FLOWS` (client → VIP direction) and `NAT_REPLIES` (backend → client direction).
@@ -442,6 +454,15 @@ mod tests {
     #[test]
     fn table_halves_do_not_overlap() {
         assert_eq!(maglev_index(0, 1, 7, 0), 7);
+        let max = crate::MAX_BACKENDS as u32;
+        assert_eq!(
+            service_backend_index(0, 0, max - 1) + 1,
+            service_backend_index(0, 1, 0)
+        );
+        assert_eq!(
+            service_backend_index(0, 1, max - 1) + 1,
+            service_backend_index(1, 0, 0)
+        );
         assert_eq!(maglev_index(1, 0, 7, 0), 14);
         assert_eq!(maglev_index(0, 0, 7, 6) + 1, maglev_index(0, 1, 7, 0));
     }

@@ -5,15 +5,18 @@
 //! A TCP segment to an IPv6 VIP:port (`SERVICES6`, the same services as `SERVICES`) takes the
 //! IPv4 path's steps on its own flow table, `FLOWS6`: a SYN without a flow picks a backend
 //! with the service's algorithm and counts it in the shared `ACTIVE` array, later segments
-//! follow their flow, the client's FIN or RST gives the count back once. In `dsr` only the
-//! Ethernet header changes; in `nat` the destination becomes the backend's IPv6 address
-//! (`BACKENDS6`) and the FIB routes the packet, and a TCP segment to no VIP may be a nat
+//! follow their flow, the client's FIN or RST gives the count back once. A service that left
+//! the config keeps its entry here, marked retired: its flows go on, new SYNs pass. In `dsr`
+//! only the Ethernet header changes; in `nat` the destination becomes the backend's IPv6
+//! address (`BACKENDS6`) and the FIB routes the packet, and a TCP segment to no VIP may be a nat
 //! backend's reply (`NAT_REPLIES6`, checked against its flow like IPv4's), rewritten to come
 //! from the VIP.
 
 use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::programs::XdpContext;
-use switchyard_common::maps::{FlowKey6, PROTO_TCP, ServiceKey6, ServiceValue, forwarding};
+use switchyard_common::maps::{
+    FlowKey6, PROTO_TCP, ServiceKey6, ServiceValue, forwarding, service_flags,
+};
 
 use crate::clock::coarse_now;
 use crate::flow::{follow, is_stale, new_flow6};
@@ -64,7 +67,8 @@ fn keys(pkt: &Packet6) -> (ServiceKey6, FlowKey6, u8) {
 }
 
 /// The backend slot of the packet's flow: its entry's, or a new flow's for a SYN; otherwise
-/// the action to take (counted): pass a mid-stream packet without state, drop a SYN that no
+/// the action to take (counted): pass a mid-stream packet without state or a SYN for a service
+/// that left the config (retired: only its established flows go on), drop a SYN that no
 /// backend can take.
 #[inline(always)]
 fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u32> {
@@ -75,7 +79,7 @@ fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u
     {
         return Ok(follow(flow, flags, now));
     }
-    if !is_syn {
+    if !is_syn || service.flags & service_flags::RETIRED != 0 {
         count_service(service.index, |s| s.passed += 1);
         return Err(xdp_action::XDP_PASS);
     }

@@ -35,10 +35,11 @@ pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_BACKE
 /// IPv6 backends' addresses by slot (nat's rewrite target for IPv6 flows).
 #[map]
 pub static BACKENDS6: Array<BackendEntry6> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
-/// Per service, its backends' slots and policy (weight, cap, state), `MAX_BACKENDS` entries each.
+/// Per service, its backends' slots and policy (weight, cap, state), two halves of
+/// `MAX_BACKENDS` entries each (see `service_backend_index`).
 #[map]
 pub static SERVICE_BACKENDS: Array<ServiceBackend> =
-    Array::with_max_entries(DEFAULT_SERVICES * MAX_BACKENDS as u32, 0);
+    Array::with_max_entries(DEFAULT_SERVICES * 2 * MAX_BACKENDS as u32, 0);
 /// The shared per-backend active counts (the proxy's `CounterTable` maps this array).
 #[map]
 pub static ACTIVE: Array<ActiveCell> =

@@ -1,9 +1,10 @@
 //! In-kernel backend selection for a new flow: the service's algorithm, run by the shared
 //! selection code of `switchyard_common` (the same `pick` functions the proxy's `Selector`
-//! calls). This file only adapts the maps into their inputs: a backend's view from
-//! `SERVICE_BACKENDS` and `ACTIVE`, table entries from the double-buffered `MAGLEV` and
-//! `WEIGHTED` halves, the turn or cursor from the per-CPU `RR_CURSOR`, and `bpf_loop` as the
-//! driver of the shared loops (so the verifier checks one iteration of each).
+//! calls). This file only adapts the maps into their inputs: a backend's view from the half of
+//! `SERVICE_BACKENDS` that the service's `table_version` names and from `ACTIVE`, table entries
+//! from the same half of the double-buffered `MAGLEV` and `WEIGHTED` arrays, the turn or
+//! cursor from the per-CPU `RR_CURSOR`, and `bpf_loop` as the driver of the shared loops (so
+//! the verifier checks one iteration of each).
 
 use core::ffi::c_void;
 
@@ -75,7 +76,7 @@ pub fn select(service: &ServiceValue, client_hash: impl FnOnce() -> u64) -> Opti
     if count == 0 || count > MAX_BACKENDS {
         return None;
     }
-    let base = service_backend_index(service.index, 0);
+    let base = service_backend_index(service.index, service.table_version, 0);
     let candidate = move |b: usize| {
         if b < count {
             view(base + b as u32)

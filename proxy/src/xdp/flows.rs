@@ -88,8 +88,9 @@ fn count_open<K: aya::Pod>(bpf: &Ebpf, name: &str, open: &mut [u64]) -> anyhow::
     Ok(total)
 }
 
-/// What one expiry pass goes by: per service index its idle timeout, the longest of them (for
-/// flows of services no longer configured), the tables' capacity (bounding each walk), now.
+/// What one expiry pass goes by: per service index its idle timeout (also of services reloads
+/// removed), the longest of them (for flows of an earlier run's services, in pinned maps), the
+/// tables' capacity (bounding each walk), now.
 struct Pass {
     timeouts: StdHashMap<u32, Duration>,
     longest: Duration,
@@ -185,6 +186,9 @@ pub struct Expiry {
     last: Option<Instant>,
     /// Per slot, the difference (count minus true count) seen on the previous pass.
     drift: Vec<i64>,
+    /// Every xdp service of the run by index (also those reloads removed): its idle timeout
+    /// and flow table size.
+    services: StdHashMap<u32, (Duration, u64)>,
 }
 
 impl Expiry {
@@ -194,15 +198,20 @@ impl Expiry {
         snapshot: &Snapshot,
         counters: &CounterTable,
     ) -> anyhow::Result<()> {
-        let timeouts: StdHashMap<u32, Duration> = snapshot
+        // Services that left the config keep their idle timeout (and their share of the
+        // tables' capacity) for the run: their flows finish and expire as they would have.
+        for service in &snapshot.services {
+            if let Some(xdp) = &service.config.xdp {
+                self.services.insert(
+                    service.kernel_index,
+                    (xdp.flow_idle_timeout, u64::from(xdp.flow_table_size)),
+                );
+            }
+        }
+        let timeouts: StdHashMap<u32, Duration> = self
             .services
             .iter()
-            .filter_map(|s| {
-                s.config
-                    .xdp
-                    .as_ref()
-                    .map(|x| (s.kernel_index, x.flow_idle_timeout))
-            })
+            .map(|(&index, &(timeout, _))| (index, timeout))
             .collect();
         let Some(&shortest) = timeouts.values().min() else {
             return Ok(());
@@ -213,12 +222,7 @@ impl Expiry {
         }
         self.last = Some(Instant::now());
         let longest = timeouts.values().max().copied().unwrap_or(shortest);
-        let capacity: u64 = snapshot
-            .services
-            .iter()
-            .filter_map(|s| s.config.xdp.as_ref())
-            .map(|x| u64::from(x.flow_table_size))
-            .sum();
+        let capacity: u64 = self.services.values().map(|&(_, size)| size).sum();
         let now = monotonic_ns();
         let pass = Pass {
             timeouts,

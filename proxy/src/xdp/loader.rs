@@ -16,6 +16,7 @@ use aya::{Ebpf, EbpfLoader};
 use parking_lot::Mutex;
 use switchyard_common::maps::{WEIGHTED_TABLE_SIZE, backend_state, names, programs};
 use switchyard_common::{MAGLEV_TABLE_SIZE, MAX_BACKENDS};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -62,6 +63,8 @@ pub struct XdpPlane {
     /// The traffic counter maps, once started (read by the sync task and at shutdown).
     stats: Option<Arc<stats::Stats>>,
     stop: CancellationToken,
+    /// Wakes the sync task before its period ends (after a reload or a runtime change).
+    sync_now: Arc<Notify>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -96,7 +99,7 @@ impl XdpPlane {
             .map_max_entries(names::SERVICES6, services)
             .map_max_entries(names::BACKENDS, slots)
             .map_max_entries(names::BACKENDS6, slots)
-            .map_max_entries(names::SERVICE_BACKENDS, services * MAX_BACKENDS as u32)
+            .map_max_entries(names::SERVICE_BACKENDS, services * 2 * MAX_BACKENDS as u32)
             .map_max_entries(names::ACTIVE, slots)
             .map_max_entries(names::BACKEND_STATS, slots)
             .map_max_entries(names::SERVICE_STATS, services)
@@ -162,8 +165,15 @@ impl XdpPlane {
             links: Vec::new(),
             stats: None,
             stop: CancellationToken::new(),
+            sync_now: Arc::new(Notify::new()),
             task: None,
         })
+    }
+
+    /// Call `notify_one()` on this after swapping in a new state: the sync task then writes
+    /// the change into the maps at once instead of at the end of its period (at most 1 s).
+    pub fn sync_now_handle(&self) -> Arc<Notify> {
+        self.sync_now.clone()
     }
 
     /// The shared counter table; build the state with it.
@@ -193,6 +203,7 @@ impl XdpPlane {
         let bpf = self.bpf.clone();
         let counters = self.counters.clone();
         let stop = self.stop.clone();
+        let sync_now = self.sync_now.clone();
         let stats = self.stats.clone();
         self.task = Some(tokio::spawn(async move {
             let mut expiry = flows::Expiry::default();
@@ -201,6 +212,7 @@ impl XdpPlane {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(period) => {}
+                    _ = sync_now.notified() => {}
                 }
                 let snapshot = state.snapshot();
                 let bpf = bpf.clone();
@@ -487,14 +499,15 @@ fn nat_sees_partial_checksums(config: &Config) -> bool {
 /// How often the traffic counters are logged while running.
 const STATS_PERIOD: Duration = Duration::from_secs(60);
 
-/// Per-run memory of what was written, so only changes touch the maps.
+/// Per-run memory of what was written, by service index, so only changes touch the maps.
 #[derive(Default)]
 pub(super) struct KernelSync {
-    written: std::collections::HashMap<String, tables::BackendStates>,
+    written: std::collections::HashMap<u32, (String, tables::Programmed)>,
 }
 
 impl KernelSync {
-    /// Brings backend states (health, MACs) and tables up to date for every XDP service.
+    /// Brings backend states (health, drain, MACs), backend lists and tables up to date for
+    /// every XDP service of `snapshot`, and retires the services that left it.
     pub(super) fn run(
         &mut self,
         bpf: &mut Ebpf,
@@ -504,34 +517,96 @@ impl KernelSync {
         if first {
             tables::prepare_first_sync(bpf)?;
         }
-        for service in &snapshot.services {
-            if service.config.dataplane != Dataplane::Xdp {
-                continue;
+        let mut result = Ok(());
+        for service in xdp_services(snapshot) {
+            // One service's failure (logged by the caller) does not hold back the others.
+            if let Err(error) = self.sync_service(bpf, service, first) {
+                result = Err(error.context(format!("service {:?}", service.config.name)));
             }
-            let states = backend_states(service);
-            let previous = self.written.get(&service.config.name);
-            if !first && previous == Some(&states) {
-                continue;
-            }
-            tables::program_service(bpf, service.kernel_index, service, &states, previous)
-                .with_context(|| format!("service {:?}", service.config.name))?;
-            for (i, backend) in service.backends.iter().enumerate() {
-                let was = previous.map(|p| p.states[i]);
-                let now = states.states[i];
-                // A start logs drained backends; later, every change.
-                if was == Some(now) || (was.is_none() && now != backend_state::DRAIN) {
-                    continue;
-                }
-                let what = match now {
-                    backend_state::UP => "takes new flows",
-                    backend_state::DRAIN => "is drained: keeps its flows, gets no new ones",
-                    _ => "gets no new flows",
-                };
-                info!(service = %service.config.name, backend = %backend.config.name, "XDP: backend {what}");
-            }
-            self.written.insert(service.config.name.clone(), states);
         }
+        let running: BTreeSet<u32> = xdp_services(snapshot).map(|s| s.kernel_index).collect();
+        let gone: Vec<u32> = self
+            .written
+            .keys()
+            .copied()
+            .filter(|index| !running.contains(index))
+            .collect();
+        for index in gone {
+            let Some((name, programmed)) = self.written.remove(&index) else {
+                continue;
+            };
+            match tables::retire_service(bpf, &programmed) {
+                Ok(()) => info!(
+                    service = %name,
+                    "XDP: service removed: new flows to its VIPs pass to the stack, its established flows finish"
+                ),
+                Err(error) => {
+                    // Try again at the next sync.
+                    result = Err(error.context(format!("removing service {name:?}")));
+                    self.written.insert(index, (name, programmed));
+                }
+            }
+        }
+        result
+    }
+
+    fn sync_service(
+        &mut self,
+        bpf: &mut Ebpf,
+        service: &Service,
+        first: bool,
+    ) -> anyhow::Result<()> {
+        let states = backend_states(service);
+        let previous = self
+            .written
+            .get(&service.kernel_index)
+            .map(|(_, programmed)| programmed);
+        if !first
+            && let Some(previous) = previous
+            && previous.states == states
+            && previous.layout == tables::Layout::of(service)?
+        {
+            return Ok(());
+        }
+        let programmed =
+            tables::program_service(bpf, service.kernel_index, service, &states, previous)?;
+        if let Some(previous) = previous
+            && previous.version != programmed.version
+        {
+            info!(
+                service = %service.config.name,
+                "XDP: backends and tables changed: new flows follow the new table, established flows keep their backends"
+            );
+        }
+        let previous_states = previous.map(|p| &p.states);
+        log_state_changes(service, previous_states, &states);
+        self.written.insert(
+            service.kernel_index,
+            (service.config.name.clone(), programmed),
+        );
         Ok(())
+    }
+}
+
+/// Logs drained backends at a start, and later every backend whose state changed (a backend is
+/// known by name: after a reload its position may differ).
+fn log_state_changes(
+    service: &Service,
+    previous: Option<&tables::BackendStates>,
+    states: &tables::BackendStates,
+) {
+    for (i, backend) in service.backends.iter().enumerate() {
+        let was = previous.map(|p| p.state_of(&backend.config.name));
+        let now = states.states[i];
+        if was == Some(Some(now)) || (was.is_none() && now != backend_state::DRAIN) {
+            continue;
+        }
+        let what = match now {
+            backend_state::UP => "takes new flows",
+            backend_state::DRAIN => "is drained: keeps its flows, gets no new ones",
+            _ => "gets no new flows",
+        };
+        info!(service = %service.config.name, backend = %backend.config.name, "XDP: backend {what}");
     }
 }
 
@@ -544,7 +619,9 @@ fn backend_states(service: &Service) -> tables::BackendStates {
     };
     let mut states = Vec::new();
     let mut macs = Vec::new();
+    let mut names = Vec::new();
     for backend in &service.backends {
+        names.push(backend.config.name.clone());
         let ip = backend.config.address.ip();
         let mac = if dsr {
             neighbours.get(&ip).copied()
@@ -564,7 +641,11 @@ fn backend_states(service: &Service) -> tables::BackendStates {
         states.push(state);
         macs.push(mac.unwrap_or([0; 6]));
     }
-    tables::BackendStates { states, macs }
+    tables::BackendStates {
+        states,
+        macs,
+        names,
+    }
 }
 
 fn xdp_services(snapshot: &Snapshot) -> impl Iterator<Item = &Arc<Service>> {

@@ -9,6 +9,9 @@
 //! 2. [`XdpPlane::start`] once the runtime exists: writes services, backends and tables,
 //!    attaches, and spawns the sync task (health and drain → backend state, flow expiry and
 //!    count reconciliation, the traffic counters in the log once a minute).
+//!    A reload or runtime change swaps the state; the task follows it within one period (at
+//!    once after a poke of [`XdpPlane::sync_now_handle`]): see `tables` for what it rewrites,
+//!    and [`reload_refusal`] for what a reload may not ask of the kernel path.
 //! 3. [`XdpPlane::shutdown`]: stops the task and detaches — unless the maps and links were
 //!    pinned on purpose (`pin = true` in `[service.xdp]`), in which case the program keeps steering
 //!    established flows and the next start takes them over.
@@ -28,7 +31,7 @@ mod tables;
 
 use std::sync::Arc;
 
-use crate::config::{Config, Dataplane};
+use crate::config::{Config, Dataplane, Forwarding};
 use crate::counters::CounterTable;
 use crate::state::LiveState;
 
@@ -67,6 +70,74 @@ pub fn load_if_wanted(config: &Config) -> anyhow::Result<Option<XdpPlane>> {
         return Ok(None);
     }
     XdpPlane::load(config).map(Some)
+}
+
+/// What a reload from `old` to `new` may not do to the kernel path, as a message naming the
+/// service: the program stays attached where it was attached at start (with the checksum
+/// handling and attach mode decided then), so an added xdp service must use interfaces the
+/// running xdp services use (a nat one, interfaces of running nat services) with the same
+/// `mode` and `pin`; and no xdp service may have more backends than the fast path takes.
+/// (Changes to a running service's `[service.xdp]` and VIPs are refused by the caller.)
+pub fn reload_refusal(old: &Config, new: &Config) -> Result<(), String> {
+    let file = new.source.display();
+    let restart = "restart switchyard to apply it; nothing was applied";
+    let running: Vec<&crate::config::XdpConfig> =
+        old.services.iter().filter_map(|s| s.xdp.as_ref()).collect();
+    let interfaces = |nat_only: bool| -> std::collections::BTreeSet<&str> {
+        running
+            .iter()
+            .filter(|x| !nat_only || x.forwarding == Forwarding::Nat)
+            .flat_map(|x| [x.interface.as_str(), x.backend_interface.as_str()])
+            .collect()
+    };
+    for service in new
+        .services
+        .iter()
+        .filter(|s| s.dataplane == Dataplane::Xdp)
+    {
+        if service.backends.len() > switchyard_common::MAX_BACKENDS {
+            return Err(format!(
+                "{file}: service {:?}: the XDP fast path takes at most {} backends ({} given): nothing was applied",
+                service.name,
+                switchyard_common::MAX_BACKENDS,
+                service.backends.len()
+            ));
+        }
+        let Some(xdp) = &service.xdp else { continue };
+        if old.services.iter().any(|s| s.name == service.name) {
+            continue;
+        }
+        let nat = xdp.forwarding == Forwarding::Nat;
+        let attached = interfaces(nat);
+        for interface in [&xdp.interface, &xdp.backend_interface] {
+            if !attached.contains(interface.as_str()) {
+                let what = if nat {
+                    "running nat services"
+                } else {
+                    "running xdp services"
+                };
+                let names: Vec<&str> = attached.iter().copied().collect();
+                return Err(format!(
+                    "{file}: service {:?}: an xdp service added while running must use an interface the {what} use ({}), not {interface:?}: {restart}",
+                    service.name,
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ));
+            }
+        }
+        if let Some(first) = running.first()
+            && (first.mode != xdp.mode || first.pin != xdp.pin)
+        {
+            return Err(format!(
+                "{file}: service {:?}: an xdp service added while running must have the running services' mode and pin ({} and {}): {restart}",
+                service.name, first.mode, first.pin
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The counter table for `config`: the plane's shared one, or a heap table.
@@ -147,6 +218,43 @@ address = "198.18.1.11:25"
 name = "b"
 address = "198.18.1.12:25"
 "#;
+
+    /// The dsr service `name` on VIP port `port` and `interface`, with `backends` backends.
+    fn dsr_service(name: &str, port: u16, interface: &str, backends: usize) -> String {
+        let mut text = format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"198.18.0.100:{port}\"\ndataplane = \"xdp\"\n[service.xdp]\ninterface = \"{interface}\"\n"
+        );
+        for i in 0..backends {
+            text += &format!(
+                "[[service.backend]]\nname = \"b{i}\"\naddress = \"198.18.{}.{}:25\"\n",
+                1 + i / 250,
+                1 + i % 250
+            );
+        }
+        text
+    }
+
+    #[test]
+    fn a_reload_adds_xdp_services_only_where_the_program_is_attached() {
+        let running = config(&dsr_service("a", 25, "lo", 2));
+        let same = config(&(dsr_service("a", 25, "lo", 2) + &dsr_service("b", 26, "lo", 1)));
+        assert_eq!(reload_refusal(&running, &same), Ok(()));
+        let elsewhere =
+            config(&(dsr_service("a", 25, "lo", 2) + &dsr_service("b", 26, "sy-other", 1)));
+        let refused = reload_refusal(&running, &elsewhere).expect_err("another interface");
+        assert!(
+            refused.contains("service \"b\"") && refused.contains("\"sy-other\""),
+            "{refused}"
+        );
+        let too_many = config(&dsr_service(
+            "a",
+            25,
+            "lo",
+            switchyard_common::MAX_BACKENDS + 1,
+        ));
+        let refused = reload_refusal(&running, &too_many).expect_err("too many backends");
+        assert!(refused.contains("at most"), "{refused}");
+    }
 
     #[test]
     fn program_passes_the_kernel_verifier_and_counts_are_shared() {

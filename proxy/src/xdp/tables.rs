@@ -2,13 +2,22 @@
 //!
 //! The tables are the proxy's own: the service's `Selector` builds them over every backend of
 //! the config, and the kernel walks them with the same shared selection code, skipping down
-//! and drained backends as their states in `SERVICE_BACKENDS` say. So a health change rewrites
-//! states only; tables change with the config, at the first sync of a run.
+//! and drained backends as their states in `SERVICE_BACKENDS` say. So a health, drain or
+//! disable change rewrites states only (in the half in use); the backend list and the tables
+//! change when the config does: at the first sync of a run, and when a reload changes a
+//! service's backends (names, addresses, order), weights, caps or algorithm ([`Layout`]).
 //!
-//! New flows must never see a half-written table: each service owns two halves of the Maglev
-//! and weighted arrays, the control plane fills the half that is not in use, then flips
-//! `table_version` (with the new table length) in one update of the service's `SERVICES`
-//! entry. The kernel copies that entry once per packet, so a flow sees either table whole.
+//! New flows must never see a half-written table: each service owns two halves of
+//! `SERVICE_BACKENDS` and of the Maglev and weighted arrays; the control plane fills the half
+//! that is not in use, then flips `table_version` (with the new backend count, table length
+//! and algorithm) in one update of the service's `SERVICES` entry. The kernel copies that
+//! entry once per packet, so a flow sees either list and table whole. Established flows follow
+//! their backend slot, whose `BACKENDS` entry is never cleared: flows of a backend a reload
+//! removed go on until they end, and count in its slot until then.
+//!
+//! A service a reload removed is retired ([`retire_service`]): new SYNs for its VIPs pass to
+//! the stack, its established flows go on (IPv4 through its `SERVICE_ROUTES` entry, IPv6
+//! through its `SERVICES6` entry marked retired).
 //!
 //! Two maps spare the kernel hash lookups and must never say less than the maps they stand
 //! for: `ADDRESS_FILTER` gets a VIP's or backend's bit before its `SERVICES` key or `BACKENDS`
@@ -23,12 +32,12 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, bail};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
-use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::maps::{
     BackendEntry, BackendEntry6, PROTO_TCP, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute,
     ServiceValue, WEIGHTED_TABLE_SIZE, address_filter, algorithm, forwarding, maglev_index, names,
-    service_backend_index, weighted_index,
+    service_backend_index, service_flags, weighted_index,
 };
+use switchyard_common::{MAGLEV_TABLE_SIZE, MAX_BACKENDS};
 
 use crate::config::{Algorithm, Forwarding};
 use crate::state::Service;
@@ -128,23 +137,79 @@ pub struct BackendStates {
     pub states: Vec<u32>,
     /// Known MACs (dsr), in config order; zero when unknown or not needed.
     pub macs: Vec<[u8; 6]>,
+    /// The backends' names, in config order.
+    pub names: Vec<String>,
 }
 
-/// Writes every backend entry of `service` and, at the first sync of a run (no `previous`
-/// states) or when the service has no entry yet, its tables and service entry. Errors name the
-/// map that failed.
+impl BackendStates {
+    /// The state written for the backend called `name`, if it was one.
+    pub fn state_of(&self, name: &str) -> Option<u32> {
+        let i = self.names.iter().position(|n| n == name)?;
+        self.states.get(i).copied()
+    }
+}
+
+/// What the kernel's choice among a service's backends is built from: the algorithm and, per
+/// backend in config order, its name (Maglev hashes it), slot, weight and cap. The selector's
+/// table is a function of these, so when they are unchanged the tables are too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    algorithm: u32,
+    backends: Vec<(String, u32, u32, u32)>,
+}
+
+impl Layout {
+    pub fn of(service: &Service) -> anyhow::Result<Layout> {
+        Ok(Layout {
+            algorithm: algorithm_code(service.config.algorithm)?,
+            backends: service
+                .backends
+                .iter()
+                .map(|b| {
+                    (
+                        b.config.name.clone(),
+                        b.active.slot() as u32,
+                        b.config.weight,
+                        b.config.max_connections,
+                    )
+                })
+                .collect(),
+        })
+    }
+}
+
+/// What the sync last wrote for one service: compared with the running state at every sync.
+#[derive(Clone, Debug)]
+pub struct Programmed {
+    pub layout: Layout,
+    pub states: BackendStates,
+    /// The half of `SERVICE_BACKENDS` and the tables that new flows read.
+    pub version: u32,
+    /// The service's entry, under each of its VIPs.
+    pub value: ServiceValue,
+    pub vips: Vec<VipKey>,
+}
+
+/// Writes every backend entry of `service`, and its backend list and tables: into the half in
+/// use when only the backends' states changed since `previous`, otherwise (the first sync of a
+/// run, a new service, a reload that changed the backends, their weights or caps, or the
+/// algorithm) into the half not in use, then flips the service entry of each VIP to it in one
+/// update. Returns what it wrote; errors name the map that failed.
 pub fn program_service(
     bpf: &mut Ebpf,
     index: u32,
     service: &Service,
     states: &BackendStates,
-    previous: Option<&BackendStates>,
-) -> anyhow::Result<()> {
+    previous: Option<&Programmed>,
+) -> anyhow::Result<Programmed> {
     let xdp = service
         .config
         .xdp
         .as_ref()
         .context("service has no [service.xdp] table")?;
+    if service.backends.len() > MAX_BACKENDS {
+        bail!("the XDP fast path takes at most {MAX_BACKENDS} backends per service");
+    }
     let vips: Vec<VipKey> = service
         .config
         .listen
@@ -152,85 +217,26 @@ pub fn program_service(
         .map(|&a| VipKey::of(a))
         .collect();
     let first_vip = vips.first().context("service has no VIP")?;
-    {
-        let [Some(filter), Some(backends), Some(backends6)] =
-            bpf.maps_disjoint_mut([names::ADDRESS_FILTER, names::BACKENDS, names::BACKENDS6])
-        else {
-            bail!("map ADDRESS_FILTER, BACKENDS or BACKENDS6 missing");
-        };
-        let mut filter: Array<&mut MapData, u64> = Array::try_from(filter)?;
-        let mut backends: Array<&mut MapData, BackendEntry> = Array::try_from(backends)?;
-        let mut backends6: Array<&mut MapData, BackendEntry6> = Array::try_from(backends6)?;
-        for (i, backend) in service.backends.iter().enumerate() {
-            // dsr needs the MAC: while it is unknown the backend takes no new flows, and the
-            // entry keeps the MAC it had (a pinned run's, or an earlier lookup's), so that
-            // established flows go on.
-            if xdp.forwarding == Forwarding::Dsr && states.macs[i] == [0; 6] {
-                continue;
-            }
-            let slot = backend.active.slot() as u32;
-            let address = backend.config.address;
-            let entry = BackendEntry {
-                // nat rewrites IPv4 flows to it; an IPv6 backend's address is in
-                // `BACKENDS6` (dsr needs the MAC alone).
-                addr: match address.ip() {
-                    IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
-                    IpAddr::V6(_) => 0,
-                },
-                port: address.port().to_be(),
-                mac: states.macs[i],
-                ifindex: 0,
-            };
-            address_filter::admit(
-                &mut filter,
-                address_filter::BACKENDS,
-                entry.addr,
-                entry.port,
-            )
-            .context("writing the address filter")?;
-            let context = || format!("writing backend {:?} (slot {slot})", backend.config.name);
-            if let IpAddr::V6(ip) = address.ip() {
-                // Before `BACKENDS`: by then nat can rewrite IPv6 flows to the slot.
-                let entry6 = BackendEntry6 {
-                    addr: words(ip.octets()),
-                    port: entry.port,
-                    _pad: 0,
-                };
-                backends6.set(slot, entry6, 0).with_context(context)?;
-            }
-            backends.set(slot, entry, 0).with_context(context)?;
-        }
-    }
-    {
-        let mut policies: Array<&mut MapData, ServiceBackend> = Array::try_from(
-            bpf.map_mut(names::SERVICE_BACKENDS)
-                .context("map SERVICE_BACKENDS missing")?,
-        )?;
-        for (i, backend) in service.backends.iter().enumerate() {
-            let entry = ServiceBackend {
-                slot: backend.active.slot() as u32,
-                weight: backend.config.weight,
-                max_connections: backend.config.max_connections,
-                state: states.states[i],
-            };
-            policies
-                .set(service_backend_index(index, i as u32), entry, 0)
-                .with_context(|| {
-                    format!("writing backend {:?} of the service", backend.config.name)
-                })?;
-        }
-    }
-
+    write_backends(bpf, service, xdp.forwarding, states)?;
+    let layout = Layout::of(service)?;
     let current = first_vip.read(bpf)?;
-    if previous.is_some() && current.is_some() {
-        return Ok(());
+    if let Some(previous) = previous
+        && previous.layout == layout
+        && current.is_some()
+    {
+        write_policies(bpf, index, previous.version, service, states)?;
+        return Ok(Programmed {
+            states: states.clone(),
+            ..previous.clone()
+        });
     }
-    admit_vips(bpf, &vips)?;
     let version = current.map_or(0, |c| c.table_version ^ 1);
+    write_policies(bpf, index, version, service, states)?;
+    admit_vips(bpf, &vips)?;
     let weighted_len = write_tables(bpf, index, version, service)?;
     let value = ServiceValue {
         index,
-        algorithm: algorithm_code(service.config.algorithm)?,
+        algorithm: layout.algorithm,
         forwarding: match xdp.forwarding {
             Forwarding::Dsr => forwarding::DSR,
             Forwarding::Nat => forwarding::NAT,
@@ -245,6 +251,129 @@ pub fn program_service(
         if let VipKey::V4(key) = vip {
             write_route(bpf, index, *key, value.forwarding)?;
         }
+    }
+    Ok(Programmed {
+        layout,
+        states: states.clone(),
+        version,
+        value,
+        vips,
+    })
+}
+
+/// A service that left the config: new SYNs for its VIPs pass to the stack, its established
+/// flows go on to their backends until they end (their `BACKENDS` entries stay). An IPv4 VIP's
+/// `SERVICES` entry is deleted (the flows find their service through its `SERVICE_ROUTES`
+/// entry, which stays: its index is never given to another service); an IPv6 VIP's entry stays,
+/// marked retired (the IPv6 path finds a flow's service by its VIP). A VIP another service
+/// has taken over meanwhile is left to it.
+pub fn retire_service(bpf: &mut Ebpf, programmed: &Programmed) -> anyhow::Result<()> {
+    for vip in &programmed.vips {
+        let Some(current) = vip.read(bpf)? else {
+            continue;
+        };
+        if current.index != programmed.value.index {
+            continue;
+        }
+        match vip {
+            VipKey::V4(key) => {
+                // Gone already (a race with nothing: only this task writes it) is fine.
+                let _ = services_mut::<ServiceKey>(bpf, names::SERVICES)?.remove(key);
+            }
+            VipKey::V6(_) => vip.write(
+                bpf,
+                ServiceValue {
+                    flags: current.flags | service_flags::RETIRED,
+                    ..current
+                },
+            )?,
+        }
+    }
+    Ok(())
+}
+
+/// The `BACKENDS` (and `BACKENDS6`) entries of the service's backends, each after its address
+/// filter bit. Entries are never cleared: flows of a backend that left the config still follow
+/// its entry until they end.
+fn write_backends(
+    bpf: &mut Ebpf,
+    service: &Service,
+    forwarding_mode: Forwarding,
+    states: &BackendStates,
+) -> anyhow::Result<()> {
+    let [Some(filter), Some(backends), Some(backends6)] =
+        bpf.maps_disjoint_mut([names::ADDRESS_FILTER, names::BACKENDS, names::BACKENDS6])
+    else {
+        bail!("map ADDRESS_FILTER, BACKENDS or BACKENDS6 missing");
+    };
+    let mut filter: Array<&mut MapData, u64> = Array::try_from(filter)?;
+    let mut backends: Array<&mut MapData, BackendEntry> = Array::try_from(backends)?;
+    let mut backends6: Array<&mut MapData, BackendEntry6> = Array::try_from(backends6)?;
+    for (i, backend) in service.backends.iter().enumerate() {
+        // dsr needs the MAC: while it is unknown the backend takes no new flows, and the
+        // entry keeps the MAC it had (a pinned run's, or an earlier lookup's), so that
+        // established flows go on.
+        if forwarding_mode == Forwarding::Dsr && states.macs[i] == [0; 6] {
+            continue;
+        }
+        let slot = backend.active.slot() as u32;
+        let address = backend.config.address;
+        let entry = BackendEntry {
+            // nat rewrites IPv4 flows to it; an IPv6 backend's address is in
+            // `BACKENDS6` (dsr needs the MAC alone).
+            addr: match address.ip() {
+                IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
+                IpAddr::V6(_) => 0,
+            },
+            port: address.port().to_be(),
+            mac: states.macs[i],
+            ifindex: 0,
+        };
+        address_filter::admit(
+            &mut filter,
+            address_filter::BACKENDS,
+            entry.addr,
+            entry.port,
+        )
+        .context("writing the address filter")?;
+        let context = || format!("writing backend {:?} (slot {slot})", backend.config.name);
+        if let IpAddr::V6(ip) = address.ip() {
+            // Before `BACKENDS`: by then nat can rewrite IPv6 flows to the slot.
+            let entry6 = BackendEntry6 {
+                addr: words(ip.octets()),
+                port: entry.port,
+                _pad: 0,
+            };
+            backends6.set(slot, entry6, 0).with_context(context)?;
+        }
+        backends.set(slot, entry, 0).with_context(context)?;
+    }
+    Ok(())
+}
+
+/// The service's backend list (slot, weight, cap, state) in half `version` of
+/// `SERVICE_BACKENDS`.
+fn write_policies(
+    bpf: &mut Ebpf,
+    index: u32,
+    version: u32,
+    service: &Service,
+    states: &BackendStates,
+) -> anyhow::Result<()> {
+    let mut policies: Array<&mut MapData, ServiceBackend> = Array::try_from(
+        bpf.map_mut(names::SERVICE_BACKENDS)
+            .context("map SERVICE_BACKENDS missing")?,
+    )?;
+    for (i, backend) in service.backends.iter().enumerate() {
+        let entry = ServiceBackend {
+            slot: backend.active.slot() as u32,
+            weight: backend.config.weight,
+            max_connections: backend.config.max_connections,
+            state: states.states[i],
+        };
+        policies
+            .set(service_backend_index(index, version, i as u32), entry, 0)
+            .with_context(|| format!("writing backend {:?} of the service", backend.config.name))?;
     }
     Ok(())
 }
