@@ -438,6 +438,14 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Whether the first slots hold `expected` and the rest (room for backends reloads add) 0.
+fn counts_are(topo: &Topology, expected: &[u64]) -> bool {
+    let counts = active_counts(topo);
+    counts.len() >= expected.len()
+        && counts[..expected.len()] == *expected
+        && counts[expected.len()..].iter().all(|&c| c == 0)
+}
+
 /// Every flow has ended: the kernel's shared active counts are back to 0.
 fn wait_for_counts_back_to_zero(topo: &Topology) {
     wait_for("active counts back to 0", Duration::from_secs(5), || {
@@ -1164,14 +1172,16 @@ fn proxy_sessions_count_in_the_kernels_shared_array() {
     let held = hold_session(&topo, proxied);
     // The proxy's session is counted in the very array the XDP program reads, and in the
     // same slot as the kernel's flows to that MTA: both services share one slot per backend.
+    // Slots are given in order of first appearance: the xdp service's three backends take
+    // 0..3, and the proxy service's (the same addresses) must reuse them; the rest of the
+    // array is room for backends reloads add.
     let counts = active_counts(&topo);
-    assert_eq!(
-        counts.len(),
-        3,
+    assert!(
+        counts.len() >= 3 && counts[3..].iter().all(|&c| c == 0),
         "one slot per distinct backend address: {counts:?}"
     );
     assert_eq!(
-        counts.iter().sum::<u64>(),
+        counts[..3].iter().sum::<u64>(),
         1,
         "the proxied session in the kernel's array: {counts:?}"
     );
@@ -1222,10 +1232,9 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
         &config,
         &format!("listening on {}:2525", netns::BALANCER),
     );
-    assert_eq!(
-        active_counts(&topo).len(),
-        3,
-        "one slot per backend address"
+    assert!(
+        active_counts(&topo).len() >= 3,
+        "a slot for each backend address"
     );
     // dsr learns the backends' MACs first: until then they take no flows.
     wait_for_every_backend_to_take_flows(&sy);
@@ -1256,7 +1265,7 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     wait_for(
         &format!("counts {expected:?} (held sessions only)"),
         Duration::from_secs(10),
-        || active_counts(&topo) == expected,
+        || counts_are(&topo, &expected),
     );
     assert!(
         sy.stderr_text()
@@ -1266,7 +1275,12 @@ fn counts_leaked_by_a_full_flow_table_are_reconciled_to_exact_values() {
     );
     // Several more passes: nothing is taken from live sessions.
     std::thread::sleep(Duration::from_millis(1600));
-    assert_eq!(active_counts(&topo), expected, "{}", sy.stderr_text());
+    assert!(
+        counts_are(&topo, &expected),
+        "{:?} != {expected:?}: {}",
+        active_counts(&topo),
+        sy.stderr_text()
+    );
 
     for session in held {
         session.finish().expect("held session completes");
@@ -1322,10 +1336,16 @@ fn a_drained_backend_keeps_its_flows_across_a_restart_and_takes_no_new_ones() {
     assert!(second.terminate().success(), "{}", second.stderr_text());
 }
 
-/// Writes `config` over the running switchyard's config file and has it reload (SIGHUP).
+/// Writes `config` over the running switchyard's config file and reloads it (`ctl reload`).
 fn reload_with(sy: &Switchyard, config: &str) {
-    std::fs::write(sy.config_dir().join("switchyard.toml"), config).expect("rewrite the config");
-    sy.signal(nix::sys::signal::Signal::SIGHUP);
+    // The admin socket the harness gave it at start cannot change while running.
+    let text = format!(
+        "{config}{}",
+        testkit::config_toml::admin_table(sy.admin_socket())
+    );
+    std::fs::write(sy.config_dir().join("switchyard.toml"), text).expect("rewrite the config");
+    let reloaded = sy.ctl(&["reload"]);
+    assert_eq!(reloaded.code, Some(0), "ctl reload: {reloaded:?}");
 }
 
 /// `config` without backend `mta{number}`.

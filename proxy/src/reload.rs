@@ -40,6 +40,8 @@ pub struct Control {
     stop: CancellationToken,
     /// The running checks: replaced at every apply.
     checks: CancellationToken,
+    /// Wakes the kernel path's sync task, so a change reaches the XDP maps at once.
+    kernel_sync: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Control {
@@ -56,7 +58,14 @@ impl Control {
             listeners,
             checks: stop.child_token(),
             stop,
+            kernel_sync: None,
         }
+    }
+
+    /// Every applied change wakes the kernel path's sync task through `handle`.
+    pub fn with_kernel_sync(mut self, handle: Option<Arc<tokio::sync::Notify>>) -> Self {
+        self.kernel_sync = handle;
+        self
     }
 
     /// The config as last applied (`shutdown_timeout` is read from it at shutdown).
@@ -256,6 +265,9 @@ impl Control {
         let next = self.state.snapshot().next(&file, &overrides)?;
         let opening = self.listeners.bind_new(&next)?;
         self.state.swap(next);
+        if let Some(sync) = &self.kernel_sync {
+            sync.notify_one();
+        }
         let (changes, closing) = self.listeners.commit(&self.state.snapshot(), opening)?;
         self.file = file;
         self.overrides = overrides;

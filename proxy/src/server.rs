@@ -167,7 +167,8 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     notify::ready();
     tokio::spawn(limits::report_exhaustion());
     drop(snapshot);
-    let mut control = Control::new(config, state.clone(), listeners, stop_accepting.clone());
+    let mut control = Control::new(config, state.clone(), listeners, stop_accepting.clone())
+        .with_kernel_sync(xdp.as_ref().map(|plane| plane.sync_now_handle()));
     control.start_checks();
 
     // The control loop: reloads (SIGHUP, `ctl reload`) and every other `ctl` request, one at
