@@ -1502,6 +1502,22 @@ fn reload_algorithm_weight_and_drain_reach_the_kernel() {
     // At most one pick of mta2 per CPU's pass through the 101-entry table.
     assert!(on_mta3 >= 18, "mta3 got {on_mta3} of 20: {after:?}");
     wait_for_counts_back_to_zero(&topo);
+    // `ctl show` reads the kernel path: the drain and weights in force, every flow counted.
+    let shown = sy.ctl(&["--json", "show"]);
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    let report: switchyard::control::ShowReport =
+        serde_json::from_str(&shown.stdout).expect("show --json");
+    let service = &report.services[0];
+    assert_eq!(service.dataplane, "xdp");
+    assert_eq!(service.flows, Some(0), "every flow ended");
+    let states: Vec<(&str, u32)> = service
+        .backends
+        .iter()
+        .map(|b| (b.state.as_str(), b.weight))
+        .collect();
+    assert_eq!(states, [("drain", 1), ("up", 1), ("up", 100)]);
+    let flows: u64 = service.backends.iter().map(|b| b.sessions_total).sum();
+    assert!(flows >= 26 + 5, "{} flows counted: {service:?}", flows);
     assert_stopped_idle(sy);
 }
 

@@ -24,7 +24,8 @@ use crate::listeners::{Closing, Listeners};
 use crate::notify;
 use crate::show;
 use crate::state::{LiveState, Override, Overrides};
-use crate::xdp;
+use crate::totals::KernelCounters;
+use crate::xdp::{self, XdpPlane};
 
 /// How long a reload waits for the workers to close the listeners it removed.
 const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -42,6 +43,8 @@ pub struct Control {
     checks: CancellationToken,
     /// Wakes the kernel path's sync task, so a change reaches the XDP maps at once.
     kernel_sync: Option<Arc<tokio::sync::Notify>>,
+    /// The kernel path's traffic counters, for `ctl show`.
+    kernel_counters: Option<Arc<dyn KernelCounters + Send + Sync>>,
 }
 
 impl Control {
@@ -59,12 +62,15 @@ impl Control {
             checks: stop.child_token(),
             stop,
             kernel_sync: None,
+            kernel_counters: None,
         }
     }
 
-    /// Every applied change wakes the kernel path's sync task through `handle`.
-    pub fn with_kernel_sync(mut self, handle: Option<Arc<tokio::sync::Notify>>) -> Self {
-        self.kernel_sync = handle;
+    /// With the kernel path: every applied change wakes its sync task, and `ctl show` reads
+    /// its flow counters.
+    pub fn with_kernel_path(mut self, plane: Option<&XdpPlane>) -> Self {
+        self.kernel_sync = plane.map(XdpPlane::sync_now_handle);
+        self.kernel_counters = plane.and_then(XdpPlane::kernel_counters_handle);
         self
     }
 
@@ -92,7 +98,11 @@ impl Control {
         } = call;
         let answer = match request {
             Request::Show { service } => {
-                match show::report(&self.state.snapshot(), service.as_deref()) {
+                let kernel = self
+                    .kernel_counters
+                    .as_deref()
+                    .map(|k| k as &dyn KernelCounters);
+                match show::report(&self.state.snapshot(), service.as_deref(), kernel) {
                     Ok(report) => Reply {
                         ok: true,
                         text: String::new(),

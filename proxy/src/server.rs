@@ -168,7 +168,7 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(limits::report_exhaustion());
     drop(snapshot);
     let mut control = Control::new(config, state.clone(), listeners, stop_accepting.clone())
-        .with_kernel_sync(xdp.as_ref().map(|plane| plane.sync_now_handle()));
+        .with_kernel_path(xdp.as_ref());
     control.start_checks();
 
     // The control loop: reloads (SIGHUP, `ctl reload`) and every other `ctl` request, one at

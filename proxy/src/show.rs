@@ -8,10 +8,15 @@ use std::time::UNIX_EPOCH;
 use crate::config::{Dataplane, HealthKind};
 use crate::control::{BackendReport, CheckReport, ServiceReport, ShowReport};
 use crate::state::{Backend, Service, Snapshot};
+use crate::totals::KernelCounters;
 
 /// The report for every service, or for the one named (an unknown name lists those that
 /// exist).
-pub fn report(snapshot: &Snapshot, only: Option<&str>) -> Result<ShowReport, String> {
+pub fn report(
+    snapshot: &Snapshot,
+    only: Option<&str>,
+    kernel: Option<&dyn KernelCounters>,
+) -> Result<ShowReport, String> {
     if let Some(name) = only {
         snapshot.named(name)?;
     }
@@ -19,7 +24,7 @@ pub fn report(snapshot: &Snapshot, only: Option<&str>) -> Result<ShowReport, Str
         .services
         .iter()
         .filter(|s| only.is_none_or(|name| s.config.name == name))
-        .map(|s| service_report(s))
+        .map(|s| service_report(s, kernel))
         .collect();
     Ok(ShowReport { services })
 }
@@ -38,7 +43,7 @@ fn open_flows(service: &Service) -> u64 {
         .sum()
 }
 
-fn service_report(service: &Service) -> ServiceReport {
+fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> ServiceReport {
     let config = &service.config;
     let xdp = config.dataplane == Dataplane::Xdp;
     ServiceReport {
@@ -53,7 +58,16 @@ fn service_report(service: &Service) -> ServiceReport {
         backends: service
             .backends
             .iter()
-            .map(|b| backend_report(service, b))
+            .map(|b| {
+                let mut report = backend_report(service, b);
+                // The kernel path's flows are its sessions.
+                if let Some(kernel) = kernel.filter(|_| xdp)
+                    && let Some(counted) = kernel.backend(b.active.slot())
+                {
+                    report.sessions_total += counted.new_flows;
+                }
+                report
+            })
             .collect(),
     }
 }

@@ -390,6 +390,13 @@ impl XdpPlane {
         self.stats.as_deref().map(|s| s as &dyn KernelCounters)
     }
 
+    /// The same counters as a shared handle, for `ctl show` while running.
+    pub fn kernel_counters_handle(&self) -> Option<Arc<dyn KernelCounters + Send + Sync>> {
+        self.stats
+            .clone()
+            .map(|s| s as Arc<dyn KernelCounters + Send + Sync>)
+    }
+
     /// One slot of the ACTIVE array read through the map (not the mapping): for tests and
     /// diagnostics.
     #[cfg(test)]
