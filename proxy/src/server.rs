@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::config::Config;
 use crate::control::Call;
+use crate::http;
 use crate::limits::{self, Site, SpareDescriptor};
 use crate::listeners::{Accept, Listeners, Route};
 use crate::loops;
@@ -147,9 +148,26 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
         started = wait_for_workers(&mut ready_rx, threads.len()).await;
     }
     let (calls_tx, calls_rx) = mpsc::channel(16);
-    let admin = started
-        .and_then(|()| admin::serve(&config.admin_socket, calls_tx, stop_accepting.child_token()));
-    let admin = match admin {
+    let web_context = Arc::new(http::Context {
+        state: state.clone(),
+        kernel: xdp
+            .as_ref()
+            .and_then(|plane| plane.kernel_counters_handle()),
+        started: std::time::Instant::now(),
+    });
+    let admin = async {
+        started?;
+        let socket = admin::serve(&config.admin_socket, calls_tx, stop_accepting.child_token())?;
+        let web = match config.admin_listen {
+            Some(address) => {
+                Some(http::serve(address, web_context, stop_accepting.child_token()).await?)
+            }
+            None => None,
+        };
+        anyhow::Ok((socket, web))
+    }
+    .await;
+    let (admin, web) = match admin {
         Ok(admin) => admin,
         Err(error) => {
             // Nothing was announced as listening: stop the workers that did start, and fail.
@@ -195,6 +213,9 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     accepting.wait().await;
     // The socket file is gone before anything else ends.
     let _ = admin.await;
+    if let Some(web) = web {
+        let _ = web.await;
+    }
     sessions.close();
     tokio::select! {
         _ = sessions.wait() => {}

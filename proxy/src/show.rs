@@ -97,9 +97,13 @@ fn backend_report(service: &Service, backend: &Backend) -> BackendReport {
         };
         ("down", why)
     } else {
-        let why = match service.config.health.kind {
-            HealthKind::None => "no checks (kind none); live traffic judges it".to_string(),
-            kind => format!("{kind} checks pass"),
+        let why = match (&last_check, service.config.health.kind) {
+            (_, HealthKind::None) => "no checks (kind none); live traffic judges it".to_string(),
+            (Some(check), _) if !check.ok => format!(
+                "last check failed ({}); down after {} failures in a row",
+                check.detail, service.config.health.fall
+            ),
+            (_, kind) => format!("{kind} checks pass"),
         };
         ("up", why)
     };

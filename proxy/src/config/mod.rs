@@ -35,6 +35,9 @@ pub struct Config {
     /// The Unix socket `switchyard ctl` talks to (`[admin] socket`), a relative one already
     /// resolved against the config file's directory.
     pub admin_socket: PathBuf,
+    /// Where the HTTP admin listener serves `/metrics` and the dashboard (`[admin] listen`);
+    /// none when unset.
+    pub admin_listen: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
 }
 

@@ -75,11 +75,12 @@ pub(super) struct Config {
     pub(super) service: Vec<Spanned<Service>>,
 }
 
-/// The `[admin]` table: the runtime-control socket.
+/// The `[admin]` table: the runtime-control socket and the HTTP admin listener.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Admin {
     pub(super) socket: Option<Spanned<String>>,
+    pub(super) listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -21,6 +21,9 @@ impl Config {
                 .map_or_else(|| "auto".to_string(), |n| n.to_string())
         );
         let _ = writeln!(out, "admin socket {}", self.admin_socket.display());
+        if let Some(listen) = self.admin_listen {
+            let _ = writeln!(out, "admin listener http://{listen}/ (metrics at /metrics)");
+        }
         for s in &self.services {
             let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
             let dataplane = match &s.xdp {

@@ -58,6 +58,7 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
         .as_ref()
         .map(|_| report.integer(&raw.workers, "", "workers", WORKERS_RANGE, 1));
     let admin_socket = validate_admin(path, raw.admin.as_ref(), report);
+    let admin_listen = validate_admin_listen(raw.admin.as_ref(), report);
 
     if raw.service.is_empty() {
         report.error(
@@ -146,7 +147,23 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
         shutdown_timeout,
         workers,
         admin_socket,
+        admin_listen,
         services,
+    }
+}
+
+/// `[admin] listen`: where the HTTP admin listener (metrics, dashboard) serves, if anywhere.
+fn validate_admin_listen(
+    admin: Option<&toml::Spanned<raw::Admin>>,
+    report: &mut Report,
+) -> Option<SocketAddr> {
+    let listen = admin.and_then(|a| a.get_ref().listen.as_ref())?;
+    match parse_address(listen.get_ref()) {
+        Ok(address) => Some(address),
+        Err(problem) => {
+            report.error(&listen.span(), "", format_args!("admin.listen {problem}"));
+            None
+        }
     }
 }
 
