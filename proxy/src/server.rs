@@ -25,8 +25,10 @@ use crate::limits::{self, Site, SpareDescriptor};
 use crate::listeners::{Accept, Listeners, Route};
 use crate::loops;
 use crate::notify;
+use crate::reject;
 use crate::reload::Control;
 use crate::session::{self, SERVICE_UNAVAILABLE, SessionSlot};
+use crate::sources::Verdict;
 use crate::state::{LiveState, Service, Snapshot};
 use crate::totals::Totals;
 use crate::xdp;
@@ -461,7 +463,20 @@ fn start_session(
     cut_sessions: &CancellationToken,
     sessions: &TaskTracker,
 ) {
-    match SessionSlot::try_acquire(&service) {
+    let source = match service.counts.sources.admit(client_addr.ip()) {
+        Verdict::Admit(source) => source,
+        refused => {
+            let reply = match refused {
+                Verdict::Denied => reject::DENIED,
+                Verdict::TooMany => reject::TOO_MANY,
+                _ => reject::TOO_FAST,
+            };
+            tracing::debug!(service = %service.config.name, client = %client_addr, "{refused:?}");
+            sessions.spawn(reject::reject(client, reply));
+            return;
+        }
+    };
+    match SessionSlot::try_acquire(&service, source) {
         Some(slot) => {
             sessions.spawn(session::run(
                 service,
@@ -477,7 +492,7 @@ fn start_session(
                 .counts
                 .refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            sessions.spawn(session::reject(client));
+            sessions.spawn(reject::reject(client, SERVICE_UNAVAILABLE));
         }
     }
 }

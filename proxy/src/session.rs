@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -34,8 +34,10 @@ use crate::counters::ActiveGuard;
 use crate::limits::{self, Site};
 use crate::loops;
 use crate::proxy_protocol;
+use crate::reject::{drain, reject};
 use crate::relay::relay;
 use crate::smtp;
+use crate::sources::SourceGuard;
 use crate::state::{Backend, Generation, Observation, Service};
 
 /// What a client is told when nothing can serve it (RFC 3463: 4.3.2 "system not accepting
@@ -48,11 +50,13 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Holds one unit of `service.sessions` (the per-service `max_connections` count).
 pub struct SessionSlot {
     service: Arc<Service>,
+    /// The client's unit of its source's count (when the service limits sources).
+    _source: Option<SourceGuard>,
 }
 
 impl SessionSlot {
     /// Takes a slot unless the service is at `max_connections` (0 = unlimited).
-    pub fn try_acquire(service: &Arc<Service>) -> Option<SessionSlot> {
+    pub fn try_acquire(service: &Arc<Service>, source: Option<SourceGuard>) -> Option<SessionSlot> {
         let max = service.config.max_connections;
         let previous = service.counts.sessions.fetch_add(1, Ordering::AcqRel);
         if max != 0 && previous >= max {
@@ -62,6 +66,7 @@ impl SessionSlot {
         service.counts.accepted.fetch_add(1, Ordering::Relaxed);
         Some(SessionSlot {
             service: service.clone(),
+            _source: source,
         })
     }
 }
@@ -70,28 +75,6 @@ impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.service.counts.sessions.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// Tells the client `421 4.3.2` and closes gracefully: our reply, then FIN, then discarding
-/// whatever the client still sends until it closes too, so the kernel never answers with a
-/// reset that could swallow the reply.
-pub async fn reject(mut client: TcpStream) {
-    let _ = tokio::time::timeout(LINGER, client.write_all(SERVICE_UNAVAILABLE)).await;
-    let _ = client.shutdown().await;
-    drain(&mut client).await;
-}
-
-/// Reads and discards until EOF, an error, or `LINGER`.
-async fn drain(stream: &mut TcpStream) {
-    let mut sink = [0u8; 512];
-    let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
 }
 
 /// Runs one client session to its end. `stop` cuts it short (end of the shutdown grace time).
@@ -159,7 +142,7 @@ pub async fn run(
 async fn reject_unless_stopped(client: TcpStream, stop: CancellationToken) {
     tokio::select! {
         _ = stop.cancelled() => {}
-        _ = reject(client) => {}
+        _ = reject(client, SERVICE_UNAVAILABLE) => {}
     }
 }
 
@@ -264,6 +247,10 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
         let Some(active) = backend.active.try_acquire(backend.config.max_connections) else {
             continue;
         };
+        // At its `max_session_rate`: another backend takes this session.
+        if !backend.take_session_rate() {
+            continue;
+        }
         match greet(service, backend, header).await {
             Ok((stream, greeting)) => {
                 backend.live.assigned_total.fetch_add(1, Ordering::Relaxed);
@@ -452,6 +439,7 @@ async fn quit_politely(mut stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     /// A connected pair over loopback: (ours, the client's end).

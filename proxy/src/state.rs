@@ -23,6 +23,8 @@ use crate::balance::Selector;
 use crate::config::{BackendConfig, Config, HealthKind, ServiceConfig};
 use crate::counters::{ActiveCount, CounterTable};
 pub use crate::health_state::{Generation, HealthState, Observation};
+use crate::sources::Sources;
+use crate::throttle::{Gcra, Rate};
 
 /// The whole running state, swappable as one unit (not a tokio runtime: the services and
 /// backends sessions are served from).
@@ -237,8 +239,7 @@ pub struct Service {
     pub kernel_index: u32,
 }
 
-/// A service's session counts, which reloads carry over.
-#[derive(Default)]
+/// A service's session counts and per-source state, which reloads carry over.
 pub struct ServiceCounts {
     /// Client sessions currently open on this service (for `max_connections`).
     pub sessions: AtomicU32,
@@ -246,6 +247,19 @@ pub struct ServiceCounts {
     pub accepted: AtomicU64,
     /// Clients answered `421` since start (no backend, or `max_connections` reached).
     pub refused: AtomicU64,
+    /// Per-source limits and allow/deny lists (`[service.limits]`), with their rejections.
+    pub sources: Arc<Sources>,
+}
+
+impl ServiceCounts {
+    fn new(config: &ServiceConfig) -> Self {
+        Self {
+            sessions: AtomicU32::new(0),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            sources: Arc::new(Sources::new(&config.limits)),
+        }
+    }
 }
 
 impl Service {
@@ -295,7 +309,13 @@ impl Service {
         }
         Ok(Service {
             kernel_index: indexes.index(&config.name)?,
-            counts: old.map_or_else(Default::default, |s| s.counts.clone()),
+            counts: match old {
+                Some(old) => {
+                    old.counts.sources.configure(&config.limits);
+                    old.counts.clone()
+                }
+                None => Arc::new(ServiceCounts::new(&config)),
+            },
             selector,
             backends,
             config,
@@ -349,6 +369,10 @@ pub struct BackendLive {
     pub failures: AtomicU64,
     /// The last active check's result.
     pub last_check: Mutex<Option<CheckRecord>>,
+    /// `max_session_rate`'s state.
+    pub session_rate: Gcra,
+    /// Times it was passed over for being at its `max_session_rate`.
+    pub throttled: AtomicU64,
 }
 
 /// One active check's result, for `ctl show` and for the next check's schedule after a reload.
@@ -368,6 +392,8 @@ impl BackendLive {
             assigned_total: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             last_check: Mutex::new(None),
+            session_rate: Gcra::default(),
+            throttled: AtomicU64::new(0),
         }
     }
 }
@@ -393,6 +419,39 @@ impl Backend {
         !self.config.drain && !self.disabled
     }
 
+    /// Its `max_session_rate` as a rate (a tenth of a second's worth of burst), if it has one.
+    fn session_rate(&self) -> Option<Rate> {
+        let per_second = self.config.max_session_rate;
+        (per_second != 0).then(|| Rate {
+            per_second,
+            burst: (per_second / 10).max(1),
+        })
+    }
+
+    /// Takes one new session from its `max_session_rate` (always granted without one).
+    pub fn take_session_rate(&self) -> bool {
+        let Some(rate) = self.session_rate() else {
+            return true;
+        };
+        let taken = self
+            .live
+            .session_rate
+            .try_take(rate, crate::throttle::now_ns());
+        if !taken {
+            self.live.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// Whether its `max_session_rate` would let a session through now.
+    fn under_session_rate(&self) -> bool {
+        self.session_rate().is_none_or(|rate| {
+            self.live
+                .session_rate
+                .would_allow(rate, crate::throttle::now_ns())
+        })
+    }
+
     /// The view the selection algorithms read.
     pub fn view(&self) -> switchyard_common::backend::BackendView {
         self.view_if(self.live.health.is_up())
@@ -405,7 +464,7 @@ impl Backend {
             weight: self.config.weight,
             max_connections: self.config.max_connections,
             // A drained backend keeps what it has; for choosing, it is as good as down.
-            healthy: (up && self.takes_new()) as u32,
+            healthy: (up && self.takes_new() && self.under_session_rate()) as u32,
             response_us: self.live.response_us.load(Ordering::Relaxed),
         }
     }

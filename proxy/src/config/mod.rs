@@ -11,13 +11,14 @@
 //! `summary.rs` renders a valid config for `switchyard check`.
 
 mod errors;
+mod limits;
 mod schema;
 mod summary;
 mod validate;
 mod values;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,6 +59,8 @@ pub struct ServiceConfig {
     pub idle_timeout: Duration,
     pub retries: u32,
     pub health: HealthConfig,
+    /// Per-source limits and allow/deny lists (`[service.limits]`).
+    pub limits: LimitsConfig,
     pub backends: Vec<BackendConfig>,
     /// Which data plane carries this service's traffic.
     pub dataplane: Dataplane,
@@ -134,6 +137,106 @@ pub struct BackendConfig {
     pub max_connections: u32,
     /// Operator drain: keeps the sessions and flows it has, takes no new ones (both planes).
     pub drain: bool,
+    /// New sessions per second this MTA takes at most (0 = no limit); beyond it the backend
+    /// is skipped and another takes the session.
+    pub max_session_rate: u32,
+}
+
+/// The `[service.limits]` table; the default limits nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Concurrent sessions per source (0 = no limit).
+    pub per_source_connections: u32,
+    /// New sessions per second per source (0 = no limit).
+    pub per_source_rate: u32,
+    /// Token-bucket depth for `per_source_rate`.
+    pub per_source_burst: u32,
+    /// What counts as one source: clients in one IPv4 /n (or IPv6 /n) share their limits.
+    pub source_prefix_v4: u8,
+    pub source_prefix_v6: u8,
+    /// When present, only these networks may connect.
+    pub allow: Option<Vec<Prefix>>,
+    /// Never these (checked before `allow`).
+    pub deny: Vec<Prefix>,
+    /// Sources tracked at once (the per-source table's bound).
+    pub tracked_sources: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_source_connections: 0,
+            per_source_rate: 0,
+            per_source_burst: 1,
+            source_prefix_v4: 32,
+            source_prefix_v6: 64,
+            allow: None,
+            deny: Vec::new(),
+            tracked_sources: 100_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Whether any per-source limit is set (the table is needed).
+    pub fn limits_sources(&self) -> bool {
+        self.per_source_connections != 0 || self.per_source_rate != 0
+    }
+
+    /// Whether a client at `ip` may connect at all (deny first, then allow if given).
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        if self.deny.iter().any(|p| p.contains(ip)) {
+            return false;
+        }
+        self.allow
+            .as_ref()
+            .is_none_or(|allow| allow.iter().any(|p| p.contains(ip)))
+    }
+}
+
+/// An IP network (`192.0.2.0/24`), as written in `allow` and `deny`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub network: IpAddr,
+    pub length: u8,
+}
+
+impl Prefix {
+    /// `ip` with the bits past this prefix's length cleared (when of the same family).
+    pub fn masked(&self, ip: IpAddr) -> IpAddr {
+        mask(ip, self.length)
+    }
+
+    /// Whether `ip` is in this network; an IPv4-mapped IPv6 client (a dual-stack listener)
+    /// counts as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.length) == self.network
+    }
+}
+
+/// `ip` with all but its first `length` bits cleared.
+pub fn mask(ip: IpAddr, length: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let kept = if length == 0 {
+                0
+            } else {
+                bits & (u32::MAX << (32 - length.min(32)))
+            };
+            IpAddr::from(std::net::Ipv4Addr::from(kept))
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let kept = if length == 0 {
+                0
+            } else {
+                bits & (u128::MAX << (128 - length.min(128)))
+            };
+            IpAddr::from(std::net::Ipv6Addr::from(kept))
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -97,6 +97,7 @@ pub(super) struct Service {
     pub(super) idle_timeout: Option<Spanned<toml::Value>>,
     pub(super) retries: Option<Spanned<i64>>,
     pub(super) health: Option<Spanned<Health>>,
+    pub(super) limits: Option<Spanned<Limits>>,
     pub(super) xdp: Option<Spanned<Xdp>>,
     #[serde(default)]
     pub(super) backend: Vec<Spanned<Backend>>,
@@ -111,6 +112,19 @@ pub(super) struct Health {
     pub(super) rise: Option<Spanned<i64>>,
     pub(super) fall: Option<Spanned<i64>>,
     pub(super) ehlo: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Limits {
+    pub(super) per_source_connections: Option<Spanned<i64>>,
+    pub(super) per_source_rate: Option<Spanned<i64>>,
+    pub(super) per_source_burst: Option<Spanned<i64>>,
+    pub(super) source_prefix_v4: Option<Spanned<i64>>,
+    pub(super) source_prefix_v6: Option<Spanned<i64>>,
+    pub(super) allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) tracked_sources: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +147,7 @@ pub(super) struct Backend {
     pub(super) weight: Option<Spanned<i64>>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) drain: Option<Spanned<bool>>,
+    pub(super) max_session_rate: Option<Spanned<i64>>,
 }
 
 /// `listen = "addr"` or `listen = ["addr", ...]`, each list element with its own span.

@@ -409,6 +409,7 @@ fn validate_service(
         DEFAULT_RETRIES,
     );
     let health = validate_health(service.health.as_ref(), context, report);
+    let limits = super::limits::validate_limits(service.limits.as_ref(), context, report);
     let backends = validate_backends(service, header, context, report);
     let xdp = match (&service.xdp, dataplane) {
         (Some(xdp), Dataplane::Xdp) => Some(validate_xdp(xdp.get_ref(), context, report)),
@@ -459,6 +460,7 @@ fn validate_service(
         idle_timeout,
         retries,
         health,
+        limits,
         backends,
         dataplane,
         xdp,
@@ -744,6 +746,13 @@ fn validate_backends(
             (0, i64::from(u32::MAX)),
             0,
         );
+        let max_session_rate = report.integer(
+            &b.max_session_rate,
+            &backend_context,
+            "max_session_rate",
+            (0, 1_000_000),
+            0,
+        );
         if let Some(address) = address {
             backends.push(BackendConfig {
                 name,
@@ -751,6 +760,7 @@ fn validate_backends(
                 weight,
                 max_connections,
                 drain: b.drain.as_ref().is_some_and(|d| *d.get_ref()),
+                max_session_rate,
             });
         }
     }
