@@ -21,6 +21,7 @@ use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, HealthKind, ProxyProtocol};
+use crate::events;
 use crate::limits::{self, Site};
 use crate::loops;
 use crate::proxy_protocol;
@@ -128,17 +129,17 @@ async fn check_loop(
                 service.config.name
             ),
         }
+        let (service_name, backend_name) = (&service.config.name, &backend.config.name);
         match (backend.live.health.record_check(generation, ok), result) {
-            (Some(true), _) => tracing::info!(
-                "backend {} of service {} is UP ({streak} consecutive successful {} checks)",
-                backend.config.name,
-                service.config.name,
-                kind.name(),
+            (Some(true), _) => events::backend_up(
+                service_name,
+                backend_name,
+                format!("{streak} consecutive successful {} checks", kind.name()),
             ),
-            (Some(false), Err(reason)) => tracing::warn!(
-                "backend {} of service {} is DOWN: {reason} ({streak} consecutive failures)",
-                backend.config.name,
-                service.config.name,
+            (Some(false), Err(reason)) => events::backend_down(
+                service_name,
+                backend_name,
+                format!("{reason} ({streak} consecutive failures)"),
             ),
             _ => {}
         }
@@ -161,12 +162,11 @@ async fn hold_down_loop(service: Arc<Service>, backend: Arc<Backend>, stop: Canc
             _ = tick.tick() => {}
         }
         if backend.live.health.end_hold_down(std::time::Instant::now()) == Some(true) {
-            tracing::info!(
-                "backend {} of service {} is UP (held down {:?} after failures on live traffic; kind none runs no checks)",
-                backend.config.name,
-                service.config.name,
-                backend.live.health.hold_down(),
+            let why = format!(
+                "held down {:?} after failures on live traffic; kind none runs no checks",
+                backend.live.health.hold_down()
             );
+            events::backend_up(&service.config.name, &backend.config.name, why);
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod control;
 pub mod counters;
 pub mod ctl;
 pub mod dashboard;
+pub mod events;
 pub mod health;
 pub mod health_state;
 pub mod http;

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Config, Dataplane, ServiceConfig};
 use crate::control::{Call, Reply, Request, Target};
+use crate::events::{self, Kind};
 use crate::health;
 use crate::listeners::{Closing, Listeners};
 use crate::notify;
@@ -113,17 +114,25 @@ impl Control {
             }
             Request::Reload => self.reload(&format!("ctl reload by uid {uid}")).await,
             Request::Check => self.check(),
-            Request::Drain { target } => self.set(&target, uid, |o| o.drain = Some(true)),
-            Request::Undrain { target } => self.set(&target, uid, |o| o.drain = Some(false)),
-            Request::Disable { target } => self.set(&target, uid, |o| o.disabled = true),
-            Request::Enable { target } => self.set(&target, uid, |o| o.disabled = false),
+            Request::Drain { target } => {
+                self.set(&target, uid, Kind::Drain, |o| o.drain = Some(true))
+            }
+            Request::Undrain { target } => {
+                self.set(&target, uid, Kind::Undrain, |o| o.drain = Some(false))
+            }
+            Request::Disable { target } => {
+                self.set(&target, uid, Kind::Disable, |o| o.disabled = true)
+            }
+            Request::Enable { target } => {
+                self.set(&target, uid, Kind::Enable, |o| o.disabled = false)
+            }
             Request::Weight { target, weight } => {
                 if !(1..=1000).contains(&weight) {
                     Reply::refused(format!(
                         "weight {weight} for {target}: must be between 1 and 1000"
                     ))
                 } else {
-                    self.set(&target, uid, |o| o.weight = Some(weight))
+                    self.set(&target, uid, Kind::Weight, |o| o.weight = Some(weight))
                 }
             }
         };
@@ -136,6 +145,12 @@ impl Control {
     pub async fn reload(&mut self, who: &str) -> Reply {
         notify::reloading();
         let reply = self.reload_file(who).await;
+        let kind = if reply.ok {
+            Kind::Reload
+        } else {
+            Kind::ReloadRefused
+        };
+        events::record(kind, "", "", format!("{who}: {}", reply.text));
         notify::status(&reply.text);
         notify::ready();
         reply
@@ -201,8 +216,15 @@ impl Control {
         }
     }
 
-    /// Changes one backend's runtime override and applies it.
-    fn set(&mut self, target: &Target, uid: u32, change: impl FnOnce(&mut Override)) -> Reply {
+    /// Changes one backend's runtime override and applies it; `kind` is what the timeline
+    /// calls it.
+    fn set(
+        &mut self,
+        target: &Target,
+        uid: u32,
+        kind: Kind,
+        change: impl FnOnce(&mut Override),
+    ) -> Reply {
         if let Err(unknown) = self.find(target) {
             return Reply::refused(unknown);
         }
@@ -221,6 +243,10 @@ impl Control {
         match self.apply(self.file.clone(), overrides) {
             Ok(_) => {
                 info!("ctl by uid {uid}: {target}: {what}");
+                if before != after {
+                    let text = format!("{what} (ctl by uid {uid})");
+                    events::record(kind, &target.service, &target.backend, text);
+                }
                 Reply::ok(format!("{target}: {what}"))
             }
             Err(error) => {

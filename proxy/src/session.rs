@@ -31,6 +31,7 @@ use tracing::{debug, warn};
 
 use crate::config::ProxyProtocol;
 use crate::counters::ActiveGuard;
+use crate::events;
 use crate::limits::{self, Site};
 use crate::loops;
 use crate::proxy_protocol;
@@ -377,10 +378,11 @@ fn observe<T>(
     if health.record_live(generation, seen, now) == Some(false)
         && let Err(failure) = result
     {
-        warn!(
-            "backend {} of service {} is DOWN: {failure:#} ({} consecutive failures, last on live traffic)",
-            backend.config.name, service.config.name, service.config.health.fall,
+        let why = format!(
+            "{failure:#} ({} consecutive failures, last on live traffic)",
+            service.config.health.fall
         );
+        events::backend_down(&service.config.name, &backend.config.name, why);
     }
 }
 

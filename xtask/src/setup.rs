@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libnginx-mod-stream", "nginx stream module"),
     ("bpftool", "inspecting BPF programs and maps"),
     ("fonts-dejavu-core", "the font of the benchmark chart"),
+    ("chromium", "the dashboard's browser test"),
 ];
 
 /// Runs every setup step; returns the path of the bpf-linker binary.
