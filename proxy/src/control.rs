@@ -112,6 +112,10 @@ pub struct ServiceReport {
     pub sessions_total: u64,
     /// Clients answered `421` (no backend, or `max_connections` reached) since start.
     pub refused_421: u64,
+    /// Per-source rejections since start (`[service.limits]`): denied (`554`), at
+    /// `per_source_connections`, over `per_source_rate` (`421 4.7.0`).
+    #[serde(default)]
+    pub sources: SourceRejections,
     /// Open flows in the kernel's flow table (xdp services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<u64>,
@@ -142,6 +146,20 @@ pub struct BackendReport {
     pub failures: u64,
     /// least_time's moving average of connect + greeting, in microseconds (0 = unknown).
     pub response_us: u32,
+    /// Times it was passed over for being at its `max_session_rate`.
+    #[serde(default)]
+    pub throttled: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceRejections {
+    pub denied: u64,
+    pub too_many: u64,
+    pub too_fast: u64,
+    /// Clients served without per-source tracking (the table was full of busy sources).
+    pub untracked: u64,
+    /// Sources tracked now.
+    pub tracked: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -290,6 +290,14 @@ fn service_line(service: &ServiceReport) -> String {
     if let Some(flows) = service.flows {
         let _ = write!(line, "; flows {flows}");
     }
+    let sources = &service.sources;
+    if sources.denied + sources.too_many + sources.too_fast + sources.untracked > 0 {
+        let _ = write!(
+            line,
+            "; per source: {} denied, {} at the connection limit, {} over the rate, {} untracked",
+            sources.denied, sources.too_many, sources.too_fast, sources.untracked
+        );
+    }
     line.push('\n');
     line
 }
@@ -397,6 +405,7 @@ mod tests {
                 sessions_total: 40,
                 refused_421: 1,
                 flows: None,
+                sources: Default::default(),
                 backends: vec![
                     BackendReport {
                         name: "mta1".into(),
@@ -414,6 +423,7 @@ mod tests {
                         sessions_total: 30,
                         failures: 0,
                         response_us: 1500,
+                        throttled: 0,
                     },
                     BackendReport {
                         name: "mta-long-name".into(),

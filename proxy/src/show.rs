@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
 
 use crate::config::{Dataplane, HealthKind};
-use crate::control::{BackendReport, CheckReport, ServiceReport, ShowReport};
+use crate::control::{BackendReport, CheckReport, ServiceReport, ShowReport, SourceRejections};
 use crate::state::{Backend, Service, Snapshot};
 use crate::totals::KernelCounters;
 
@@ -54,6 +54,7 @@ fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> Ser
         sessions_active: u64::from(service.counts.sessions.load(Ordering::Relaxed)),
         sessions_total: service.counts.accepted.load(Ordering::Relaxed),
         refused_421: service.counts.refused.load(Ordering::Relaxed),
+        sources: source_rejections(service),
         flows: xdp.then(|| open_flows(service)),
         backends: service
             .backends
@@ -126,5 +127,18 @@ fn backend_report(service: &Service, backend: &Backend) -> BackendReport {
         sessions_total: live.assigned_total.load(Ordering::Relaxed),
         failures: live.failures.load(Ordering::Relaxed),
         response_us: live.response_us.load(Ordering::Relaxed),
+        throttled: live.throttled.load(Ordering::Relaxed),
+    }
+}
+
+fn source_rejections(service: &Service) -> SourceRejections {
+    let sources = &service.counts.sources;
+    let counts = &sources.counts;
+    SourceRejections {
+        denied: counts.denied.load(Ordering::Relaxed),
+        too_many: counts.too_many.load(Ordering::Relaxed),
+        too_fast: counts.too_fast.load(Ordering::Relaxed),
+        untracked: counts.untracked.load(Ordering::Relaxed),
+        tracked: sources.tracked() as u64,
     }
 }

@@ -411,7 +411,18 @@ pub fn smtp_session_blocking(addr: SocketAddr, options: &SessionOptions) -> anyh
 
 /// Connects and reads only the first reply: its code and full text (e.g. to check for a 421).
 pub async fn read_greeting(addr: SocketAddr) -> anyhow::Result<(u16, String)> {
-    let stream = step(Some(STEP_TIMEOUT), connect(addr, None))
+    let (code, text, _) = greeting_from(addr, None).await?;
+    Ok((code, text))
+}
+
+/// Connects from `source` (any local address if `None`) and reads the first reply: its code,
+/// its full text, and the connection, still open, for the caller to hold or close.
+pub async fn greeting_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> anyhow::Result<(u16, String, Session)> {
+    let local = source.map(|ip| SocketAddr::new(ip, 0));
+    let stream = step(Some(STEP_TIMEOUT), connect(addr, local))
         .await
         .map_err(|failure| SessionError {
             stage: Stage::Connect,
@@ -422,7 +433,11 @@ pub async fn read_greeting(addr: SocketAddr) -> anyhow::Result<(u16, String)> {
         stage: Stage::Greeting,
         failure,
     })?;
-    Ok((reply.code, String::from_utf8_lossy(&reply.raw).into_owned()))
+    Ok((
+        reply.code,
+        String::from_utf8_lossy(&reply.raw).into_owned(),
+        session,
+    ))
 }
 
 /// Reads one reply from any reader (a test's own connection) with the proxy's parser, within
