@@ -26,5 +26,6 @@ pub mod session;
 pub mod show;
 pub mod smtp;
 pub mod state;
+pub mod tallies;
 pub mod totals;
 pub mod xdp;

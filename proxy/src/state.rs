@@ -23,6 +23,7 @@ use crate::balance::Selector;
 use crate::config::{BackendConfig, Config, HealthKind, ServiceConfig};
 use crate::counters::{ActiveCount, CounterTable};
 pub use crate::health_state::{Generation, HealthState, Observation};
+use crate::tallies::{FailureCounts, LatencyHistogram, RefusalCounts, Transferred};
 
 /// The whole running state, swappable as one unit (not a tokio runtime: the services and
 /// backends sessions are served from).
@@ -244,8 +245,8 @@ pub struct ServiceCounts {
     pub sessions: AtomicU32,
     /// Client sessions accepted since start.
     pub accepted: AtomicU64,
-    /// Clients answered `421` since start (no backend, or `max_connections` reached).
-    pub refused: AtomicU64,
+    /// Clients answered `421` since start, by why.
+    pub refused: RefusalCounts,
 }
 
 impl Service {
@@ -343,10 +344,20 @@ pub struct BackendLive {
     pub health: HealthState,
     /// Exponential moving average of connect + greeting latency in microseconds; 0 = unknown.
     pub response_us: AtomicU32,
-    /// Sessions ever assigned (for logs and benchmarks' distribution figures).
-    pub assigned_total: AtomicU64,
+    /// Connect + greeting time of every session it took: its count is the sessions ever
+    /// assigned ([`BackendLive::assigned_total`]), so a set-up costs no separate count.
+    pub setup: LatencyHistogram,
     /// Failed attempts on live traffic (connect failures, no positive greeting).
     pub failures: AtomicU64,
+    /// The same attempts by reason.
+    pub failure_reasons: FailureCounts,
+    /// Bytes its sessions relayed each way, added at each session's end.
+    pub bytes: Transferred,
+    /// Duration of every active check that reached a verdict; health-check connections are
+    /// counted here only, never as sessions.
+    pub checks: LatencyHistogram,
+    /// Of those, the failed ones.
+    pub checks_failed: AtomicU64,
     /// The last active check's result.
     pub last_check: Mutex<Option<CheckRecord>>,
 }
@@ -365,10 +376,19 @@ impl BackendLive {
         Self {
             health: HealthState::new(health),
             response_us: AtomicU32::new(0),
-            assigned_total: AtomicU64::new(0),
+            setup: LatencyHistogram::default(),
             failures: AtomicU64::new(0),
+            failure_reasons: FailureCounts::default(),
+            bytes: Transferred::default(),
+            checks: LatencyHistogram::default(),
+            checks_failed: AtomicU64::new(0),
             last_check: Mutex::new(None),
         }
+    }
+
+    /// Sessions ever assigned (logs, `ctl show`, `/metrics`, benchmarks' distribution figures).
+    pub fn assigned_total(&self) -> u64 {
+        self.setup.count()
     }
 }
 

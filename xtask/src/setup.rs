@@ -23,6 +23,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libnginx-mod-stream", "nginx stream module"),
     ("bpftool", "inspecting BPF programs and maps"),
     ("fonts-dejavu-core", "the font of the benchmark chart"),
+    (
+        "prometheus",
+        "promtool, which lints the /metrics exposition in the tests",
+    ),
 ];
 
 /// Runs every setup step; returns the path of the bpf-linker binary.
