@@ -22,8 +22,35 @@ use crate::http::Context;
 use crate::tallies::{HistogramReading, LATENCY_BOUNDS_US};
 use crate::totals::KernelCounters;
 
+/// The two text formats a scraper may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus' text format 0.0.4: what a scraper gets unless it asks for OpenMetrics, and
+    /// what `promtool check metrics` lints.
+    Prometheus,
+    /// OpenMetrics 1.0 text, for a scraper whose `Accept` names `application/openmetrics-text`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        match accept {
+            Some(accept) if accept.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Prometheus,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
 /// The exposition for one scrape.
-pub fn render(context: &Context) -> String {
+pub fn render(context: &Context, format: Format) -> String {
     let kernel = context.kernel.as_deref().map(|k| k as &dyn KernelCounters);
     let snapshot = context.state.snapshot();
     let mut ours = backends::families(&snapshot, kernel);
@@ -40,6 +67,36 @@ pub fn render(context: &Context) -> String {
     // Writing into a String cannot fail; a family that cannot be encoded is a bug in this
     // module, and the scrape then shows what was written up to it.
     let _ = encode(&mut text, &registry);
+    match format {
+        Format::OpenMetrics => text,
+        Format::Prometheus => as_prometheus_text(&text),
+    }
+}
+
+/// prometheus-client writes OpenMetrics only. The Prometheus text format differs, for what we
+/// export, in two points: a counter's `# HELP`/`# TYPE` lines name it with its `_total` (as
+/// its samples do), and there is no `# EOF`.
+fn as_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "].into_iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let name = rest.split(' ').next()?;
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total{}", &rest[name.len()..]))
+        });
+        text.push_str(described.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
     text
 }
 
@@ -145,6 +202,23 @@ fn buckets(reading: &HistogramReading) -> Vec<(f64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_with_their_total() {
+        let open_metrics = "# HELP a_things Things.\n# TYPE a_things counter\na_things_total 3\n# HELP b Gauge.\n# TYPE b gauge\nb 1\n# EOF\n";
+        assert_eq!(
+            as_prometheus_text(open_metrics),
+            "# HELP a_things_total Things.\n# TYPE a_things_total counter\na_things_total 3\n# HELP b Gauge.\n# TYPE b gauge\nb 1\n"
+        );
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text; version=1.0.0,text/plain;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Prometheus);
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
+    }
 
     #[test]
     fn families_encode_with_suffixes_and_cumulative_buckets() {
