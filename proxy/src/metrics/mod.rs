@@ -164,7 +164,7 @@ impl Collector for Families {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         for family in &self.0 {
             let mut metric =
-                encoder.encode_descriptor(family.name, family.help, None, family.kind.clone())?;
+                encoder.encode_descriptor(family.name, family.help, None, family.kind)?;
             for (labels, value) in &family.series {
                 let mut series = metric.encode_family(labels)?;
                 match (value, &family.kind) {
