@@ -96,19 +96,49 @@ impl FailureReason {
     }
 }
 
-/// Failed attempts by reason.
-#[derive(Default)]
-pub struct FailureCounts([AtomicU64; FailureReason::ALL.len()]);
+/// One count per value of a reason enum `R` (with `N` values, numbered from 0).
+pub struct ByReason<R, const N: usize> {
+    counts: [AtomicU64; N],
+    reason: std::marker::PhantomData<R>,
+}
 
-impl FailureCounts {
-    pub fn record(&self, reason: FailureReason) {
-        self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self, reason: FailureReason) -> u64 {
-        self.0[reason as usize].load(Ordering::Relaxed)
+impl<R, const N: usize> Default for ByReason<R, N> {
+    fn default() -> Self {
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            reason: std::marker::PhantomData,
+        }
     }
 }
+
+impl<R: Copy + Into<usize>, const N: usize> ByReason<R, N> {
+    pub fn record(&self, reason: R) {
+        self.counts[reason.into()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, reason: R) -> u64 {
+        self.counts[reason.into()].load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl From<FailureReason> for usize {
+    fn from(reason: FailureReason) -> usize {
+        reason as usize
+    }
+}
+
+impl From<Refusal> for usize {
+    fn from(why: Refusal) -> usize {
+        why as usize
+    }
+}
+
+/// Failed attempts by reason.
+pub type FailureCounts = ByReason<FailureReason, { FailureReason::ALL.len() }>;
 
 /// Why a client was answered `421`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,22 +169,7 @@ impl Refusal {
 }
 
 /// Clients refused by reason.
-#[derive(Default)]
-pub struct RefusalCounts([AtomicU64; Refusal::ALL.len()]);
-
-impl RefusalCounts {
-    pub fn record(&self, why: Refusal) {
-        self.0[why as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self, why: Refusal) -> u64 {
-        self.0[why as usize].load(Ordering::Relaxed)
-    }
-
-    pub fn total(&self) -> u64 {
-        Refusal::ALL.iter().map(|&why| self.get(why)).sum()
-    }
-}
+pub type RefusalCounts = ByReason<Refusal, { Refusal::ALL.len() }>;
 
 /// Bytes relayed each way, added once per session at its end.
 #[derive(Default)]
