@@ -1590,3 +1590,93 @@ fn removed_services_vip_takes_no_new_flows_and_its_flows_complete(family: Family
     wait_for_counts_back_to_zero(&topo);
     assert_stopped_idle(sy);
 }
+
+/// `/metrics` reads the kernel path: after a number of sessions through the VIP, each
+/// backend's `switchyard_backend_sessions_total{plane="xdp"}` is the flows the test made to it
+/// (its SMTP server's sessions from the client; health checks come from the balancer), each
+/// flow's packets are counted, and the flow table's size and the attach mode are there.
+#[test]
+fn metrics_count_the_kernel_paths_flows_and_packets() {
+    use testkit::metrics_text::Exposition;
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
+        return;
+    };
+    // Served inside the balancer's namespace, on its loopback.
+    let web: SocketAddr = "127.0.0.1:9025".parse().expect("address");
+    let admin = testkit::config_toml::admin_table_listening("admin.sock".as_ref(), web);
+    let sy = topo.start(&format!(
+        "{}{admin}",
+        topo.service_toml(&name, "round_robin")
+    ));
+    let scrape = |topo: &Topology| {
+        topo.balancer
+            .run(move || Exposition::scrape(web))
+            .unwrap_or_else(|e| panic!("scrape: {e:#}"))
+    };
+    const SESSIONS: usize = 9;
+    for _ in 0..SESSIONS {
+        let session = one_session(&topo, vip());
+        assert!(session.is_ok(), "{session:?}\n{}", sy.stderr_text());
+    }
+    wait_for_counts_back_to_zero(&topo);
+    let made = sessions_per_backend(&topo);
+    assert_eq!(made.iter().sum::<usize>(), SESSIONS);
+    let scraped = scrape(&topo);
+    let backend = |i: usize| format!("mta{}", i + 1);
+    for (i, &flows) in made.iter().enumerate() {
+        let mta = backend(i);
+        let labels = [("service", name.as_str()), ("backend", mta.as_str())];
+        let mut with_plane = labels.to_vec();
+        with_plane.push(("plane", "xdp"));
+        assert_eq!(
+            scraped.get("switchyard_backend_sessions_total", &with_plane),
+            flows as f64,
+            "{mta}: new flows against the sessions its server saw"
+        );
+        let packets = scraped.get("switchyard_backend_xdp_packets_total", &labels);
+        // A whole SMTP session is far more than five packets from the client.
+        assert!(
+            packets >= 5.0 * flows as f64 && (flows > 0 || packets == 0.0),
+            "{mta}: {packets} packets for {flows} flows"
+        );
+        assert!(scraped.get("switchyard_backend_xdp_bytes_total", &labels) > 0.0 || flows == 0);
+        assert_eq!(
+            scraped.get("switchyard_backend_active_sessions", &labels),
+            0.0
+        );
+    }
+    let forwarded = scraped.get(
+        "switchyard_service_xdp_packets_total",
+        &[("service", name.as_str()), ("action", "forwarded")],
+    );
+    assert!(
+        forwarded >= scraped.sum("switchyard_backend_xdp_packets_total", &[]),
+        "forwarded {forwarded}"
+    );
+    assert_eq!(
+        scraped.get(
+            "switchyard_service_xdp_packets_total",
+            &[("service", name.as_str()), ("action", "no_backend")],
+        ),
+        0.0
+    );
+    assert_eq!(
+        scraped.get("switchyard_xdp_flow_table_capacity", &[("family", "ipv4")]),
+        65536.0
+    );
+    assert_eq!(
+        scraped.get(
+            "switchyard_xdp_attach_mode",
+            &[("interface", topo.lb_interface)]
+        ),
+        1.0
+    );
+    // ctl show counts the same flows.
+    let shown = sy.ctl(&["--json", "show"]);
+    let report: switchyard::control::ShowReport =
+        serde_json::from_str(&shown.stdout).expect("show --json");
+    for (i, shown) in report.services[0].backends.iter().enumerate() {
+        assert_eq!(shown.sessions_total, made[i] as u64, "{}", shown.name);
+    }
+    assert_stopped_idle(sy);
+}

@@ -105,6 +105,14 @@ async fn check_loop(
             Ok(latency) => Ok(latency),
         };
         let ok = result.is_ok();
+        // Counted as checks, never as sessions (`/metrics` keeps the two apart).
+        backend.live.checks.record(started.elapsed());
+        if !ok {
+            backend
+                .live
+                .checks_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         *backend.live.last_check.lock() = Some(CheckRecord {
             ok,
             started,

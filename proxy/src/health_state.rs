@@ -47,6 +47,9 @@ pub struct HealthState {
     fall: AtomicU32,
     hold_down_ms: AtomicU64,
     tally: Mutex<Tally>,
+    /// Changes to up and to down since start (for `/metrics`).
+    went_up: AtomicU64,
+    went_down: AtomicU64,
 }
 
 /// The streaks since the last change, and why the backend is down.
@@ -73,6 +76,8 @@ impl HealthState {
             fall: AtomicU32::new(1),
             hold_down_ms: AtomicU64::new(0),
             tally: Mutex::new(Tally::default()),
+            went_up: AtomicU64::new(0),
+            went_down: AtomicU64::new(0),
         };
         state.reconfigure(config);
         state
@@ -218,7 +223,17 @@ impl HealthState {
         *tally = Tally::default();
         self.up.store(up, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        let count = if up { &self.went_up } else { &self.went_down };
+        count.fetch_add(1, Ordering::Relaxed);
         up
+    }
+
+    /// How often it went up and down since start: `(up, down)`.
+    pub fn transitions(&self) -> (u64, u64) {
+        (
+            self.went_up.load(Ordering::Relaxed),
+            self.went_down.load(Ordering::Relaxed),
+        )
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -100,10 +100,11 @@ async fn answer(
         ));
     }
     Ok(match request.uri().path() {
-        "/metrics" => body(
-            metrics::render(&context),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        "/metrics" => {
+            let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+            let format = metrics::Format::from_accept(accept);
+            body(metrics::render(&context, format), format.content_type())
+        }
         "/" => body(dashboard::PAGE.to_string(), "text/html; charset=utf-8"),
         "/api/state" => body(
             dashboard::state_json(&context),

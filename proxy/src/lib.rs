@@ -29,6 +29,7 @@ pub mod show;
 pub mod smtp;
 pub mod sources;
 pub mod state;
+pub mod tallies;
 pub mod throttle;
 pub mod totals;
 pub mod xdp;

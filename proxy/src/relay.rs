@@ -59,6 +59,7 @@ pub fn relay<'a>(
         server,
         upstream: Direction::default(),
         downstream: Direction {
+            moved: greeting.len() as u64,
             pending: greeting,
             ended: false,
         },
@@ -81,6 +82,14 @@ pin_project_lite::pin_project! {
         idle: Duration,
         #[pin]
         timer: Sleep,
+    }
+}
+
+impl Relay<'_> {
+    /// Bytes relayed so far: (client → backend, backend → client, the greeting included). Read
+    /// once at the session's end.
+    pub fn transferred(&self) -> (u64, u64) {
+        (self.upstream.moved, self.downstream.moved)
     }
 }
 
@@ -149,6 +158,9 @@ struct Direction {
     pending: Vec<u8>,
     /// The source's end of stream has been passed on (or is about to be).
     ended: bool,
+    /// Bytes read from the source (a plain add per read; the session adds it to its backend's
+    /// totals once, at its end).
+    moved: u64,
 }
 
 /// How a direction stands at the end of a poll that found its end.
@@ -192,8 +204,12 @@ impl Direction {
             ready!(src.poll_read_ready(cx))?;
             let closing = read_closed(cx, src);
             match copy_ready(src, dst, &mut self.pending, closing) {
-                Ok(Copied::Moved) => *moved = true,
-                Ok(Copied::End) => {
+                Ok(Copied::Moved(n)) => {
+                    self.moved += n as u64;
+                    *moved = true;
+                }
+                Ok(Copied::End(n)) => {
+                    self.moved += n as u64;
                     self.ended = true;
                     return Poll::Ready(Ok(Ended::Now));
                 }
@@ -217,10 +233,10 @@ fn read_closed(cx: &mut Context<'_>, src: &TcpStream) -> bool {
 /// What one [`copy_ready`] did.
 #[derive(Debug)]
 enum Copied {
-    /// Moved some bytes; the stream goes on.
-    Moved,
-    /// The source reached its end of stream (any last bytes were moved first).
-    End,
+    /// Moved (read) this many bytes; the stream goes on.
+    Moved(usize),
+    /// The source reached its end of stream (this many last bytes were moved first).
+    End(usize),
 }
 
 /// Reads what `src` has. A short read means the socket is drained, so readiness is cleared
@@ -271,7 +287,7 @@ fn copy_through(
 ) -> io::Result<Copied> {
     let n = read_draining(src, chunk)?;
     if n == 0 {
-        return Ok(Copied::End);
+        return Ok(Copied::End(0));
     }
     // A short read after the FIN drained everything before it: these are the last bytes.
     let last = closing && n < chunk.len();
@@ -281,12 +297,16 @@ fn copy_through(
             Ok(w) => written += w,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 pending.extend_from_slice(&chunk[written..n]);
-                return Ok(Copied::Moved);
+                return Ok(Copied::Moved(n));
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(if last { Copied::End } else { Copied::Moved })
+    Ok(if last {
+        Copied::End(n)
+    } else {
+        Copied::Moved(n)
+    })
 }
 
 /// `try_write`, corked (`MSG_MORE`) when the half-close follows at once: the kernel then sends
@@ -357,7 +377,7 @@ mod tests {
         let mut pending = Vec::new();
         let copied = copy_through(&mut chunk, &src, &dst, &mut pending, closing).expect("copy");
         assert!(
-            matches!(copied, Copied::Moved),
+            matches!(copied, Copied::Moved(_)),
             "reported the end with bytes pending"
         );
         assert_eq!(pending, b"221 last words\r\n");
@@ -375,7 +395,7 @@ mod tests {
         let mut chunk = vec![0u8; COPY_CHUNK];
         let mut pending = Vec::new();
         let copied = copy_through(&mut chunk, &src, &dst, &mut pending, closing).expect("copy");
-        assert!(matches!(copied, Copied::End));
+        assert!(matches!(copied, Copied::End(_)));
         assert!(pending.is_empty());
         half_close(&dst).expect("half-close");
         let mut got = Vec::new();

@@ -13,6 +13,7 @@
 //! never undoes an operator's drain.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -30,6 +31,36 @@ use crate::xdp::{self, XdpPlane};
 
 /// How long a reload waits for the workers to close the listeners it removed.
 const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads of the config file (SIGHUP, `ctl reload`) since start, for `/metrics`.
+pub static RELOADS: ReloadCounts = ReloadCounts {
+    applied: AtomicU64::new(0),
+    refused: AtomicU64::new(0),
+};
+
+pub struct ReloadCounts {
+    applied: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl ReloadCounts {
+    fn record(&self, applied: bool) {
+        let count = if applied {
+            &self.applied
+        } else {
+            &self.refused
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(applied, refused)`.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.applied.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// The running balancer as reloads and `ctl` change it (owned by the main thread).
 pub struct Control {
@@ -151,6 +182,7 @@ impl Control {
             Kind::ReloadRefused
         };
         events::record(kind, "", "", format!("{who}: {}", reply.text));
+        RELOADS.record(reply.ok);
         notify::status(&reply.text);
         notify::ready();
         reply

@@ -30,6 +30,7 @@ use crate::reload::Control;
 use crate::session::{self, SERVICE_UNAVAILABLE, SessionSlot};
 use crate::sources::Verdict;
 use crate::state::{LiveState, Service, Snapshot};
+use crate::tallies::Refusal;
 use crate::totals::Totals;
 use crate::xdp;
 
@@ -488,10 +489,7 @@ fn start_session(
         }
         None => {
             tracing::debug!(service = %service.config.name, client = %client_addr, "max_connections reached: 421");
-            service
-                .counts
-                .refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            service.counts.refused.record(Refusal::MaxConnections);
             sessions.spawn(reject::reject(client, SERVICE_UNAVAILABLE));
         }
     }

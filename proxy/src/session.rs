@@ -40,6 +40,7 @@ use crate::relay::relay;
 use crate::smtp;
 use crate::sources::SourceGuard;
 use crate::state::{Backend, Generation, Observation, Service};
+use crate::tallies::{FailureReason, Refusal};
 
 /// What a client is told when nothing can serve it (RFC 3463: 4.3.2 "system not accepting
 /// network messages"); a temporary failure, so a sending MTA queues and retries.
@@ -100,9 +101,9 @@ pub async fn run(
             debug!(client = %client_addr, service = %service.config.name, "client left before a backend greeted");
             return;
         }
-        Err(SetUpFailed::NoBackend) => {
-            debug!(client = %client_addr, service = %service.config.name, "no backend available: 421");
-            service.counts.refused.fetch_add(1, Ordering::Relaxed);
+        Err(SetUpFailed::Refused(why)) => {
+            debug!(client = %client_addr, service = %service.config.name, "no backend available ({}): 421", why.label());
+            service.counts.refused.record(why);
             Box::pin(reject_unless_stopped(client, stop)).await;
             return;
         }
@@ -119,10 +120,13 @@ pub async fn run(
         return;
     }
     let idle = service.config.idle_timeout;
+    let mut relaying = std::pin::pin!(relay(&client, &server, greeting, idle));
     let result = tokio::select! {
         _ = stop.cancelled() => Err(anyhow!("cut off at shutdown")),
-        result = relay(&client, &server, greeting, idle) => result.map_err(anyhow::Error::from),
+        result = &mut relaying => result.map_err(anyhow::Error::from),
     };
+    let (from_client, from_backend) = relaying.transferred();
+    backend.live.bytes.add(from_client, from_backend);
     // The client's address is asked again only when debug logging wants it: keeping it for
     // the whole session would cost every idle session its bytes
     // (tracing evaluates these fields only when the event is enabled).
@@ -187,8 +191,9 @@ enum SetUpFailed {
     Stopped,
     /// The client closed or reset its connection before a backend greeted.
     ClientLeft,
-    /// No backend greeted positively: the client gets `421`.
-    NoBackend,
+    /// No backend greeted positively (or the balancer could not connect): the client gets
+    /// `421`.
+    Refused(Refusal),
     /// Something about the client's own connection.
     Client(anyhow::Error),
 }
@@ -202,7 +207,7 @@ async fn set_up(
     let header = proxy_header(service, client, client_addr).map_err(SetUpFailed::Client)?;
     connect_any(service, client_addr.ip(), &header)
         .await
-        .ok_or(SetUpFailed::NoBackend)
+        .map_err(SetUpFailed::Refused)
 }
 
 /// The PROXY header this session's backends get; the local address is only asked of the
@@ -233,14 +238,20 @@ struct Upstream {
 }
 
 /// Picks backends until one greets positively, trying up to `retries` more after failures.
-async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -> Option<Upstream> {
+async fn connect_any(
+    service: &Arc<Service>,
+    client_ip: IpAddr,
+    header: &[u8],
+) -> Result<Upstream, Refusal> {
     let mut excluded: Vec<usize> = Vec::new();
     let mut failures = 0u32;
     // Each round excludes one more backend, so this ends; the bound is belt and braces.
     for _ in 0..service.backends.len() {
-        let index = service.pick(client_ip, &excluded)?;
+        let index = service
+            .pick(client_ip, &excluded)
+            .ok_or(Refusal::NoBackend)?;
         if excluded.contains(&index) {
-            return None;
+            return Err(Refusal::NoBackend);
         }
         excluded.push(index);
         let backend = &service.backends[index];
@@ -253,9 +264,10 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
             continue;
         }
         match greet(service, backend, header).await {
-            Ok((stream, greeting)) => {
-                backend.live.assigned_total.fetch_add(1, Ordering::Relaxed);
-                return Some(Upstream {
+            Ok((stream, greeting, took)) => {
+                // Also the count of sessions assigned to it.
+                backend.live.setup.record(took);
+                return Ok(Upstream {
                     backend: backend.clone(),
                     _active: active,
                     stream,
@@ -263,7 +275,7 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
                 });
             }
             // Our own descriptors or memory ran out: another backend would fare no better.
-            Err(Failure::Local) => return None,
+            Err(Failure::Local) => return Err(Refusal::Exhausted),
             Err(failure) => {
                 drop(active);
                 failures += 1;
@@ -275,22 +287,22 @@ async fn connect_any(service: &Arc<Service>, client_ip: IpAddr, header: &[u8]) -
                     if more { "trying another backend" } else { "no retries left" }
                 );
                 if !more {
-                    return None;
+                    return Err(Refusal::NoBackend);
                 }
             }
         }
     }
-    None
+    Err(Refusal::NoBackend)
 }
 
 /// Why a backend did not take a session.
 #[derive(Debug)]
 enum Failure {
     /// The connect failed or timed out.
-    Unreachable(anyhow::Error),
+    Unreachable(FailureReason, anyhow::Error),
     /// Connected, but the PROXY header could not be sent, or no greeting came in time, or the
     /// connection ended before it.
-    NoGreeting(anyhow::Error),
+    NoGreeting(FailureReason, anyhow::Error),
     /// The backend answered, but with a 4xx/5xx greeting (e.g. a busy Postfix's 421).
     Refused(anyhow::Error),
     /// Switchyard itself ran out of descriptors or memory: no fault of the backend's.
@@ -301,8 +313,17 @@ impl Failure {
     /// What passive health learns from it: nothing from the balancer's own trouble.
     fn observation(&self) -> Option<Observation> {
         match self {
-            Failure::Unreachable(_) => Some(Observation::Unreachable),
-            Failure::NoGreeting(_) | Failure::Refused(_) => Some(Observation::NoGreeting),
+            Failure::Unreachable(..) => Some(Observation::Unreachable),
+            Failure::NoGreeting(..) | Failure::Refused(_) => Some(Observation::NoGreeting),
+            Failure::Local => None,
+        }
+    }
+
+    /// The reason `/metrics` counts it under; none for the balancer's own trouble.
+    fn reason(&self) -> Option<FailureReason> {
+        match self {
+            Failure::Unreachable(reason, _) | Failure::NoGreeting(reason, _) => Some(*reason),
+            Failure::Refused(_) => Some(FailureReason::GreetingRefused),
             Failure::Local => None,
         }
     }
@@ -310,14 +331,15 @@ impl Failure {
     /// An error as `failure` of the backend's, unless it is the balancer's own lack of
     /// descriptors, memory or ports (counted as such).
     fn of_backend_unless_local(
-        failure: fn(anyhow::Error) -> Failure,
+        failure: fn(FailureReason, anyhow::Error) -> Failure,
+        reason: FailureReason,
     ) -> impl Fn(anyhow::Error) -> Failure {
         move |error| match limits::exhaustion_in(&error) {
             Some(exhausted) => {
                 limits::OWN_EXHAUSTION.record(Site::Connect, exhausted);
                 Failure::Local
             }
-            None => failure(error),
+            None => failure(reason, error),
         }
     }
 }
@@ -325,7 +347,7 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Unreachable(why) | Failure::NoGreeting(why) | Failure::Refused(why) => {
+            Failure::Unreachable(_, why) | Failure::NoGreeting(_, why) | Failure::Refused(why) => {
                 write!(f, "{why:#}")
             }
             Failure::Local => f.write_str("out of local resources"),
@@ -334,12 +356,13 @@ impl std::fmt::Display for Failure {
 }
 
 /// Connects to `backend`, sends the PROXY header, and waits for a positive greeting; what
-/// happened is passive health's to know.
+/// happened is passive health's to know. Gives the stream, the bytes for the client and how
+/// long connect and greeting took.
 async fn greet(
     service: &Service,
     backend: &Backend,
     header: &[u8],
-) -> Result<(TcpStream, Vec<u8>), Failure> {
+) -> Result<(TcpStream, Vec<u8>, Duration), Failure> {
     let generation = backend.live.health.generation();
     let started = Instant::now();
     let result = reach(service, backend.config.address, header).await;
@@ -353,12 +376,12 @@ async fn greet(
         observe(service, backend, generation, seen, &result, finished);
     }
     let (stream, greeting, talked_ahead) = result?;
-    let micros = u32::try_from((finished - started).as_micros()).unwrap_or(u32::MAX);
-    backend.record_response(micros);
+    let took = finished - started;
+    backend.record_response(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
     let mut bytes = greeting;
     // A backend that talks ahead of the client (rare) must not lose those bytes.
     bytes.extend_from_slice(&talked_ahead);
-    Ok((stream, bytes))
+    Ok((stream, bytes, took))
 }
 
 /// Tells passive health what an attempt that started under `generation` saw, and logs the
@@ -372,8 +395,11 @@ fn observe<T>(
     now: Instant,
 ) {
     let health = &backend.live.health;
-    if seen != Observation::Greeted {
+    if let Err(failure) = result
+        && let Some(reason) = failure.reason()
+    {
         backend.live.failures.fetch_add(1, Ordering::Relaxed);
+        backend.live.failure_reasons.record(reason);
     }
     if health.record_live(generation, seen, now) == Some(false)
         && let Err(failure) = result
@@ -398,9 +424,17 @@ async fn reach(
     // Recognisable while it waits for the greeting, should it come back to our listener.
     let (mut stream, _outgoing) = tokio::time::timeout(timeout, loops::connect(address))
         .await
-        .map_err(|_| anyhow!("connect to {address} timed out after {timeout:?}"))
-        .and_then(|connected| connected.with_context(|| format!("connect to {address}")))
-        .map_err(Failure::of_backend_unless_local(Failure::Unreachable))?;
+        .map_err(|_| {
+            Failure::Unreachable(
+                FailureReason::ConnectTimeout,
+                anyhow!("connect to {address} timed out after {timeout:?}"),
+            )
+        })?
+        .with_context(|| format!("connect to {address}"))
+        .map_err(Failure::of_backend_unless_local(
+            Failure::Unreachable,
+            FailureReason::ConnectError,
+        ))?;
     let _ = stream.set_nodelay(true);
     let timeout = service.config.greeting_timeout;
     let (greeting, talked_ahead) = tokio::time::timeout(timeout, async {
@@ -413,9 +447,17 @@ async fn reach(
         smtp::read_greeting(&stream).await
     })
     .await
-    .map_err(|_| anyhow!("no greeting from {address} within {timeout:?}"))
-    .and_then(|read| read.with_context(|| format!("greeting from {address}")))
-    .map_err(Failure::of_backend_unless_local(Failure::NoGreeting))?;
+    .map_err(|_| {
+        Failure::NoGreeting(
+            FailureReason::GreetingTimeout,
+            anyhow!("no greeting from {address} within {timeout:?}"),
+        )
+    })?
+    .with_context(|| format!("greeting from {address}"))
+    .map_err(Failure::of_backend_unless_local(
+        Failure::NoGreeting,
+        FailureReason::GreetingError,
+    ))?;
     if !greeting.is_positive() {
         // Take leave as SMTP expects, without making the client wait for it.
         tokio::spawn(quit_politely(stream));

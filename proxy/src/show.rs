@@ -53,7 +53,7 @@ fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> Ser
         listeners: config.listen.iter().map(|a| a.to_string()).collect(),
         sessions_active: u64::from(service.counts.sessions.load(Ordering::Relaxed)),
         sessions_total: service.counts.accepted.load(Ordering::Relaxed),
-        refused_421: service.counts.refused.load(Ordering::Relaxed),
+        refused_421: service.counts.refused.total(),
         sources: source_rejections(service),
         flows: xdp.then(|| open_flows(service)),
         backends: service
@@ -124,7 +124,7 @@ fn backend_report(service: &Service, backend: &Backend) -> BackendReport {
         weight: backend.config.weight,
         max_connections: backend.config.max_connections,
         active: u64::from(backend.active.get()),
-        sessions_total: live.assigned_total.load(Ordering::Relaxed),
+        sessions_total: live.assigned_total(),
         failures: live.failures.load(Ordering::Relaxed),
         response_us: live.response_us.load(Ordering::Relaxed),
         throttled: live.throttled.load(Ordering::Relaxed),

@@ -25,6 +25,7 @@ use crate::counters::{ActiveCount, CounterTable};
 pub use crate::health_state::{Generation, HealthState, Observation};
 use crate::sources::Sources;
 use crate::throttle::{Gcra, Rate};
+use crate::tallies::{FailureCounts, LatencyHistogram, RefusalCounts, Transferred};
 
 /// The whole running state, swappable as one unit (not a tokio runtime: the services and
 /// backends sessions are served from).
@@ -245,8 +246,8 @@ pub struct ServiceCounts {
     pub sessions: AtomicU32,
     /// Client sessions accepted since start.
     pub accepted: AtomicU64,
-    /// Clients answered `421` since start (no backend, or `max_connections` reached).
-    pub refused: AtomicU64,
+    /// Clients answered `421` since start, by why.
+    pub refused: RefusalCounts,
     /// Per-source limits and allow/deny lists (`[service.limits]`), with their rejections.
     pub sources: Arc<Sources>,
 }
@@ -256,7 +257,7 @@ impl ServiceCounts {
         Self {
             sessions: AtomicU32::new(0),
             accepted: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
+            refused: RefusalCounts::default(),
             sources: Arc::new(Sources::new(&config.limits)),
         }
     }
@@ -363,10 +364,20 @@ pub struct BackendLive {
     pub health: HealthState,
     /// Exponential moving average of connect + greeting latency in microseconds; 0 = unknown.
     pub response_us: AtomicU32,
-    /// Sessions ever assigned (for logs and benchmarks' distribution figures).
-    pub assigned_total: AtomicU64,
+    /// Connect + greeting time of every session it took: its count is the sessions ever
+    /// assigned ([`BackendLive::assigned_total`]), so a set-up costs no separate count.
+    pub setup: LatencyHistogram,
     /// Failed attempts on live traffic (connect failures, no positive greeting).
     pub failures: AtomicU64,
+    /// The same attempts by reason.
+    pub failure_reasons: FailureCounts,
+    /// Bytes its sessions relayed each way, added at each session's end.
+    pub bytes: Transferred,
+    /// Duration of every active check that reached a verdict; health-check connections are
+    /// counted here only, never as sessions.
+    pub checks: LatencyHistogram,
+    /// Of those, the failed ones.
+    pub checks_failed: AtomicU64,
     /// The last active check's result.
     pub last_check: Mutex<Option<CheckRecord>>,
     /// `max_session_rate`'s state.
@@ -389,12 +400,21 @@ impl BackendLive {
         Self {
             health: HealthState::new(health),
             response_us: AtomicU32::new(0),
-            assigned_total: AtomicU64::new(0),
+            setup: LatencyHistogram::default(),
             failures: AtomicU64::new(0),
+            failure_reasons: FailureCounts::default(),
+            bytes: Transferred::default(),
+            checks: LatencyHistogram::default(),
+            checks_failed: AtomicU64::new(0),
             last_check: Mutex::new(None),
             session_rate: Gcra::default(),
             throttled: AtomicU64::new(0),
         }
+    }
+
+    /// Sessions ever assigned (logs, `ctl show`, `/metrics`, benchmarks' distribution figures).
+    pub fn assigned_total(&self) -> u64 {
+        self.setup.count()
     }
 }
 

@@ -7,7 +7,6 @@
 //! type, never by scraping the human lines [`Totals::log`] also writes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 use tracing::info;
@@ -108,6 +107,19 @@ pub struct KernelServiceTotals {
     pub no_backend: u64,
 }
 
+/// The kernel's flow tables as the last expiry pass found them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTableTotals {
+    /// Entries in the IPv4 and the IPv6 flow table (open, closing and ended flows).
+    pub entries_ipv4: u64,
+    pub entries_ipv6: u64,
+    /// Entries each table holds at most.
+    pub capacity: u64,
+    /// Units of active count corrected since start (drift: open flows evicted from a full
+    /// table, flows that ended unseen).
+    pub corrected: u64,
+}
+
 /// Where the kernel path's counters come from (the loaded program's per-CPU maps). Passed in,
 /// so collecting totals needs no reach into the kernel path's internals.
 pub trait KernelCounters {
@@ -117,6 +129,10 @@ pub trait KernelCounters {
     fn service(&self, index: usize) -> Option<KernelServiceTotals>;
     /// Where the program is attached, and in which mode.
     fn attachments(&self) -> Vec<XdpAttachment>;
+    /// The flow tables' fill and the count corrections.
+    fn flow_table(&self) -> FlowTableTotals {
+        FlowTableTotals::default()
+    }
 }
 
 impl Totals {
@@ -141,7 +157,7 @@ impl Totals {
                     name: backend.config.name.clone(),
                     address: backend.config.address,
                     active: u64::from(backend.active.get()),
-                    assigned: backend.live.assigned_total.load(Ordering::Relaxed),
+                    assigned: backend.live.assigned_total(),
                     kernel: kernel.and_then(|k| k.backend(backend.active.slot())),
                 })
                 .collect();

@@ -16,6 +16,11 @@ pub fn admin_table(socket: &Path) -> String {
     format!("\n[admin]\nsocket = {:?}\n", socket.display().to_string())
 }
 
+/// The `[admin]` table with `socket` and the HTTP admin listener on `listen` (`/metrics`).
+pub fn admin_table_listening(socket: &Path, listen: SocketAddr) -> String {
+    format!("{}listen = \"{listen}\"\n", admin_table(socket))
+}
+
 /// One `[[service]]` table; [`Display`] writes it as TOML.
 #[derive(Clone, Debug)]
 pub struct ServiceToml {

@@ -3,6 +3,7 @@
 
 pub mod config_toml;
 pub mod harness;
+pub mod metrics_text;
 pub mod netns;
 pub mod ping6;
 pub mod raw_syn;

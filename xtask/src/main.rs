@@ -66,6 +66,10 @@ enum Cmd {
         /// 1000), six reloads through the admin socket with a connect loop running.
         #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "xdp_cost_only"])]
         reload_only: bool,
+        /// Only what a Prometheus scraper costs: sessions/s with /metrics scraped every second
+        /// against no admin listener, alternating (5 rounds each; quick: 3 short ones).
+        #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "xdp_cost_only", "reload_only"])]
+        metrics_only: bool,
     },
     /// A fast SMTP sink (used where Postfix's smtp-sink is missing).
     Sink {
@@ -148,6 +152,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             smtp_source,
             xdp_cost_only,
             reload_only,
+            metrics_only,
         } => {
             if xdp_cost_only {
                 // The program runs in the kernel: this build's speed does not matter.
@@ -156,6 +161,9 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             reexec_release(&["xtask", "switchyard"])?;
             if reload_only {
                 return bench::reload_only(quick).map(|_| ExitCode::SUCCESS);
+            }
+            if metrics_only {
+                return bench::metrics_only(quick).map(|_| ExitCode::SUCCESS);
             }
             let mut opts = bench::BenchOptions::new(quick, rounds, messages);
             opts.kernel_only = kernel_only;

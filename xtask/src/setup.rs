@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting BPF programs and maps"),
     ("fonts-dejavu-core", "the font of the benchmark chart"),
     ("chromium", "the dashboard's browser test"),
+    (
+        "prometheus",
+        "promtool, which lints the /metrics exposition in the tests",
+    ),
 ];
 
 /// Runs every setup step; returns the path of the bpf-linker binary.

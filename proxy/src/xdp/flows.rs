@@ -12,6 +12,8 @@
 //! microsecond as the expiry of a flow idle for `flow_idle_timeout`).
 
 use std::collections::HashMap as StdHashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -25,6 +27,8 @@ use tracing::warn;
 
 use crate::counters::CounterTable;
 use crate::state::Snapshot;
+
+use super::stats::FlowGauges;
 
 /// Closed flows that have not ended (the client's FIN seen, the backend's not: always so in
 /// dsr, whose replies bypass the balancer) stay this long after their last packet, for a
@@ -118,14 +122,15 @@ impl Pass {
     }
 
     /// Expires the flows of table `name` that outlived their limit (giving back the count of
-    /// an open one) and adds the open flows left to their slots in `per_slot`.
+    /// an open one) and adds the open flows left to their slots in `per_slot`. Returns the
+    /// entries left (as walked: a walk restarted under eviction may see some twice).
     fn expire<K: aya::Pod + Eq + std::hash::Hash>(
         &self,
         bpf: &mut Ebpf,
         name: &str,
         counters: &CounterTable,
         per_slot: &mut [u64],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let mut flows: HashMap<&mut MapData, K, FlowValue> = HashMap::try_from(
             bpf.map_mut(name)
                 .with_context(|| format!("map {name} missing"))?,
@@ -134,11 +139,13 @@ impl Pass {
         // first key: open flows are counted once by key, and the walk is bounded.
         let mut open: StdHashMap<K, u32> = StdHashMap::new();
         let mut expired: Vec<(K, FlowValue)> = Vec::new();
+        let mut entries = 0u64;
         for (key, flow) in flows
             .iter()
             .take((self.capacity as usize).saturating_mul(2).max(1024))
             .filter_map(Result::ok)
         {
+            entries += 1;
             if self.now.saturating_sub(flow.last_seen_ns) > self.limit(&flow).as_nanos() as u64 {
                 expired.push((key, flow));
             } else if is_open(&flow) {
@@ -156,10 +163,11 @@ impl Pass {
                 }
                 continue;
             }
-            if flows.remove(&key).is_ok()
-                && is_open(&flow)
-                && (flow.backend as usize) < counters.len()
-            {
+            if flows.remove(&key).is_err() {
+                continue;
+            }
+            entries = entries.saturating_sub(1);
+            if is_open(&flow) && (flow.backend as usize) < counters.len() {
                 counters.add(flow.backend as usize, -1);
             }
         }
@@ -168,7 +176,7 @@ impl Pass {
                 *count += 1;
             }
         }
-        Ok(())
+        Ok(entries)
     }
 }
 
@@ -189,9 +197,18 @@ pub struct Expiry {
     /// Every xdp service of the run by index (also those reloads removed): its idle timeout
     /// and flow table size.
     services: StdHashMap<u32, (Duration, u64)>,
+    /// Where each pass leaves the tables' fill and its corrections (for `/metrics`).
+    gauges: Arc<FlowGauges>,
 }
 
 impl Expiry {
+    pub fn reporting_to(gauges: Arc<FlowGauges>) -> Self {
+        Self {
+            gauges,
+            ..Self::default()
+        }
+    }
+
     pub fn run(
         &mut self,
         bpf: &mut Ebpf,
@@ -231,8 +248,10 @@ impl Expiry {
             now,
         };
         let mut per_slot = vec![0u64; counters.len()];
-        pass.expire::<FlowKey>(bpf, names::FLOWS, counters, &mut per_slot)?;
-        pass.expire::<FlowKey6>(bpf, names::FLOWS6, counters, &mut per_slot)?;
+        let entries = pass.expire::<FlowKey>(bpf, names::FLOWS, counters, &mut per_slot)?;
+        self.gauges.entries_ipv4.store(entries, Ordering::Relaxed);
+        let entries = pass.expire::<FlowKey6>(bpf, names::FLOWS6, counters, &mut per_slot)?;
+        self.gauges.entries_ipv6.store(entries, Ordering::Relaxed);
         self.reconcile(&per_slot, snapshot, counters);
 
         let limit = (capacity as usize).saturating_mul(2).max(1024);
@@ -275,6 +294,9 @@ impl Expiry {
             })
             .collect();
         let total: i64 = corrected.iter().map(|&(_, d)| d.abs()).sum();
+        self.gauges
+            .corrected
+            .fetch_add(total.unsigned_abs(), Ordering::Relaxed);
         warn!(
             "XDP: corrected active counts that drifted by {total} in all: {} (open flows evicted from a full flow table, or ended unseen)",
             list.join(", ")

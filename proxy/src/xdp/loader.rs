@@ -62,6 +62,8 @@ pub struct XdpPlane {
     links: Vec<(String, XdpLink)>,
     /// The traffic counter maps, once started (read by the sync task and at shutdown).
     stats: Option<Arc<stats::Stats>>,
+    /// The flow tables' fill and corrections, as the sync task's expiry pass leaves them.
+    flow_gauges: Arc<stats::FlowGauges>,
     stop: CancellationToken,
     /// Wakes the sync task before its period ends (after a reload or a runtime change).
     sync_now: Arc<Notify>,
@@ -164,6 +166,10 @@ impl XdpPlane {
             reused,
             links: Vec::new(),
             stats: None,
+            flow_gauges: Arc::new(stats::FlowGauges {
+                capacity: u64::from(flows).into(),
+                ..Default::default()
+            }),
             stop: CancellationToken::new(),
             sync_now: Arc::new(Notify::new()),
             task: None,
@@ -198,6 +204,7 @@ impl XdpPlane {
         self.stats = Some(Arc::new(stats::Stats::take(
             &mut self.bpf.lock(),
             attachments,
+            self.flow_gauges.clone(),
         )?));
         let period = sync_period(&snapshot);
         let bpf = self.bpf.clone();
@@ -205,8 +212,9 @@ impl XdpPlane {
         let stop = self.stop.clone();
         let sync_now = self.sync_now.clone();
         let stats = self.stats.clone();
+        let flow_gauges = self.flow_gauges.clone();
         self.task = Some(tokio::spawn(async move {
-            let mut expiry = flows::Expiry::default();
+            let mut expiry = flows::Expiry::reporting_to(flow_gauges);
             let mut last_stats = tokio::time::Instant::now();
             loop {
                 tokio::select! {

@@ -2,25 +2,46 @@
 //! service (forwarded, passed, dropped, no backend), summed over CPUs. They feed the totals
 //! (`crate::totals`): once a minute from the sync task and at shutdown.
 //!
-//! The two per-CPU maps are taken out of the loaded object (only this module reads them).
+//! The two per-CPU maps are taken out of the loaded object (only this module reads them). The
+//! flow tables' fill and the count corrections come from the expiry pass (`flows`), which
+//! walks the tables anyway, through [`FlowGauges`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use aya::Ebpf;
 use aya::maps::{MapData, PerCpuArray};
 use switchyard_common::maps::{BackendStats, ServiceStats, names};
 
-use crate::totals::{KernelBackendTotals, KernelCounters, KernelServiceTotals, XdpAttachment};
+use crate::totals::{
+    FlowTableTotals, KernelBackendTotals, KernelCounters, KernelServiceTotals, XdpAttachment,
+};
 
 pub struct Stats {
     backends: PerCpuArray<MapData, BackendStats>,
     services: PerCpuArray<MapData, ServiceStats>,
     attachments: Vec<XdpAttachment>,
+    flows: Arc<FlowGauges>,
+}
+
+/// What the last expiry pass found in the flow tables, and the corrections so far.
+#[derive(Default)]
+pub struct FlowGauges {
+    pub entries_ipv4: AtomicU64,
+    pub entries_ipv6: AtomicU64,
+    pub capacity: AtomicU64,
+    pub corrected: AtomicU64,
 }
 
 impl Stats {
-    /// Takes the counter maps out of `bpf` (the program keeps using them); `attachments` are
-    /// reported with them.
-    pub fn take(bpf: &mut Ebpf, attachments: Vec<XdpAttachment>) -> anyhow::Result<Stats> {
+    /// Takes the counter maps out of `bpf` (the program keeps using them); `attachments` and
+    /// what the expiry pass writes into `flows` are reported with them.
+    pub fn take(
+        bpf: &mut Ebpf,
+        attachments: Vec<XdpAttachment>,
+        flows: Arc<FlowGauges>,
+    ) -> anyhow::Result<Stats> {
         let backends = bpf
             .take_map(names::BACKEND_STATS)
             .context("map BACKEND_STATS missing")?;
@@ -31,6 +52,7 @@ impl Stats {
             backends: PerCpuArray::try_from(backends)?,
             services: PerCpuArray::try_from(services)?,
             attachments,
+            flows,
         })
     }
 }
@@ -69,5 +91,15 @@ impl KernelCounters for Stats {
 
     fn attachments(&self) -> Vec<XdpAttachment> {
         self.attachments.clone()
+    }
+
+    fn flow_table(&self) -> FlowTableTotals {
+        let flows = &self.flows;
+        FlowTableTotals {
+            entries_ipv4: flows.entries_ipv4.load(Ordering::Relaxed),
+            entries_ipv6: flows.entries_ipv6.load(Ordering::Relaxed),
+            capacity: flows.capacity.load(Ordering::Relaxed),
+            corrected: flows.corrected.load(Ordering::Relaxed),
+        }
     }
 }

@@ -135,9 +135,20 @@ pub fn start_switchyard_process(
     backends: &[SocketAddr],
 ) -> Result<(Supervised, PathBuf)> {
     supervise::ensure_port_free(listen)?;
-    let cfg = dir.join(format!("{stem}.toml"));
     let text = switchyard_config(listen, algorithm, backends)
         + &admin_table(Path::new(&format!("{stem}.sock")));
+    start_switchyard_with(dir, bin, stem, &text)
+}
+
+/// switchyard with the config `text`, written to `<stem>.toml` in `dir`; its log is
+/// `<stem>.log` and its totals at shutdown `<stem>-totals.json`.
+pub fn start_switchyard_with(
+    dir: &Path,
+    bin: &Path,
+    stem: &str,
+    text: &str,
+) -> Result<(Supervised, PathBuf)> {
+    let cfg = dir.join(format!("{stem}.toml"));
     std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
     let totals = dir.join(format!("{stem}-totals.json"));
     let _ = std::fs::remove_file(&totals);

@@ -11,7 +11,8 @@
 //!
 //! This module holds the options and the orchestration; [`contenders`] starts what is measured,
 //! [`drive`] runs load through it, [`cpu`] accounts CPU time, [`idle`] measures idle memory,
-//! [`stats`] summarizes, [`results`] is results.json's schema and [`report`] its tables.
+//! [`stats`] summarizes, [`results`] is results.json's schema and [`report`] its tables;
+//! [`reload`] and [`metrics`] measure what a reload and a Prometheus scraper cost.
 //!
 //! Outputs: a markdown table on stdout, `target/bench/results.json`, `target/bench/chart.png`.
 
@@ -19,6 +20,7 @@ mod contenders;
 mod cpu;
 mod drive;
 mod idle;
+pub mod metrics;
 pub mod reload;
 mod report;
 pub mod results;
@@ -134,6 +136,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
             &switchyard,
             sinks_kind,
             &[],
+            &[],
             kernel,
             kernel_skipped,
             testbed,
@@ -207,6 +210,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
         &switchyard,
         sinks_kind,
         &sink_pids,
+        &sink_addrs,
         contenders,
         skipped,
         testbed.take(),
@@ -221,6 +225,7 @@ fn run_contenders(
     switchyard: &Path,
     sinks_kind: &str,
     sink_pids: &[u32],
+    sink_addrs: &[SocketAddr],
     mut contenders: Vec<Contender>,
     mut skipped: Vec<Skipped>,
     mut testbed: Option<Testbed>,
@@ -262,6 +267,15 @@ fn run_contenders(
     results.xdp_cost = xdp_cost;
     if !opts.kernel_only {
         results.reload = reload_figures(opts, dir, switchyard, &mut results.skipped);
+        results.metrics = metrics_figures(opts.quick, dir, switchyard, sink_addrs)
+            .map_err(|error| {
+                println!("bench: /metrics measurement failed: {error:#}");
+                results.skipped.push(Skipped {
+                    name: "metrics".into(),
+                    reason: format!("{error:#}"),
+                });
+            })
+            .ok();
     }
     report::print_table(&results);
     // A kernel-only run does not replace the full benchmark's results.
@@ -313,6 +327,34 @@ pub fn reload_only(quick: bool) -> Result<reload::ReloadFigures> {
     )?;
     println!("{}", reload::describe(&figures));
     Ok(figures)
+}
+
+/// The paired `/metrics` measurement ([`metrics`]) in front of `sinks`: 5 rounds of 20000
+/// sessions each way (quick: 3 of 2000).
+fn metrics_figures(
+    quick: bool,
+    dir: &Path,
+    switchyard: &Path,
+    sinks: &[SocketAddr],
+) -> Result<metrics::MetricsFigures> {
+    let (rounds, sessions) = if quick { (3, 2000) } else { (5, 20_000) };
+    let figures = metrics::measure(dir, switchyard, sinks, rounds, sessions, 50)?;
+    println!("bench: {}", metrics::describe(&figures));
+    Ok(figures)
+}
+
+/// `--metrics-only`: the `/metrics` measurement alone, in front of sinks of its own, printed.
+pub fn metrics_only(quick: bool) -> Result<metrics::MetricsFigures> {
+    supervise::stop_children_on_signal();
+    workspace::raise_nofile_limit();
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir)?;
+    let sink_addrs: Vec<SocketAddr> = SINK_PORTS
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let (_, _sinks) = contenders::start_sinks(&dir, &sink_addrs)?;
+    metrics_figures(quick, &dir, &workspace::switchyard_release(), &sink_addrs)
 }
 
 /// One run of load through `c`, with the CPU time every part used; printed and recorded.

@@ -93,6 +93,9 @@ pub fn markdown(res: &BenchResults) -> String {
     if let Some(reload) = &res.reload {
         s.push_str(&format!("\n{}\n", super::reload::describe(reload)));
     }
+    if let Some(metrics) = &res.metrics {
+        s.push_str(&format!("\n{}\n", super::metrics::describe(metrics)));
+    }
     for sk in &res.skipped {
         s.push_str(&format!("\nnot measured: {} ({})", sk.name, sk.reason));
     }

@@ -43,6 +43,9 @@ pub struct BenchResults {
     /// What a reload costs a large running config (1000 backends, thousands of sessions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<super::reload::ReloadFigures>,
+    /// Sessions/s with `/metrics` scraped every second against no admin listener, paired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<super::metrics::MetricsFigures>,
 }
 
 /// The XDP program's cost per packet in nanoseconds per run, from `BPF_PROG_TEST_RUN`, beside

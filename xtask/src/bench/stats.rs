@@ -117,6 +117,7 @@ pub fn summarize(
         loadgen_vs_smtp_source,
         xdp_cost: None,
         reload: None,
+        metrics: None,
     })
 }
 
