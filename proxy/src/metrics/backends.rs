@@ -59,6 +59,7 @@ struct BackendFamilies {
     checks: Family,
     check_duration: Family,
     transitions: Family,
+    throttled: Family,
 }
 
 impl BackendFamilies {
@@ -108,6 +109,10 @@ impl BackendFamilies {
             transitions: Family::counter(
                 "backend_health_transitions",
                 "Health changes by the state entered (to=\"up\", to=\"down\")",
+            ),
+            throttled: Family::counter(
+                "backend_throttled",
+                "Times the backend was passed over for being at its max_session_rate",
             ),
         }
     }
@@ -169,6 +174,8 @@ impl BackendFamilies {
         let (went_up, went_down) = live.health.transitions();
         self.transitions.count(with("to", "up"), went_up);
         self.transitions.count(with("to", "down"), went_down);
+        self.throttled
+            .count(labels.clone(), live.throttled.load(Ordering::Relaxed));
     }
 
     fn into_vec(self) -> Vec<Family> {
@@ -185,6 +192,7 @@ impl BackendFamilies {
             self.checks,
             self.check_duration,
             self.transitions,
+            self.throttled,
         ]
     }
 }
@@ -193,6 +201,8 @@ struct ServiceFamilies {
     accepted: Family,
     active: Family,
     refused: Family,
+    sources: Family,
+    tracked: Family,
 }
 
 impl ServiceFamilies {
@@ -209,6 +219,14 @@ impl ServiceFamilies {
             refused: Family::counter(
                 "service_refused",
                 "Clients answered 421 by reason: no_backend, max_connections, balancer_exhausted (the balancer's own descriptors, memory or ports)",
+            ),
+            sources: Family::counter(
+                "service_source_rejections",
+                "Clients turned away by [service.limits], by reason: denied (554), too_many (per_source_connections), too_fast (per_source_rate); untracked counts clients served without per-source tracking (the table was full of busy sources)",
+            ),
+            tracked: Family::gauge(
+                "service_tracked_sources",
+                "Sources in the service's per-source table now (at most tracked_sources)",
             ),
         }
     }
@@ -227,9 +245,28 @@ impl ServiceFamilies {
             labels.push(("reason", why.label().to_string()));
             self.refused.count(labels, counts.refused.get(why));
         }
+        let sources = &counts.sources.counts;
+        for (why, value) in [
+            ("denied", &sources.denied),
+            ("too_many", &sources.too_many),
+            ("too_fast", &sources.too_fast),
+            ("untracked", &sources.untracked),
+        ] {
+            let mut labels = labels.clone();
+            labels.push(("reason", why.to_string()));
+            self.sources.count(labels, value.load(Ordering::Relaxed));
+        }
+        self.tracked
+            .count(labels, counts.sources.tracked() as u64);
     }
 
     fn into_vec(self) -> Vec<Family> {
-        vec![self.accepted, self.active, self.refused]
+        vec![
+            self.accepted,
+            self.active,
+            self.refused,
+            self.sources,
+            self.tracked,
+        ]
     }
 }
