@@ -35,6 +35,7 @@ use crate::limits::{self, Site};
 use crate::loops;
 use crate::proxy_protocol;
 use crate::relay::relay;
+use crate::sessions;
 use crate::smtp;
 use crate::state::{Backend, Generation, Observation, Service};
 
@@ -135,17 +136,22 @@ pub async fn run(
         return;
     }
     let idle = service.config.idle_timeout;
+    // Listed for `ctl sessions` while it relays; the entry takes the handles by move.
+    let registered = sessions::Registered::new(service, backend, started, &client);
     let result = tokio::select! {
         _ = stop.cancelled() => Err(anyhow!("cut off at shutdown")),
-        result = relay(&client, &server, greeting, idle) => result.map_err(anyhow::Error::from),
+        result = relay(&client, &server, greeting, idle, registered.tally()) => result.map_err(anyhow::Error::from),
+    };
+    let Some(ended) = registered.end() else {
+        return;
     };
     // The client's address is asked again only when debug logging wants it: keeping it for
     // the whole session would cost every idle session its bytes
     // (tracing evaluates these fields only when the event is enabled).
-    let backend = &backend.config.name;
+    let backend = &ended.backend.config.name;
     match result {
         Ok(()) => {
-            debug!(client = ?client.peer_addr().ok(), %backend, elapsed = ?started.elapsed(), "session closed")
+            debug!(client = ?client.peer_addr().ok(), %backend, elapsed = ?ended.started.elapsed(), "session closed")
         }
         Err(error) => {
             debug!(client = ?client.peer_addr().ok(), %backend, "session ended: {error:#}")
