@@ -518,6 +518,43 @@ mod tests {
     }
 
     #[test]
+    fn dump_tables_say_how_many_and_keep_durations_short() {
+        assert_eq!(short_duration(850), "850ms");
+        assert_eq!(short_duration(12_400), "12s");
+        assert_eq!(short_duration(184_000), "3m4s");
+        assert_eq!(short_duration(7_260_000), "2h1m");
+        let flows = FlowsReport {
+            matched: 5,
+            flows: vec![crate::control::FlowReport {
+                service: "mx".into(),
+                client: "198.18.0.1:40000".into(),
+                vip: "198.18.0.100:25".into(),
+                backend: "mta1".into(),
+                backend_address: "198.18.1.11:25".into(),
+                state: "established".into(),
+                age_ms: 61_000,
+                idle_ms: 20,
+                packets: 14,
+            }],
+        };
+        let table = flows_table(&flows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "5 flows; 1 listed, least idle first");
+        assert!(lines[1].starts_with("SERVICE"), "{table}");
+        for cell in [
+            "198.18.0.1:40000",
+            "mta1 (198.18.1.11:25)",
+            "1m1s",
+            "20ms",
+            "14",
+        ] {
+            assert!(lines[2].contains(cell), "{cell} missing: {table}");
+        }
+        let none = sessions_table(&SessionsReport::default());
+        assert_eq!(none, "0 sessions\n");
+    }
+
+    #[test]
     fn show_table_has_one_row_per_backend_in_aligned_columns() {
         let report = ShowReport {
             services: vec![ServiceReport {
