@@ -421,3 +421,108 @@ async fn every_command_changes_what_show_says_and_where_sessions_go() {
 fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
+
+/// `ctl sessions`: exactly the sessions the test holds, by the client ports its sockets use,
+/// each on the backend that greeted it, with bytes that grow as the client talks; a session
+/// that ends leaves the list. Unknown services are refused listing the names, and `ctl flows`
+/// without an xdp service says there is no kernel flow table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_lists_the_held_sessions_with_their_bytes() {
+    use switchyard::control::{SessionReport, SessionsReport};
+    use testkit::smtp_client::{Session, SessionOptions};
+    use testkit::smtp_server::{Behaviour, SmtpServer};
+    let servers: Vec<SmtpServer> = ["a", "b"]
+        .iter()
+        .map(|name| SmtpServer::start(name, Behaviour::default()))
+        .collect();
+    let listen = free_addr();
+    let service = ServiceToml::new("mx", &[listen])
+        .keys("algorithm = \"round_robin\"")
+        .health("kind = \"none\"")
+        .backend(servers[0].name(), servers[0].addr())
+        .backend(servers[1].name(), servers[1].addr());
+    let sy = Switchyard::start(BIN, &service.to_string());
+    let listed = |args: &[&str]| -> Vec<SessionReport> {
+        let out = block(|| sy.ctl(args));
+        assert_eq!(out.code, Some(0), "ctl {args:?}: {out:?}");
+        let report: SessionsReport = serde_json::from_str(&out.stdout).expect("sessions --json");
+        report.sessions
+    };
+    let options = SessionOptions::default();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut session = Session::open(listen, &options).await.expect("session");
+        let port = session.stream().local_addr().expect("local address").port();
+        held.push((port, session));
+    }
+    let by_port = |sessions: &[SessionReport], port: u16| {
+        sessions
+            .iter()
+            .find(|s| s.client == format!("127.0.0.1:{port}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no session from port {port}: {sessions:?}"))
+    };
+    let before = listed(&["--json", "sessions"]);
+    assert_eq!(before.len(), 3, "{before:?}");
+    for (port, session) in &held {
+        let listed = by_port(&before, *port);
+        assert_eq!(listed.service, "mx");
+        assert_eq!(listed.backend, session.backend, "{listed:?}");
+        assert!(
+            listed.to_client_bytes > 0,
+            "the greeting counts: {listed:?}"
+        );
+        assert_eq!(listed.to_backend_bytes, 0, "{listed:?}");
+    }
+
+    let (port, session) = &mut held[0];
+    let port = *port;
+    session.noop().await.expect("NOOP");
+    session.noop().await.expect("NOOP");
+    let after = by_port(&listed(&["--json", "sessions", "mx"]), port);
+    let was = by_port(&before, port);
+    assert_eq!(
+        after.to_backend_bytes,
+        2 * "NOOP\r\n".len() as u64,
+        "{after:?}"
+    );
+    assert!(after.to_client_bytes > was.to_client_bytes, "{after:?}");
+    assert!(after.age_ms >= was.age_ms, "{after:?} {was:?}");
+
+    // The table for people names every client port.
+    let table = block(|| sy.ctl(&["sessions"]));
+    assert_eq!(table.code, Some(0), "{table:?}");
+    for (port, _) in &held {
+        assert!(table.stdout.contains(&format!(":{port}")), "{table:?}");
+    }
+
+    let (ended, mut session) = held.remove(0);
+    session.quit().await.expect("QUIT");
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = listed(&["--json", "sessions"]);
+        if now.len() == 2 {
+            assert!(
+                now.iter()
+                    .all(|s| !s.client.ends_with(&format!(":{ended}")))
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ended session stays: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let out = block(|| sy.ctl(&["sessions", "nope"]));
+    assert_failed_naming(&out, &["nope", "mx"]);
+    let out = block(|| sy.ctl(&["flows"]));
+    assert_failed_naming(&out, &["no xdp service"]);
+    let out = block(|| sy.ctl(&["flows", "mx"]));
+    assert_failed_naming(&out, &["ctl sessions"]);
+    for (_, mut session) in held {
+        session.quit().await.expect("QUIT");
+    }
+}

@@ -410,6 +410,11 @@ fn start_pinned(topo: &Network, name: &str) -> (PrivateBpffs, String, Switchyard
 /// Opens a session from the client namespace to `target`, reads its 220 greeting, and hands
 /// the open connection back so the test decides when (and whether) it ends.
 fn hold_session(topo: &Topology, target: SocketAddrV4) -> std::net::TcpStream {
+    hold_greeted_session(topo, target).0
+}
+
+/// [`hold_session`], with the name of the backend that greeted (the greeting's second word).
+fn hold_greeted_session(topo: &Topology, target: SocketAddrV4) -> (std::net::TcpStream, String) {
     topo.client.run(move || {
         let stream = std::net::TcpStream::connect_timeout(
             &std::net::SocketAddr::V4(target),
@@ -426,7 +431,12 @@ fn hold_session(topo: &Topology, target: SocketAddrV4) -> std::net::TcpStream {
             "greeting {:?}",
             String::from_utf8_lossy(&greeting[..n])
         );
-        stream
+        let backend = String::from_utf8_lossy(&greeting[..n])
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        (stream, backend)
     })
 }
 
@@ -1678,5 +1688,81 @@ fn metrics_count_the_kernel_paths_flows_and_packets() {
     for (i, shown) in report.services[0].backends.iter().enumerate() {
         assert_eq!(shown.sessions_total, made[i] as u64, "{}", shown.name);
     }
+    assert_stopped_idle(sy);
+}
+
+/// `ctl flows` reads the kernel's flow table: exactly the flows the test holds, each by its
+/// client address and port, on the backend that greeted it, established, with client packets
+/// that grow as the client talks; `--limit` cuts the list but not the count; `--json` parses;
+/// an unknown service is refused with the names there are.
+#[test]
+fn ctl_flows_lists_the_held_flows_with_their_backends_and_packets() {
+    use std::io::{Read, Write};
+    use switchyard::control::{FlowReport, FlowsReport};
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
+        return;
+    };
+    let sy = topo.start(&topo.service_toml(&name, "round_robin"));
+    let held: Vec<(std::net::TcpStream, String)> =
+        (0..3).map(|_| hold_greeted_session(&topo, vip())).collect();
+    let flows = |args: &[&str]| -> FlowsReport {
+        let out = sy.ctl(args);
+        assert_eq!(out.code, Some(0), "ctl {args:?}: {out:?}");
+        serde_json::from_str(&out.stdout).expect("flows --json")
+    };
+    let of = |report: &FlowsReport, stream: &std::net::TcpStream| -> FlowReport {
+        let client = stream.local_addr().expect("local address").to_string();
+        report
+            .flows
+            .iter()
+            .find(|f| f.client == client)
+            .cloned()
+            .unwrap_or_else(|| panic!("no flow from {client}: {report:?}"))
+    };
+    let before = flows(&["--json", "flows"]);
+    assert_eq!(before.matched, 3, "{before:?}");
+    assert_eq!(before.flows.len(), 3, "{before:?}");
+    for (stream, backend) in &held {
+        let flow = of(&before, stream);
+        assert_eq!(&flow.backend, backend, "{flow:?}");
+        assert_eq!(flow.service, name);
+        assert_eq!(flow.vip, vip().to_string());
+        assert_eq!(flow.state, "established", "{flow:?}");
+        assert!(flow.packets >= 2, "SYN and ACK at least: {flow:?}");
+    }
+
+    let mut talking = &held[0].0;
+    for _ in 0..3 {
+        talking.write_all(b"NOOP\r\n").expect("NOOP");
+        let mut reply = [0u8; 128];
+        let n = talking.read(&mut reply).expect("NOOP reply");
+        assert!(reply[..n].starts_with(b"250"), "{:?}", &reply[..n]);
+    }
+    let after = of(&flows(&["--json", "flows", &name]), &held[0].0);
+    let was = of(&before, &held[0].0);
+    assert!(after.packets >= was.packets + 3, "{was:?} -> {after:?}");
+    assert!(after.age_ms >= was.age_ms, "{was:?} -> {after:?}");
+
+    let cut = flows(&["--json", "flows", "--limit", "2"]);
+    assert_eq!((cut.matched, cut.flows.len()), (3, 2), "{cut:?}");
+    // Least idle first: the flow that just talked leads.
+    assert_eq!(cut.flows[0].client, after.client, "{cut:?}");
+
+    let table = sy.ctl(&["flows"]);
+    assert_eq!(table.code, Some(0), "{table:?}");
+    for (stream, backend) in &held {
+        let port = stream.local_addr().expect("local address").port();
+        assert!(table.stdout.contains(&format!(":{port}")), "{table:?}");
+        assert!(table.stdout.contains(backend.as_str()), "{table:?}");
+    }
+    let unknown = sy.ctl(&["flows", "nope"]);
+    assert_eq!(unknown.code, Some(1), "{unknown:?}");
+    assert!(
+        unknown.stderr.contains("nope") && unknown.stderr.contains(&name),
+        "{unknown:?}"
+    );
+
+    drop(held);
+    wait_for_counts_back_to_zero(&topo);
     assert_stopped_idle(sy);
 }

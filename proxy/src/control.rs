@@ -59,7 +59,20 @@ pub enum Request {
     Reload,
     /// Validate the config file on disk without applying it.
     Check,
+    /// The kernel's flow table: of every xdp service, or of one; at most `limit` flows (the
+    /// least idle; [`DEFAULT_FLOW_LIMIT`] when `None`).
+    Flows {
+        service: Option<String>,
+        limit: Option<u32>,
+    },
+    /// The proxy's open sessions: of every proxy service, or of one.
+    Sessions {
+        service: Option<String>,
+    },
 }
+
+/// How many flows `ctl flows` lists unless told (`--limit`).
+pub const DEFAULT_FLOW_LIMIT: u32 = 1000;
 
 /// The daemon's answer to one request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,6 +85,12 @@ pub struct Reply {
     /// For `show`: the state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show: Option<ShowReport>,
+    /// For `flows`: the kernel's flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowsReport>,
+    /// For `sessions`: the proxy's open sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<SessionsReport>,
 }
 
 impl Reply {
@@ -80,6 +99,8 @@ impl Reply {
             ok: true,
             text: text.into(),
             show: None,
+            flows: None,
+            sessions: None,
         }
     }
 
@@ -88,6 +109,8 @@ impl Reply {
             ok: false,
             text: text.into(),
             show: None,
+            flows: None,
+            sessions: None,
         }
     }
 }
@@ -169,6 +192,60 @@ pub struct CheckReport {
     pub at_unix_ms: u64,
     /// What it saw (`greeted 220`, `connect refused`, `timeout`, ...).
     pub detail: String,
+}
+
+/// `ctl flows`: the least idle flows, least idle first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowsReport {
+    /// Flows of the services asked for in the tables (the list may be cut by the limit).
+    pub matched: u64,
+    pub flows: Vec<FlowReport>,
+}
+
+/// One entry of the kernel's flow table.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowReport {
+    /// `-` for a flow of a service no longer in the config (or of an earlier run's pinned maps).
+    pub service: String,
+    /// The client's address and port.
+    pub client: String,
+    /// The VIP and port it connected to.
+    pub vip: String,
+    /// The backend's name (`slot N` when no running service names it).
+    pub backend: String,
+    pub backend_address: String,
+    /// `handshake`, `established`, `closing` (the client's FIN or a RST seen, lingering for
+    /// the last packets) or `ended`.
+    pub state: String,
+    /// Since the flow's SYN.
+    pub age_ms: u64,
+    /// Since its last packet (the kernel's coarse clock: a few milliseconds' resolution).
+    pub idle_ms: u64,
+    /// Packets from the client.
+    pub packets: u64,
+}
+
+/// `ctl sessions`: the proxy's open sessions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionsReport {
+    /// Oldest first.
+    pub sessions: Vec<SessionReport>,
+}
+
+/// One relayed session of the userspace proxy (listed once its backend greeted).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionReport {
+    pub service: String,
+    /// The client's address and port (`-` once its connection is gone).
+    pub client: String,
+    pub backend: String,
+    pub backend_address: String,
+    /// Since the client was accepted.
+    pub age_ms: u64,
+    /// Bytes delivered to the backend.
+    pub to_backend_bytes: u64,
+    /// Bytes delivered to the client, the backend's greeting included.
+    pub to_client_bytes: u64,
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use clap::{Args, Subcommand};
 
 use crate::config;
 use crate::control::{
-    BackendReport, CheckReport, Reply, Request, ServiceReport, ShowReport, Target,
+    BackendReport, CheckReport, FlowsReport, Reply, Request, ServiceReport, SessionsReport,
+    ShowReport, Target,
 };
 
 /// How long the daemon may take to answer (a reload of a large file included).
@@ -72,6 +73,16 @@ enum CtlCommand {
     Reload,
     /// Validate the configuration file on disk without applying it.
     Check,
+    /// The kernel's flow table (xdp services): client, VIP, backend, age, idle time, client
+    /// packets; the least idle flows first.
+    Flows {
+        service: Option<String>,
+        /// List at most N flows (default 1000).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+    },
+    /// The proxy's open sessions: client, backend, age, bytes each way; the oldest first.
+    Sessions { service: Option<String> },
 }
 
 /// Runs `switchyard ctl`: 0 when the daemon carried the request out, 1 otherwise.
@@ -122,6 +133,13 @@ fn request_of(command: &CtlCommand) -> Result<Request, String> {
         },
         CtlCommand::Reload => Request::Reload,
         CtlCommand::Check => Request::Check,
+        CtlCommand::Flows { service, limit } => Request::Flows {
+            service: service.clone(),
+            limit: *limit,
+        },
+        CtlCommand::Sessions { service } => Request::Sessions {
+            service: service.clone(),
+        },
     })
 }
 
@@ -223,10 +241,33 @@ fn socket_group(path: &Path) -> String {
 }
 
 fn print_reply(reply: &Reply, request: &Request, json: bool) -> Result<(), String> {
-    let show = matches!(request, Request::Show { .. });
     if json {
-        let value = match (&reply.show, show && reply.ok) {
-            (Some(report), true) => serde_json::to_string_pretty(report),
+        // A report asked for is printed alone; anything else (a refusal too) as the reply.
+        let value = match (request, reply) {
+            (
+                Request::Show { .. },
+                Reply {
+                    ok: true,
+                    show: Some(report),
+                    ..
+                },
+            ) => serde_json::to_string_pretty(report),
+            (
+                Request::Flows { .. },
+                Reply {
+                    ok: true,
+                    flows: Some(report),
+                    ..
+                },
+            ) => serde_json::to_string_pretty(report),
+            (
+                Request::Sessions { .. },
+                Reply {
+                    ok: true,
+                    sessions: Some(report),
+                    ..
+                },
+            ) => serde_json::to_string_pretty(report),
             _ => serde_json::to_string_pretty(reply),
         };
         println!("{}", value.map_err(|e| e.to_string())?);
@@ -243,7 +284,98 @@ fn print_reply(reply: &Reply, request: &Request, json: bool) -> Result<(), Strin
     if let Some(report) = &reply.show {
         print!("{}", show_table(report, SystemTime::now()));
     }
+    if let Some(report) = &reply.flows {
+        print!("{}", flows_table(report));
+    }
+    if let Some(report) = &reply.sessions {
+        print!("{}", sessions_table(report));
+    }
     Ok(())
+}
+
+/// `ctl flows` for people: how many flows matched, then one row per flow listed.
+pub fn flows_table(report: &FlowsReport) -> String {
+    let mut out = format!(
+        "{} flows; {} listed, least idle first\n",
+        report.matched,
+        report.flows.len()
+    );
+    if report.flows.is_empty() {
+        return out;
+    }
+    let mut rows = vec![
+        [
+            "SERVICE", "CLIENT", "VIP", "BACKEND", "STATE", "AGE", "IDLE", "PACKETS",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    rows.extend(report.flows.iter().map(|f| {
+        vec![
+            f.service.clone(),
+            f.client.clone(),
+            f.vip.clone(),
+            with_address(&f.backend, &f.backend_address),
+            f.state.clone(),
+            short_duration(f.age_ms),
+            short_duration(f.idle_ms),
+            f.packets.to_string(),
+        ]
+    }));
+    out.push_str(&aligned(&rows, ""));
+    out
+}
+
+/// `ctl sessions` for people: one row per open session.
+pub fn sessions_table(report: &SessionsReport) -> String {
+    let mut out = format!("{} sessions\n", report.sessions.len());
+    if report.sessions.is_empty() {
+        return out;
+    }
+    let mut rows = vec![
+        [
+            "SERVICE",
+            "CLIENT",
+            "BACKEND",
+            "AGE",
+            "TO BACKEND",
+            "TO CLIENT",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    rows.extend(report.sessions.iter().map(|s| {
+        vec![
+            s.service.clone(),
+            s.client.clone(),
+            with_address(&s.backend, &s.backend_address),
+            short_duration(s.age_ms),
+            s.to_backend_bytes.to_string(),
+            s.to_client_bytes.to_string(),
+        ]
+    }));
+    out.push_str(&aligned(&rows, ""));
+    out
+}
+
+/// `mta1 (192.0.2.1:25)`, or the name alone when the address is unknown.
+fn with_address(name: &str, address: &str) -> String {
+    if address.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name} ({address})")
+    }
+}
+
+/// `850ms`, `12s`, `3m4s`, `2h1m`: a column's width, a person's precision.
+fn short_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        1..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 /// `ctl show` for people: one block per service, one row per backend.
@@ -391,6 +523,43 @@ mod tests {
             let error = parse_target(bad).expect_err(bad);
             assert!(error.contains("SERVICE/BACKEND"), "{error}");
         }
+    }
+
+    #[test]
+    fn dump_tables_say_how_many_and_keep_durations_short() {
+        assert_eq!(short_duration(850), "850ms");
+        assert_eq!(short_duration(12_400), "12s");
+        assert_eq!(short_duration(184_000), "3m4s");
+        assert_eq!(short_duration(7_260_000), "2h1m");
+        let flows = FlowsReport {
+            matched: 5,
+            flows: vec![crate::control::FlowReport {
+                service: "mx".into(),
+                client: "198.18.0.1:40000".into(),
+                vip: "198.18.0.100:25".into(),
+                backend: "mta1".into(),
+                backend_address: "198.18.1.11:25".into(),
+                state: "established".into(),
+                age_ms: 61_000,
+                idle_ms: 20,
+                packets: 14,
+            }],
+        };
+        let table = flows_table(&flows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "5 flows; 1 listed, least idle first");
+        assert!(lines[1].starts_with("SERVICE"), "{table}");
+        for cell in [
+            "198.18.0.1:40000",
+            "mta1 (198.18.1.11:25)",
+            "1m1s",
+            "20ms",
+            "14",
+        ] {
+            assert!(lines[2].contains(cell), "{cell} missing: {table}");
+        }
+        let none = sessions_table(&SessionsReport::default());
+        assert_eq!(none, "0 sessions\n");
     }
 
     #[test]

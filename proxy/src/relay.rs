@@ -21,6 +21,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::sessions::Tally;
+
 /// Bytes moved per read.
 const COPY_CHUNK: usize = 16 * 1024;
 
@@ -53,13 +55,14 @@ pub fn relay<'a>(
     server: &'a TcpStream,
     greeting: Vec<u8>,
     idle: Duration,
+    tally: Tally,
 ) -> Relay<'a> {
     Relay {
         client,
         server,
+        tally,
         upstream: Direction::default(),
         downstream: Direction {
-            moved: greeting.len() as u64,
             pending: greeting,
             ended: false,
         },
@@ -74,6 +77,8 @@ pin_project_lite::pin_project! {
     pub struct Relay<'a> {
         client: &'a TcpStream,
         server: &'a TcpStream,
+        // Where the bytes delivered each way are counted (`ctl sessions`).
+        tally: Tally,
         // client → server
         upstream: Direction,
         // server → client
@@ -85,14 +90,6 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl Relay<'_> {
-    /// Bytes relayed so far: (client → backend, backend → client, the greeting included). Read
-    /// once at the session's end.
-    pub fn transferred(&self) -> (u64, u64) {
-        (self.upstream.moved, self.downstream.moved)
-    }
-}
-
 impl Future for Relay<'_> {
     type Output = Result<(), RelayError>;
 
@@ -100,10 +97,18 @@ impl Future for Relay<'_> {
         let this = self.project();
         let (client, server) = (*this.client, *this.server);
         let mut moved = false;
-        let up = this.upstream.poll(cx, client, server, &mut moved);
-        let down = this.downstream.poll(cx, server, client, &mut moved);
+        let (mut up_bytes, mut down_bytes) = (0, 0);
+        let up = this
+            .upstream
+            .poll(cx, client, server, &mut moved, &mut up_bytes);
+        let down = this
+            .downstream
+            .poll(cx, server, client, &mut moved, &mut down_bytes);
         if moved {
             *this.last_activity = Instant::now();
+        }
+        if up_bytes + down_bytes > 0 {
+            this.tally.add(up_bytes, down_bytes);
         }
         for (state, dst) in [(up, server), (down, client)] {
             match state {
@@ -158,9 +163,6 @@ struct Direction {
     pending: Vec<u8>,
     /// The source's end of stream has been passed on (or is about to be).
     ended: bool,
-    /// Bytes read from the source (a plain add per read; the session adds it to its backend's
-    /// totals once, at its end).
-    moved: u64,
 }
 
 /// How a direction stands at the end of a poll that found its end.
@@ -174,13 +176,14 @@ enum Ended {
 impl Direction {
     /// Moves whatever is ready from `src` to `dst` until one of them would block (Pending,
     /// with both sockets' wakers registered as needed) or the source's end of stream.
-    /// `moved` is set when any byte went through.
+    /// `moved` is set when any byte went through; `delivered` grows by the bytes `dst` took.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
         moved: &mut bool,
+        delivered: &mut usize,
     ) -> Poll<io::Result<Ended>> {
         if self.ended {
             return Poll::Ready(Ok(Ended::Before));
@@ -192,6 +195,7 @@ impl Direction {
                     Ok(n) => {
                         self.pending.drain(..n);
                         *moved = true;
+                        *delivered += n;
                         if self.pending.is_empty() {
                             self.pending = Vec::new(); // give the memory back while idle
                         }
@@ -203,13 +207,9 @@ impl Direction {
             }
             ready!(src.poll_read_ready(cx))?;
             let closing = read_closed(cx, src);
-            match copy_ready(src, dst, &mut self.pending, closing) {
-                Ok(Copied::Moved(n)) => {
-                    self.moved += n as u64;
-                    *moved = true;
-                }
-                Ok(Copied::End(n)) => {
-                    self.moved += n as u64;
+            match copy_ready(src, dst, &mut self.pending, closing, delivered) {
+                Ok(Copied::Moved) => *moved = true,
+                Ok(Copied::End) => {
                     self.ended = true;
                     return Poll::Ready(Ok(Ended::Now));
                 }
@@ -233,10 +233,10 @@ fn read_closed(cx: &mut Context<'_>, src: &TcpStream) -> bool {
 /// What one [`copy_ready`] did.
 #[derive(Debug)]
 enum Copied {
-    /// Moved (read) this many bytes; the stream goes on.
-    Moved(usize),
-    /// The source reached its end of stream (this many last bytes were moved first).
-    End(usize),
+    /// Moved some bytes; the stream goes on.
+    Moved,
+    /// The source reached its end of stream (any last bytes were moved first).
+    End,
 }
 
 /// Reads what `src` has. A short read means the socket is drained, so readiness is cleared
@@ -274,39 +274,50 @@ fn copy_ready(
     dst: &TcpStream,
     pending: &mut Vec<u8>,
     closing: bool,
+    delivered: &mut usize,
 ) -> io::Result<Copied> {
-    CHUNK.with(|chunk| copy_through(&mut chunk.borrow_mut(), src, dst, pending, closing))
+    CHUNK.with(|chunk| {
+        copy_through(
+            &mut chunk.borrow_mut(),
+            src,
+            dst,
+            pending,
+            closing,
+            delivered,
+        )
+    })
 }
 
+/// [`copy_ready`] through `chunk`; `delivered` grows by the bytes `dst` took.
 fn copy_through(
     chunk: &mut [u8],
     src: &TcpStream,
     dst: &TcpStream,
     pending: &mut Vec<u8>,
     closing: bool,
+    delivered: &mut usize,
 ) -> io::Result<Copied> {
     let n = read_draining(src, chunk)?;
     if n == 0 {
-        return Ok(Copied::End(0));
+        return Ok(Copied::End);
     }
     // A short read after the FIN drained everything before it: these are the last bytes.
     let last = closing && n < chunk.len();
     let mut written = 0;
     while written < n {
         match send(dst, &chunk[written..n], last) {
-            Ok(w) => written += w,
+            Ok(w) => {
+                written += w;
+                *delivered += w;
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 pending.extend_from_slice(&chunk[written..n]);
-                return Ok(Copied::Moved(n));
+                return Ok(Copied::Moved);
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(if last {
-        Copied::End(n)
-    } else {
-        Copied::Moved(n)
-    })
+    Ok(if last { Copied::End } else { Copied::Moved })
 }
 
 /// `try_write`, corked (`MSG_MORE`) when the half-close follows at once: the kernel then sends
@@ -375,9 +386,10 @@ mod tests {
         assert!(closing, "the FIN should be visible before reading");
         let mut chunk = vec![0u8; COPY_CHUNK];
         let mut pending = Vec::new();
-        let copied = copy_through(&mut chunk, &src, &dst, &mut pending, closing).expect("copy");
+        let copied =
+            copy_through(&mut chunk, &src, &dst, &mut pending, closing, &mut 0).expect("copy");
         assert!(
-            matches!(copied, Copied::Moved(_)),
+            matches!(copied, Copied::Moved),
             "reported the end with bytes pending"
         );
         assert_eq!(pending, b"221 last words\r\n");
@@ -394,8 +406,9 @@ mod tests {
         let closing = fin_seen(&src).await;
         let mut chunk = vec![0u8; COPY_CHUNK];
         let mut pending = Vec::new();
-        let copied = copy_through(&mut chunk, &src, &dst, &mut pending, closing).expect("copy");
-        assert!(matches!(copied, Copied::End(_)));
+        let copied =
+            copy_through(&mut chunk, &src, &dst, &mut pending, closing, &mut 0).expect("copy");
+        assert!(matches!(copied, Copied::End));
         assert!(pending.is_empty());
         half_close(&dst).expect("half-close");
         let mut got = Vec::new();
@@ -417,6 +430,7 @@ mod tests {
                 &server,
                 b"220 hi\r\n".to_vec(),
                 Duration::from_millis(400),
+                Tally::NONE,
             )
             .await
         });
@@ -458,7 +472,14 @@ mod tests {
         let (client, _client_peer) = pair().await;
         let (server, _server_peer) = pair().await;
         let started = std::time::Instant::now();
-        let ended = relay(&client, &server, Vec::new(), Duration::from_millis(200)).await;
+        let ended = relay(
+            &client,
+            &server,
+            Vec::new(),
+            Duration::from_millis(200),
+            Tally::NONE,
+        )
+        .await;
         assert!(matches!(ended, Err(RelayError::Idle(_))), "{ended:?}");
         assert!(started.elapsed() >= Duration::from_millis(200));
     }

@@ -20,10 +20,12 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Config, Dataplane, ServiceConfig};
 use crate::control::{Call, Reply, Request, Target};
+use crate::dumps;
 use crate::events::{self, Kind};
 use crate::health;
 use crate::listeners::{Closing, Listeners};
 use crate::notify;
+use crate::sessions;
 use crate::show;
 use crate::state::{LiveState, Override, Overrides};
 use crate::totals::KernelCounters;
@@ -77,6 +79,10 @@ pub struct Control {
     kernel_sync: Option<Arc<tokio::sync::Notify>>,
     /// The kernel path's traffic counters, for `ctl show`.
     kernel_counters: Option<Arc<dyn KernelCounters + Send + Sync>>,
+    /// The kernel's flow tables, for `ctl flows`.
+    flow_reader: Option<Arc<xdp::FlowReader>>,
+    /// Each worker's queue for `ctl sessions` questions.
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<sessions::Ask>>,
 }
 
 impl Control {
@@ -95,6 +101,8 @@ impl Control {
             stop,
             kernel_sync: None,
             kernel_counters: None,
+            flow_reader: None,
+            workers: Vec::new(),
         }
     }
 
@@ -103,6 +111,16 @@ impl Control {
     pub fn with_kernel_path(mut self, plane: Option<&XdpPlane>) -> Self {
         self.kernel_sync = plane.map(XdpPlane::sync_now_handle);
         self.kernel_counters = plane.and_then(XdpPlane::kernel_counters_handle);
+        self.flow_reader = plane.map(XdpPlane::flow_reader);
+        self
+    }
+
+    /// The workers to ask for their open sessions (`ctl sessions`).
+    pub fn with_workers(
+        mut self,
+        workers: Vec<tokio::sync::mpsc::UnboundedSender<sessions::Ask>>,
+    ) -> Self {
+        self.workers = workers;
         self
     }
 
@@ -136,12 +154,18 @@ impl Control {
                     .map(|k| k as &dyn KernelCounters);
                 match show::report(&self.state.snapshot(), service.as_deref(), kernel) {
                     Ok(report) => Reply {
-                        ok: true,
-                        text: String::new(),
                         show: Some(report),
+                        ..Reply::ok("")
                     },
                     Err(refused) => Reply::refused(refused),
                 }
+            }
+            Request::Flows { service, limit } => {
+                let reader = self.flow_reader.clone();
+                dumps::flows(self.state.snapshot(), reader, service, limit).await
+            }
+            Request::Sessions { service } => {
+                dumps::sessions(self.state.snapshot(), &self.workers, service).await
             }
             Request::Reload => self.reload(&format!("ctl reload by uid {uid}")).await,
             Request::Check => self.check(),

@@ -28,6 +28,7 @@ use crate::notify;
 use crate::reject;
 use crate::reload::Control;
 use crate::session::{self, SERVICE_UNAVAILABLE, SessionSlot};
+use crate::sessions;
 use crate::sources::Verdict;
 use crate::state::{LiveState, Service, Snapshot};
 use crate::tallies::Refusal;
@@ -114,10 +115,13 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let mut listeners = Listeners::new(stop_accepting.clone());
     let mut queues = Vec::with_capacity(workers);
+    let mut session_askers = Vec::with_capacity(workers);
     for _ in 0..workers {
         let (queue, accepts) = mpsc::unbounded_channel();
         listeners.add_worker(queue);
-        queues.push(accepts);
+        let (asker, asks) = mpsc::unbounded_channel();
+        session_askers.push(asker);
+        queues.push((accepts, asks));
     }
     // Every worker gets a handle on every listener; all binds happen before anything runs, so
     // a bad address fails the start as a whole.
@@ -125,9 +129,10 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     listeners.commit(&snapshot, opening)?;
     let mut threads = Vec::new();
     let mut started = Ok(());
-    for (index, accepts) in queues.into_iter().enumerate() {
+    for (index, (accepts, asks)) in queues.into_iter().enumerate() {
         let worker = Worker {
             accepts,
+            asks,
             cut_sessions: cut_sessions.clone(),
             finished: finished.clone(),
             accepting: accepting.clone(),
@@ -189,7 +194,8 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(limits::report_exhaustion());
     drop(snapshot);
     let mut control = Control::new(config, state.clone(), listeners, stop_accepting.clone())
-        .with_kernel_path(xdp.as_ref());
+        .with_kernel_path(xdp.as_ref())
+        .with_workers(session_askers);
     control.start_checks();
 
     // The control loop: reloads (SIGHUP, `ctl reload`) and every other `ctl` request, one at
@@ -277,6 +283,8 @@ struct Worker {
     /// Listeners to accept on: those of the start are queued before the worker runs, a
     /// reload's come later.
     accepts: mpsc::UnboundedReceiver<Accept>,
+    /// `ctl sessions`: the control loop asks for this thread's open sessions.
+    asks: mpsc::UnboundedReceiver<sessions::Ask>,
     cut_sessions: CancellationToken,
     /// Cancelled once every session is over: the runtime may then go.
     finished: CancellationToken,
@@ -327,6 +335,7 @@ impl Worker {
                             warn!("{name}: {error:#}");
                         }
                     }
+                    Some(ask) = self.asks.recv() => sessions::answer(ask),
                 }
             }
         });

@@ -37,6 +37,7 @@ use crate::loops;
 use crate::proxy_protocol;
 use crate::reject::{drain, reject};
 use crate::relay::relay;
+use crate::sessions;
 use crate::smtp;
 use crate::sources::SourceGuard;
 use crate::state::{Backend, Generation, Observation, Service};
@@ -120,20 +121,27 @@ pub async fn run(
         return;
     }
     let idle = service.config.idle_timeout;
-    let mut relaying = std::pin::pin!(relay(&client, &server, greeting, idle));
+    // Listed for `ctl sessions` while it relays; the entry takes the handles by move.
+    let registered = sessions::Registered::new(service, backend, started, &client);
     let result = tokio::select! {
         _ = stop.cancelled() => Err(anyhow!("cut off at shutdown")),
-        result = &mut relaying => result.map_err(anyhow::Error::from),
+        result = relay(&client, &server, greeting, idle, registered.tally()) => result.map_err(anyhow::Error::from),
     };
-    let (from_client, from_backend) = relaying.transferred();
-    backend.live.bytes.add(from_client, from_backend);
+    let Some(ended) = registered.end() else {
+        return;
+    };
+    ended
+        .backend
+        .live
+        .bytes
+        .add(ended.to_backend, ended.to_client);
     // The client's address is asked again only when debug logging wants it: keeping it for
     // the whole session would cost every idle session its bytes
     // (tracing evaluates these fields only when the event is enabled).
-    let backend = &backend.config.name;
+    let backend = &ended.backend.config.name;
     match result {
         Ok(()) => {
-            debug!(client = ?client.peer_addr().ok(), %backend, elapsed = ?started.elapsed(), "session closed")
+            debug!(client = ?client.peer_addr().ok(), %backend, elapsed = ?ended.started.elapsed(), "session closed")
         }
         Err(error) => {
             debug!(client = ?client.peer_addr().ok(), %backend, "session ended: {error:#}")

@@ -24,8 +24,8 @@ use crate::config::{BackendConfig, Config, HealthKind, ServiceConfig};
 use crate::counters::{ActiveCount, CounterTable};
 pub use crate::health_state::{Generation, HealthState, Observation};
 use crate::sources::Sources;
-use crate::throttle::{Gcra, Rate};
 use crate::tallies::{FailureCounts, LatencyHistogram, RefusalCounts, Transferred};
+use crate::throttle::{Gcra, Rate};
 
 /// The whole running state, swappable as one unit (not a tokio runtime: the services and
 /// backends sessions are served from).

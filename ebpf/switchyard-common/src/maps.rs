@@ -320,6 +320,12 @@ pub struct FlowValue {
     /// [`flow_flags`]; changed only with atomic compare-and-swap. 64 bits because Rust's BPF
     /// target offers atomics on 64-bit words only.
     pub flags: u64,
+    /// `bpf_ktime_get_coarse_ns` of the SYN that made the flow (its age, for `ctl flows`).
+    pub created_ns: u64,
+    /// The client's packets on the flow (the direction every mode sees), for `ctl flows`.
+    /// A plain add, not an atomic one: a flow's client packets arrive on one receive queue, so
+    /// one CPU counts them; two CPUs on one flow at the same instant may lose one.
+    pub packets: u64,
 }
 
 /// Value of `NAT_REPLIES`: what a reply's source is rewritten to.
@@ -425,7 +431,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<ServiceKey6>(), 20);
         assert_eq!(size_of::<FlowKey6>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 24);
+        assert_eq!(size_of::<FlowValue>(), 40);
         assert_eq!(size_of::<NatReply>(), 16);
         assert_eq!(size_of::<BackendEntry6>(), 20);
         assert_eq!(size_of::<NatReply6>(), 32);

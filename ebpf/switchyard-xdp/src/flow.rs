@@ -81,12 +81,14 @@ pub fn is_stale(flow: *mut FlowValue, opens: bool, now: u64) -> bool {
     flow_ended(flags) && now.saturating_sub(last) > ENDED_LINGER_NS
 }
 
-/// A client packet of a known flow with TCP `flags`, seen at `now`: refreshes the entry, marks
-/// the handshake done, records the client's FIN or RST and gives the count back on it. Returns
-/// the flow's backend slot.
+/// A client packet of a known flow with TCP `flags`, seen at `now`: refreshes and counts the
+/// entry, marks the handshake done, records the client's FIN or RST and gives the count back on
+/// it. Returns the flow's backend slot.
 #[inline(always)]
 pub fn follow(flow: *mut FlowValue, flags: u8, now: u64) -> u32 {
     refresh(flow, now);
+    // The line was just read for the stamp; a plain add (see `FlowValue::packets`).
+    unsafe { (*flow).packets = (*flow).packets.wrapping_add(1) };
     // The client acknowledged: the handshake got through. Flows that never get here
     // (SYNs to nowhere, floods) are expired early by the control plane.
     if flags & TCP_ACK != 0 {
@@ -263,6 +265,8 @@ fn take_flow(
         service: service.index,
         last_seen_ns: now,
         flags: flow_flags::COUNTED,
+        created_ns: now,
+        packets: 1,
     };
     if !record(&value) {
         return None;

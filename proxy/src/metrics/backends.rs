@@ -256,8 +256,7 @@ impl ServiceFamilies {
             labels.push(("reason", why.to_string()));
             self.sources.count(labels, value.load(Ordering::Relaxed));
         }
-        self.tracked
-            .count(labels, counts.sources.tracked() as u64);
+        self.tracked.count(labels, counts.sources.tracked() as u64);
     }
 
     fn into_vec(self) -> Vec<Family> {

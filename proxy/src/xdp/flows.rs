@@ -45,7 +45,7 @@ const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`, which the kernel
 /// stamps flows with (at tick resolution, a few ms behind at most).
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     let mut ts = nix::libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -67,6 +67,8 @@ pub struct XdpPlane {
     stop: CancellationToken,
     /// Wakes the sync task before its period ends (after a reload or a runtime change).
     sync_now: Arc<Notify>,
+    /// The flow tables for `ctl flows`, on handles of their own.
+    flow_reader: Arc<super::FlowReader>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -159,7 +161,9 @@ impl XdpPlane {
                 dir.display()
             );
         }
+        let flow_reader = Arc::new(super::FlowReader::open(&bpf)?);
         Ok(Self {
+            flow_reader,
             bpf: Arc::new(Mutex::new(bpf)),
             counters,
             pin_dir,
@@ -180,6 +184,11 @@ impl XdpPlane {
     /// the change into the maps at once instead of at the end of its period (at most 1 s).
     pub fn sync_now_handle(&self) -> Arc<Notify> {
         self.sync_now.clone()
+    }
+
+    /// The flow tables' reader, for `ctl flows`.
+    pub fn flow_reader(&self) -> Arc<super::FlowReader> {
+        self.flow_reader.clone()
     }
 
     /// The shared counter table; build the state with it.

@@ -18,6 +18,7 @@
 
 #[cfg(test)]
 mod agreement;
+mod flow_dump;
 mod flows;
 mod forwarding;
 mod loader;
@@ -35,6 +36,7 @@ use crate::config::{Config, Dataplane, Forwarding};
 use crate::counters::CounterTable;
 use crate::state::LiveState;
 
+pub use flow_dump::FlowReader;
 pub use forwarding::check_nat_forwarding;
 pub use loader::XdpPlane;
 
