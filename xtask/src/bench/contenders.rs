@@ -179,6 +179,31 @@ pub fn start_switchyard(
     Ok(c)
 }
 
+/// The name of the contender that runs least_conn with `[service.limits]` configured but
+/// never triggered (what the limits cost a service that has them).
+pub const LIMITS_CONTENDER: &str = "switchyard least_conn + limits";
+
+/// switchyard least_conn with per-source limits and allow/deny lists set far above what the
+/// load reaches: every client passes through the per-source table and the lists.
+pub fn start_switchyard_with_limits(
+    dir: &Path,
+    bin: &Path,
+    port: u16,
+    backends: &[SocketAddr],
+) -> Result<Contender> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    supervise::ensure_port_free(listen)?;
+    let text = format!(
+        "{}\n[service.limits]\nper_source_connections = 100000\nper_source_rate = 1000000\nper_source_burst = 1000000\ndeny = [\"192.0.2.0/24\", \"2001:db8::/32\"]\nallow = [\"127.0.0.0/8\", \"::1\"]\n",
+        switchyard_config(listen, "least_conn", backends)
+    );
+    let (p, totals) = start_switchyard_with(dir, bin, "switchyard-limits", &text)?;
+    // No distribution of its own: it would repeat least_conn's.
+    let mut c = Contender::local(LIMITS_CONTENDER, listen, vec![p]);
+    c.totals = Some(totals);
+    Ok(c)
+}
+
 /// Sessions per backend from the totals switchyard wrote at shutdown (`run --totals FILE`).
 pub fn assigned_from_totals(path: &Path) -> Result<BTreeMap<String, u64>> {
     let text = std::fs::read_to_string(path)

@@ -183,6 +183,12 @@ pub fn run(opts: BenchOptions) -> Result<BenchResults> {
             &sink_addrs,
         )?);
     }
+    contenders.push(contenders::start_switchyard_with_limits(
+        &dir,
+        &switchyard,
+        SWITCHYARD_BASE_PORT + ALGORITHMS.len() as u16,
+        &sink_addrs,
+    )?);
     match workspace::find_program("haproxy") {
         Some(bin) => contenders.push(contenders::start_haproxy(&dir, &bin, &sink_addrs)?),
         None => skipped.push(Skipped {

@@ -88,6 +88,12 @@ pub fn markdown(res: &BenchResults) -> String {
             ratio(Some(r))
         ));
     }
+    if let Some(r) = res.limits_vs_none {
+        s.push_str(&format!(
+            "\nswitchyard least_conn with [service.limits] configured (not triggered) vs without, paired: {} (target: within 3 %)\n",
+            ratio(Some(r))
+        ));
+    }
     s.push_str(&kernel_markdown(res));
     s.push_str(&xdp_cost_markdown(res));
     if let Some(reload) = &res.reload {

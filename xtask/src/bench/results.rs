@@ -40,6 +40,10 @@ pub struct BenchResults {
     /// The XDP program's cost per packet (BPF_PROG_TEST_RUN), when it could be measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xdp_cost: Option<XdpCost>,
+    /// switchyard least_conn with `[service.limits]` configured (never triggered) over the same
+    /// without, median of the per-round ratios (target: within 3 %).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits_vs_none: Option<f64>,
     /// What a reload costs a large running config (1000 backends, thousands of sessions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<super::reload::ReloadFigures>,

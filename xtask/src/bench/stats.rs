@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::Result;
 
 use super::BenchOptions;
-use super::contenders::{Contender, DIRECT_SMTP_SOURCE};
+use super::contenders::{Contender, DIRECT_SMTP_SOURCE, LIMITS_CONTENDER};
 use super::results::{
     BenchResults, ContenderResult, CpuUse, Distribution, IdleMemory, KernelPath, KernelRatio,
     Machine, PlainPath, PlainRatio, Skipped,
@@ -76,6 +76,13 @@ pub fn summarize(
             .unwrap_or_default();
         named("direct").and_then(|direct| paired_ratio(&direct.runs, &yardstick))
     };
+    let limits_vs_none = {
+        let named = |name: &str| results.iter().find(|r| r.name == name);
+        let plain: Vec<f64> = named("switchyard least_conn")
+            .map(|r| r.runs.iter().map(|run| run.sessions_per_s).collect())
+            .unwrap_or_default();
+        named(LIMITS_CONTENDER).and_then(|limited| paired_ratio(&limited.runs, &plain))
+    };
     for r in &mut results {
         r.ratio_vs_haproxy = haproxy.map(|h| r.median_sessions_per_s / h);
         r.paired_ratio_vs_haproxy = paired_ratio(&r.runs, &haproxy_runs);
@@ -115,6 +122,7 @@ pub fn summarize(
         distribution,
         kernel_path,
         loadgen_vs_smtp_source,
+        limits_vs_none,
         xdp_cost: None,
         reload: None,
         metrics: None,
