@@ -1050,6 +1050,63 @@ fn table() -> Vec<Case> {
             ],
         ),
         // -------------------------------------------------------------------------------
+        // [service.limits] and a backend's max_session_rate
+        rejected(
+            "limits_network_with_host_bits_is_rejected",
+            service_with("[service.limits]\nallow = [\"192.0.2.1/24\"]\n"),
+            5,
+            &["limits.allow[0]", "host bits", "192.0.2.0/24"],
+        ),
+        rejected(
+            "limits_network_that_is_no_network_is_rejected",
+            service_with("[service.limits]\ndeny = [\"10.0.0.0/8\", \"nope\"]\n"),
+            5,
+            &["limits.deny[1]", "not an IP network"],
+        ),
+        rejected(
+            "limits_prefix_longer_than_the_address_is_rejected",
+            service_with("[service.limits]\ndeny = [\"10.0.0.0/33\"]\n"),
+            5,
+            &["limits.deny[0]", "prefix length", "0 to 32"],
+        ),
+        rejected(
+            "limits_empty_allow_is_rejected",
+            service_with("[service.limits]\nallow = []\n"),
+            5,
+            &["limits.allow is empty", "nobody"],
+        ),
+        rejected(
+            "limits_source_prefix_out_of_range_is_rejected",
+            service_with("[service.limits]\nsource_prefix_v4 = 4\n"),
+            5,
+            &["limits.source_prefix_v4", "between 8 and 32"],
+        ),
+        rejected(
+            "unknown_limits_key_lists_the_keys",
+            service_with("[service.limits]\nper_source_conections = 3\n"),
+            5,
+            &["per_source_conections", "per_source_connections"],
+        ),
+        rejected(
+            "negative_max_session_rate_is_rejected",
+            format!(
+                "{GOOD_SERVICE}\n[[service.backend]]\nname = \"a\"\naddress = \"127.0.0.1:2601\"\nmax_session_rate = -1\n"
+            ),
+            8,
+            &["max_session_rate", "between 0 and 1000000"],
+        ),
+        accepted(
+            "limits_are_summarized",
+            service_with(
+                "[service.limits]\nper_source_connections = 5\nper_source_rate = 10\nallow = [\"127.0.0.0/8\"]\n",
+            ),
+            &[
+                "limits: 5 sessions per source",
+                "10/s per source (burst 20)",
+                "allow 1 network(s) only",
+            ],
+        ),
+        // -------------------------------------------------------------------------------
         // [admin]
         rejected(
             "admin_socket_empty_is_rejected",

@@ -54,14 +54,21 @@ impl Config {
                 s.proxy_protocol,
                 health
             );
+            if s.limits != super::LimitsConfig::default() {
+                let _ = writeln!(out, "  limits: {}", limits_line(&s.limits));
+            }
             for b in &s.backends {
                 let max = match b.max_connections {
                     0 => "unlimited".to_owned(),
                     n => n.to_string(),
                 };
+                let rate = match b.max_session_rate {
+                    0 => String::new(),
+                    n => format!(" max_session_rate {n}/s"),
+                };
                 let _ = writeln!(
                     out,
-                    "  backend \"{}\": {} weight {} max_connections {}{}",
+                    "  backend \"{}\": {} weight {} max_connections {}{rate}{}",
                     b.name,
                     b.address,
                     b.weight,
@@ -77,4 +84,34 @@ impl Config {
         out.push_str("configuration OK\n");
         out
     }
+}
+
+/// `[service.limits]` in one line: what is limited, per what source, which networks.
+fn limits_line(limits: &super::LimitsConfig) -> String {
+    let mut parts = Vec::new();
+    if limits.per_source_connections != 0 {
+        parts.push(format!(
+            "{} sessions per source",
+            limits.per_source_connections
+        ));
+    }
+    if limits.per_source_rate != 0 {
+        parts.push(format!(
+            "{}/s per source (burst {})",
+            limits.per_source_rate, limits.per_source_burst
+        ));
+    }
+    if limits.limits_sources() {
+        parts.push(format!(
+            "a source is an IPv4 /{} or IPv6 /{}, {} tracked at most",
+            limits.source_prefix_v4, limits.source_prefix_v6, limits.tracked_sources
+        ));
+    }
+    if let Some(allow) = &limits.allow {
+        parts.push(format!("allow {} network(s) only", allow.len()));
+    }
+    if !limits.deny.is_empty() {
+        parts.push(format!("deny {} network(s)", limits.deny.len()));
+    }
+    parts.join("; ")
 }
