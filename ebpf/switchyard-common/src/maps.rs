@@ -468,6 +468,29 @@ pub struct SourceLimits {
     pub _pad: u32,
 }
 
+impl SourceLimits {
+    /// The `SOURCES` key of IPv4 client `addr` of the service at `service`.
+    #[inline(always)]
+    pub fn key_v4(&self, service: u32, addr: u32) -> SourceKey {
+        SourceKey::v4(service, addr & self.mask_v4)
+    }
+
+    /// The `SOURCES` key of IPv6 client `addr` of the service at `service`.
+    #[inline(always)]
+    pub fn key_v6(&self, service: u32, addr: [u32; 4]) -> SourceKey {
+        let mask = self.mask_v6;
+        SourceKey {
+            service,
+            addr: [
+                addr[0] & mask[0],
+                addr[1] & mask[1],
+                addr[2] & mask[2],
+                addr[3] & mask[3],
+            ],
+        }
+    }
+}
+
 /// Key of `SOURCES`: a service index and a source (the client's address masked by the
 /// service's `source_prefix_v4`/`_v6`). IPv4 sources are written as IPv4-mapped IPv6
 /// addresses (`::ffff:a.b.c.d`), so both families share one table and one bound.

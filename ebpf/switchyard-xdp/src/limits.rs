@@ -159,19 +159,8 @@ fn entry_of(key: &SourceKey) -> Option<*mut SourceValue> {
 #[inline(always)]
 fn source_key(index: u32, client: Client, limits: &SourceLimits) -> SourceKey {
     match client {
-        Client::V4(addr) => SourceKey::v4(index, addr & limits.mask_v4),
-        Client::V6(addr) => {
-            let mask = limits.mask_v6;
-            SourceKey {
-                service: index,
-                addr: [
-                    addr[0] & mask[0],
-                    addr[1] & mask[1],
-                    addr[2] & mask[2],
-                    addr[3] & mask[3],
-                ],
-            }
-        }
+        Client::V4(addr) => limits.key_v4(index, addr),
+        Client::V6(addr) => limits.key_v6(index, addr),
     }
 }
 
