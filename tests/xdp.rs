@@ -2024,3 +2024,38 @@ fn a_spoofed_source_syn_flood_leaves_the_source_table_at_its_bound() {
         },
     );
 }
+
+/// A flow that goes idle without FIN gives its source's unit back when the control plane
+/// expires it: a crafted SYN from an address nobody holds leaves an open flow for its /24
+/// (`source_prefix_v4 = 24`, `per_source_connections = 1`), so the real client in that /24 is
+/// dropped; once the flow expired, the client is served.
+#[test]
+fn an_expired_idle_flow_gives_its_sources_unit_back() {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+        return;
+    };
+    let config = with_limits(
+        &topo
+            .service_toml(&name, "least_conn")
+            .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\""),
+        "per_source_connections = 1\nsource_prefix_v4 = 24\n",
+    );
+    let sy = topo.start(&config);
+    wait_for_every_backend_to_take_flows(&sy);
+    topo.client
+        .run(|| netns::send_syns(Ipv4Addr::new(198, 18, 0, 240), vip(), 33000..33001))
+        .expect("a crafted SYN");
+    let refused = quick_session(&topo, vip());
+    assert!(refused.is_err(), "the /24 is at its limit: {refused:?}");
+    assert!(shown_sources(&sy).too_many >= 1);
+    // 2 s idle plus at most one expiry period (500 ms) and one sync period.
+    wait_for("the idle flow to expire", Duration::from_secs(8), || {
+        active_counts(&topo).iter().all(|&c| c == 0)
+    });
+    let again = one_session(&topo, vip());
+    assert!(
+        again.is_ok(),
+        "after the expiry: {again:?}\n{}",
+        sy.stderr_text()
+    );
+}
