@@ -203,9 +203,16 @@ fn parallel_sessions_to(
         .collect()
 }
 
-/// The XDP program's shared active counts, read from the kernel: the ACTIVE map of the
-/// program attached to the balancer's interface (found through `ip -d link`).
+/// The XDP program's shared active counts, read from the kernel.
 fn active_counts(topo: &Topology) -> Vec<u64> {
+    let map = attached_map(topo, "ACTIVE");
+    let array: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).expect("u64 array");
+    array.iter().map(|v| v.expect("read ACTIVE")).collect()
+}
+
+/// Map `name` of the program attached to the balancer's interface (found through
+/// `ip -d link`).
+fn attached_map(topo: &Topology, name: &str) -> aya::maps::Map {
     let out = Command::new("ip")
         .args([
             "-n",
@@ -233,16 +240,15 @@ fn active_counts(topo: &Topology) -> Vec<u64> {
         let Ok(info) = aya::maps::MapInfo::from_id(id) else {
             continue;
         };
-        if info.name_as_str() != Some("ACTIVE") {
+        if info.name_as_str() != Some(name) {
             continue;
         }
-        let data = aya::maps::MapData::from_id(id).expect("open ACTIVE");
-        let map = aya::maps::Map::from_map_data(data).expect("ACTIVE is an array");
-        let array: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).expect("u64 array");
-        return array.iter().map(|v| v.expect("read ACTIVE")).collect();
+        let data = aya::maps::MapData::from_id(id).unwrap_or_else(|e| panic!("open {name}: {e}"));
+        return aya::maps::Map::from_map_data(data).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
-    panic!("ACTIVE map not found among program {prog_id}'s maps");
+    panic!("{name} map not found among program {prog_id}'s maps");
 }
+
 /// The test network with an SMTP server in every backend namespace. Field order is drop order:
 /// the servers stop before the namespaces go.
 struct Network {
@@ -1765,4 +1771,291 @@ fn ctl_flows_lists_the_held_flows_with_their_backends_and_packets() {
     drop(held);
     wait_for_counts_back_to_zero(&topo);
     assert_stopped_idle(sy);
+}
+
+/// `config` with a `[service.limits]` table of `keys` (lines) in its (first) service.
+fn with_limits(config: &str, keys: &str) -> String {
+    let first_backend = "\n[[service.backend]]\n";
+    assert!(config.contains(first_backend), "no backend in {config}");
+    config.replacen(
+        first_backend,
+        &format!("\n[service.limits]\n{keys}\n{first_backend}"),
+        1,
+    )
+}
+
+/// `ctl show`'s per-source rejections of the first service.
+fn shown_sources(sy: &Switchyard) -> switchyard::control::SourceRejections {
+    let shown = sy.ctl(&["--json", "show"]);
+    let report: switchyard::control::ShowReport =
+        serde_json::from_str(&shown.stdout).expect("show --json");
+    report.services[0].sources.clone()
+}
+
+/// The kernel's `[service.limits]` drops of the first service in the shutdown totals.
+fn kernel_drops(sy: &Switchyard) -> switchyard::totals::KernelSourceTotals {
+    let totals = sy.totals();
+    totals.services[0]
+        .kernel
+        .expect("the xdp service's kernel counters")
+        .sources
+}
+
+/// Adds `ips` to the client namespace's interface (sources of their own for sessions).
+fn add_client_addresses(topo: &Topology, ips: &[Ipv4Addr]) {
+    for ip in ips {
+        topo.client
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+            .expect("a client address");
+    }
+}
+
+/// A session from `source` (an address of the client namespace) where a failure may be
+/// expected: each step gets 1 s.
+fn quick_session_from(topo: &Topology, source: Ipv4Addr) -> anyhow::Result<String> {
+    let options = SessionOptions {
+        source: Some(source.into()),
+        step_timeout: Some(Duration::from_secs(1)),
+        ..SessionOptions::default()
+    };
+    session_with(topo, vip().into(), options)
+}
+
+/// Denied SYNs and SYNs over a source's rate are dropped in the kernel and counted by reason,
+/// exactly (crafted SYNs, one per source port), while another client's sessions complete; a
+/// denied client's real connection gets nowhere; `/metrics` and `ctl show` say the same.
+#[test]
+fn limits_drop_denied_and_too_fast_syns_while_other_clients_complete() {
+    use testkit::metrics_text::Exposition;
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+        return;
+    };
+    let denied = Ipv4Addr::new(198, 18, 0, 161);
+    add_client_addresses(&topo, &[denied]);
+    let web: SocketAddr = "127.0.0.1:9025".parse().expect("address");
+    let admin = testkit::config_toml::admin_table_listening("admin.sock".as_ref(), web);
+    let config = with_limits(
+        &topo.service_toml(&name, "round_robin"),
+        "deny = [\"198.18.0.160/28\"]\nper_source_rate = 1\nper_source_burst = 5\n",
+    );
+    let mut sy = topo.start(&format!("{config}{admin}"));
+    wait_for_every_backend_to_take_flows(&sy);
+
+    // Crafted SYNs: 7 from a denied source, 12 from a source over its rate (5 in the burst).
+    let flooder = Ipv4Addr::new(198, 18, 0, 190);
+    topo.client
+        .run(move || {
+            netns::send_syns(Ipv4Addr::new(198, 18, 0, 165), vip(), 30000..30007)?;
+            netns::send_syns(flooder, vip(), 31000..31012)
+        })
+        .expect("crafted SYNs");
+    let refused = quick_session_from(&topo, denied);
+    assert!(refused.is_err(), "a denied client was served: {refused:?}");
+    for _ in 0..3 {
+        let served = one_session(&topo, vip());
+        assert!(served.is_ok(), "{served:?}\n{}", sy.stderr_text());
+    }
+    let shown = shown_sources(&sy);
+    // The denied client's SYN and its retransmissions count too.
+    assert!(shown.denied > 7, "{shown:?}");
+    assert!(
+        (6..=7).contains(&shown.too_fast),
+        "12 SYNs at once, 5 in the burst: {shown:?}"
+    );
+    assert_eq!(shown.too_many, 0, "{shown:?}");
+    let scraped = topo
+        .balancer
+        .run(move || Exposition::scrape(web))
+        .unwrap_or_else(|e| panic!("scrape: {e:#}"));
+    for (reason, value) in [("denied", shown.denied), ("too_fast", shown.too_fast)] {
+        let labels = [("service", name.as_str()), ("reason", reason)];
+        let scraped = scraped.get("switchyard_service_source_rejections_total", &labels);
+        // The denied client's SYN may be retransmitted between the two reads.
+        assert!(scraped >= value as f64, "{reason}: {scraped} < {value}");
+    }
+    assert!(sy.terminate().success(), "{}", sy.stderr_text());
+    let drops = kernel_drops(&sy);
+    assert_eq!(drops.not_allowed, 0, "{drops:?}");
+    assert!(
+        drops.denied > 7 && drops.too_fast == shown.too_fast,
+        "{drops:?}"
+    );
+}
+
+/// A source at `per_source_connections` open flows has its next SYN dropped while another
+/// source is served; once one of its sessions ends (the flow gives its unit back), it is
+/// served again.
+#[test]
+fn a_source_at_its_concurrent_limit_is_dropped_while_another_is_served() {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+        return;
+    };
+    let other = Ipv4Addr::new(198, 18, 0, 150);
+    add_client_addresses(&topo, &[other]);
+    let config = with_limits(
+        &topo.service_toml(&name, "least_conn"),
+        "per_source_connections = 2\n",
+    );
+    let sy = topo.start(&config);
+    wait_for_every_backend_to_take_flows(&sy);
+    let mut held: Vec<HeldSession> = (0..2)
+        .map(|_| HeldSession::open_in(&topo.client, vip().into()).expect("a held session"))
+        .collect();
+    let third = quick_session_from(&topo, netns::CLIENT);
+    assert!(third.is_err(), "a third session was served: {third:?}");
+    let served = quick_session_from(&topo, other);
+    assert!(
+        served.is_ok(),
+        "another source: {served:?}\n{}",
+        sy.stderr_text()
+    );
+    assert!(shown_sources(&sy).too_many >= 1);
+
+    held.pop()
+        .expect("held")
+        .finish()
+        .expect("held session completes");
+    let again = one_session(&topo, vip());
+    assert!(
+        again.is_ok(),
+        "after one ended: {again:?}\n{}",
+        sy.stderr_text()
+    );
+    for session in held {
+        session.finish().expect("held session completes");
+    }
+    wait_for_counts_back_to_zero(&topo);
+    assert_stopped_idle(sy);
+}
+
+/// With an allow list only its networks are served (others' SYNs dropped and counted as not
+/// allowed); a deny entry wins over a wider allow entry; a reload that removes the deny entry
+/// (keeping another) lets that client in at once.
+#[test]
+fn allow_only_serves_its_networks_and_a_reload_lifts_a_deny() {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+        return;
+    };
+    let lifted = Ipv4Addr::new(198, 18, 0, 150);
+    add_client_addresses(&topo, &[lifted]);
+    let service = topo.service_toml(&name, "least_conn");
+    let allow = "allow = [\"198.18.0.0/24\"]\n";
+    let config = with_limits(&service, &format!("{allow}deny = [\"{lifted}/32\"]\n"));
+    let mut sy = topo.start(&config);
+    wait_for_every_backend_to_take_flows(&sy);
+    let served = one_session(&topo, vip());
+    assert!(served.is_ok(), "{served:?}\n{}", sy.stderr_text());
+    let refused = quick_session_from(&topo, lifted);
+    assert!(refused.is_err(), "a denied client was served: {refused:?}");
+    // Outside the allow list.
+    topo.client
+        .run(|| netns::send_syns(Ipv4Addr::new(198, 18, 5, 5), vip(), 32000..32009))
+        .expect("crafted SYNs");
+
+    // The deny list stays (another entry): the lifted entry must leave the trie.
+    reload_with(
+        &sy,
+        &with_limits(&service, &format!("{allow}deny = [\"198.18.0.200/32\"]\n")),
+    );
+    wait_for(
+        "the lifted deny to reach the kernel",
+        Duration::from_secs(5),
+        || sy.stderr_text().contains("[service.limits] changed"),
+    );
+    let now_served = quick_session_from(&topo, lifted);
+    assert!(
+        now_served.is_ok(),
+        "after the reload: {now_served:?}\n{}",
+        sy.stderr_text()
+    );
+    assert!(sy.terminate().success(), "{}", sy.stderr_text());
+    let drops = kernel_drops(&sy);
+    assert_eq!(drops.not_allowed, 9, "{drops:?}");
+    assert!(drops.denied >= 1, "{drops:?}");
+}
+
+/// A bounded SYN flood from 20 000 random (spoofed) sources: the per-source table stays at its
+/// bound (`tracked_sources`), and a legitimate client's sessions all complete meanwhile.
+#[test]
+fn a_spoofed_source_syn_flood_leaves_the_source_table_at_its_bound() {
+    const BOUND: usize = 2000;
+    const FLOOD: u32 = 20_000;
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+        return;
+    };
+    let config = with_limits(
+        &topo.service_toml(&name, "least_conn"),
+        &format!("per_source_rate = 50\ntracked_sources = {BOUND}\n"),
+    );
+    let sy = topo.start(&config);
+    wait_for_every_backend_to_take_flows(&sy);
+    // Sources in 198.19.0.0/16 (test addresses), a different one for nearly every SYN.
+    let flood = topo.client.spawn(|| {
+        let mut state = 0x2545_f491u32;
+        let sources = (0..FLOOD).map(move |_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let [_, _, c, d] = state.to_be_bytes();
+            SocketAddrV4::new(Ipv4Addr::new(198, 19, c, d), 40000 + (state % 20000) as u16)
+        });
+        netns::send_syns_from(sources, vip())
+    });
+    let during = sessions(&topo, 10, Duration::ZERO);
+    flood.join().expect("flood thread").expect("the SYN flood");
+    let after = sessions(&topo, 10, Duration::ZERO);
+    for result in during.iter().chain(&after) {
+        assert!(result.is_ok(), "{result:?}\n{}", sy.stderr_text());
+    }
+    let map = attached_map(&topo, "SOURCES");
+    let table: aya::maps::HashMap<_, [u8; 20], [u8; 16]> =
+        aya::maps::HashMap::try_from(map).expect("SOURCES is a hash map");
+    let entries = table.keys().filter_map(Result::ok).count();
+    assert!(
+        (BOUND / 2..=BOUND).contains(&entries),
+        "{entries} sources tracked, bound {BOUND}"
+    );
+    wait_for(
+        "ctl show to count the table",
+        Duration::from_secs(12),
+        || {
+            let tracked = shown_sources(&sy).tracked as usize;
+            tracked > 0 && tracked <= BOUND
+        },
+    );
+}
+
+/// A flow that goes idle without FIN gives its source's unit back when the control plane
+/// expires it: a crafted SYN from an address nobody holds leaves an open flow for its /24
+/// (`source_prefix_v4 = 24`, `per_source_connections = 1`), so the real client in that /24 is
+/// dropped; once the flow expired, the client is served.
+#[test]
+fn an_expired_idle_flow_gives_its_sources_unit_back() {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+        return;
+    };
+    let config = with_limits(
+        &topo
+            .service_toml(&name, "least_conn")
+            .replace("flow_idle_timeout = \"5m\"", "flow_idle_timeout = \"2s\""),
+        "per_source_connections = 1\nsource_prefix_v4 = 24\n",
+    );
+    let sy = topo.start(&config);
+    wait_for_every_backend_to_take_flows(&sy);
+    topo.client
+        .run(|| netns::send_syns(Ipv4Addr::new(198, 18, 0, 240), vip(), 33000..33001))
+        .expect("a crafted SYN");
+    let refused = quick_session(&topo, vip());
+    assert!(refused.is_err(), "the /24 is at its limit: {refused:?}");
+    assert!(shown_sources(&sy).too_many >= 1);
+    // 2 s idle plus at most one expiry period (500 ms) and one sync period.
+    wait_for("the idle flow to expire", Duration::from_secs(8), || {
+        active_counts(&topo).iter().all(|&c| c == 0)
+    });
+    let again = one_session(&topo, vip());
+    assert!(
+        again.is_ok(),
+        "after the expiry: {again:?}\n{}",
+        sy.stderr_text()
+    );
 }

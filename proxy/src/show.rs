@@ -54,7 +54,7 @@ fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> Ser
         sessions_active: u64::from(service.counts.sessions.load(Ordering::Relaxed)),
         sessions_total: service.counts.accepted.load(Ordering::Relaxed),
         refused_421: service.counts.refused.total(),
-        sources: source_rejections(service),
+        sources: source_rejections(service, kernel.filter(|_| xdp)),
         flows: xdp.then(|| open_flows(service)),
         backends: service
             .backends
@@ -131,7 +131,22 @@ fn backend_report(service: &Service, backend: &Backend) -> BackendReport {
     }
 }
 
-fn source_rejections(service: &Service) -> SourceRejections {
+/// The service's per-source rejections: the proxy's own counts, or for an xdp service the
+/// kernel's drops (`denied` counts both lists, as the proxy's `554`s do).
+fn source_rejections(service: &Service, kernel: Option<&dyn KernelCounters>) -> SourceRejections {
+    if let Some(kernel) = kernel {
+        let counted = kernel
+            .service(service.kernel_index as usize)
+            .unwrap_or_default()
+            .sources;
+        return SourceRejections {
+            denied: counted.denied + counted.not_allowed,
+            too_many: counted.too_many,
+            too_fast: counted.too_fast,
+            untracked: 0,
+            tracked: counted.tracked,
+        };
+    }
     let sources = &service.counts.sources;
     let counts = &sources.counts;
     SourceRejections {

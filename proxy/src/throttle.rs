@@ -22,12 +22,12 @@ pub struct Rate {
 
 impl Rate {
     /// Nanoseconds between two events at the steady rate.
-    fn interval(self) -> u64 {
+    pub fn interval(self) -> u64 {
         1_000_000_000 / u64::from(self.per_second.max(1))
     }
 
     /// How far ahead of now the arrival time may run: a full bucket of `burst` events.
-    fn tolerance(self) -> u64 {
+    pub fn tolerance(self) -> u64 {
         self.interval() * u64::from(self.burst.max(1))
     }
 }

@@ -105,6 +105,25 @@ pub struct KernelServiceTotals {
     pub passed: u64,
     pub dropped: u64,
     pub no_backend: u64,
+    /// SYNs `[service.limits]` dropped, and the sources tracked.
+    #[serde(default)]
+    pub sources: KernelSourceTotals,
+}
+
+/// SYNs the kernel path dropped by `[service.limits]`, by reason (summed over CPUs), and the
+/// service's entries in the per-source table at the last count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelSourceTotals {
+    /// In the deny list.
+    pub denied: u64,
+    /// Not in the allow list.
+    pub not_allowed: u64,
+    /// At `per_source_connections`.
+    pub too_many: u64,
+    /// Over `per_source_rate`.
+    pub too_fast: u64,
+    /// Sources in the per-source table (counted every few seconds).
+    pub tracked: u64,
 }
 
 /// The kernel's flow tables as the last expiry pass found them.

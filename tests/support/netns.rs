@@ -6,7 +6,7 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 
 pub use testkit::netns::*;
 pub use testkit::ping6::ping6;
-pub use testkit::raw_syn::send_syns;
+pub use testkit::raw_syn::{send_syns, send_syns_from};
 pub use testkit::smtp_server::{Behaviour, SmtpServer};
 pub use testkit::topology::*;
 

@@ -36,6 +36,16 @@ pub mod names {
     pub const ADDRESS_FILTER: &str = "ADDRESS_FILTER";
     pub const SERVICE_ROUTES: &str = "SERVICE_ROUTES";
     pub const CLOCK_CACHE: &str = "CLOCK_CACHE";
+    /// `[service.limits]` deny and allow lists of IPv4 networks (`ListAddr4` tries).
+    pub const SOURCE_LISTS: &str = "SOURCE_LISTS";
+    /// The same lists' IPv6 networks (`ListAddr6` tries).
+    pub const SOURCE_LISTS6: &str = "SOURCE_LISTS6";
+    /// Per service index, its `[service.limits]` (`SourceLimits`).
+    pub const SOURCE_LIMITS: &str = "SOURCE_LIMITS";
+    /// The per-source table: `SourceKey` to `SourceValue`, an LRU bounded by `tracked_sources`.
+    pub const SOURCES: &str = "SOURCES";
+    /// Per-CPU, per service index: SYNs dropped by `[service.limits]`, by reason (`SourceStats`).
+    pub const SOURCE_STATS: &str = "SOURCE_STATS";
 }
 
 /// Program names in the object.
@@ -51,6 +61,9 @@ pub mod programs {
 pub const DEFAULT_SERVICES: u32 = 64;
 pub const DEFAULT_BACKEND_SLOTS: u32 = 4096;
 pub const DEFAULT_FLOWS: u32 = 65536;
+pub const DEFAULT_SOURCES: u32 = 1024;
+/// Entries of the allow/deny tries (not preallocated: a bound only).
+pub const DEFAULT_LIST_ENTRIES: u32 = 4096;
 /// Entries reserved for one service's weighted round-robin table (one version): the longest
 /// table `weighted_round_robin::build_table` can return.
 pub const WEIGHTED_TABLE_SIZE: u32 =
@@ -104,6 +117,9 @@ pub mod flow_flags {
     pub const BACKEND_FIN: u64 = 16;
     /// Either side sent RST.
     pub const RESET: u64 = 32;
+    /// The flow holds one unit of its source's count in `SOURCES` (given back with the
+    /// backend's, by whoever sets `CLOSED` or deletes the open flow).
+    pub const SOURCE_COUNTED: u64 = 64;
 }
 
 /// Whether a flow with `flags` has ended: a RST, or FINs both ways.
@@ -382,6 +398,145 @@ pub struct ServiceStats {
     pub no_backend: u64,
 }
 
+/// `SourceLimits::flags`.
+pub mod source_limits {
+    /// The service has a deny list: its entries are in the tries under `ListScope(index, DENY)`.
+    pub const HAS_DENY: u32 = 1;
+    /// The service has an allow list: a source must match it.
+    pub const HAS_ALLOW: u32 = 2;
+    /// The service limits sources (`per_source_connections` or `per_source_rate`): its SYNs
+    /// are counted in `SOURCES`.
+    pub const TRACKS: u32 = 4;
+}
+
+/// Which list of which service an entry of `SOURCE_LISTS`/`SOURCE_LISTS6` belongs to: the
+/// first 32 bits of the trie's key data, in network byte order (an LPM trie matches bits from
+/// the first byte), always matched whole. One trie per address family holds every service's
+/// lists, so no map has to be made per service; deny and allow of one service are apart (two
+/// scopes), because a longest-prefix match returns one entry and deny must win over a longer
+/// allow.
+pub mod source_list {
+    pub const DENY: u32 = 0;
+    pub const ALLOW: u32 = 1;
+    /// Bits of the key data before the address.
+    pub const SCOPE_BITS: u32 = 32;
+
+    /// The scope word of `list` of the service at `index`.
+    #[inline(always)]
+    pub fn scope(index: u32, list: u32) -> u32 {
+        (index * 2 + list).to_be()
+    }
+}
+
+/// Key data of `SOURCE_LISTS` (behind the trie's `prefix_len`): a list's scope
+/// ([`source_list::scope`]) and an IPv4 network, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListAddr4 {
+    pub scope: u32,
+    pub addr: u32,
+}
+
+/// Key data of `SOURCE_LISTS6`: a scope and an IPv6 network (words as in [`ServiceKey6`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListAddr6 {
+    pub scope: u32,
+    pub addr: [u32; 4],
+}
+
+/// Value of `SOURCE_LIMITS`, by service index: the service's `[service.limits]` as the kernel
+/// applies them to SYNs. All zero (an unwritten entry) limits nothing. An array by index
+/// rather than fields of `ServiceValue`: the kernel copies that value on every SYN and a
+/// flow's end needs the masks by the flow's service index, and limits change on reload
+/// without touching the double-buffered tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceLimits {
+    /// [`source_limits`].
+    pub flags: u32,
+    /// Concurrent flows per source (0 = no limit).
+    pub per_source_connections: u32,
+    /// Nanoseconds between new flows at `per_source_rate` (0 = no rate limit).
+    pub interval_ns: u64,
+    /// How far ahead of now a source's arrival time may run: `per_source_burst` intervals.
+    pub tolerance_ns: u64,
+    /// `source_prefix_v4` as a mask over the address, network byte order.
+    pub mask_v4: u32,
+    /// `source_prefix_v6` as a mask over the address's words.
+    pub mask_v6: [u32; 4],
+    pub _pad: u32,
+}
+
+impl SourceLimits {
+    /// The `SOURCES` key of IPv4 client `addr` of the service at `service`.
+    #[inline(always)]
+    pub fn key_v4(&self, service: u32, addr: u32) -> SourceKey {
+        SourceKey::v4(service, addr & self.mask_v4)
+    }
+
+    /// The `SOURCES` key of IPv6 client `addr` of the service at `service`.
+    #[inline(always)]
+    pub fn key_v6(&self, service: u32, addr: [u32; 4]) -> SourceKey {
+        let mask = self.mask_v6;
+        SourceKey {
+            service,
+            addr: [
+                addr[0] & mask[0],
+                addr[1] & mask[1],
+                addr[2] & mask[2],
+                addr[3] & mask[3],
+            ],
+        }
+    }
+}
+
+/// Key of `SOURCES`: a service index and a source (the client's address masked by the
+/// service's `source_prefix_v4`/`_v6`). IPv4 sources are written as IPv4-mapped IPv6
+/// addresses (`::ffff:a.b.c.d`), so both families share one table and one bound.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub service: u32,
+    pub addr: [u32; 4],
+}
+
+impl SourceKey {
+    /// The key of IPv4 source `addr` (already masked) of the service at `service`.
+    #[inline(always)]
+    pub fn v4(service: u32, addr: u32) -> SourceKey {
+        SourceKey {
+            service,
+            addr: [0, 0, 0xffffu32.to_be(), addr],
+        }
+    }
+}
+
+/// Value of `SOURCES`: what one source of one service holds. Both words are changed only with
+/// atomics (Rust's BPF target has them on 64-bit words only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceValue {
+    /// Open flows of the source (flows with `SOURCE_COUNTED` not yet closed).
+    pub active: u64,
+    /// GCRA's theoretical arrival time of the next new flow (coarse clock, ns).
+    pub arrival_ns: u64,
+}
+
+/// Per-CPU value of `SOURCE_STATS`, by service index: SYNs dropped by `[service.limits]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// In the deny list.
+    pub denied: u64,
+    /// Not in the allow list.
+    pub not_allowed: u64,
+    /// At `per_source_connections`.
+    pub too_many: u64,
+    /// Over `per_source_rate`.
+    pub too_fast: u64,
+}
+
 /// Index of a service's Maglev entry `slot` in the flat `MAGLEV` array.
 #[inline(always)]
 pub fn maglev_index(service: u32, version: u32, size: u32, slot: u32) -> u32 {
@@ -413,6 +568,12 @@ mod pod {
     unsafe impl aya::Pod for NatReply6 {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for ListAddr4 {}
+    unsafe impl aya::Pod for ListAddr6 {}
+    unsafe impl aya::Pod for SourceLimits {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for SourceValue {}
+    unsafe impl aya::Pod for SourceStats {}
 }
 
 #[cfg(test)]
@@ -437,6 +598,12 @@ mod tests {
         assert_eq!(size_of::<NatReply6>(), 32);
         assert_eq!(size_of::<BackendStats>(), 24);
         assert_eq!(size_of::<ServiceStats>(), 32);
+        assert_eq!(size_of::<ListAddr4>(), 8);
+        assert_eq!(size_of::<ListAddr6>(), 20);
+        assert_eq!(size_of::<SourceLimits>(), 48);
+        assert_eq!(size_of::<SourceKey>(), 20);
+        assert_eq!(size_of::<SourceValue>(), 16);
+        assert_eq!(size_of::<SourceStats>(), 32);
     }
 
     #[test]

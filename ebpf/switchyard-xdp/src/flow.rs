@@ -11,6 +11,7 @@ use switchyard_common::maps::{
     flow_ended, flow_flags, forwarding,
 };
 
+use crate::limits::{self, Admission, Client};
 use crate::maps::{ACTIVE, BACKENDS, BACKENDS6, FLOWS, FLOWS6, NAT_REPLIES, NAT_REPLIES6};
 use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::select::select;
@@ -81,11 +82,11 @@ pub fn is_stale(flow: *mut FlowValue, opens: bool, now: u64) -> bool {
     flow_ended(flags) && now.saturating_sub(last) > ENDED_LINGER_NS
 }
 
-/// A client packet of a known flow with TCP `flags`, seen at `now`: refreshes and counts the
-/// entry, marks the handshake done, records the client's FIN or RST and gives the count back on
-/// it. Returns the flow's backend slot.
+/// A packet of `client` on a known flow with TCP `flags`, seen at `now`: refreshes and counts
+/// the entry, marks the handshake done, records the client's FIN or RST and gives the counts
+/// back on it. Returns the flow's backend slot.
 #[inline(always)]
-pub fn follow(flow: *mut FlowValue, flags: u8, now: u64) -> u32 {
+pub fn follow(flow: *mut FlowValue, flags: u8, now: u64, client: Client) -> u32 {
     refresh(flow, now);
     // The line was just read for the stamp; a plain add (see `FlowValue::packets`).
     unsafe { (*flow).packets = (*flow).packets.wrapping_add(1) };
@@ -101,7 +102,7 @@ pub fn follow(flow: *mut FlowValue, flags: u8, now: u64) -> u32 {
             flow_flags::CLIENT_FIN
         };
         mark(flow, seen);
-        close_flow(flow);
+        close_flow(flow, client);
     }
     unsafe { (*flow).backend }
 }
@@ -123,7 +124,7 @@ pub fn follow_reply(reply_key: &FlowKey, vip: u32, vport: u16, flags: u8, now: u
     if backend.addr != reply_key.src_addr || backend.port != reply_key.src_port {
         return false;
     }
-    reply_seen(flow, flags, now)
+    reply_seen(flow, flags, now, Client::V4(reply_key.dst_addr))
 }
 
 /// [`follow_reply`] for an IPv6 reply: its flow in `FLOWS6`, its backend's address in
@@ -147,30 +148,31 @@ pub fn follow_reply6(reply_key: &FlowKey6, vip: &[u32; 4], vport: u16, flags: u8
     if backend.addr != reply_key.src_addr || backend.port != reply_key.src_port {
         return false;
     }
-    reply_seen(flow, flags, now)
+    reply_seen(flow, flags, now, Client::V6(reply_key.dst_addr))
 }
 
 /// A reply (TCP `flags`) from the backend of `flow`: false when the flow is stale for it;
 /// otherwise the flow is refreshed and the backend's FIN or RST recorded (a RST gives the
 /// count back).
 #[inline(always)]
-fn reply_seen(flow: *mut FlowValue, flags: u8, now: u64) -> bool {
+fn reply_seen(flow: *mut FlowValue, flags: u8, now: u64, client: Client) -> bool {
     if is_stale(flow, flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK, now) {
         return false;
     }
     refresh(flow, now);
     if flags & TCP_RST != 0 {
         mark(flow, flow_flags::RESET);
-        close_flow(flow);
+        close_flow(flow, client);
     } else if flags & TCP_FIN != 0 {
         mark(flow, flow_flags::BACKEND_FIN);
     }
     true
 }
 
-/// Gives the flow's count back, once: only the CPU whose compare-and-swap sets `CLOSED` does.
+/// Gives the flow's counts back (its backend's, and its source's when it holds one), once:
+/// only the CPU whose compare-and-swap sets `CLOSED` does. `client` is the flow's client.
 #[inline(always)]
-fn close_flow(flow: *mut FlowValue) {
+fn close_flow(flow: *mut FlowValue, client: Client) {
     // Other bits (ESTABLISHED) may change concurrently: retry the swap a few times.
     for _ in 0..4 {
         // A plain 64-bit load is atomic on BPF; the compare-and-swap settles any race.
@@ -192,17 +194,30 @@ fn close_flow(flow: *mut FlowValue) {
                     unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
                 }
             }
+            if seen & flow_flags::SOURCE_COUNTED != 0 {
+                limits::release(unsafe { (*flow).service }, client);
+            }
             return;
         }
     }
 }
 
-/// Chooses a backend for a SYN, records the flow, and counts it. Returns the backend slot.
+/// Why a SYN opened no flow.
+pub enum NoFlow {
+    /// `[service.limits]` refused it (counted by reason).
+    Refused,
+    /// No backend could take it (or the flow could not be recorded).
+    NoBackend,
+}
+
+/// Applies the service's limits to a SYN, chooses a backend, records the flow, and counts it.
+/// Returns the backend slot.
 #[inline(always)]
-pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> {
+pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Result<u32, NoFlow> {
     let client_hash = || hash::hash_ipv4(key.src_addr.to_ne_bytes());
+    let client = Client::V4(key.src_addr);
     // BPF_ANY: replaces a closed entry for a reused 5-tuple (its count was already given back).
-    let slot = take_flow(service, client_hash, now, |value| {
+    let slot = take_flow(service, client, client_hash, now, |value| {
         FLOWS.insert(key, value, 0).is_ok()
     })?;
     if service.forwarding == forwarding::NAT
@@ -217,15 +232,16 @@ pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> 
         };
         let _ = NAT_REPLIES.insert(&reply_key, &reply, 0);
     }
-    Some(slot)
+    Ok(slot)
 }
 
 /// [`new_flow`] for an IPv6 client: the flow in `FLOWS6`, a nat flow's reply entry in
 /// `NAT_REPLIES6`.
 #[inline(always)]
-pub fn new_flow6(service: &ServiceValue, key: &FlowKey6, now: u64) -> Option<u32> {
+pub fn new_flow6(service: &ServiceValue, key: &FlowKey6, now: u64) -> Result<u32, NoFlow> {
     let client_hash = || hash::hash_ipv6(unsafe { core::mem::transmute(key.src_addr) });
-    let slot = take_flow(service, client_hash, now, |value| {
+    let client = Client::V6(key.src_addr);
+    let slot = take_flow(service, client, client_hash, now, |value| {
         FLOWS6.insert(key, value, 0).is_ok()
     })?;
     if service.forwarding == forwarding::NAT
@@ -247,33 +263,52 @@ pub fn new_flow6(service: &ServiceValue, key: &FlowKey6, now: u64) -> Option<u32
         };
         let _ = NAT_REPLIES6.insert(&reply_key, &reply, 0);
     }
-    Some(slot)
+    Ok(slot)
 }
 
-/// Chooses a backend for a new flow, has `record` store the flow's value, and on success takes
-/// one unit of the backend's count. Returns the backend slot.
+/// Admits a SYN from `client` under the service's limits (taking a unit of its source's count
+/// when the source is tracked), chooses a backend for the new flow, has `record` store the
+/// flow's value, and on success takes one unit of the backend's count. Returns the backend
+/// slot; a source unit taken for a flow that was not made goes back.
 #[inline(always)]
 fn take_flow(
     service: &ServiceValue,
+    client: Client,
     client_hash: impl FnOnce() -> u64,
     now: u64,
     record: impl FnOnce(&FlowValue) -> bool,
-) -> Option<u32> {
-    let slot = select(service, client_hash)?;
+) -> Result<u32, NoFlow> {
+    let source = match limits::admit(service.index, client, now) {
+        Admission::Refused => return Err(NoFlow::Refused),
+        Admission::Open(source) => source,
+    };
+    let no_backend = || {
+        if let Some(entry) = source {
+            limits::give_back(entry);
+        }
+        NoFlow::NoBackend
+    };
+    let Some(slot) = select(service, client_hash) else {
+        return Err(no_backend());
+    };
+    let flags = match source {
+        Some(_) => flow_flags::COUNTED | flow_flags::SOURCE_COUNTED,
+        None => flow_flags::COUNTED,
+    };
     let value = FlowValue {
         backend: slot,
         service: service.index,
         last_seen_ns: now,
-        flags: flow_flags::COUNTED,
+        flags,
         created_ns: now,
         packets: 1,
     };
     if !record(&value) {
-        return None;
+        return Err(no_backend());
     }
     if let Some(active) = ACTIVE.get_ptr_mut(slot) {
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
     }
     count_new_flow(slot);
-    Some(slot)
+    Ok(slot)
 }

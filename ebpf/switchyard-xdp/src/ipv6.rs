@@ -19,7 +19,8 @@ use switchyard_common::maps::{
 };
 
 use crate::clock::coarse_now;
-use crate::flow::{follow, is_stale, new_flow6};
+use crate::flow::{NoFlow, follow, is_stale, new_flow6};
+use crate::limits::Client;
 use crate::forward::{dsr_frame, forward_nat6, nat_reply6};
 use crate::maps::{BACKENDS, BACKENDS6, FLOWS6, SERVICES6};
 use crate::parse::{Packet6, TCP_ACK, TCP_SYN, parse_v6};
@@ -69,7 +70,7 @@ fn keys(pkt: &Packet6) -> (ServiceKey6, FlowKey6, u8) {
 /// The backend slot of the packet's flow: its entry's, or a new flow's for a SYN; otherwise
 /// the action to take (counted): pass a mid-stream packet without state or a SYN for a service
 /// that left the config (retired: only its established flows go on), drop a SYN that no
-/// backend can take.
+/// backend can take or that `[service.limits]` refuse.
 #[inline(always)]
 fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u32> {
     let now = coarse_now();
@@ -77,17 +78,20 @@ fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u
     if let Some(flow) = FLOWS6.get_ptr_mut(key)
         && !is_stale(flow, is_syn, now)
     {
-        return Ok(follow(flow, flags, now));
+        return Ok(follow(flow, flags, now, Client::V6(key.src_addr)));
     }
     if !is_syn || service.flags & service_flags::RETIRED != 0 {
         count_service(service.index, |s| s.passed += 1);
         return Err(xdp_action::XDP_PASS);
     }
-    new_flow6(service, key, now).ok_or_else(|| {
-        count_service(service.index, |s| {
-            s.no_backend += 1;
-            s.dropped += 1;
-        });
+    new_flow6(service, key, now).map_err(|why| {
+        // A refused SYN is counted by reason in `limits`; dropped, the client's TCP retries.
+        if let NoFlow::NoBackend = why {
+            count_service(service.index, |s| {
+                s.no_backend += 1;
+                s.dropped += 1;
+            });
+        }
         xdp_action::XDP_DROP
     })
 }

@@ -16,7 +16,8 @@
 //!
 //! This file holds the entry points and the dispatch; the rest lives by concern: `parse`
 //! (headers), `ipv6` (the IPv6 path), `filter` (address filter, service routes), `clock` (the coarse clock once per
-//! tick), `flow` (flow table), `select` (backend choice), `forward` (dsr, nat, replies),
+//! tick), `flow` (flow table), `limits` (`[service.limits]` on SYNs: allow/deny tries,
+//! per-source concurrency and rate), `select` (backend choice), `forward` (dsr, nat, replies),
 //! `checksum`, `stats` (counters) and `maps` (the map statics; layouts in
 //! `switchyard_common::maps`).
 #![no_std]
@@ -32,6 +33,7 @@ mod filter;
 mod flow;
 mod forward;
 mod ipv6;
+mod limits;
 mod maps;
 mod parse;
 mod select;
@@ -46,7 +48,8 @@ use switchyard_common::maps::{
 
 use crate::clock::coarse_now;
 use crate::filter::{may_be, route_of};
-use crate::flow::{follow, is_stale, new_flow, tcp_flow_key};
+use crate::flow::{NoFlow, follow, is_stale, new_flow, tcp_flow_key};
+use crate::limits::Client;
 use crate::forward::{forward_dsr, forward_nat, nat_reply};
 use crate::maps::{BACKENDS, FLOWS, SERVICES};
 use crate::parse::{Packet, TCP_ACK, TCP_SYN, parse};
@@ -145,13 +148,13 @@ fn to_service(pkt: &Packet) -> Option<Verdict> {
         return Some(Verdict::Send(Target {
             forwarding: route.forwarding,
             service_index: unsafe { (*flow).service },
-            backend_slot: follow(flow, flags, now),
+            backend_slot: follow(flow, flags, now, Client::V4(saddr)),
         }));
     }
 
     let service = *unsafe { SERVICES.get(&service_key) }?;
     let backend_slot = match flow {
-        Some(flow) => follow(flow, flags, now),
+        Some(flow) => follow(flow, flags, now, Client::V4(saddr)),
         None => {
             if !is_syn {
                 // No state for a mid-stream packet (expired or evicted): let the stack answer.
@@ -159,8 +162,10 @@ fn to_service(pkt: &Packet) -> Option<Verdict> {
                 return Some(Verdict::Action(xdp_action::XDP_PASS));
             }
             match new_flow(&service, &flow_key, now) {
-                Some(slot) => slot,
-                None => {
+                Ok(slot) => slot,
+                // Dropped: the client's TCP retries; counted by reason in `limits`.
+                Err(NoFlow::Refused) => return Some(Verdict::Action(xdp_action::XDP_DROP)),
+                Err(NoFlow::NoBackend) => {
                     count_service(service.index, |s| {
                         s.no_backend += 1;
                         s.dropped += 1;

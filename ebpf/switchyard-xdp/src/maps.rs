@@ -3,13 +3,15 @@
 //! The static's name is the map's name the loader looks up.
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use switchyard_common::MAGLEV_TABLE_SIZE;
 use switchyard_common::MAX_BACKENDS;
 use switchyard_common::maps::{
     ActiveCell, BackendEntry, BackendEntry6, BackendStats, ClockCache, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS,
-    DEFAULT_SERVICES, FlowKey, FlowKey6, FlowValue, NatReply, NatReply6, ServiceBackend, ServiceKey,
-    ServiceKey6, ServiceRoute, ServiceStats, ServiceValue, WEIGHTED_TABLE_SIZE, address_filter,
+    DEFAULT_LIST_ENTRIES, DEFAULT_SERVICES, DEFAULT_SOURCES, FlowKey, FlowKey6, FlowValue, ListAddr4,
+    ListAddr6, NatReply, NatReply6, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute,
+    ServiceStats, ServiceValue, SourceKey, SourceLimits, SourceStats, SourceValue,
+    WEIGHTED_TABLE_SIZE, address_filter,
 };
 
 /// `BPF_F_MMAPABLE`: the control plane maps the active counts into its address space.
@@ -69,3 +71,21 @@ pub static WEIGHTED: Array<u32> = Array::with_max_entries(2 * WEIGHTED_TABLE_SIZ
 /// Each CPU walks the weighted table with its own cursor: no cross-CPU read-modify-write race.
 #[map]
 pub static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+/// Every service's deny and allow lists of IPv4 networks (`switchyard_common::maps::source_list`).
+#[map]
+pub static SOURCE_LISTS: LpmTrie<ListAddr4, u32> = LpmTrie::with_max_entries(DEFAULT_LIST_ENTRIES, 0);
+/// The same lists' IPv6 networks.
+#[map]
+pub static SOURCE_LISTS6: LpmTrie<ListAddr6, u32> = LpmTrie::with_max_entries(DEFAULT_LIST_ENTRIES, 0);
+/// Per service index, its `[service.limits]`.
+#[map]
+pub static SOURCE_LIMITS: Array<SourceLimits> = Array::with_max_entries(DEFAULT_SERVICES, 0);
+/// Per source of a service: open flows and the rate limit's state; an LRU, so a flood of
+/// spoofed sources evicts the least recently seen instead of growing it.
+#[map]
+pub static SOURCES: LruHashMap<SourceKey, SourceValue> =
+    LruHashMap::with_max_entries(DEFAULT_SOURCES, 0);
+/// SYNs dropped by `[service.limits]`, by reason.
+#[map]
+pub static SOURCE_STATS: PerCpuArray<SourceStats> =
+    PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);

@@ -13,8 +13,9 @@ const DEFAULT_PREFIX_V6: u32 = 64;
 const DEFAULT_TRACKED_SOURCES: u32 = 100_000;
 const MAX_PER_SOURCE: i64 = 1_000_000;
 const TRACKED_SOURCES_RANGE: (i64, i64) = (16, 10_000_000);
-/// Entries of one allow or deny list: matched linearly per new client.
-const MAX_PREFIXES: usize = 1024;
+/// Entries of one allow or deny list: matched linearly per new client (the proxy), sizing the
+/// tries (the kernel path).
+pub const MAX_PREFIXES: usize = 1024;
 
 pub(super) fn validate_limits(
     limits: Option<&toml::Spanned<raw::Limits>>,

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use errors::ConfigErrors;
+pub use limits::MAX_PREFIXES;
 pub use schema::DEFAULT_ADMIN_SOCKET;
 
 /// A whole, validated configuration.

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Family, Labels, Value};
 use crate::config::Dataplane;
-use crate::control::BackendReport;
+use crate::control::{BackendReport, ServiceReport};
 use crate::show;
 use crate::state::{Backend, Service, Snapshot};
 use crate::tallies::{FailureReason, Refusal};
@@ -26,7 +26,7 @@ pub(super) fn families(snapshot: &Snapshot, kernel: Option<&dyn KernelCounters>)
         return Vec::new();
     };
     for (service, shown) in snapshot.services.iter().zip(&report.services) {
-        services.add(service);
+        services.add(service, shown);
         let xdp = service.config.dataplane == Dataplane::Xdp;
         for (backend, shown) in service.backends.iter().zip(&shown.backends) {
             let labels = vec![
@@ -222,16 +222,16 @@ impl ServiceFamilies {
             ),
             sources: Family::counter(
                 "service_source_rejections",
-                "Clients turned away by [service.limits], by reason: denied (554), too_many (per_source_connections), too_fast (per_source_rate); untracked counts clients served without per-source tracking (the table was full of busy sources)",
+                "Clients turned away by [service.limits], by reason: denied (554; on the xdp path a dropped SYN, deny or allow list), too_many (per_source_connections), too_fast (per_source_rate); untracked counts clients served without per-source tracking (the table was full of busy sources)",
             ),
             tracked: Family::gauge(
                 "service_tracked_sources",
-                "Sources in the service's per-source table now (at most tracked_sources)",
+                "Sources in the service's per-source table now (at most tracked_sources; the xdp path counts its table every 5 s)",
             ),
         }
     }
 
-    fn add(&mut self, service: &Service) {
+    fn add(&mut self, service: &Service, shown: &ServiceReport) {
         let labels: Labels = vec![("service", service.config.name.clone())];
         let counts = &service.counts;
         self.accepted
@@ -245,18 +245,19 @@ impl ServiceFamilies {
             labels.push(("reason", why.label().to_string()));
             self.refused.count(labels, counts.refused.get(why));
         }
-        let sources = &counts.sources.counts;
+        // As `ctl show` has them: the proxy's counts, or an xdp service's kernel drops.
+        let sources = &shown.sources;
         for (why, value) in [
-            ("denied", &sources.denied),
-            ("too_many", &sources.too_many),
-            ("too_fast", &sources.too_fast),
-            ("untracked", &sources.untracked),
+            ("denied", sources.denied),
+            ("too_many", sources.too_many),
+            ("too_fast", sources.too_fast),
+            ("untracked", sources.untracked),
         ] {
             let mut labels = labels.clone();
             labels.push(("reason", why.to_string()));
-            self.sources.count(labels, value.load(Ordering::Relaxed));
+            self.sources.count(labels, value);
         }
-        self.tracked.count(labels, counts.sources.tracked() as u64);
+        self.tracked.count(labels, sources.tracked);
     }
 
     fn into_vec(self) -> Vec<Family> {

@@ -5,7 +5,9 @@
 //! flows (`FLOWS6`) count in the same slots: every pass reads both tables.
 //!
 //! A flow holds one unit of its backend's count while `COUNTED` is set and `CLOSED` is not
-//! (the kernel sets `CLOSED` once, on the client's FIN or RST or the backend's RST). Ended
+//! (the kernel sets `CLOSED` once, on the client's FIN or RST or the backend's RST), and with
+//! `SOURCE_COUNTED` one unit of its source's in `SOURCES` too, which an expired open flow
+//! gives back as well. Ended
 //! flows are deleted once they lingered as long as the kernel still matches them.
 //! Expiry deletes the entry first and gives the count back only if the deletion succeeded, so
 //! the kernel and this task cannot both give it back (apart from a FIN arriving in the same
@@ -28,7 +30,26 @@ use tracing::warn;
 use crate::counters::CounterTable;
 use crate::state::Snapshot;
 
+use super::limits::{self, Client};
 use super::stats::FlowGauges;
+
+/// A flow key's client (its source), whose `[service.limits]` unit an expired open flow gives
+/// back.
+trait ClientOf {
+    fn client(&self) -> Client;
+}
+
+impl ClientOf for FlowKey {
+    fn client(&self) -> Client {
+        Client::V4(self.src_addr)
+    }
+}
+
+impl ClientOf for FlowKey6 {
+    fn client(&self) -> Client {
+        Client::V6(self.src_addr)
+    }
+}
 
 /// Closed flows that have not ended (the client's FIN seen, the backend's not: always so in
 /// dsr, whose replies bypass the balancer) stay this long after their last packet, for a
@@ -122,14 +143,16 @@ impl Pass {
     }
 
     /// Expires the flows of table `name` that outlived their limit (giving back the count of
-    /// an open one) and adds the open flows left to their slots in `per_slot`. Returns the
-    /// entries left (as walked: a walk restarted under eviction may see some twice).
-    fn expire<K: aya::Pod + Eq + std::hash::Hash>(
+    /// an open one, and adding its client to `sources` when it holds a unit of its source's)
+    /// and adds the open flows left to their slots in `per_slot`. Returns the entries left (as
+    /// walked: a walk restarted under eviction may see some twice).
+    fn expire<K: aya::Pod + Eq + std::hash::Hash + ClientOf>(
         &self,
         bpf: &mut Ebpf,
         name: &str,
         counters: &CounterTable,
         per_slot: &mut [u64],
+        sources: &mut Vec<(u32, Client)>,
     ) -> anyhow::Result<u64> {
         let mut flows: HashMap<&mut MapData, K, FlowValue> = HashMap::try_from(
             bpf.map_mut(name)
@@ -169,6 +192,9 @@ impl Pass {
             entries = entries.saturating_sub(1);
             if is_open(&flow) && (flow.backend as usize) < counters.len() {
                 counters.add(flow.backend as usize, -1);
+            }
+            if is_open(&flow) && flow.flags & flow_flags::SOURCE_COUNTED != 0 {
+                sources.push((flow.service, key.client()));
             }
         }
         for slot in open.into_values() {
@@ -248,10 +274,14 @@ impl Expiry {
             now,
         };
         let mut per_slot = vec![0u64; counters.len()];
-        let entries = pass.expire::<FlowKey>(bpf, names::FLOWS, counters, &mut per_slot)?;
+        let mut sources = Vec::new();
+        let entries =
+            pass.expire::<FlowKey>(bpf, names::FLOWS, counters, &mut per_slot, &mut sources)?;
         self.gauges.entries_ipv4.store(entries, Ordering::Relaxed);
-        let entries = pass.expire::<FlowKey6>(bpf, names::FLOWS6, counters, &mut per_slot)?;
+        let entries =
+            pass.expire::<FlowKey6>(bpf, names::FLOWS6, counters, &mut per_slot, &mut sources)?;
         self.gauges.entries_ipv6.store(entries, Ordering::Relaxed);
+        limits::release_sources(bpf, &sources)?;
         self.reconcile(&per_slot, snapshot, counters);
 
         let limit = (capacity as usize).saturating_mul(2).max(1024);

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::mode::{self, Attach, Decision};
 use super::netdev::Netdev;
-use super::{flows, neighbours, stats, tables};
+use super::{flows, limits, neighbours, stats, tables};
 use crate::config::{self, Config, Dataplane, Forwarding};
 use crate::counters::CounterTable;
 use crate::state::{LiveState, Service, Snapshot};
@@ -32,7 +32,7 @@ use crate::totals::{KernelCounters, Totals, XdpAttachment};
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
 
 /// Maps pinned (and reused after a restart) when pinning is on.
-const PINNED_MAPS: [&str; 17] = [
+const PINNED_MAPS: [&str; 22] = [
     names::SERVICES,
     names::SERVICES6,
     names::BACKENDS,
@@ -50,6 +50,11 @@ const PINNED_MAPS: [&str; 17] = [
     names::RR_CURSOR,
     names::ADDRESS_FILTER,
     names::SERVICE_ROUTES,
+    names::SOURCE_LISTS,
+    names::SOURCE_LISTS6,
+    names::SOURCE_LIMITS,
+    names::SOURCES,
+    names::SOURCE_STATS,
 ];
 
 /// The loaded fast path. See the module docs of `xdp` for the call order.
@@ -64,6 +69,8 @@ pub struct XdpPlane {
     stats: Option<Arc<stats::Stats>>,
     /// The flow tables' fill and corrections, as the sync task's expiry pass leaves them.
     flow_gauges: Arc<stats::FlowGauges>,
+    /// Each service's sources in the per-source table, as the sync task's last walk found them.
+    source_gauges: Arc<limits::SourceGauges>,
     stop: CancellationToken,
     /// Wakes the sync task before its period ends (after a reload or a runtime change).
     sync_now: Arc<Notify>,
@@ -85,6 +92,8 @@ impl XdpPlane {
             .filter_map(|s| s.xdp.as_ref().map(|x| x.flow_table_size.max(1)))
             .fold(0u32, u32::saturating_add)
             .max(1);
+        let sources = limits::table_capacity(&config.services);
+        let list_entries = services * 2 * config::MAX_PREFIXES as u32;
         for service in &config.services {
             if service.dataplane == Dataplane::Xdp && service.backends.len() > MAX_BACKENDS {
                 bail!(
@@ -113,7 +122,12 @@ impl XdpPlane {
             .map_max_entries(names::NAT_REPLIES, flows)
             .map_max_entries(names::NAT_REPLIES6, flows)
             .map_max_entries(names::MAGLEV, services * 2 * MAGLEV_TABLE_SIZE as u32)
-            .map_max_entries(names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE);
+            .map_max_entries(names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE)
+            .map_max_entries(names::SOURCE_LISTS, list_entries)
+            .map_max_entries(names::SOURCE_LISTS6, list_entries)
+            .map_max_entries(names::SOURCE_LIMITS, services)
+            .map_max_entries(names::SOURCE_STATS, services)
+            .map_max_entries(names::SOURCES, sources);
         if nat_sees_partial_checksums(config) {
             loader.override_global(PARTIAL_CHECKSUMS, &1u8, true);
         }
@@ -174,6 +188,7 @@ impl XdpPlane {
                 capacity: u64::from(flows).into(),
                 ..Default::default()
             }),
+            source_gauges: Arc::new(limits::SourceGauges::new(sources)),
             stop: CancellationToken::new(),
             sync_now: Arc::new(Notify::new()),
             task: None,
@@ -214,6 +229,7 @@ impl XdpPlane {
             &mut self.bpf.lock(),
             attachments,
             self.flow_gauges.clone(),
+            self.source_gauges.clone(),
         )?));
         let period = sync_period(&snapshot);
         let bpf = self.bpf.clone();
@@ -222,6 +238,7 @@ impl XdpPlane {
         let sync_now = self.sync_now.clone();
         let stats = self.stats.clone();
         let flow_gauges = self.flow_gauges.clone();
+        let source_gauges = self.source_gauges.clone();
         self.task = Some(tokio::spawn(async move {
             let mut expiry = flows::Expiry::reporting_to(flow_gauges);
             let mut last_stats = tokio::time::Instant::now();
@@ -236,6 +253,7 @@ impl XdpPlane {
                 let counters = counters.clone();
                 let mut sync = std::mem::take(&mut synced);
                 let mut exp = std::mem::take(&mut expiry);
+                let source_gauges = source_gauges.clone();
                 // Map syscalls and /proc reads block: keep them off the async workers.
                 let joined = tokio::task::spawn_blocking(move || {
                     let mut bpf = bpf.lock();
@@ -244,6 +262,11 @@ impl XdpPlane {
                     }
                     if let Err(error) = exp.run(&mut bpf, &snapshot, &counters) {
                         warn!("XDP flow expiry: {error:#}");
+                    }
+                    let wanted =
+                        limits::table_capacity(snapshot.services.iter().map(|s| &s.config));
+                    if let Err(error) = source_gauges.refresh(&bpf, wanted) {
+                        warn!("XDP per-source table: {error:#}");
                     }
                     (sync, exp)
                 })
@@ -527,6 +550,7 @@ const STATS_PERIOD: Duration = Duration::from_secs(60);
 #[derive(Default)]
 pub(super) struct KernelSync {
     written: std::collections::HashMap<u32, (String, tables::Programmed)>,
+    limits: std::collections::HashMap<u32, limits::ProgrammedLimits>,
 }
 
 impl KernelSync {
@@ -540,11 +564,15 @@ impl KernelSync {
     ) -> anyhow::Result<()> {
         if first {
             tables::prepare_first_sync(bpf)?;
+            limits::prepare_first_sync(bpf)?;
         }
         let mut result = Ok(());
         for service in xdp_services(snapshot) {
             // One service's failure (logged by the caller) does not hold back the others.
-            if let Err(error) = self.sync_service(bpf, service, first) {
+            let synced = self
+                .sync_service(bpf, service, first)
+                .and_then(|()| self.sync_limits(bpf, service));
+            if let Err(error) = synced {
                 result = Err(error.context(format!("service {:?}", service.config.name)));
             }
         }
@@ -572,6 +600,21 @@ impl KernelSync {
             }
         }
         result
+    }
+
+    /// Writes the service's `[service.limits]` when they differ from what was written.
+    fn sync_limits(&mut self, bpf: &mut Ebpf, service: &Service) -> anyhow::Result<()> {
+        let index = service.kernel_index;
+        let previous = self.limits.get(&index);
+        if previous.is_some_and(|p| p.is(&service.config.limits)) {
+            return Ok(());
+        }
+        let programmed = limits::program_limits(bpf, index, &service.config.limits, previous)?;
+        if previous.is_some() {
+            info!(service = %service.config.name, "XDP: [service.limits] changed: new SYNs follow them");
+        }
+        self.limits.insert(index, programmed);
+        Ok(())
     }
 
     fn sync_service(

@@ -7,8 +7,9 @@ use std::mem::size_of;
 
 use switchyard_common::maps::{
     ActiveCell, BackendEntry, BackendEntry6, BackendStats, ClockCache, FlowKey, FlowKey6,
-    FlowValue, NatReply, NatReply6, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute,
-    ServiceStats, ServiceValue, names,
+    FlowValue, ListAddr4, ListAddr6, NatReply, NatReply6, ServiceBackend, ServiceKey, ServiceKey6,
+    ServiceRoute, ServiceStats, ServiceValue, SourceKey, SourceLimits, SourceStats, SourceValue,
+    names,
 };
 
 /// `bpf_map_type` values of the kinds the program declares.
@@ -16,9 +17,11 @@ const HASH: u32 = 1;
 const ARRAY: u32 = 2;
 const PERCPU_ARRAY: u32 = 6;
 const LRU_HASH: u32 = 9;
+const LPM_TRIE: u32 = 11;
 
 /// Each map the control plane opens: name, kind, key size, value size, as `proxy/src/xdp/*`
-/// and the test kit use them (array keys are `u32` indexes).
+/// and the test kit use them (array keys are `u32` indexes; a trie's key is its `prefix_len`
+/// word and the data).
 fn expected() -> Vec<(&'static str, u32, usize, usize)> {
     let index = size_of::<u32>();
     vec![
@@ -94,6 +97,36 @@ fn expected() -> Vec<(&'static str, u32, usize, usize)> {
             ARRAY,
             index,
             size_of::<ServiceRoute>(),
+        ),
+        (
+            names::SOURCE_LISTS,
+            LPM_TRIE,
+            index + size_of::<ListAddr4>(),
+            size_of::<u32>(),
+        ),
+        (
+            names::SOURCE_LISTS6,
+            LPM_TRIE,
+            index + size_of::<ListAddr6>(),
+            size_of::<u32>(),
+        ),
+        (
+            names::SOURCE_LIMITS,
+            ARRAY,
+            index,
+            size_of::<SourceLimits>(),
+        ),
+        (
+            names::SOURCES,
+            LRU_HASH,
+            size_of::<SourceKey>(),
+            size_of::<SourceValue>(),
+        ),
+        (
+            names::SOURCE_STATS,
+            PERCPU_ARRAY,
+            index,
+            size_of::<SourceStats>(),
         ),
     ]
 }

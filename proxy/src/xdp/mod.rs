@@ -21,6 +21,7 @@ mod agreement;
 mod flow_dump;
 mod flows;
 mod forwarding;
+mod limits;
 mod loader;
 #[cfg(test)]
 mod map_layouts;

@@ -1,8 +1,9 @@
 //! The kernel path's traffic counters: per backend slot (new flows, packets, bytes) and per
-//! service (forwarded, passed, dropped, no backend), summed over CPUs. They feed the totals
+//! service (forwarded, passed, dropped, no backend; SYNs `[service.limits]` dropped, by
+//! reason), summed over CPUs. They feed the totals
 //! (`crate::totals`): once a minute from the sync task and at shutdown.
 //!
-//! The two per-CPU maps are taken out of the loaded object (only this module reads them). The
+//! The three per-CPU maps are taken out of the loaded object (only this module reads them). The
 //! flow tables' fill and the count corrections come from the expiry pass (`flows`), which
 //! walks the tables anyway, through [`FlowGauges`].
 
@@ -12,17 +13,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use aya::Ebpf;
 use aya::maps::{MapData, PerCpuArray};
-use switchyard_common::maps::{BackendStats, ServiceStats, names};
+use switchyard_common::maps::{BackendStats, ServiceStats, SourceStats, names};
 
+use super::limits::SourceGauges;
 use crate::totals::{
-    FlowTableTotals, KernelBackendTotals, KernelCounters, KernelServiceTotals, XdpAttachment,
+    FlowTableTotals, KernelBackendTotals, KernelCounters, KernelServiceTotals, KernelSourceTotals,
+    XdpAttachment,
 };
 
 pub struct Stats {
     backends: PerCpuArray<MapData, BackendStats>,
     services: PerCpuArray<MapData, ServiceStats>,
+    sources: PerCpuArray<MapData, SourceStats>,
     attachments: Vec<XdpAttachment>,
     flows: Arc<FlowGauges>,
+    tracked: Arc<SourceGauges>,
 }
 
 /// What the last expiry pass found in the flow tables, and the corrections so far.
@@ -41,6 +46,7 @@ impl Stats {
         bpf: &mut Ebpf,
         attachments: Vec<XdpAttachment>,
         flows: Arc<FlowGauges>,
+        tracked: Arc<SourceGauges>,
     ) -> anyhow::Result<Stats> {
         let backends = bpf
             .take_map(names::BACKEND_STATS)
@@ -48,12 +54,39 @@ impl Stats {
         let services = bpf
             .take_map(names::SERVICE_STATS)
             .context("map SERVICE_STATS missing")?;
+        let sources = bpf
+            .take_map(names::SOURCE_STATS)
+            .context("map SOURCE_STATS missing")?;
         Ok(Stats {
             backends: PerCpuArray::try_from(backends)?,
             services: PerCpuArray::try_from(services)?,
+            sources: PerCpuArray::try_from(sources)?,
             attachments,
             flows,
+            tracked,
         })
+    }
+
+    /// The service's `[service.limits]` drops summed over CPUs, and its tracked sources.
+    fn sources(&self, index: u32) -> KernelSourceTotals {
+        let summed = self.sources.get(&index, 0).ok().map(|per_cpu| {
+            per_cpu
+                .iter()
+                .fold(SourceStats::default(), |sum, cpu| SourceStats {
+                    denied: sum.denied.wrapping_add(cpu.denied),
+                    not_allowed: sum.not_allowed.wrapping_add(cpu.not_allowed),
+                    too_many: sum.too_many.wrapping_add(cpu.too_many),
+                    too_fast: sum.too_fast.wrapping_add(cpu.too_fast),
+                })
+        });
+        let summed = summed.unwrap_or_default();
+        KernelSourceTotals {
+            denied: summed.denied,
+            not_allowed: summed.not_allowed,
+            too_many: summed.too_many,
+            too_fast: summed.too_fast,
+            tracked: self.tracked.tracked(index),
+        }
     }
 }
 
@@ -74,19 +107,23 @@ impl KernelCounters for Stats {
     }
 
     fn service(&self, index: usize) -> Option<KernelServiceTotals> {
-        let per_cpu = self.services.get(&u32::try_from(index).ok()?, 0).ok()?;
-        Some(
-            per_cpu
-                .iter()
-                .fold(KernelServiceTotals::default(), |sum, cpu| {
-                    KernelServiceTotals {
-                        forwarded: sum.forwarded.wrapping_add(cpu.forwarded),
-                        passed: sum.passed.wrapping_add(cpu.passed),
-                        dropped: sum.dropped.wrapping_add(cpu.dropped),
-                        no_backend: sum.no_backend.wrapping_add(cpu.no_backend),
-                    }
-                }),
-        )
+        let index = u32::try_from(index).ok()?;
+        let per_cpu = self.services.get(&index, 0).ok()?;
+        let packets = per_cpu
+            .iter()
+            .fold(KernelServiceTotals::default(), |sum, cpu| {
+                KernelServiceTotals {
+                    forwarded: sum.forwarded.wrapping_add(cpu.forwarded),
+                    passed: sum.passed.wrapping_add(cpu.passed),
+                    dropped: sum.dropped.wrapping_add(cpu.dropped),
+                    no_backend: sum.no_backend.wrapping_add(cpu.no_backend),
+                    sources: KernelSourceTotals::default(),
+                }
+            });
+        Some(KernelServiceTotals {
+            sources: self.sources(index),
+            ..packets
+        })
     }
 
     fn attachments(&self) -> Vec<XdpAttachment> {

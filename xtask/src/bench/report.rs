@@ -199,7 +199,14 @@ fn xdp_cost_markdown(res: &BenchResults) -> String {
     let Some(x) = &res.xdp_cost else {
         return String::new();
     };
-    format!(
+    let drops = x.syn_drops.as_ref().map_or(String::new(), |d| {
+        format!(
+            "| SYN dropped, denied by the deny trie ({} runs) | {:.1} | {:.2}x | |\n\
+             | SYN dropped, source over per_source_rate ({} runs) | {:.1} | {:.2}x | |\n",
+            x.repeat, d.denied_ns, d.denied_vs_floor, x.repeat, d.too_fast_ns, d.too_fast_vs_floor
+        )
+    });
+    let table = format!(
         "\nXDP program cost per packet (BPF_PROG_TEST_RUN, in the kernel, no network; dsr, least_conn, 3 backends):\n\n\
          | packet | ns per run | vs floor | target |\n|---|---:|---:|---:|\n\
          | floor: XDP_PASS at once ({} runs) | {:.1} | 1.00x | |\n\
@@ -218,7 +225,8 @@ fn xdp_cost_markdown(res: &BenchResults) -> String {
         x.floor_single_run_ns,
         x.new_flow_ns,
         x.new_flow_vs_floor
-    )
+    );
+    table + &drops
 }
 
 pub fn print_table(res: &BenchResults) {

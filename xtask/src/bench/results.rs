@@ -71,6 +71,31 @@ pub struct XdpCost {
     pub non_vip_vs_floor: f64,
     /// `new_flow_ns` over `floor_single_run_ns`.
     pub new_flow_vs_floor: f64,
+    /// SYNs `[service.limits]` drop, against the same floor (`floor_ns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syn_drops: Option<SynDropCost>,
+}
+
+/// What a SYN dropped by `[service.limits]` costs, `repeat` runs each: one from a denied
+/// source (a deny-trie hit), one from a source over its rate (the allowed lookups, the
+/// per-source entry, the rate check and the unit given back).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SynDropCost {
+    pub denied_ns: f64,
+    pub too_fast_ns: f64,
+    pub denied_vs_floor: f64,
+    pub too_fast_vs_floor: f64,
+}
+
+impl SynDropCost {
+    pub fn new(floor_ns: f64, denied_ns: f64, too_fast_ns: f64) -> SynDropCost {
+        SynDropCost {
+            denied_ns,
+            too_fast_ns,
+            denied_vs_floor: denied_ns / floor_ns,
+            too_fast_vs_floor: too_fast_ns / floor_ns,
+        }
+    }
 }
 
 impl XdpCost {
@@ -94,6 +119,7 @@ impl XdpCost {
             established_vs_floor: established_ns / floor_ns,
             non_vip_vs_floor: non_vip_ns / floor_ns,
             new_flow_vs_floor: new_flow_ns / floor_single_run_ns,
+            syn_drops: None,
         }
     }
 }
@@ -334,6 +360,17 @@ pub(super) fn check_xdp_cost(cost: &XdpCost) -> Result<()> {
             && same(cost.new_flow_vs_floor, expected.new_flow_vs_floor),
         "xdp_cost ratios do not match its figures: {cost:?}"
     );
+    if let Some(drops) = &cost.syn_drops {
+        let expected = SynDropCost::new(cost.floor_ns, drops.denied_ns, drops.too_fast_ns);
+        ensure!(
+            [drops.denied_ns, drops.too_fast_ns]
+                .iter()
+                .all(|ns| ns.is_finite() && *ns > 0.0)
+                && same(drops.denied_vs_floor, expected.denied_vs_floor)
+                && same(drops.too_fast_vs_floor, expected.too_fast_vs_floor),
+            "xdp_cost.syn_drops do not match their figures: {drops:?}"
+        );
+    }
     Ok(())
 }
 

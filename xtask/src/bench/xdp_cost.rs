@@ -13,23 +13,29 @@
 //!   call includes the kernel's per-call timing overhead, so its floor is measured the same way
 //!   (`floor_single_run_ns`: the pass program over the same frames, one run per call).
 //!
+//! - dropped SYNs (`[service.limits]`, written after the cases above): a SYN from a denied
+//!   source (deny-trie hit, XDP_DROP) and a SYN from a source over its rate (per-source entry,
+//!   rate check, unit given back, XDP_DROP), `REPEAT` times each: a dropped SYN makes no flow,
+//!   so the same frame takes the same path every run. Against the repeated floor.
+//!
 //! Every repeated figure is the median of [`BATCHES`] calls of `REPEAT` runs.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use switchyard_common::maps::{algorithm, programs};
+use switchyard_common::maps::{SourceLimits, algorithm, programs, source_limits};
 use testkit::raw_syn::{TCP_ACK, TCP_SYN};
 use testkit::xdp_run::{TestBackend, XdpRun, tcp_frame};
 
-use super::results::{Skipped, XdpCost};
+use super::results::{Skipped, SynDropCost, XdpCost};
 
 /// Runs per `BPF_PROG_TEST_RUN` call of the repeated cases.
 pub const REPEAT: u32 = 1_000_000;
 const BATCHES: usize = 5;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_DROP: u32 = 1;
 const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 25);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
@@ -92,7 +98,7 @@ pub fn measure(syns: u32) -> Result<XdpCost> {
     let non_vip_ns = repeated(&run, programs::BALANCE, &non_vip, XDP_PASS)?;
     let new_flow_ns = one_run_each(&run, programs::BALANCE, syns, XDP_TX)?;
     let floor_single_run_ns = one_run_each(&run, programs::PASS, syns, XDP_PASS)?;
-    let cost = XdpCost::new(
+    let mut cost = XdpCost::new(
         REPEAT,
         floor_ns,
         established_ns,
@@ -101,11 +107,52 @@ pub fn measure(syns: u32) -> Result<XdpCost> {
         new_flow_ns,
         floor_single_run_ns,
     );
+    let drops = syn_drops(&mut run, floor_ns)?;
     println!(
         "  floor {floor_ns:.1} ns, established {established_ns:.1} ns ({:.2}x), non-VIP {non_vip_ns:.1} ns ({:.2}x), new flow {new_flow_ns:.1} ns over a one-run floor of {floor_single_run_ns:.1} ns ({:.2}x)",
         cost.established_vs_floor, cost.non_vip_vs_floor, cost.new_flow_vs_floor
     );
+    println!(
+        "  dropped SYN: denied {:.1} ns ({:.2}x), over the rate {:.1} ns ({:.2}x)",
+        drops.denied_ns, drops.denied_vs_floor, drops.too_fast_ns, drops.too_fast_vs_floor
+    );
+    cost.syn_drops = Some(drops);
     Ok(cost)
+}
+
+/// Limits on service 0 (a deny list, one new flow per hour per source with a burst of 1, so
+/// no token comes back during the runs), then the two dropped SYNs: one from the denied
+/// network, one from a source whose one token a first SYN took.
+fn syn_drops(run: &mut XdpRun, floor_ns: f64) -> Result<SynDropCost> {
+    let denied = Ipv4Addr::new(198, 18, 9, 0);
+    let limits = SourceLimits {
+        flags: source_limits::HAS_DENY | source_limits::TRACKS,
+        interval_ns: 3_600_000_000_000,
+        tolerance_ns: 3_600_000_000_000,
+        mask_v4: u32::MAX,
+        mask_v6: [u32::MAX; 4],
+        ..SourceLimits::default()
+    };
+    run.set_limits(0, limits, &[(denied, 24)])?;
+    let denied_syn = tcp_frame(
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 7), 40000),
+        VIP,
+        TCP_SYN,
+    );
+    let denied_ns = repeated(run, programs::BALANCE, &denied_syn, XDP_DROP)?;
+    let fast = Ipv4Addr::new(198, 18, 8, 1);
+    let (action, _) = run.run(
+        programs::BALANCE,
+        &tcp_frame(SocketAddrV4::new(fast, 40000), VIP, TCP_SYN),
+        1,
+    )?;
+    ensure!(
+        action == XDP_TX,
+        "the source's first SYN got action {action}, not XDP_TX"
+    );
+    let too_fast_syn = tcp_frame(SocketAddrV4::new(fast, 40001), VIP, TCP_SYN);
+    let too_fast_ns = repeated(run, programs::BALANCE, &too_fast_syn, XDP_DROP)?;
+    Ok(SynDropCost::new(floor_ns, denied_ns, too_fast_ns))
 }
 
 /// Median over [`BATCHES`] calls of `REPEAT` runs of `program` on `frame`, in ns per run.
