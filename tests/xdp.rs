@@ -2059,3 +2059,43 @@ fn an_expired_idle_flow_gives_its_sources_unit_back() {
         sy.stderr_text()
     );
 }
+
+/// A backend's `max_session_rate` holds in the kernel path too: with round robin over three
+/// backends and mta1 limited to 5 new flows a second, mta1 gets at most its rate (+10 %, and
+/// the burst) while mta2 and mta3 take the rest, and no session fails.
+#[test]
+fn a_backend_at_its_max_session_rate_gets_no_more_new_flows_in_the_kernel() {
+    let Some((topo, name)) = running_topology(Layout::Nat) else {
+        return;
+    };
+    let config = with_backend_keys(
+        &topo.service_toml(&name, "round_robin"),
+        1,
+        "max_session_rate = 5\n",
+    );
+    let sy = topo.start(&config);
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    let mut sessions = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        match one_session(&topo, vip()) {
+            Ok(_) => sessions += 1,
+            Err(error) => failures.push(error.to_string()),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(failures.is_empty(), "{failures:?}\n{}", sy.stderr_text());
+    let per_backend = sessions_per_backend(&topo);
+    let allowed = (5.0 * seconds * 1.1).ceil() as usize + 2;
+    assert!(
+        per_backend[0] <= allowed && per_backend[0] >= 5,
+        "mta1 got {} of {sessions} in {seconds:.2} s (at most {allowed}): {per_backend:?}",
+        per_backend[0]
+    );
+    assert!(
+        per_backend[1] + per_backend[2] > 3 * per_backend[0],
+        "the others took the rest: {per_backend:?}"
+    );
+    wait_for_counts_back_to_zero(&topo);
+    assert_stopped_idle(sy);
+}

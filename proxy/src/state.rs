@@ -439,8 +439,9 @@ impl Backend {
         !self.config.drain && !self.disabled
     }
 
-    /// Its `max_session_rate` as a rate (a tenth of a second's worth of burst), if it has one.
-    fn session_rate(&self) -> Option<Rate> {
+    /// Its `max_session_rate` as a rate (a tenth of a second's worth of burst), if it has one;
+    /// the kernel path gets the same parameters.
+    pub fn session_rate(&self) -> Option<Rate> {
         let per_second = self.config.max_session_rate;
         (per_second != 0).then(|| Rate {
             per_second,

@@ -104,6 +104,7 @@ impl XdpRun {
                 weight: 1,
                 max_connections: 0,
                 state: backend_state::UP,
+                ..ServiceBackend::default()
             };
             policies.set(service_backend_index(0, 0, slot), policy, 0)?;
         }

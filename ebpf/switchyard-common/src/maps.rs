@@ -19,6 +19,7 @@ pub mod names {
     pub const SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
     pub const ACTIVE: &str = "ACTIVE";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const BACKEND_RATES: &str = "BACKEND_RATES";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const FLOWS: &str = "FLOWS";
     /// IPv6 flows: `FlowKey6` to the same `FlowValue` as `FLOWS` (a table of its own, so the
@@ -289,6 +290,10 @@ pub struct ServiceBackend {
     pub max_connections: u32,
     /// One of [`backend_state`].
     pub state: u32,
+    /// `max_session_rate` as GCRA parameters (ns between new flows at the steady rate, and how
+    /// far ahead of now the slot's arrival time in `BACKEND_RATES` may run); 0 = no limit.
+    pub rate_interval_ns: u64,
+    pub rate_tolerance_ns: u64,
 }
 
 /// Entry of backend `i` of service `service` in half `version` of `SERVICE_BACKENDS`
@@ -588,7 +593,7 @@ mod tests {
         assert_eq!(size_of::<ServiceRoute>(), 16);
         assert_eq!(size_of::<ClockCache>(), 16);
         assert_eq!(size_of::<BackendEntry>(), 16);
-        assert_eq!(size_of::<ServiceBackend>(), 16);
+        assert_eq!(size_of::<ServiceBackend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<ServiceKey6>(), 20);
         assert_eq!(size_of::<FlowKey6>(), 40);

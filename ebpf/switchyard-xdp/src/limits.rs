@@ -126,22 +126,7 @@ pub fn give_back(entry: *mut SourceValue) {
 #[inline(always)]
 fn take_token(entry: *mut SourceValue, limits: &SourceLimits, now: u64) -> bool {
     let arrival = unsafe { &raw mut (*entry).arrival_ns };
-    for _ in 0..4 {
-        let current = unsafe { core::ptr::read_volatile(arrival) };
-        let next = if current > now { current } else { now } + limits.interval_ns;
-        if next - now > limits.tolerance_ns {
-            return false;
-        }
-        let (_, swapped) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                arrival, current, next,
-            )
-        };
-        if swapped {
-            return true;
-        }
-    }
-    false
+    crate::rate::take(arrival, limits.interval_ns, limits.tolerance_ns, now)
 }
 
 /// The source's entry, made (zero) if it has none.

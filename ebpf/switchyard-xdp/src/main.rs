@@ -36,6 +36,7 @@ mod ipv6;
 mod limits;
 mod maps;
 mod parse;
+mod rate;
 mod select;
 mod stats;
 

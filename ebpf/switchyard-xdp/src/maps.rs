@@ -46,6 +46,10 @@ pub static SERVICE_BACKENDS: Array<ServiceBackend> =
 #[map]
 pub static ACTIVE: Array<ActiveCell> =
     Array::with_max_entries(DEFAULT_BACKEND_SLOTS, BPF_F_MMAPABLE);
+/// Per backend slot, GCRA's arrival time of the next new flow under its `max_session_rate`
+/// (coarse clock, ns); read and taken only on SYNs to a rate-limited backend.
+#[map]
+pub static BACKEND_RATES: Array<u64> = Array::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);
 #[map]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(DEFAULT_BACKEND_SLOTS, 0);

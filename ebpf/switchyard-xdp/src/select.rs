@@ -11,7 +11,7 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::bpf_loop;
 use switchyard_common::backend::BackendView;
 use switchyard_common::maps::{
-    ServiceValue, WEIGHTED_TABLE_SIZE, algorithm, backend_state, maglev_index,
+    ServiceBackend, ServiceValue, WEIGHTED_TABLE_SIZE, algorithm, backend_state, maglev_index,
     service_backend_index, weighted_index,
 };
 use switchyard_common::walk::{Step, Walk};
@@ -19,7 +19,9 @@ use switchyard_common::{
     MAGLEV_TABLE_SIZE, MAX_BACKENDS, least_conn, maglev, round_robin, weighted_round_robin,
 };
 
-use crate::maps::{ACTIVE, MAGLEV, RR_CURSOR, SERVICE_BACKENDS, WEIGHTED};
+use crate::clock::coarse_now;
+use crate::maps::{ACTIVE, BACKEND_RATES, MAGLEV, RR_CURSOR, SERVICE_BACKENDS, WEIGHTED};
+use crate::rate;
 
 /// Runs the shared selection loops under `bpf_loop`: one call of the step per index.
 #[derive(Clone, Copy)]
@@ -62,9 +64,45 @@ fn view(entry: u32) -> Option<BackendView> {
         active: active.min(u32::MAX as u64) as u32,
         weight: backend.weight,
         max_connections: backend.max_connections,
-        healthy: (backend.state == backend_state::UP) as u32,
+        healthy: (backend.state == backend_state::UP && under_rate(backend)) as u32,
         response_us: 0,
     })
+}
+
+/// Whether the backend's `max_session_rate` lets one more new flow through now (always, for
+/// a backend without one).
+#[inline(always)]
+fn under_rate(backend: &ServiceBackend) -> bool {
+    if backend.rate_interval_ns == 0 {
+        return true;
+    }
+    let Some(arrival) = BACKEND_RATES.get_ptr(backend.slot) else {
+        return true;
+    };
+    rate::allows(
+        arrival,
+        backend.rate_interval_ns,
+        backend.rate_tolerance_ns,
+        coarse_now(),
+    )
+}
+
+/// Takes the new flow from the chosen backend's `max_session_rate`. A CPU that lost the race
+/// for the last unit still sends its flow: at most one per CPU over the rate, never a refused
+/// client.
+#[inline(always)]
+fn take_rate(backend: &ServiceBackend) {
+    if backend.rate_interval_ns == 0 {
+        return;
+    }
+    if let Some(arrival) = BACKEND_RATES.get_ptr_mut(backend.slot) {
+        rate::take(
+            arrival,
+            backend.rate_interval_ns,
+            backend.rate_tolerance_ns,
+            coarse_now(),
+        );
+    }
 }
 
 /// The backend slot the service's algorithm picks for a new flow from a client whose address
@@ -125,7 +163,9 @@ pub fn select(service: &ServiceValue, client_hash: impl FnOnce() -> u64) -> Opti
             least_conn::pick(BpfLoop, count, this as usize, candidate)
         }
     }?;
-    SERVICE_BACKENDS.get(base + index as u32).map(|b| b.slot)
+    let chosen = SERVICE_BACKENDS.get(base + index as u32)?;
+    take_rate(chosen);
+    Some(chosen.slot)
 }
 
 /// A cursor pick on a table (or ring) of `len` entries with this CPU's cursor of the service,

@@ -32,7 +32,8 @@ use crate::totals::{KernelCounters, Totals, XdpAttachment};
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
 
 /// Maps pinned (and reused after a restart) when pinning is on.
-const PINNED_MAPS: [&str; 22] = [
+const PINNED_MAPS: [&str; 23] = [
+    names::BACKEND_RATES,
     names::SERVICES,
     names::SERVICES6,
     names::BACKENDS,
@@ -115,6 +116,7 @@ impl XdpPlane {
             .map_max_entries(names::SERVICE_BACKENDS, services * 2 * MAX_BACKENDS as u32)
             .map_max_entries(names::ACTIVE, slots)
             .map_max_entries(names::BACKEND_STATS, slots)
+            .map_max_entries(names::BACKEND_RATES, slots)
             .map_max_entries(names::SERVICE_STATS, services)
             .map_max_entries(names::RR_CURSOR, services)
             .map_max_entries(names::FLOWS, flows)

@@ -45,6 +45,7 @@ fn expected() -> Vec<(&'static str, u32, usize, usize)> {
             size_of::<ServiceBackend>(),
         ),
         (names::ACTIVE, ARRAY, index, size_of::<ActiveCell>()),
+        (names::BACKEND_RATES, ARRAY, index, size_of::<u64>()),
         (
             names::BACKEND_STATS,
             PERCPU_ARRAY,

@@ -155,7 +155,7 @@ impl BackendStates {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     algorithm: u32,
-    backends: Vec<(String, u32, u32, u32)>,
+    backends: Vec<(String, u32, u32, u32, u32)>,
 }
 
 impl Layout {
@@ -171,6 +171,7 @@ impl Layout {
                         b.active.slot() as u32,
                         b.config.weight,
                         b.config.max_connections,
+                        b.config.max_session_rate,
                     )
                 })
                 .collect(),
@@ -365,11 +366,16 @@ fn write_policies(
             .context("map SERVICE_BACKENDS missing")?,
     )?;
     for (i, backend) in service.backends.iter().enumerate() {
+        let (rate_interval_ns, rate_tolerance_ns) = backend
+            .session_rate()
+            .map_or((0, 0), |rate| (rate.interval(), rate.tolerance()));
         let entry = ServiceBackend {
             slot: backend.active.slot() as u32,
             weight: backend.config.weight,
             max_connections: backend.config.max_connections,
             state: states.states[i],
+            rate_interval_ns,
+            rate_tolerance_ns,
         };
         policies
             .set(service_backend_index(index, version, i as u32), entry, 0)
