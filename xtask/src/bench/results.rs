@@ -50,6 +50,9 @@ pub struct BenchResults {
     /// Sessions/s with `/metrics` scraped every second against no admin listener, paired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<super::metrics::MetricsFigures>,
+    /// Sessions/s on the xdp path with a one-source SYN flood against without, paired (root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synflood: Option<super::synflood::SynfloodFigures>,
 }
 
 /// The XDP program's cost per packet in nanoseconds per run, from `BPF_PROG_TEST_RUN`, beside
