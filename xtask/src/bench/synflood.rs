@@ -198,7 +198,7 @@ pub fn measure(dir: &Path, switchyard: &Path, quick: bool) -> Result<SynfloodFig
         anyhow::bail!("the testbed's VIP {target} is not IPv4");
     };
     println!(
-        "synflood: {rounds} round(s) each way x {sessions} sessions, {} parallel, to {target}; flood from {FLOOD_SOURCE} (at most {max_syns} SYNs a round){}",
+        "synflood: {rounds} round(s) of each arm (calm, flooded, sender only) x {sessions} sessions, {} parallel, to {target}; flood from {FLOOD_SOURCE} (at most {max_syns} SYNs a round){}",
         opts.concurrency,
         SYNFLOOD_LIMITS.replace('\n', " ")
     );
