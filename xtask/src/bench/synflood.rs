@@ -41,7 +41,7 @@ const DISCARDED: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
 const FLOOD_DEADLINE: Duration = Duration::from_secs(120);
 
 /// `cargo xtask bench --synflood-only` and results.json's `synflood`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SynfloodFigures {
     pub rounds: usize,
     pub sessions_per_run: u64,
@@ -85,6 +85,15 @@ pub struct SynfloodFigures {
 }
 
 impl SynfloodFigures {
+    /// The medians and paired ratios of the rounds recorded.
+    fn summarize(&mut self) {
+        self.calm_median = median(&mut self.calm.clone());
+        self.flooded_median = median(&mut self.flooded.clone());
+        self.sender_only_median = median(&mut self.sender_only.clone());
+        self.ratio = paired_ratio(&self.flooded, &self.calm);
+        self.sender_only_ratio = paired_ratio(&self.sender_only, &self.calm);
+    }
+
     /// SYNs the flood sent over all rounds.
     pub fn syns_total(&self) -> u64 {
         self.syns_sent.iter().sum()
@@ -122,6 +131,12 @@ impl SynfloodFigures {
             }
         }
     }
+}
+
+/// The median of the per-round ratios `runs[i] / reference[i]`.
+fn paired_ratio(runs: &[f64], reference: &[f64]) -> f64 {
+    let mut ratios: Vec<f64> = runs.iter().zip(reference).map(|(r, c)| r / c).collect();
+    median(&mut ratios)
 }
 
 /// What runs beside the load generator in a round.
@@ -209,21 +224,7 @@ pub fn measure(dir: &Path, switchyard: &Path, quick: bool) -> Result<SynfloodFig
         limits: SYNFLOOD_LIMITS.trim().to_string(),
         flood_source: FLOOD_SOURCE.to_string(),
         max_syns_per_round: max_syns,
-        calm: Vec::new(),
-        flooded: Vec::new(),
-        calm_median: 0.0,
-        flooded_median: 0.0,
-        ratio: 0.0,
-        syns_sent: Vec::new(),
-        syns_per_s: Vec::new(),
-        sender_cpu: Vec::new(),
-        too_many: 0,
-        too_fast: 0,
-        calm_drops: 0,
-        sessions_failed: 0,
-        sender_only: Vec::new(),
-        sender_only_median: 0.0,
-        sender_only_ratio: 0.0,
+        ..SynfloodFigures::default()
     };
     let reference = reference_target(&testbed, vip)?;
     for round in 0..rounds {
@@ -256,23 +257,7 @@ pub fn measure(dir: &Path, switchyard: &Path, quick: bool) -> Result<SynfloodFig
         );
     }
     drop(testbed);
-    figures.calm_median = median(&mut figures.calm.clone());
-    figures.flooded_median = median(&mut figures.flooded.clone());
-    let mut ratios: Vec<f64> = figures
-        .flooded
-        .iter()
-        .zip(&figures.calm)
-        .map(|(f, c)| f / c)
-        .collect();
-    figures.ratio = median(&mut ratios);
-    figures.sender_only_median = median(&mut figures.sender_only.clone());
-    let mut ratios: Vec<f64> = figures
-        .sender_only
-        .iter()
-        .zip(&figures.calm)
-        .map(|(f, c)| f / c)
-        .collect();
-    figures.sender_only_ratio = median(&mut ratios);
+    figures.summarize();
     std::fs::write(
         dir.join("synflood.json"),
         serde_json::to_string_pretty(&figures)? + "\n",
