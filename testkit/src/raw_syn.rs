@@ -1,9 +1,11 @@
 //! Bare TCP segments: SYNs through a raw socket, which open flows in an XDP balancer without
-//! any TCP stack behind them (a SYN flood in miniature, for flow-table tests), and the
+//! any TCP stack behind them (a SYN flood in miniature, for flow-table tests, or an unpaced
+//! one-source flood for the benchmark), and the
 //! segments themselves for crafted-packet runs of the XDP program (`xdp_run`).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -25,12 +27,7 @@ pub fn send_syns_from(
     sources: impl IntoIterator<Item = SocketAddrV4>,
     target: SocketAddrV4,
 ) -> Result<()> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::RAW,
-        Some(socket2::Protocol::from(nix::libc::IPPROTO_RAW)),
-    )
-    .context("a raw socket (needs root)")?;
+    let socket = raw_socket()?;
     let destination: socket2::SockAddr = SocketAddr::V4(target).into();
     for (i, from) in sources.into_iter().enumerate() {
         let packet = tcp_packet(from, target, TCP_SYN, i as u32);
@@ -42,6 +39,75 @@ pub fn send_syns_from(
         }
     }
     Ok(())
+}
+
+/// Sends SYNs from `source` to `target` as fast as the socket takes them (a one-source SYN
+/// flood), each from the next source port so that each would open a new flow, until `stop` is
+/// set, `max` SYNs have gone or `deadline` has passed. A SYN the transmit queue has no room
+/// for is lost (counted as not sent), as on a full link.
+pub fn flood(
+    source: Ipv4Addr,
+    target: SocketAddrV4,
+    max: u64,
+    deadline: Duration,
+    stop: &AtomicBool,
+) -> Result<FloodReport> {
+    let socket = raw_socket()?;
+    let destination: socket2::SockAddr = SocketAddr::V4(target).into();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    for i in 0..max {
+        if i % 1024 == 0 && (stop.load(Ordering::Relaxed) || started.elapsed() > deadline) {
+            break;
+        }
+        let from = SocketAddrV4::new(source, 1024 + (i % 64_512) as u16);
+        match socket.send_to(&tcp_packet(from, target, TCP_SYN, i as u32), &destination) {
+            Ok(_) => sent += 1,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => std::thread::yield_now(),
+            Err(e) => return Err(e).with_context(|| format!("sending a SYN to {target}")),
+        }
+    }
+    Ok(FloodReport {
+        sent,
+        elapsed: started.elapsed(),
+        cpu: thread_cpu_time(),
+    })
+}
+
+/// What [`flood`] did.
+#[derive(Clone, Copy, Debug)]
+pub struct FloodReport {
+    /// SYNs the socket took.
+    pub sent: u64,
+    /// How long the flood ran.
+    pub elapsed: Duration,
+    /// The CPU time the sending thread used, in the kernel's transmit path (through the veth
+    /// into the receiver's XDP program) included.
+    pub cpu: Duration,
+}
+
+/// The calling thread's CPU time so far.
+fn thread_cpu_time() -> Duration {
+    let mut now = nix::libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec the call writes into.
+    let ok = unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if ok != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// A raw IPv4 socket that sends whole packets, headers included (needs root).
+fn raw_socket() -> Result<socket2::Socket> {
+    socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(nix::libc::IPPROTO_RAW)),
+    )
+    .context("a raw socket (needs root)")
 }
 
 /// TCP flags of [`tcp_packet`].

@@ -70,6 +70,12 @@ enum Cmd {
         /// against no admin listener, alternating (5 rounds each; quick: 3 short ones).
         #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "xdp_cost_only", "reload_only"])]
         metrics_only: bool,
+        /// Only what a one-source SYN flood costs legitimate sessions on the xdp path (root):
+        /// xdp dsr with [service.limits] in the namespace testbed, sessions/s with and without
+        /// a flood of crafted SYNs from one spoofed address, alternating (5 rounds each of
+        /// 20000 sessions; quick: 3 of 3000); writes target/bench/synflood.json.
+        #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "xdp_cost_only", "reload_only", "metrics_only", "rounds", "messages"])]
+        synflood_only: bool,
     },
     /// A fast SMTP sink (used where Postfix's smtp-sink is missing).
     Sink {
@@ -153,6 +159,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             xdp_cost_only,
             reload_only,
             metrics_only,
+            synflood_only,
         } => {
             if xdp_cost_only {
                 // The program runs in the kernel: this build's speed does not matter.
@@ -164,6 +171,9 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             }
             if metrics_only {
                 return bench::metrics_only(quick).map(|_| ExitCode::SUCCESS);
+            }
+            if synflood_only {
+                return bench::synflood_only(quick).map(|_| ExitCode::SUCCESS);
             }
             let mut opts = bench::BenchOptions::new(quick, rounds, messages);
             opts.kernel_only = kernel_only;

@@ -12,7 +12,8 @@
 //! This module holds the options and the orchestration; [`contenders`] starts what is measured,
 //! [`drive`] runs load through it, [`cpu`] accounts CPU time, [`idle`] measures idle memory,
 //! [`stats`] summarizes, [`results`] is results.json's schema and [`report`] its tables;
-//! [`reload`] and [`metrics`] measure what a reload and a Prometheus scraper cost.
+//! [`reload`] and [`metrics`] measure what a reload and a Prometheus scraper cost, [`synflood`]
+//! what a one-source SYN flood costs legitimate sessions on the xdp path (root).
 //!
 //! Outputs: a markdown table on stdout, `target/bench/results.json`, `target/bench/chart.png`.
 
@@ -25,6 +26,7 @@ pub mod reload;
 mod report;
 pub mod results;
 mod stats;
+pub mod synflood;
 mod testbed;
 mod xdp_cost;
 
@@ -282,6 +284,7 @@ fn run_contenders(
                 });
             })
             .ok();
+        results.synflood = synflood_figures(opts.quick, dir, switchyard, &mut results.skipped);
     }
     report::print_table(&results);
     // A kernel-only run does not replace the full benchmark's results.
@@ -304,15 +307,27 @@ fn reload_figures(
     skipped: &mut Vec<Skipped>,
 ) -> Option<reload::ReloadFigures> {
     let sessions = if opts.quick { 1000 } else { 5000 };
-    match reload::measure(dir, switchyard, sessions) {
+    let measured = reload::measure(dir, switchyard, sessions);
+    printed_or_skipped("reload", measured, reload::describe, skipped)
+}
+
+/// A measurement's figures, printed; or, when it failed, `None` and a skipped entry `name`
+/// saying why.
+fn printed_or_skipped<T>(
+    name: &str,
+    measured: Result<T>,
+    describe: fn(&T) -> String,
+    skipped: &mut Vec<Skipped>,
+) -> Option<T> {
+    match measured {
         Ok(figures) => {
-            println!("bench: {}", reload::describe(&figures));
+            println!("bench: {}", describe(&figures));
             Some(figures)
         }
         Err(error) => {
-            println!("bench: reload measurement failed: {error:#}");
+            println!("bench: {name} measurement not made: {error:#}");
             skipped.push(Skipped {
-                name: "reload".into(),
+                name: name.into(),
                 reason: format!("{error:#}"),
             });
             None
@@ -361,6 +376,32 @@ pub fn metrics_only(quick: bool) -> Result<metrics::MetricsFigures> {
         .collect();
     let (_, _sinks) = contenders::start_sinks(&dir, &sink_addrs)?;
     metrics_figures(quick, &dir, &workspace::switchyard_release(), &sink_addrs)
+}
+
+/// The SYN-flood measurement ([`synflood`]) as root, or a skipped entry saying why not.
+fn synflood_figures(
+    quick: bool,
+    dir: &Path,
+    switchyard: &Path,
+    skipped: &mut Vec<Skipped>,
+) -> Option<synflood::SynfloodFigures> {
+    let measured = if workspace::is_root() {
+        synflood::measure(dir, switchyard, quick)
+    } else {
+        Err(anyhow::anyhow!("needs root (network namespaces and XDP)"))
+    };
+    printed_or_skipped("synflood", measured, synflood::describe, skipped)
+}
+
+/// `--synflood-only`: the SYN-flood measurement alone (root), printed.
+pub fn synflood_only(quick: bool) -> Result<synflood::SynfloodFigures> {
+    supervise::stop_children_on_signal();
+    workspace::raise_nofile_limit();
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir)?;
+    let figures = synflood::measure(&dir, &workspace::switchyard_release(), quick)?;
+    println!("{}", synflood::describe(&figures));
+    Ok(figures)
 }
 
 /// One run of load through `c`, with the CPU time every part used; printed and recorded.

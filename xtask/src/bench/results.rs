@@ -50,6 +50,9 @@ pub struct BenchResults {
     /// Sessions/s with `/metrics` scraped every second against no admin listener, paired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<super::metrics::MetricsFigures>,
+    /// Sessions/s on the xdp path with a one-source SYN flood against without, paired (root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synflood: Option<super::synflood::SynfloodFigures>,
 }
 
 /// The XDP program's cost per packet in nanoseconds per run, from `BPF_PROG_TEST_RUN`, beside
@@ -324,6 +327,37 @@ fn check(res: &BenchResults) -> Result<()> {
     if let Some(cost) = &res.xdp_cost {
         check_xdp_cost(cost)?;
     }
+    if let Some(flood) = &res.synflood {
+        check_synflood(flood)?;
+    }
+    Ok(())
+}
+
+/// The SYN-flood figures: every round of every arm, a flood that was sent and dropped, and a
+/// ratio that is a ratio.
+fn check_synflood(f: &super::synflood::SynfloodFigures) -> Result<()> {
+    for (arm, runs) in [
+        ("calm", &f.calm),
+        ("flooded", &f.flooded),
+        ("sender_only", &f.sender_only),
+    ] {
+        ensure!(
+            runs.len() == f.rounds && runs.iter().all(|r| r.is_finite() && *r > 0.0),
+            "synflood.{arm} has {runs:?}, expected {} positive rates",
+            f.rounds
+        );
+    }
+    ensure!(
+        f.syns_total() > 0 && f.too_many + f.too_fast > 0,
+        "synflood: {} SYNs sent, {} dropped: the flood did not happen",
+        f.syns_total(),
+        f.too_many + f.too_fast
+    );
+    ensure!(
+        f.ratio.is_finite() && f.ratio > 0.0,
+        "synflood.ratio is {}",
+        f.ratio
+    );
     Ok(())
 }
 

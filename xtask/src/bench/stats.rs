@@ -126,6 +126,7 @@ pub fn summarize(
         xdp_cost: None,
         reload: None,
         metrics: None,
+        synflood: None,
     })
 }
 

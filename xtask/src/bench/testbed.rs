@@ -54,7 +54,17 @@ pub enum Mode {
     /// Reference: the plain network's balancer forwarding by kernel routing (ECMP to the
     /// sinks, no program): what the extra hop through the balancer costs by itself.
     PlainRouting,
+    /// `Dsr` with [`SYNFLOOD_LIMITS`]: the SYN-flood measurement's balancer (`bench::synflood`),
+    /// not one of the side-by-side contenders.
+    DsrLimits,
 }
+
+/// The `[service.limits]` of [`Mode::DsrLimits`]. The load generator is one source (the
+/// client's address) opening thousands of sessions a second with 50 open at once, so the
+/// limits sit above what it needs and far below what a one-source flood sends: the flood's
+/// first SYNs open flows that never complete (no TCP stack holds its address), and once it has
+/// `per_source_connections` of them every further SYN is dropped in the kernel.
+pub const SYNFLOOD_LIMITS: &str = "\n[service.limits]\nper_source_connections = 1000\nper_source_rate = 50000\nper_source_burst = 50000\n";
 
 impl Mode {
     pub const ALL: [Mode; 8] = [
@@ -79,6 +89,7 @@ impl Mode {
             Mode::PlainDsr => "plain: switchyard xdp dsr (auto)",
             Mode::PlainNat => "plain: switchyard xdp nat (auto)",
             Mode::PlainRouting => "plain: kernel routing (reference)",
+            Mode::DsrLimits => "switchyard xdp dsr + limits",
         }
     }
 
@@ -93,7 +104,7 @@ impl Mode {
     /// The forwarding a switchyard xdp mode configures.
     fn forwarding(self) -> Option<&'static str> {
         match self {
-            Mode::Dsr | Mode::PlainDsr => Some("dsr"),
+            Mode::Dsr | Mode::PlainDsr | Mode::DsrLimits => Some("dsr"),
             Mode::Nat | Mode::PlainNat => Some("nat"),
             _ => None,
         }
@@ -109,6 +120,7 @@ impl Mode {
             Mode::PlainDsr => "plain-dsr",
             Mode::PlainNat => "plain-nat",
             Mode::PlainRouting => "plain-routing",
+            Mode::DsrLimits => "dsr-limits",
         }
     }
 }
@@ -234,7 +246,7 @@ impl Testbed {
                 net.balancer.ip(&args)?;
             }
             Mode::PlainDirect => {}
-            Mode::Dsr | Mode::Proxy | Mode::PlainDsr => {
+            Mode::Dsr | Mode::Proxy | Mode::PlainDsr | Mode::DsrLimits => {
                 process = Some(self.start_switchyard(mode)?)
             }
             Mode::Nat | Mode::PlainNat => {
@@ -263,12 +275,17 @@ impl Testbed {
         }
     }
 
+    /// The admin socket of the switchyard that `mode` runs (`switchyard ctl` talks to it).
+    pub fn admin_socket(&self, mode: Mode) -> PathBuf {
+        self.dir
+            .join(format!("switchyard-netns-{}.sock", mode.word()))
+    }
+
     fn start_switchyard(&self, mode: Mode) -> Result<Supervised> {
         let cfg = self
             .dir
             .join(format!("switchyard-netns-{}.toml", mode.word()));
-        let socket = format!("switchyard-netns-{}.sock", mode.word());
-        let text = self.switchyard_config(mode) + &admin_table(Path::new(&socket));
+        let text = self.switchyard_config(mode) + &admin_table(&self.admin_socket(mode));
         std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
         let mut cmd = Command::new("ip");
         let balancer = &self.network(mode).balancer.name;
@@ -341,6 +358,9 @@ impl Testbed {
              max_connections = 10000\n\n[service.health]\nkind = \"smtp\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\n{xdp}",
             mode.word()
         );
+        if mode == Mode::DsrLimits {
+            cfg.push_str(SYNFLOOD_LIMITS);
+        }
         let net = self.network(mode);
         for i in 0..net.backends.len() {
             cfg.push_str(&format!(
