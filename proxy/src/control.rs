@@ -304,5 +304,9 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"command":"reload"}"#).expect("parse"),
             Request::Reload
         );
+        assert_eq!(
+            serde_json::to_string(&Request::NodeDrain).expect("serialize"),
+            r#"{"command":"node_drain"}"#
+        );
     }
 }

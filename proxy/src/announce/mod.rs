@@ -13,7 +13,7 @@
 mod bird;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,13 +127,13 @@ impl Announcer {
             let socket = self.bird_socket.lock().clone();
             let wants = self.wants(&state.snapshot(), stopping);
             let statuses = if stopping {
-                let pass = link.reconcile(socket.as_ref(), &wants);
+                let pass = link.reconcile(socket.as_deref(), &wants);
                 tokio::time::timeout(CONFIRM_LIMIT, pass).await.unwrap_or_else(|_| {
                     error!("BIRD did not confirm the withdrawals within {CONFIRM_LIMIT:?} at shutdown; check `birdc show protocols`");
                     Vec::new()
                 })
             } else {
-                link.reconcile(socket.as_ref(), &wants).await
+                link.reconcile(socket.as_deref(), &wants).await
             };
             *self.status.lock() = statuses.into_iter().collect();
             self.passes.send_modify(|n| *n += 1);
@@ -184,6 +184,7 @@ impl Announcer {
 }
 
 /// One service's decision.
+#[derive(Clone)]
 struct Want {
     service: String,
     protocol: String,
@@ -210,38 +211,22 @@ struct Link {
 
 impl Link {
     /// Brings BIRD in line with `wants`; the status of each wanted service.
-    async fn reconcile(
-        &mut self,
-        socket: Option<&PathBuf>,
-        wants: &[Want],
-    ) -> Vec<(String, Status)> {
+    async fn reconcile(&mut self, socket: Option<&Path>, wants: &[Want]) -> Vec<(String, Status)> {
         self.retire(wants);
         let reassert = self.last_reassert.is_none_or(|at| at.elapsed() >= REASSERT);
         if reassert {
             self.last_reassert = Some(Instant::now());
         }
-        let mut orders: Vec<(String, String, bool, String)> = wants
-            .iter()
-            .map(|w| {
-                (
-                    w.service.clone(),
-                    w.protocol.clone(),
-                    w.announce,
-                    w.why.clone(),
-                )
-            })
-            .collect();
-        orders.extend(self.retired.iter().map(|(protocol, service)| {
-            (
-                service.clone(),
-                protocol.clone(),
-                false,
-                "its service no longer announces it (reload)".to_string(),
-            )
+        let mut orders = wants.to_vec();
+        orders.extend(self.retired.iter().map(|(protocol, service)| Want {
+            service: service.clone(),
+            protocol: protocol.clone(),
+            announce: false,
+            why: "its service no longer announces it (reload)".to_string(),
         }));
         let pending = orders
             .iter()
-            .any(|(_, protocol, on, _)| reassert || self.confirmed.get(protocol) != Some(on));
+            .any(|w| reassert || self.confirmed.get(&w.protocol) != Some(&w.announce));
         if pending && let Some(socket) = socket {
             self.tell(socket, &orders, reassert).await;
         }
@@ -288,12 +273,7 @@ impl Link {
     }
 
     /// Sends each order that BIRD has not confirmed (all of them on `reassert`).
-    async fn tell(
-        &mut self,
-        socket: &PathBuf,
-        orders: &[(String, String, bool, String)],
-        reassert: bool,
-    ) {
+    async fn tell(&mut self, socket: &Path, orders: &[Want], reassert: bool) {
         if self.bird.is_none() {
             match Bird::connect(socket).await {
                 Ok(bird) => {
@@ -305,7 +285,13 @@ impl Link {
                 Err(trouble) => return self.lost(format!("{trouble:#}")),
             }
         }
-        for (service, protocol, on, why) in orders {
+        for Want {
+            service,
+            protocol,
+            announce: on,
+            why,
+        } in orders
+        {
             if !reassert && self.confirmed.get(protocol) == Some(on) {
                 continue;
             }
