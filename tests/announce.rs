@@ -26,6 +26,8 @@ const VIP_PORT: u16 = 25;
 /// a silent peer keeps its routes.
 const BGP_TIMERS: &str =
     "hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 2;";
+/// The admin listener (`/metrics`), inside the balancer's namespace.
+const METRICS_PORT: u16 = 9101;
 /// Ample for BGP to come up and for any route change (a withdrawal takes milliseconds).
 const ROUTE_LIMIT: Duration = Duration::from_secs(20);
 
@@ -276,6 +278,20 @@ impl Held {
     }
 }
 
+/// `GET /metrics` from inside the balancer's namespace.
+fn metrics(balancer: &Netns) -> String {
+    balancer.run(|| {
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", METRICS_PORT)).expect("connect to /metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).expect("response");
+        text
+    })
+}
+
 fn backend_in(ns: &Netns, name: &str, address: SocketAddr) -> SmtpServer {
     let listener: TcpListener = ns
         .run(move || bind_listener(address))
@@ -292,7 +308,7 @@ fn switchyard_config(bird_socket: &Path, backends: &[SocketAddr]) -> String {
         service = service.backend(&format!("mta{}", index + 1), address);
     }
     format!(
-        "shutdown_timeout = \"20s\"\n[announce]\nbird_socket = {:?}\n\n{service}",
+        "shutdown_timeout = \"20s\"\n[admin]\nsocket = \"admin.sock\"\nlisten = \"127.0.0.1:{METRICS_PORT}\"\n[announce]\nbird_socket = {:?}\n\n{service}",
         bird_socket.display().to_string()
     )
 }
@@ -371,6 +387,17 @@ fn vip_follows_health_node_drain_and_shutdown() {
     let undrain = sy.ctl(&["node", "undrain"]);
     assert_eq!(undrain.code, Some(0), "ctl node undrain: {undrain:?}");
     wait_route(&net.router, true, "ctl node undrain");
+
+    // Each confirmed change counted: announced at start, after the recovery and the undrain;
+    // withdrawn when every backend was down and on the drain.
+    let text = metrics(&net.balancer);
+    for series in [
+        "switchyard_announcements_total{service=\"mx\",action=\"announce\"} 3",
+        "switchyard_announcements_total{service=\"mx\",action=\"withdraw\"} 2",
+        "switchyard_service_announced{service=\"mx\"} 1",
+    ] {
+        assert!(text.contains(series), "no {series} in:\n{text}");
+    }
 
     // SIGTERM with a session open: the route goes before switchyard exits (it waits for the
     // session), and the session still finishes.
