@@ -462,3 +462,24 @@ fn bird_unreachable_is_retried_and_never_blames_backends() {
     };
     wait_route(&net.router, true, "BIRD reachable again");
 }
+
+/// The shipped example is a configuration BIRD accepts.
+#[test]
+fn shipped_bird_conf_parses() {
+    if !bird_available() {
+        return;
+    }
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bird.conf");
+    let output = Command::new("bird")
+        .arg("-p")
+        .arg("-c")
+        .arg(&file)
+        .output()
+        .expect("bird -p");
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        file.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
