@@ -61,10 +61,14 @@ struct Bird {
 
 impl Bird {
     fn start(ns: &Netns, config: &str) -> Bird {
-        let dir = tempfile::tempdir().expect("BIRD directory");
+        Bird::start_in(ns, config, tempfile::tempdir().expect("BIRD directory"))
+    }
+
+    /// BIRD with its file, control socket ([`socket_in`]) and PID file in `dir`.
+    fn start_in(ns: &Netns, config: &str, dir: tempfile::TempDir) -> Bird {
         let file = dir.path().join("bird.conf");
         std::fs::write(&file, config).expect("write bird.conf");
-        let socket = dir.path().join("bird.ctl");
+        let socket = socket_in(dir.path());
         let pid_file = dir.path().join("bird.pid");
         let output = ns
             .command("bird")
@@ -115,6 +119,10 @@ impl Bird {
             .expect("birdc");
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
+}
+
+fn socket_in(dir: &Path) -> PathBuf {
+    dir.join("bird.ctl")
 }
 
 impl Drop for Bird {
@@ -187,18 +195,11 @@ fn topology() -> Topology {
         ],
     )
     .expect("veth");
-    router
-        .ip(&["addr", "add", &format!("{ROUTER_IP}/24"), "dev", &r_if])
-        .expect("router address");
-    router
-        .ip(&["link", "set", &r_if, "up"])
-        .expect("router link");
-    balancer
-        .ip(&["addr", "add", &format!("{BALANCER_IP}/24"), "dev", &b_if])
-        .expect("balancer address");
-    balancer
-        .ip(&["link", "set", &b_if, "up"])
-        .expect("balancer link");
+    for (ns, address, interface) in [(&router, ROUTER_IP, &r_if), (&balancer, BALANCER_IP, &b_if)] {
+        ns.ip(&["addr", "add", &format!("{address}/24"), "dev", interface])
+            .expect("address");
+        ns.ip(&["link", "set", interface, "up"]).expect("link up");
+    }
     balancer
         .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
         .expect("VIP on lo");
@@ -425,7 +426,7 @@ fn bird_unreachable_is_retried_and_never_blames_backends() {
     let _backend = backend_in(&net.balancer, "mta1", address);
     // The socket BIRD will serve later: nothing listens there yet.
     let dir = tempfile::tempdir().expect("directory");
-    let socket = dir.path().join("bird.ctl");
+    let socket = socket_in(dir.path());
     let sy = Launch::new(BIN).start_in(&net.balancer, &switchyard_config(&socket, &[address]));
 
     // Sessions are served, the backend stays up, and `show` says what is wrong.
@@ -440,26 +441,7 @@ fn bird_unreachable_is_retried_and_never_blames_backends() {
     assert!(why.contains("unreachable"), "{}", show.stdout);
 
     // BIRD starts on that socket: switchyard's retries find it and announce.
-    let config = dir.path().join("bird.conf");
-    std::fs::write(&config, balancer_bird()).expect("bird.conf");
-    let pid_file = dir.path().join("bird.pid");
-    let started = net
-        .balancer
-        .command("bird")
-        .arg("-c")
-        .arg(&config)
-        .arg("-s")
-        .arg(&socket)
-        .arg("-P")
-        .arg(&pid_file)
-        .status()
-        .expect("start bird");
-    assert!(started.success(), "bird");
-    let _late_bird = Bird {
-        pid_file,
-        socket,
-        _dir: dir,
-    };
+    let _late_bird = Bird::start_in(&net.balancer, &balancer_bird(), dir);
     wait_route(&net.router, true, "BIRD reachable again");
 }
 
