@@ -465,3 +465,28 @@ fn shipped_bird_conf_parses() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A reload that stops announcing a service withdraws its VIP (the protocol is not left on).
+#[test]
+fn reload_that_stops_announcing_withdraws() {
+    if !bird_available() {
+        return;
+    }
+    let net = topology();
+    let _router_bird = Bird::start(&net.router, &router_bird());
+    let balancer_bird = Bird::start(&net.balancer, &balancer_bird());
+    let address: SocketAddr = "127.0.0.1:2601".parse().expect("address");
+    let _backend = backend_in(&net.balancer, "mta1", address);
+    let config = switchyard_config(&balancer_bird.socket, &[address]);
+    let sy = Launch::new(BIN).start_in(&net.balancer, &config);
+    wait_route(&net.router, true, "switchyard up");
+
+    let file = sy.config_dir().join("switchyard.toml");
+    let written = std::fs::read_to_string(&file).expect("config");
+    let without = written.replace("announce = true\nannounce_protocol = \"vip_mx\"\n", "");
+    assert_ne!(written, without, "the test's config changed shape");
+    std::fs::write(&file, without).expect("rewrite config");
+    let reload = sy.ctl(&["reload"]);
+    assert_eq!(reload.code, Some(0), "ctl reload: {reload:?}");
+    wait_route(&net.router, false, "reload without announce");
+}
