@@ -1107,6 +1107,98 @@ fn table() -> Vec<Case> {
             ],
         ),
         // -------------------------------------------------------------------------------
+        // [announce], announce, announce_protocol
+        accepted(
+            "announce_with_a_derived_protocol_is_accepted",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{}",
+                service_with("announce = true\n")
+            ),
+            &["announce: BIRD protocol vip_mx (through /run/bird/bird.ctl)"],
+        ),
+        accepted(
+            "announce_protocol_named_is_accepted",
+            format!(
+                "[announce]\nbird_socket = \"bird.ctl\"\n{}",
+                service_with("announce = true\nannounce_protocol = \"mail_vip4\"\n")
+            ),
+            &["announce: BIRD protocol mail_vip4 (through /etc/switchyard/bird.ctl)"],
+        ),
+        rejected(
+            "announce_without_an_announce_table_is_rejected",
+            service_with("announce = true\n"),
+            4,
+            &[
+                "service \"mx\"",
+                "announce = true needs an [announce] table",
+                "bird_socket",
+            ],
+        ),
+        rejected(
+            "announce_table_without_bird_socket_is_rejected",
+            format!("[announce]\n\n{}", service_with("announce = true\n")),
+            1,
+            &["[announce] needs bird_socket", "/run/bird/bird.ctl"],
+        ),
+        rejected(
+            "announce_bird_socket_empty_is_rejected",
+            format!("[announce]\nbird_socket = \"\"\n{}", service_with("")),
+            2,
+            &[
+                "announce.bird_socket must not be empty",
+                "remove the [announce] table",
+            ],
+        ),
+        rejected(
+            "announce_bird_socket_too_long_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/{}\"\n{}",
+                "b".repeat(120),
+                service_with("")
+            ),
+            2,
+            &["announce.bird_socket", "at most 107"],
+        ),
+        rejected(
+            "announce_protocol_without_announce_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{}",
+                service_with("announce_protocol = \"vip_mx\"\n")
+            ),
+            6,
+            &["announce_protocol \"vip_mx\" is set but announce is not true"],
+        ),
+        rejected(
+            "announce_protocol_not_a_bird_symbol_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{}",
+                service_with("announce = true\nannounce_protocol = \"vip-mx\"\n")
+            ),
+            7,
+            &[
+                "announce_protocol \"vip-mx\" is not a BIRD protocol name",
+                "letters, digits or '_'",
+            ],
+        ),
+        rejected(
+            "announce_protocol_shared_by_two_services_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{}\n[[service]]\nname = \"mx-b\"\nlisten = \"127.0.0.1:@PORT2@\"\nannounce = true\nannounce_protocol = \"vip_mx\"\n[[service.backend]]\nname = \"m\"\naddress = \"127.0.0.1:2701\"\n",
+                service_with("announce = true\n")
+            ),
+            20,
+            &[
+                "service \"mx-b\"",
+                "BIRD protocol \"vip_mx\" is already announced by service \"mx\" (line 6)",
+            ],
+        ),
+        rejected(
+            "announce_not_a_boolean_is_rejected",
+            service_with("announce = \"yes\"\n"),
+            4,
+            &["announce"],
+        ),
+        // -------------------------------------------------------------------------------
         // [admin]
         rejected(
             "admin_socket_empty_is_rejected",

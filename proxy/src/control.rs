@@ -69,6 +69,11 @@ pub enum Request {
     Sessions {
         service: Option<String>,
     },
+    /// Take this balancer out of rotation: withdraw every announced VIP from BIRD; sessions
+    /// (and whatever still arrives while routers converge) are served as before.
+    NodeDrain,
+    /// Back in rotation: announced VIPs follow their backends' health again.
+    NodeUndrain,
 }
 
 /// How many flows `ctl flows` lists unless told (`--limit`).
@@ -119,6 +124,29 @@ impl Reply {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShowReport {
     pub services: Vec<ServiceReport>,
+    /// This balancer's place in rotation (`ctl node drain`).
+    #[serde(default)]
+    pub node: NodeReport,
+}
+
+/// Whether this balancer is drained (`ctl node drain`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub drained: bool,
+    /// Who drained it (`ctl node drain by uid 0`); empty when not drained.
+    #[serde(default)]
+    pub why: String,
+}
+
+/// An announced service's VIP as BIRD has it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceReport {
+    /// The BIRD protocol carrying the VIP route.
+    pub protocol: String,
+    /// Whether BIRD confirmed the protocol enabled (the route announced).
+    pub announced: bool,
+    /// Why it is announced or withdrawn (and BIRD trouble, if any).
+    pub why: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -142,6 +170,9 @@ pub struct ServiceReport {
     /// Open flows in the kernel's flow table (xdp services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<u64>,
+    /// With `announce = true`: the VIP's announcement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceReport>,
     pub backends: Vec<BackendReport>,
 }
 
@@ -272,6 +303,10 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"command":"reload"}"#).expect("parse"),
             Request::Reload
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::NodeDrain).expect("serialize"),
+            r#"{"command":"node_drain"}"#
         );
     }
 }

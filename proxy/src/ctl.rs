@@ -83,6 +83,20 @@ enum CtlCommand {
     },
     /// The proxy's open sessions: client, backend, age, bytes each way; the oldest first.
     Sessions { service: Option<String> },
+    /// This balancer's place in rotation: `drain` withdraws every announced VIP from BIRD
+    /// (sessions go on), `undrain` announces them again while their backends can take sessions.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeAction {
+    /// Withdraw every announced VIP; open sessions finish.
+    Drain,
+    /// Announce again (as health allows).
+    Undrain,
 }
 
 /// Runs `switchyard ctl`: 0 when the daemon carried the request out, 1 otherwise.
@@ -140,6 +154,12 @@ fn request_of(command: &CtlCommand) -> Result<Request, String> {
         CtlCommand::Sessions { service } => Request::Sessions {
             service: service.clone(),
         },
+        CtlCommand::Node {
+            action: NodeAction::Drain,
+        } => Request::NodeDrain,
+        CtlCommand::Node {
+            action: NodeAction::Undrain,
+        } => Request::NodeUndrain,
     })
 }
 
@@ -381,6 +401,13 @@ fn short_duration(ms: u64) -> String {
 /// `ctl show` for people: one block per service, one row per backend.
 pub fn show_table(report: &ShowReport, now: SystemTime) -> String {
     let mut out = String::new();
+    if report.node.drained {
+        let _ = writeln!(
+            out,
+            "node drained ({}): announced VIPs withdrawn\n",
+            report.node.why
+        );
+    }
     for (index, service) in report.services.iter().enumerate() {
         if index > 0 {
             out.push('\n');
@@ -421,6 +448,18 @@ fn service_line(service: &ServiceReport) -> String {
     );
     if let Some(flows) = service.flows {
         let _ = write!(line, "; flows {flows}");
+    }
+    if let Some(announce) = &service.announce {
+        let state = if announce.announced {
+            "announced"
+        } else {
+            "withdrawn"
+        };
+        let _ = write!(
+            line,
+            "; VIP {state} (BIRD protocol {}): {}",
+            announce.protocol, announce.why
+        );
     }
     let sources = &service.sources;
     if sources.denied + sources.too_many + sources.too_fast + sources.untracked > 0 {
@@ -574,6 +613,7 @@ mod tests {
                 sessions_total: 40,
                 refused_421: 1,
                 flows: None,
+                announce: None,
                 sources: Default::default(),
                 backends: vec![
                     BackendReport {
@@ -602,6 +642,7 @@ mod tests {
                     },
                 ],
             }],
+            node: Default::default(),
         };
         let table = show_table(&report, UNIX_EPOCH + Duration::from_secs(13));
         let lines: Vec<&str> = table.lines().collect();

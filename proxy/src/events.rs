@@ -29,6 +29,13 @@ pub enum Kind {
     Reload,
     /// A reload refused; the running config stays (its text says why).
     ReloadRefused,
+    /// A service's VIP announced to BIRD (its text says why).
+    Announce,
+    /// A service's VIP withdrawn from BIRD (its text says why).
+    Withdraw,
+    /// `ctl node drain`: every announced VIP withdrawn, sessions kept.
+    NodeDrain,
+    NodeUndrain,
 }
 
 /// One entry of the timeline.

@@ -36,6 +36,8 @@ pub struct Context {
     pub state: Arc<LiveState>,
     pub kernel: Option<Arc<dyn KernelCounters + Send + Sync>>,
     pub started: Instant,
+    /// Announced VIPs, for `switchyard_service_announced`.
+    pub announcer: Arc<crate::announce::Announcer>,
 }
 
 /// Binds `address` and serves until `stop`. A bind failure names the key and the address.

@@ -4,6 +4,7 @@
 //! parser, the shutdown totals' schema).
 
 pub mod admin;
+pub mod announce;
 pub mod balance;
 pub mod config;
 pub mod control;

@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::announce::Announcer;
 use crate::config::{self, Config, Dataplane, ServiceConfig};
-use crate::control::{Call, Reply, Request, Target};
+use crate::control::{AnnounceReport, Call, NodeReport, Reply, Request, ShowReport, Target};
 use crate::dumps;
 use crate::events::{self, Kind};
 use crate::health;
@@ -83,6 +84,8 @@ pub struct Control {
     flow_reader: Option<Arc<xdp::FlowReader>>,
     /// Each worker's queue for `ctl sessions` questions.
     workers: Vec<tokio::sync::mpsc::UnboundedSender<sessions::Ask>>,
+    /// Announced VIPs and the node's drain (`ctl node drain`).
+    announcer: Arc<Announcer>,
 }
 
 impl Control {
@@ -103,7 +106,14 @@ impl Control {
             kernel_counters: None,
             flow_reader: None,
             workers: Vec::new(),
+            announcer: Announcer::new(None),
         }
+    }
+
+    /// The announcer whose BIRD socket reloads set and whose state `ctl show` reports.
+    pub fn with_announcer(mut self, announcer: Arc<Announcer>) -> Self {
+        self.announcer = announcer;
+        self
     }
 
     /// With the kernel path: every applied change wakes its sync task, and `ctl show` reads
@@ -154,7 +164,7 @@ impl Control {
                     .map(|k| k as &dyn KernelCounters);
                 match show::report(&self.state.snapshot(), service.as_deref(), kernel) {
                     Ok(report) => Reply {
-                        show: Some(report),
+                        show: Some(self.with_announcements(report)),
                         ..Reply::ok("")
                     },
                     Err(refused) => Reply::refused(refused),
@@ -167,6 +177,8 @@ impl Control {
             Request::Sessions { service } => {
                 dumps::sessions(self.state.snapshot(), &self.workers, service).await
             }
+            Request::NodeDrain => self.node_drain(Some(uid)).await,
+            Request::NodeUndrain => self.node_drain(None).await,
             Request::Reload => self.reload(&format!("ctl reload by uid {uid}")).await,
             Request::Check => self.check(),
             Request::Drain { target } => {
@@ -193,6 +205,62 @@ impl Control {
         };
         // The asker may have given up (ctl's timeout): nothing to tell then.
         let _ = reply.send(answer);
+    }
+
+    /// `ctl show`'s report with the node's drain and each announced service's VIP.
+    fn with_announcements(&self, mut report: ShowReport) -> ShowReport {
+        if let Some(uid) = self.announcer.node_drained() {
+            report.node = NodeReport {
+                drained: true,
+                why: format!("ctl node drain by uid {uid}"),
+            };
+        }
+        let status = self.announcer.status();
+        for service in &mut report.services {
+            service.announce = status.get(&service.name).map(|s| AnnounceReport {
+                protocol: s.protocol.clone(),
+                announced: s.announced,
+                why: s.why.clone(),
+            });
+        }
+        report
+    }
+
+    /// `ctl node drain` (`Some(uid)`) or `undrain` (`None`); answered once BIRD has
+    /// confirmed (or [`crate::announce::CONFIRM_LIMIT`] passed), with every announced VIP's state.
+    async fn node_drain(&mut self, drained_by: Option<u32>) -> Reply {
+        let changed = self.announcer.set_node_drained(drained_by);
+        let (kind, what) = match drained_by {
+            Some(uid) => (Kind::NodeDrain, format!("node drained by uid {uid}")),
+            None => (Kind::NodeUndrain, "node undrained".to_string()),
+        };
+        let what = if changed {
+            what
+        } else {
+            format!("{what} (no change)")
+        };
+        info!("ctl: {what}");
+        if changed {
+            events::record(kind, "", "", what.clone());
+        }
+        self.announcer.settled().await;
+        let mut lines = vec![what];
+        let status = self.announcer.status();
+        if status.is_empty() {
+            lines.push("no service is announced (announce = true), so BIRD was not asked".into());
+        }
+        for (service, s) in status {
+            let state = if s.announced {
+                "announced"
+            } else {
+                "withdrawn"
+            };
+            lines.push(format!(
+                "service {service}: VIP {state} ({}): {}",
+                s.protocol, s.why
+            ));
+        }
+        Reply::ok(lines.join("\n"))
     }
 
     /// Re-reads the config file and applies the difference; `who` says who asked (for the
@@ -361,6 +429,7 @@ impl Control {
             sync.notify_one();
         }
         let (changes, closing) = self.listeners.commit(&self.state.snapshot(), opening)?;
+        self.announcer.configure(file.bird_socket.clone());
         self.file = file;
         self.overrides = overrides;
         self.start_checks();
@@ -546,6 +615,18 @@ pub fn describe(old: &Config, new: &Config) -> Vec<String> {
             }
         }
     }
+    if old.bird_socket != new.bird_socket {
+        let shown = |socket: &Option<std::path::PathBuf>| {
+            socket
+                .as_ref()
+                .map_or("none".to_string(), |p| p.display().to_string())
+        };
+        lines.push(format!(
+            "announce.bird_socket {} -> {}",
+            shown(&old.bird_socket),
+            shown(&new.bird_socket)
+        ));
+    }
     if old.shutdown_timeout != new.shutdown_timeout {
         lines.push(format!(
             "shutdown_timeout {:?} -> {:?}",
@@ -594,6 +675,11 @@ fn service_changes(old: &ServiceConfig, new: &ServiceConfig) -> Vec<String> {
         format!("{:?}", new.idle_timeout),
     );
     field("retries", old.retries.to_string(), new.retries.to_string());
+    field(
+        "announce",
+        old.announce.as_deref().unwrap_or("off").to_string(),
+        new.announce.as_deref().unwrap_or("off").to_string(),
+    );
     field(
         "health",
         format!("{:?}", old.health),

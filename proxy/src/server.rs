@@ -1,6 +1,7 @@
 //! Listeners, the accept loop, and the process lifecycle (signals, graceful shutdown).
 //!
-//! Shutdown in three steps: on SIGTERM/SIGINT the listeners close (new connects are refused),
+//! Shutdown in four steps: on SIGTERM/SIGINT announced VIPs are withdrawn from BIRD (waiting
+//! for its confirmation, a few seconds at most), the listeners close (new connects are refused),
 //! running sessions get `shutdown_timeout` to finish, then whatever is left is cut off. A
 //! second signal skips the wait.
 
@@ -18,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin;
+use crate::announce::Announcer;
 use crate::config::Config;
 use crate::control::Call;
 use crate::http;
@@ -156,12 +158,15 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
         started = wait_for_workers(&mut ready_rx, threads.len()).await;
     }
     let (calls_tx, calls_rx) = mpsc::channel(16);
+    let announcer = Announcer::new(config.bird_socket.clone());
+    let stop_announcing = CancellationToken::new();
     let web_context = Arc::new(http::Context {
         state: state.clone(),
         kernel: xdp
             .as_ref()
             .and_then(|plane| plane.kernel_counters_handle()),
         started: std::time::Instant::now(),
+        announcer: announcer.clone(),
     });
     let admin = async {
         started?;
@@ -193,9 +198,11 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     notify::ready();
     tokio::spawn(limits::report_exhaustion());
     drop(snapshot);
+    let announcing = announcer.spawn(state.clone(), stop_announcing.clone());
     let mut control = Control::new(config, state.clone(), listeners, stop_accepting.clone())
         .with_kernel_path(xdp.as_ref())
-        .with_workers(session_askers);
+        .with_workers(session_askers)
+        .with_announcer(announcer);
     control.start_checks();
 
     // The control loop: reloads (SIGHUP, `ctl reload`) and every other `ctl` request, one at
@@ -212,6 +219,11 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
     };
     notify::stopping();
+    // Routers stop sending new sessions here before anything stops accepting them.
+    stop_announcing.cancel();
+    if announcing.await.is_err() {
+        warn!("the announcement task ended abnormally; check BIRD's protocols");
+    }
     let shutdown_timeout = control.config().shutdown_timeout;
     info!(
         "{first} received: no longer accepting; waiting up to {shutdown_timeout:?} for {} sessions",

@@ -26,7 +26,10 @@ pub fn report(
         .filter(|s| only.is_none_or(|name| s.config.name == name))
         .map(|s| service_report(s, kernel))
         .collect();
-    Ok(ShowReport { services })
+    Ok(ShowReport {
+        services,
+        node: Default::default(),
+    })
 }
 
 /// Kernel flows open to the service's backends: each slot's count less this process's own
@@ -56,6 +59,7 @@ fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> Ser
         refused_421: service.counts.refused.total(),
         sources: source_rejections(service, kernel.filter(|_| xdp)),
         flows: xdp.then(|| open_flows(service)),
+        announce: None,
         backends: service
             .backends
             .iter()

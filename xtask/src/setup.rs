@@ -17,6 +17,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the benchmark and the demo use (package, what for).
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces for the XDP tests"),
+    (
+        "bird2",
+        "BIRD 2: the router and balancer of the announcement tests",
+    ),
     ("postfix", "smtp-sink and smtp-source"),
     ("haproxy", "benchmark peer"),
     ("nginx-light", "benchmark peer"),

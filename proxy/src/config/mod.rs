@@ -10,6 +10,7 @@
 //! collects *all* remaining problems, each located through its span by `errors.rs`;
 //! `summary.rs` renders a valid config for `switchyard check`.
 
+mod announce;
 mod errors;
 mod limits;
 mod schema;
@@ -40,6 +41,9 @@ pub struct Config {
     /// Where the HTTP admin listener serves `/metrics` and the dashboard (`[admin] listen`);
     /// none when unset.
     pub admin_listen: Option<SocketAddr>,
+    /// The local BIRD's control socket (`[announce] bird_socket`, a relative one resolved
+    /// against the config file's directory); none without an `[announce]` table.
+    pub bird_socket: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -68,6 +72,9 @@ pub struct ServiceConfig {
     /// Present exactly when `dataplane` is [`Dataplane::Xdp`]; then `listen` is one IPv4
     /// VIP:port and every backend address is IPv4.
     pub xdp: Option<XdpConfig>,
+    /// With `announce = true`: the BIRD protocol switchyard enables while the service can
+    /// take sessions and disables otherwise (`announce_protocol`, or `vip_` + the name).
+    pub announce: Option<String>,
 }
 
 /// Where a value is written in the config file: `file:line: context: key`.

@@ -71,6 +71,7 @@ pub(super) struct Config {
     pub(super) shutdown_timeout: Option<Spanned<toml::Value>>,
     pub(super) workers: Option<Spanned<i64>>,
     pub(super) admin: Option<Spanned<Admin>>,
+    pub(super) announce: Option<Spanned<Announce>>,
     #[serde(default)]
     pub(super) service: Vec<Spanned<Service>>,
 }
@@ -81,6 +82,13 @@ pub(super) struct Config {
 pub(super) struct Admin {
     pub(super) socket: Option<Spanned<String>>,
     pub(super) listen: Option<Spanned<String>>,
+}
+
+/// The `[announce]` table: how to reach the local BIRD that announces services' VIPs.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Announce {
+    pub(super) bird_socket: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +107,8 @@ pub(super) struct Service {
     pub(super) health: Option<Spanned<Health>>,
     pub(super) limits: Option<Spanned<Limits>>,
     pub(super) xdp: Option<Spanned<Xdp>>,
+    pub(super) announce: Option<Spanned<bool>>,
+    pub(super) announce_protocol: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) backend: Vec<Spanned<Backend>>,
 }

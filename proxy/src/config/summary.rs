@@ -54,6 +54,16 @@ impl Config {
                 s.proxy_protocol,
                 health
             );
+            if let Some(protocol) = &s.announce {
+                let socket = self
+                    .bird_socket
+                    .as_ref()
+                    .map_or("?".to_string(), |p| p.display().to_string());
+                let _ = writeln!(
+                    out,
+                    "  announce: BIRD protocol {protocol} (through {socket}), while a backend can take sessions"
+                );
+            }
             if s.limits != super::LimitsConfig::default() {
                 let _ = writeln!(out, "  limits: {}", limits_line(&s.limits));
             }

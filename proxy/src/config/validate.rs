@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use super::announce::{Announced, check_across};
 use super::errors::{Report, shown};
 use super::schema::{
     self as raw, ALGORITHMS, DATAPLANES, DEFAULT_ADMIN_SOCKET, DEFAULT_ALGORITHM,
@@ -59,6 +60,7 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
         .map(|_| report.integer(&raw.workers, "", "workers", WORKERS_RANGE, 1));
     let admin_socket = validate_admin(path, raw.admin.as_ref(), report);
     let admin_listen = validate_admin_listen(raw.admin.as_ref(), report);
+    let bird_socket = super::announce::validate_table(path, raw.announce.as_ref(), report);
 
     if raw.service.is_empty() {
         report.error(
@@ -140,6 +142,20 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
     for ((context, _), raw_service) in services.iter().zip(&raw.service) {
         check_backends_are_not_listeners(raw_service.get_ref(), context, &listeners, report);
     }
+    let announced: Vec<Announced<'_>> = services
+        .iter()
+        .zip(&raw.service)
+        .filter_map(|((context, s), raw_service)| {
+            Announced::of(raw_service, s.announce.as_deref(), context)
+        })
+        .collect();
+    check_across(
+        &announced,
+        bird_socket.is_some(),
+        raw.announce.is_some(),
+        report,
+    );
+    drop(announced);
     let services = services.into_iter().map(|(_, s)| s).collect();
 
     Config {
@@ -148,6 +164,7 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
         workers,
         admin_socket,
         admin_listen,
+        bird_socket,
         services,
     }
 }
@@ -178,23 +195,37 @@ fn validate_admin(
     let Some(socket) = admin.and_then(|a| a.get_ref().socket.as_ref()) else {
         return default;
     };
+    unix_socket_path(
+        path,
+        socket,
+        "admin.socket",
+        "or leave the key out for the default",
+        report,
+    )
+    .unwrap_or(default)
+}
+
+/// A Unix socket path as written under `key`, a relative one resolved against the config
+/// file's directory; `None` (reported) when empty, holding a NUL byte, or too long to bind or
+/// connect to. `instead` ends the message for an empty value (what else the user can do).
+pub(super) fn unix_socket_path(
+    path: &Path,
+    socket: &toml::Spanned<String>,
+    key: &str,
+    instead: &str,
+    report: &mut Report,
+) -> Option<PathBuf> {
     let written = socket.get_ref();
     let problem = if written.is_empty() {
-        Some(
-            "admin.socket must not be empty; write a path, or leave the key out for the default"
-                .to_owned(),
-        )
+        Some(format!("{key} must not be empty; write a path, {instead}"))
     } else if written.contains('\0') {
-        Some(format!(
-            "admin.socket {} contains a NUL byte",
-            shown(written)
-        ))
+        Some(format!("{key} {} contains a NUL byte", shown(written)))
     } else {
         None
     };
     if let Some(problem) = problem {
         report.error(&socket.span(), "", problem);
-        return default;
+        return None;
     }
     let resolved = match path.parent() {
         Some(dir) => dir.join(written),
@@ -206,14 +237,14 @@ fn validate_admin(
             &socket.span(),
             "",
             format_args!(
-                "admin.socket {} is {length} bytes long as a full path ({}); a Unix socket path can have at most {MAX_SOCKET_PATH}",
+                "{key} {} is {length} bytes long as a full path ({}); a Unix socket path can have at most {MAX_SOCKET_PATH}",
                 shown(written),
                 shown(&resolved.display().to_string())
             ),
         );
-        return default;
+        return None;
     }
-    resolved
+    Some(resolved)
 }
 
 /// A backend that is one of our own listeners would send every session (and every health
@@ -411,6 +442,7 @@ fn validate_service(
     let health = validate_health(service.health.as_ref(), context, report);
     let limits = super::limits::validate_limits(service.limits.as_ref(), context, report);
     let backends = validate_backends(service, header, context, report);
+    let announce = super::announce::validate_service(service, &name, context, report);
     let xdp = match (&service.xdp, dataplane) {
         (Some(xdp), Dataplane::Xdp) => Some(validate_xdp(xdp.get_ref(), context, report)),
         (None, Dataplane::Xdp) => {
@@ -464,6 +496,7 @@ fn validate_service(
         backends,
         dataplane,
         xdp,
+        announce,
     }
 }
 

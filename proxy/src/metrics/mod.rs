@@ -7,7 +7,9 @@
 //! `backends.rs`: per service and backend, from the running state and `ctl show`'s report (so
 //! both say the same). `kernel.rs`: the kernel path's counters. `process.rs`: the process
 //! (build, uptime, reloads, the balancer's own trouble, and the standard `process_*` set).
+//! `announce.rs`: VIPs announced through BIRD.
 
+mod announce;
 mod backends;
 mod kernel;
 mod process;
@@ -58,6 +60,7 @@ pub fn render(context: &Context, format: Format) -> String {
         ours.extend(kernel::families(&snapshot, kernel));
     }
     ours.extend(process::balancer_families(context.started));
+    ours.extend(announce::families(&context.announcer));
     let mut registry = Registry::default();
     registry
         .sub_registry_with_prefix("switchyard")

@@ -1,0 +1,157 @@
+//! The keys of health-gated announcement: the `[announce]` table (how to reach the local BIRD)
+//! and a service's `announce` / `announce_protocol` (which BIRD protocol carries its VIP), with
+//! the checks across services (one protocol per service, a socket for any announced service).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::errors::{Report, shown};
+use super::schema as raw;
+use super::validate::unix_socket_path;
+
+/// BIRD's symbols are at most 64 characters (`SYM_MAX_LEN`).
+const MAX_PROTOCOL_NAME: usize = 64;
+
+/// `[announce] bird_socket`, if the table is there.
+pub(super) fn validate_table(
+    path: &Path,
+    table: Option<&Spanned<raw::Announce>>,
+    report: &mut Report,
+) -> Option<PathBuf> {
+    let table = table?;
+    let Some(socket) = &table.get_ref().bird_socket else {
+        report.error(
+            &table.span(),
+            "",
+            "[announce] needs bird_socket: the path of the local BIRD's control socket (bird -s, by default /run/bird/bird.ctl)",
+        );
+        return None;
+    };
+    unix_socket_path(
+        path,
+        socket,
+        "announce.bird_socket",
+        "or remove the [announce] table",
+        report,
+    )
+}
+
+/// The BIRD protocol a service is announced through, if it is (`announce = true`).
+pub(super) fn validate_service(
+    service: &raw::Service,
+    name: &str,
+    context: &str,
+    report: &mut Report,
+) -> Option<String> {
+    let announced = service.announce.as_ref().is_some_and(|a| *a.get_ref());
+    let Some(protocol) = &service.announce_protocol else {
+        return announced.then(|| derived_protocol(name));
+    };
+    let written = protocol.get_ref();
+    if !announced {
+        report.error(
+            &protocol.span(),
+            context,
+            format_args!(
+                "announce_protocol {} is set but announce is not true; add announce = true, or remove announce_protocol",
+                shown(written)
+            ),
+        );
+        return None;
+    }
+    if !protocol_name_ok(written) {
+        report.error(
+            &protocol.span(),
+            context,
+            format_args!(
+                "announce_protocol {} is not a BIRD protocol name; use a letter or '_', then letters, digits or '_' (at most {MAX_PROTOCOL_NAME} characters)",
+                shown(written)
+            ),
+        );
+        return None;
+    }
+    Some(written.clone())
+}
+
+/// `vip_` + the service's name, its '-' and '.' written as '_' (BIRD symbols allow neither).
+pub fn derived_protocol(service: &str) -> String {
+    let tail: String = service
+        .chars()
+        .map(|c| if c == '-' || c == '.' { '_' } else { c })
+        .collect();
+    format!("vip_{tail}")
+}
+
+fn protocol_name_ok(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= MAX_PROTOCOL_NAME
+}
+
+/// One announced service as the checks across services see it.
+pub(super) struct Announced<'a> {
+    pub(super) protocol: &'a str,
+    pub(super) context: &'a str,
+    /// Where the service says it is announced (its `announce` key, else its header).
+    pub(super) span: Range<usize>,
+}
+
+impl<'a> Announced<'a> {
+    pub(super) fn of(
+        service: &Spanned<raw::Service>,
+        protocol: Option<&'a str>,
+        context: &'a str,
+    ) -> Option<Self> {
+        let raw = service.get_ref();
+        let span = match (&raw.announce_protocol, &raw.announce) {
+            (Some(key), _) => key.span(),
+            (None, Some(key)) => key.span(),
+            (None, None) => service.span(),
+        };
+        Some(Self {
+            protocol: protocol?,
+            context,
+            span,
+        })
+    }
+}
+
+/// Every announced service needs `[announce] bird_socket`, and a protocol of its own (two
+/// services switching one protocol would undo each other's withdrawals).
+pub(super) fn check_across(
+    announced: &[Announced<'_>],
+    has_socket: bool,
+    table_present: bool,
+    report: &mut Report,
+) {
+    let mut seen: HashMap<&str, (usize, &str)> = HashMap::new();
+    for service in announced {
+        if !has_socket && !table_present {
+            report.error(
+                &service.span,
+                service.context,
+                "announce = true needs an [announce] table with bird_socket (the local BIRD's control socket)",
+            );
+        }
+        let line = report.line(&service.span);
+        match seen.get(service.protocol) {
+            Some((first, owner)) => report.error(
+                &service.span,
+                service.context,
+                format_args!(
+                    "BIRD protocol {} is already announced by {owner} (line {first}); each announced service needs a protocol of its own (announce_protocol)",
+                    shown(service.protocol)
+                ),
+            ),
+            None => {
+                seen.insert(service.protocol, (line, service.context));
+            }
+        }
+    }
+}
