@@ -336,6 +336,34 @@ fn running_topology(layout: Layout) -> Option<(Network, String)> {
     running(&Plan::tests(layout, 3), Some("native"))
 }
 
+/// Which network a test runs on: the prepared one (native mode), or the one a user has.
+#[derive(Clone, Copy, Debug)]
+enum Net {
+    Prepared,
+    /// Default veth offloads, nothing on any peer, `mode = "auto"` (generic on veth). nat
+    /// gets IPv4 and IPv6 forwarding on the balancer, as its refusal tells an operator to do.
+    Plain,
+}
+
+fn running_on(net: Net, layout: Layout) -> Option<(Network, String)> {
+    match net {
+        Net::Prepared => running_topology(layout),
+        Net::Plain => {
+            let running = running(&Plan::plain(layout, 3), None)?;
+            if layout == Layout::Nat {
+                for family in [Family::V4, Family::V6] {
+                    running
+                        .0
+                        .balancer
+                        .sysctl(family.forwarding_sysctl(), "1")
+                        .expect("forwarding on");
+                }
+            }
+            Some(running)
+        }
+    }
+}
+
 /// The network of `plan` with its three SMTP backends running, configs asking for `mode`, and
 /// a service name unique to it; `None` (after a loud SKIP) where the kernel path cannot be
 /// tested.
@@ -1432,7 +1460,17 @@ fn assert_stopped_idle(mut sy: Switchyard) {
 /// is 0 at the end.
 #[test]
 fn reload_removed_backends_flows_complete_and_new_flows_follow_the_new_table() {
-    let Some((topo, name)) = running_topology(Layout::Nat) else {
+    reload_removed_backends_flows_complete_and_new_flows_follow_the_new_table_on(Net::Prepared);
+}
+
+/// The same on the network a user has (default offloads, nothing on the peers, generic mode).
+#[test]
+fn plain_topology_reload_removed_backends_flows_complete_and_new_flows_follow_the_new_table() {
+    reload_removed_backends_flows_complete_and_new_flows_follow_the_new_table_on(Net::Plain);
+}
+
+fn reload_removed_backends_flows_complete_and_new_flows_follow_the_new_table_on(net: Net) {
+    let Some((topo, name)) = running_on(net, Layout::Nat) else {
         return;
     };
     let all = topo.service_toml(&name, "round_robin");
@@ -1542,18 +1580,26 @@ fn reload_algorithm_weight_and_drain_reach_the_kernel() {
 /// completes, the other service goes on, and every count is 0 at the end.
 #[test]
 fn reload_removed_services_vip_takes_no_new_flows_and_its_flows_complete() {
-    removed_services_vip_takes_no_new_flows_and_its_flows_complete(Family::V4);
+    removed_services_vip_takes_no_new_flows_and_its_flows_complete(Net::Prepared, Family::V4);
+}
+
+/// The same on the network a user has, IPv4 and IPv6.
+#[test]
+fn plain_topology_reload_removed_services_vip_takes_no_new_flows_and_its_flows_complete() {
+    for family in [Family::V4, Family::V6] {
+        removed_services_vip_takes_no_new_flows_and_its_flows_complete(Net::Plain, family);
+    }
 }
 
 /// [`reload_removed_services_vip_takes_no_new_flows_and_its_flows_complete`] on IPv6 VIPs,
 /// whose retired entries the program keeps for the established flows.
 #[test]
 fn reload_removed_ipv6_services_vip_takes_no_new_flows_and_its_flows_complete() {
-    removed_services_vip_takes_no_new_flows_and_its_flows_complete(Family::V6);
+    removed_services_vip_takes_no_new_flows_and_its_flows_complete(Net::Prepared, Family::V6);
 }
 
-fn removed_services_vip_takes_no_new_flows_and_its_flows_complete(family: Family) {
-    let Some((topo, name)) = running_topology(Layout::Nat) else {
+fn removed_services_vip_takes_no_new_flows_and_its_flows_complete(net: Net, family: Family) {
+    let Some((topo, name)) = running_on(net, Layout::Nat) else {
         return;
     };
     let service = |name: &str| match family {
@@ -1826,8 +1872,18 @@ fn quick_session_from(topo: &Topology, source: Ipv4Addr) -> anyhow::Result<Strin
 /// denied client's real connection gets nowhere; `/metrics` and `ctl show` say the same.
 #[test]
 fn limits_drop_denied_and_too_fast_syns_while_other_clients_complete() {
+    limits_drop_denied_and_too_fast_syns_while_other_clients_complete_on(Net::Prepared);
+}
+
+/// The same on the network a user has (default offloads, nothing on the peers, generic mode).
+#[test]
+fn plain_topology_limits_drop_denied_and_too_fast_syns_while_other_clients_complete() {
+    limits_drop_denied_and_too_fast_syns_while_other_clients_complete_on(Net::Plain);
+}
+
+fn limits_drop_denied_and_too_fast_syns_while_other_clients_complete_on(net: Net) {
     use testkit::metrics_text::Exposition;
-    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+    let Some((topo, name)) = running_on(net, Layout::Dsr) else {
         return;
     };
     let denied = Ipv4Addr::new(198, 18, 0, 161);
@@ -2065,7 +2121,17 @@ fn an_expired_idle_flow_gives_its_sources_unit_back() {
 /// the burst) while mta2 and mta3 take the rest, and no session fails.
 #[test]
 fn a_backend_at_its_max_session_rate_gets_no_more_new_flows_in_the_kernel() {
-    let Some((topo, name)) = running_topology(Layout::Nat) else {
+    a_backend_at_its_max_session_rate_gets_no_more_new_flows_in_the_kernel_on(Net::Prepared);
+}
+
+/// The same on the network a user has (default offloads, nothing on the peers, generic mode).
+#[test]
+fn plain_topology_a_backend_at_its_max_session_rate_gets_no_more_new_flows_in_the_kernel() {
+    a_backend_at_its_max_session_rate_gets_no_more_new_flows_in_the_kernel_on(Net::Plain);
+}
+
+fn a_backend_at_its_max_session_rate_gets_no_more_new_flows_in_the_kernel_on(net: Net) {
+    let Some((topo, name)) = running_on(net, Layout::Nat) else {
         return;
     };
     let config = with_backend_keys(
