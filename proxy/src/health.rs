@@ -47,7 +47,7 @@ pub fn spawn_checks(service: Arc<Service>, stop: CancellationToken) {
     let now = Instant::now();
     for (index, backend) in service.backends.iter().enumerate() {
         // A disabled backend is not checked (`ctl disable`); `enable` starts its checks again.
-        if backend.disabled {
+        if backend.runtime.disabled {
             continue;
         }
         // Staggered by index so that checks of one service do not hit the pool all at once;

@@ -282,19 +282,13 @@ impl Control {
 
     async fn reload_file(&mut self, who: &str) -> Reply {
         let started = std::time::Instant::now();
-        let source = self.file.source.clone();
-        let file = match config::load(&source) {
-            Ok(file) => file,
-            Err(errors) => {
-                error!("reload ({who}) refused, the running config stays:\n{errors}");
-                return Reply::refused(format!("{errors}"));
+        let (file, mut changes) = match self.read_file() {
+            Ok(read) => read,
+            Err(refused) => {
+                error!("reload ({who}) refused, the running config stays:\n{refused}");
+                return Reply::refused(refused);
             }
         };
-        if let Err(fixed) = fixed_keys_unchanged(&self.file, &file) {
-            error!("reload ({who}) refused, the running config stays: {fixed}");
-            return Reply::refused(fixed);
-        }
-        let mut changes = describe(&self.file, &file);
         let overrides = carry_overrides(&self.file, &file, &self.overrides, &mut changes);
         match self.apply(file, overrides) {
             Ok((mut applied, closing)) => {
@@ -322,22 +316,26 @@ impl Control {
 
     /// Validates the file on disk as a reload would, without applying it.
     fn check(&self) -> Reply {
-        let source = &self.file.source;
-        match config::load(source) {
-            Err(errors) => Reply::refused(format!("{errors}")),
-            Ok(file) => match fixed_keys_unchanged(&self.file, &file) {
-                Err(fixed) => Reply::refused(fixed),
-                Ok(()) => {
-                    let changes = describe(&self.file, &file);
-                    let pending = if changes.is_empty() {
-                        "no change from the running config".to_string()
-                    } else {
-                        format!("a reload would apply:\n{}", changes.join("\n"))
-                    };
-                    Reply::ok(format!("{}: valid; {pending}", source.display()))
-                }
-            },
+        match self.read_file() {
+            Err(refused) => Reply::refused(refused),
+            Ok((_, changes)) => {
+                let pending = if changes.is_empty() {
+                    "no change from the running config".to_string()
+                } else {
+                    format!("a reload would apply:\n{}", changes.join("\n"))
+                };
+                Reply::ok(format!("{}: valid; {pending}", self.file.source.display()))
+            }
         }
+    }
+
+    /// The file on disk, if a reload could apply it, with what it would change; else why not
+    /// (the errors as `check` prints them, or the key that cannot change live).
+    fn read_file(&self) -> Result<(Config, Vec<String>), String> {
+        let file = config::load(&self.file.source).map_err(|errors| format!("{errors}"))?;
+        fixed_keys_unchanged(&self.file, &file)?;
+        let changes = describe(&self.file, &file);
+        Ok((file, changes))
     }
 
     /// Changes one backend's runtime override and applies it; `kind` is what the timeline

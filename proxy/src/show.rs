@@ -81,7 +81,7 @@ fn backend_report(service: &Service, backend: &Backend) -> BackendReport {
     let live = &backend.live;
     let last_check = live.last_check.lock().clone();
     let by = |uid: Option<u32>| uid.map_or(String::new(), |uid| format!(" by uid {uid}"));
-    let (state, why) = if backend.disabled {
+    let (state, why) = if backend.runtime.disabled {
         (
             "disabled",
             format!("ctl disable{}", by(backend.runtime.by_uid)),

@@ -298,7 +298,6 @@ impl Service {
             };
             backends.push(Arc::new(Backend {
                 config: backend.clone(),
-                disabled: runtime.disabled,
                 runtime,
                 active: ActiveCount::new(slots.table.clone(), slot),
                 live,
@@ -350,9 +349,8 @@ impl Service {
 pub struct Backend {
     /// The backend as configured, with its runtime overrides (`drain`, `weight`) applied.
     pub config: BackendConfig,
-    /// `ctl disable`: no traffic and no checks.
-    pub disabled: bool,
-    /// The runtime overrides in force (for `ctl show`'s why).
+    /// The runtime overrides in force (`ctl disable`: no traffic and no checks; who set them,
+    /// for `ctl show`'s why).
     pub runtime: Override,
     pub active: ActiveCount,
     pub live: Arc<BackendLive>,
@@ -436,7 +434,7 @@ impl Backend {
 
     /// Whether new sessions and flows may go to it (health aside): not drained, not disabled.
     pub fn takes_new(&self) -> bool {
-        !self.config.drain && !self.disabled
+        !self.config.drain && !self.runtime.disabled
     }
 
     /// Its `max_session_rate` as a rate (a tenth of a second's worth of burst), if it has one;

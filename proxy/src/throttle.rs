@@ -1,10 +1,13 @@
 //! Rate limits as a generic cell rate algorithm (GCRA, the token bucket kept as one "theoretical
-//! arrival time"): one atomic word per limited thing, taken with one compare-and-swap, no lock
-//! and no timer. Used for a backend's `max_session_rate` and a source's `per_source_rate`.
+//! arrival time"; the rule itself is `switchyard_common::gcra`, which the XDP program applies
+//! too): one atomic word per limited thing, taken with one compare-and-swap, no lock and no
+//! timer. Used for a backend's `max_session_rate` and a source's `per_source_rate`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use switchyard_common::gcra::next_arrival;
 
 /// Nanoseconds on a monotonic clock private to the process.
 pub fn now_ns() -> u64 {
@@ -41,14 +44,12 @@ pub struct Gcra {
 impl Gcra {
     /// Takes one event at `now` if `rate` allows it.
     pub fn try_take(&self, rate: Rate, now: u64) -> bool {
-        let interval = rate.interval();
-        let tolerance = rate.tolerance();
+        let (interval, tolerance) = (rate.interval(), rate.tolerance());
         let mut current = self.arrival_ns.load(Ordering::Relaxed);
         loop {
-            let next = current.max(now) + interval;
-            if next - now > tolerance {
+            let Some(next) = next_arrival(current, now, interval, tolerance) else {
                 return false;
-            }
+            };
             match self.arrival_ns.compare_exchange_weak(
                 current,
                 next,
@@ -63,8 +64,8 @@ impl Gcra {
 
     /// Whether an event at `now` would be allowed (nothing is taken).
     pub fn would_allow(&self, rate: Rate, now: u64) -> bool {
-        let next = self.arrival_ns.load(Ordering::Relaxed).max(now) + rate.interval();
-        next - now <= rate.tolerance()
+        let current = self.arrival_ns.load(Ordering::Relaxed);
+        next_arrival(current, now, rate.interval(), rate.tolerance()).is_some()
     }
 
     /// Whether the bucket is full again at `now` (the state says nothing any more: it can be

@@ -13,6 +13,7 @@
 extern crate alloc;
 
 pub mod backend;
+pub mod gcra;
 pub mod hash;
 pub mod least_conn;
 pub mod least_time;

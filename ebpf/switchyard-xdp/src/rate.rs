@@ -1,15 +1,15 @@
-//! GCRA on one 64-bit arrival time in a map (the proxy's `throttle.rs` in kernel form): the
+//! The shared GCRA rule (`switchyard_common::gcra`) on one 64-bit arrival time in a map: the
 //! per-source rate of `[service.limits]` and a backend's `max_session_rate`.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
-/// Whether an event at `now` fits: due at the later of now and `arrival`, plus `interval`,
-/// and not more than `tolerance` ahead of now.
+use switchyard_common::gcra::next_arrival;
+
+/// Whether an event at `now` fits the rate whose arrival time is at `arrival`.
 #[inline(always)]
 pub fn allows(arrival: *const u64, interval: u64, tolerance: u64, now: u64) -> bool {
     let current = unsafe { core::ptr::read_volatile(arrival) };
-    let next = if current > now { current } else { now } + interval;
-    next - now <= tolerance
+    next_arrival(current, now, interval, tolerance).is_some()
 }
 
 /// Takes one event at `now` if it fits (a few compare-and-swap tries against other CPUs).
@@ -17,10 +17,9 @@ pub fn allows(arrival: *const u64, interval: u64, tolerance: u64, now: u64) -> b
 pub fn take(arrival: *mut u64, interval: u64, tolerance: u64, now: u64) -> bool {
     for _ in 0..4 {
         let current = unsafe { core::ptr::read_volatile(arrival) };
-        let next = if current > now { current } else { now } + interval;
-        if next - now > tolerance {
+        let Some(next) = next_arrival(current, now, interval, tolerance) else {
             return false;
-        }
+        };
         let (_, swapped) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
                 arrival, current, next,
