@@ -17,7 +17,11 @@
 //! nat), backend `i` 198.18.0.(11+i) in dsr and 198.18.1.(11+i) in nat, VIP 198.18.0.100.
 //! Every host has the same layout in IPv6 too (dual stack, addresses added with `nodad` so they
 //! work at once): 2001:2::1, 2001:2::2 (and 2001:2:1::1), backend `i` 2001:2::(11+i) in dsr and
-//! 2001:2:1::(11+i) in nat, VIP 2001:2::100.
+//! 2001:2:1::(11+i) in nat, VIP 2001:2:ff::100. The IPv6 VIP sits in a prefix of its own,
+//! routed through the balancer as a real VIP is, not on the client's link: a SYN the balancer
+//! hands to its stack (a removed service's port) would otherwise make that stack send the
+//! client an ICMPv6 redirect saying the VIP is on-link, and the client's next connections to
+//! the VIP, to any port, would go looking for a neighbour nobody is.
 //!
 //! Safety rules (DEVELOPERS.md): before anything is created the root namespace gets
 //! `ip route replace blackhole 198.18.0.0/15` and `ip -6 route replace blackhole 2001:2::/48`,
@@ -40,7 +44,7 @@ pub const BALANCER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const BALANCER_INSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const SMTP_PORT: u16 = 25;
 /// The IPv6 VIP, and the hosts' IPv6 addresses (the same roles as the IPv4 ones).
-pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x100);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x100);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 pub const BALANCER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 pub const BALANCER_INSIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
