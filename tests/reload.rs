@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use testkit::config_toml::{ServiceToml, admin_table};
 use testkit::harness::{Switchyard, free_addr};
-use testkit::smtp_client::{HeldSession, SessionOptions, TEST_MESSAGE, run_session, smtp_session};
+use testkit::smtp_client::{
+    HeldSession, SessionOptions, TEST_MESSAGE, run_session, smtp_session, smtp_session_from,
+};
 use testkit::smtp_server::{Behaviour, SmtpServer};
 
 /// The binary under test.
@@ -306,4 +308,47 @@ async fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Two balancers with the same file choose the same backend for the same client under
+/// ip_hash, whatever reloads led each there and in whatever order its file lists the backends:
+/// one starts with the final set; the other starts with two backends and reaches the same set,
+/// listed in another order, through two reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_hash_chooses_alike_on_balancers_whatever_reloads_led_there() {
+    let servers = backends(&["m1", "m2", "m3", "m4", "m5"]).await;
+    let weighted = |order: &[usize]| -> Vec<(&SmtpServer, u32)> {
+        order
+            .iter()
+            .map(|&i| (&servers[i], 1 + i as u32 % 3))
+            .collect()
+    };
+    let (first, second) = (free_addr(), free_addr());
+    let _fresh = Switchyard::start(
+        BIN,
+        &mx(&[first], "ip_hash", &weighted(&[0, 1, 2, 3, 4])).to_string(),
+    );
+    let reloaded = Switchyard::start(
+        BIN,
+        &mx(&[second], "ip_hash", &weighted(&[2, 0])).to_string(),
+    );
+    for order in [&[3, 1, 2][..], &[4, 3, 0, 2, 1][..]] {
+        tokio::task::block_in_place(|| {
+            reload(
+                &reloaded,
+                &mx(&[second], "ip_hash", &weighted(order)).to_string(),
+            )
+        });
+    }
+    let mut chosen = HashMap::<String, usize>::new();
+    for client in 0..200u16 {
+        let [high, low] = client.to_be_bytes();
+        let source = std::net::IpAddr::from([127, 1, high, low]);
+        let on_fresh = smtp_session_from(first, source).await.expect("session");
+        let on_reloaded = smtp_session_from(second, source).await.expect("session");
+        assert_eq!(on_fresh, on_reloaded, "client {source}");
+        *chosen.entry(on_fresh).or_default() += 1;
+    }
+    // The clients spread: the agreement is not that of a single backend taking everything.
+    assert!(chosen.len() >= 4, "{chosen:?}");
 }

@@ -7,9 +7,11 @@
 //!
 //! Building: every backend walks its own permutation of the slots, `offset + j * skip (mod
 //! size)`, with `offset` and `skip` taken from a seedless hash of its *name* (see
-//! [`hash`](crate::hash)), so two hosts with the same config build the same table, and the
-//! table does not depend on the order of backends in the file beyond tie-breaking. In turns,
-//! backends claim their next preferred slot that is still free. Weights: each turn a backend
+//! [`hash`](crate::hash)). In turns, backends claim their next preferred slot that is still
+//! free, taking their turns in the order of their names, not of the file: two balancers whose
+//! configs name the same backends with the same weights build the same table, slot for slot,
+//! whatever order the file lists them in and whatever reloads led there (the table names each
+//! backend by its index in the list given, so each host maps it to its own). Weights: each turn a backend
 //! earns its weight in credit and claims one slot per `max weight` of credit, so a weight-2
 //! backend claims twice as often as a weight-1 one, and claims stay finely interleaved (a large
 //! weight never claims a long burst, which would skew the last, partial turn).
@@ -118,12 +120,16 @@ mod builder {
             })
             .collect();
         let max_weight = walkers.iter().map(|w| w.weight).max().unwrap_or(1);
+        // Who claims first wins a contested slot: by name, so the list's order cannot matter.
+        let mut turns: Vec<usize> = (0..backends.len()).collect();
+        turns.sort_by(|&a, &b| backends[a].0.cmp(backends[b].0));
 
         let mut table = vec![EMPTY; MAGLEV_TABLE_SIZE];
         let mut filled = 0;
         // The heaviest backend claims every turn, so this ends within `size` turns.
         'turns: loop {
-            for (index, walker) in walkers.iter_mut().enumerate() {
+            for &index in &turns {
+                let walker = &mut walkers[index];
                 walker.credit += walker.weight;
                 if walker.credit < max_weight {
                     continue;
@@ -192,6 +198,26 @@ mod tests {
         assert_eq!(a.len(), MAGLEV_TABLE_SIZE);
         assert_eq!(a, b);
         assert!(a.iter().all(|&e| (e as usize) < 5));
+    }
+
+    #[test]
+    fn the_order_of_the_list_does_not_change_which_backend_a_slot_names() {
+        let names = names(7);
+        let weights = [1, 3, 1, 2, 1, 5, 1];
+        let listed = config(&names, &weights);
+        let by_name = |table: &[u16], list: &[(&str, u32)]| -> Vec<String> {
+            table.iter().map(|&i| list[i as usize].0.into()).collect()
+        };
+        let reference = by_name(&build_table(&listed), &listed);
+        let mut reordered = listed.clone();
+        for shift in 1..listed.len() {
+            reordered.rotate_left(1);
+            if shift % 2 == 0 {
+                reordered.swap(0, listed.len() - 1);
+            }
+            let table = build_table(&reordered);
+            assert!(by_name(&table, &reordered) == reference, "order {reordered:?}");
+        }
     }
 
     #[test]
