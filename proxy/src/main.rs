@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use switchyard::{config, ctl, server};
+use switchyard::{announce, config, ctl, server};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Withdraw every VIP the configuration announces through BIRD (`announce = true`), with
+    /// no switchyard running: for systemd's ExecStopPost, so a killed or crashed balancer stops
+    /// drawing traffic. Exits 0 when BIRD confirmed every withdrawal, 1 otherwise.
+    Withdraw {
+        /// Path to the TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Ask a running balancer over its admin socket: show its state, drain, disable or
     /// re-weight a backend, reload or check its configuration. Exits 0 when done, 1 otherwise.
     Ctl(ctl::CtlArgs),
@@ -56,6 +64,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Withdraw { config } => {
+            let outcome = config::load(&config)
+                .map_err(|errors| errors.to_string())
+                .and_then(|cfg| announce::withdraw_all(&cfg));
+            match outcome {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(report) => {
+                    eprint!("{report}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config, totals } => {
             init_logging();
             let cfg = match config::load(&config) {

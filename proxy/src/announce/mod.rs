@@ -11,6 +11,9 @@
 //! retries every period and leaves backends alone: the balancer's trouble is not theirs.
 
 mod bird;
+mod withdraw;
+
+pub use withdraw::withdraw_all;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
