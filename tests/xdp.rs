@@ -2165,3 +2165,206 @@ fn a_backend_at_its_max_session_rate_gets_no_more_new_flows_in_the_kernel_on(net
     wait_for_counts_back_to_zero(&topo);
     assert_stopped_idle(sy);
 }
+
+/// Opens a session from the client namespace to `target` and reads its 220 greeting; the open
+/// connection is handed back (no packet is sent until the test writes).
+fn hold_quiet_session(topo: &Topology, target: SocketAddr) -> std::net::TcpStream {
+    topo.client.run(move || {
+        let stream =
+            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut greeting = [0u8; 64];
+        let n = std::io::Read::read(&mut &stream, &mut greeting).expect("greeting");
+        assert!(greeting[..n].starts_with(b"220 "), "greeting");
+        stream
+    })
+}
+
+/// Sends `line` on `stream` and reads the reply (all its lines): an error unless it has `code`.
+fn exchange(
+    stream: &std::net::TcpStream,
+    reader: &mut impl std::io::BufRead,
+    line: &str,
+    code: &str,
+) -> anyhow::Result<()> {
+    std::io::Write::write_all(&mut &*stream, line.as_bytes())?;
+    loop {
+        let mut reply = String::new();
+        anyhow::ensure!(reader.read_line(&mut reply)? > 0, "closed after {line:?}");
+        anyhow::ensure!(reply.starts_with(code), "{line:?} answered {reply:?}");
+        if reply.as_bytes().get(3) == Some(&b' ') {
+            return Ok(());
+        }
+    }
+}
+
+/// Goes on with a session held by [`hold_quiet_session`]: EHLO, one message, QUIT.
+fn finish_quiet_session(stream: &std::net::TcpStream) -> anyhow::Result<()> {
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    for (line, code) in [
+        ("EHLO client.test\r\n", "250"),
+        ("MAIL FROM:<sender@client.test>\r\n", "250"),
+        ("RCPT TO:<rcpt@example.test>\r\n", "250"),
+        ("DATA\r\n", "354"),
+        (
+            "Subject: moved\r\n\r\nA session another balancer began.\r\n.\r\n",
+            "250",
+        ),
+        ("QUIT\r\n", "221"),
+    ] {
+        exchange(stream, &mut reader, line, code)?;
+    }
+    Ok(())
+}
+
+/// The balancer's /metrics (served on its loopback) as text, checked by `promtool check
+/// metrics`.
+fn scrape_checked(topo: &Topology, web: SocketAddr) -> testkit::metrics_text::Exposition {
+    let (text, _) = topo
+        .balancer
+        .run(move || testkit::metrics_text::scrape(web))
+        .unwrap_or_else(|e| panic!("scrape: {e:#}"));
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs it)");
+    let mut stdin = promtool.stdin.take().expect("promtool's stdin");
+    std::io::Write::write_all(&mut stdin, text.as_bytes()).expect("feed promtool");
+    drop(stdin);
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    testkit::metrics_text::Exposition::parse(&text).expect("exposition")
+}
+
+/// A flow that this balancer has no entry for, as when ECMP moves a flow another balancer
+/// began: a dsr session of `algorithm` through the VIP of `family` is held open (greeted, then
+/// silent) while switchyard restarts without pinned maps, so the new program has never seen
+/// it. The network, the second switchyard (serving /metrics on the balancer's loopback at the
+/// returned address), and the held connection.
+fn a_flow_without_an_entry(
+    net: Net,
+    family: Family,
+    algorithm: &str,
+) -> Option<(Network, Switchyard, std::net::TcpStream, SocketAddr)> {
+    let (topo, name) = running_on(net, Layout::Dsr)?;
+    let web: SocketAddr = "127.0.0.1:9025".parse().expect("address");
+    let admin = testkit::config_toml::admin_table_listening("admin.sock".as_ref(), web);
+    let service = match family {
+        Family::V4 => topo.service_toml(&name, algorithm),
+        Family::V6 => topo.ipv6_service_toml(&name, algorithm),
+    };
+    let config = format!("{service}{admin}");
+    let mut first = topo.start(&config);
+    // Until dsr knows every backend's MAC, ip_hash's SYN would skip the unknown ones.
+    wait_for_every_backend_to_take_flows(&first);
+    let held = hold_quiet_session(&topo, family.vip());
+    assert!(first.terminate().success());
+    // The balancer's neighbour table kept the MACs: every backend takes flows from the start.
+    let second = topo.start(&config);
+    Some((topo, second, held, web))
+}
+
+/// The first service as `ctl show --json` reports it.
+fn shown_service(sy: &Switchyard) -> switchyard::control::ServiceReport {
+    let shown = sy.ctl(&["--json", "show"]);
+    let report: switchyard::control::ShowReport =
+        serde_json::from_str(&shown.stdout).expect("show --json");
+    report.services[0].clone()
+}
+
+/// An ip_hash flow this balancer has no entry for is adopted: its next packet walks the Maglev
+/// table as its SYN did elsewhere and finds the same backend, the session completes, the flow
+/// counts once while open and gives its count back at its end; /metrics and `ctl show` say
+/// one flow adopted.
+fn an_ip_hash_flow_without_an_entry_is_adopted_and_completes_on(net: Net, family: Family) {
+    let Some((topo, sy, held, web)) = a_flow_without_an_entry(net, family, "ip_hash") else {
+        return;
+    };
+    let finished = finish_quiet_session(&held);
+    assert!(finished.is_ok(), "{finished:?}\n{}", sy.stderr_text());
+    assert_eq!(
+        active_counts(&topo).iter().sum::<u64>(),
+        1,
+        "the adopted flow counts"
+    );
+    drop(held);
+    wait_for_counts_back_to_zero(&topo);
+    let shown = shown_service(&sy);
+    assert_eq!(shown.flows_adopted, Some(1));
+    assert_eq!(shown.unknown_flow_packets, Some(0));
+    let scraped = scrape_checked(&topo, web);
+    let service = [("service", shown.name.as_str())];
+    assert_eq!(
+        scraped.get("switchyard_xdp_flows_adopted_total", &service),
+        1.0
+    );
+    assert_eq!(
+        scraped.get("switchyard_xdp_unknown_flow_packets_total", &service),
+        0.0
+    );
+    assert_stopped_idle(sy);
+}
+
+#[test]
+fn an_ip_hash_flow_without_an_entry_is_adopted_and_completes() {
+    an_ip_hash_flow_without_an_entry_is_adopted_and_completes_on(Net::Prepared, Family::V4);
+}
+
+#[test]
+fn an_ip_hash_ipv6_flow_without_an_entry_is_adopted_and_completes() {
+    an_ip_hash_flow_without_an_entry_is_adopted_and_completes_on(Net::Prepared, Family::V6);
+}
+
+#[test]
+fn plain_topology_an_ip_hash_flow_without_an_entry_is_adopted_and_completes() {
+    an_ip_hash_flow_without_an_entry_is_adopted_and_completes_on(Net::Plain, Family::V4);
+}
+
+/// A round_robin flow this balancer has no entry for has no shared table to follow: its
+/// packets pass to the stack, counted as unknown-flow packets (the same in /metrics and `ctl
+/// show`), and no backend gets any of them.
+#[test]
+fn a_round_robin_flow_without_an_entry_is_counted_and_reaches_no_backend() {
+    let Some((topo, sy, held, web)) =
+        a_flow_without_an_entry(Net::Prepared, Family::V4, "round_robin")
+    else {
+        return;
+    };
+    std::io::Write::write_all(&mut &held, b"EHLO client.test\r\n").expect("write");
+    let unknown = || shown_service(&sy).unknown_flow_packets.unwrap_or(0);
+    wait_for("an unknown-flow packet", Duration::from_secs(5), || {
+        unknown() >= 1
+    });
+    let shown = shown_service(&sy);
+    let scraped = scrape_checked(&topo, web);
+    let service = [("service", shown.name.as_str())];
+    assert_eq!(shown.flows_adopted, Some(0));
+    assert_eq!(
+        scraped.get("switchyard_xdp_flows_adopted_total", &service),
+        0.0
+    );
+    // Later retransmissions may have been counted since ctl show answered.
+    let scraped_unknown = scraped.get("switchyard_xdp_unknown_flow_packets_total", &service);
+    assert!(scraped_unknown >= shown.unknown_flow_packets.unwrap_or(0) as f64);
+    let forwarded = [("service", shown.name.as_str()), ("action", "forwarded")];
+    assert_eq!(
+        scraped.get("switchyard_service_xdp_packets_total", &forwarded),
+        0.0
+    );
+    assert_eq!(
+        scraped.sum("switchyard_backend_xdp_packets_total", &[]),
+        0.0
+    );
+    assert!(active_counts(&topo).iter().all(|&c| c == 0));
+    drop(held);
+}

@@ -170,6 +170,14 @@ pub struct ServiceReport {
     /// Open flows in the kernel's flow table (xdp services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<u64>,
+    /// Flows without an entry here adopted mid-stream by following the Maglev table (xdp
+    /// services; ip_hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows_adopted: Option<u64>,
+    /// Mid-stream packets of flows without an entry here passed to the stack (xdp services;
+    /// algorithms other than ip_hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_flow_packets: Option<u64>,
     /// With `announce = true`: the VIP's announcement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<AnnounceReport>,

@@ -449,6 +449,12 @@ fn service_line(service: &ServiceReport) -> String {
     if let Some(flows) = service.flows {
         let _ = write!(line, "; flows {flows}");
     }
+    if let (Some(adopted), Some(unknown)) = (service.flows_adopted, service.unknown_flow_packets) {
+        let _ = write!(
+            line,
+            "; flows adopted {adopted}, unknown-flow packets {unknown}"
+        );
+    }
     if let Some(announce) = &service.announce {
         let state = if announce.announced {
             "announced"
@@ -613,6 +619,8 @@ mod tests {
                 sessions_total: 40,
                 refused_421: 1,
                 flows: None,
+                flows_adopted: None,
+                unknown_flow_packets: None,
                 announce: None,
                 sources: Default::default(),
                 backends: vec![

@@ -8,7 +8,7 @@ use std::time::UNIX_EPOCH;
 use crate::config::{Dataplane, HealthKind};
 use crate::control::{BackendReport, CheckReport, ServiceReport, ShowReport, SourceRejections};
 use crate::state::{Backend, Service, Snapshot};
-use crate::totals::KernelCounters;
+use crate::totals::{KernelCounters, KernelServiceTotals};
 
 /// The report for every service, or for the one named (an unknown name lists those that
 /// exist).
@@ -49,6 +49,9 @@ fn open_flows(service: &Service) -> u64 {
 fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> ServiceReport {
     let config = &service.config;
     let xdp = config.dataplane == Dataplane::Xdp;
+    let packets = kernel
+        .filter(|_| xdp)
+        .map(|k| k.service(service.kernel_index as usize).unwrap_or_default());
     ServiceReport {
         name: config.name.clone(),
         dataplane: config.dataplane.to_string(),
@@ -57,8 +60,10 @@ fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> Ser
         sessions_active: u64::from(service.counts.sessions.load(Ordering::Relaxed)),
         sessions_total: service.counts.accepted.load(Ordering::Relaxed),
         refused_421: service.counts.refused.total(),
-        sources: source_rejections(service, kernel.filter(|_| xdp)),
+        sources: source_rejections(service, packets),
         flows: xdp.then(|| open_flows(service)),
+        flows_adopted: packets.map(|p| p.adopted),
+        unknown_flow_packets: packets.map(|p| p.unknown_flow),
         announce: None,
         backends: service
             .backends
@@ -137,12 +142,9 @@ fn backend_report(service: &Service, backend: &Backend) -> BackendReport {
 
 /// The service's per-source rejections: the proxy's own counts, or for an xdp service the
 /// kernel's drops (`denied` counts both lists, as the proxy's `554`s do).
-fn source_rejections(service: &Service, kernel: Option<&dyn KernelCounters>) -> SourceRejections {
+fn source_rejections(service: &Service, kernel: Option<KernelServiceTotals>) -> SourceRejections {
     if let Some(kernel) = kernel {
-        let counted = kernel
-            .service(service.kernel_index as usize)
-            .unwrap_or_default()
-            .sources;
+        let counted = kernel.sources;
         return SourceRejections {
             denied: counted.denied + counted.not_allowed,
             too_many: counted.too_many,

@@ -105,6 +105,13 @@ pub struct KernelServiceTotals {
     pub passed: u64,
     pub dropped: u64,
     pub no_backend: u64,
+    /// Mid-stream packets of flows without an entry here (another balancer's, moved by ECMP,
+    /// or expired) passed to the stack: no table to follow (algorithms other than ip_hash).
+    #[serde(default)]
+    pub unknown_flow: u64,
+    /// Such flows adopted by following the Maglev table (ip_hash).
+    #[serde(default)]
+    pub adopted: u64,
     /// SYNs `[service.limits]` dropped, and the sources tracked.
     #[serde(default)]
     pub sources: KernelSourceTotals,
@@ -240,8 +247,14 @@ impl Totals {
             }
             if let Some(k) = service.kernel {
                 info!(
-                    "service {} xdp forwarded={} passed={} dropped={} no_backend={}",
-                    service.name, k.forwarded, k.passed, k.dropped, k.no_backend
+                    "service {} xdp forwarded={} passed={} dropped={} no_backend={} adopted={} unknown_flow={}",
+                    service.name,
+                    k.forwarded,
+                    k.passed,
+                    k.dropped,
+                    k.no_backend,
+                    k.adopted,
+                    k.unknown_flow
                 );
             }
         }

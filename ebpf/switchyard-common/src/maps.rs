@@ -92,6 +92,17 @@ pub mod backend_state {
     pub const DOWN: u32 = 1;
     /// Operator drain: existing flows keep their backend, no new ones.
     pub const DRAIN: u32 = 2;
+    /// Disabled by `ctl disable`: no new flows; existing flows go on.
+    pub const DISABLED: u32 = 3;
+
+    /// Whether a backend in `state` may take a flow adopted mid-stream (an established session
+    /// another balancer began, following the Maglev table here): only a down or disabled
+    /// backend is skipped, as at SYN time. Drained still counts: the session may well predate
+    /// the drain, and belongs where it is.
+    #[inline(always)]
+    pub fn takes_adopted(state: u32) -> bool {
+        state == UP || state == DRAIN
+    }
 }
 
 /// `FlowValue::flags`.
@@ -401,6 +412,11 @@ pub struct ServiceStats {
     pub dropped: u64,
     /// SYNs that found no available backend.
     pub no_backend: u64,
+    /// Mid-stream packets of a flow without an entry here (a flow another balancer began,
+    /// or one whose entry expired) that were passed to the stack: no table to follow.
+    pub unknown_flow: u64,
+    /// Flows without an entry here adopted mid-stream by following the Maglev table (ip_hash).
+    pub adopted: u64,
 }
 
 /// `SourceLimits::flags`.
@@ -602,7 +618,7 @@ mod tests {
         assert_eq!(size_of::<BackendEntry6>(), 20);
         assert_eq!(size_of::<NatReply6>(), 32);
         assert_eq!(size_of::<BackendStats>(), 24);
-        assert_eq!(size_of::<ServiceStats>(), 32);
+        assert_eq!(size_of::<ServiceStats>(), 48);
         assert_eq!(size_of::<ListAddr4>(), 8);
         assert_eq!(size_of::<ListAddr6>(), 20);
         assert_eq!(size_of::<SourceLimits>(), 48);

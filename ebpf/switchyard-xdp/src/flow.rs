@@ -8,14 +8,14 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, ato
 use switchyard_common::hash;
 use switchyard_common::maps::{
     ENDED_LINGER_NS, FlowKey, FlowKey6, FlowValue, NatReply, NatReply6, PROTO_TCP, ServiceValue,
-    flow_ended, flow_flags, forwarding,
+    algorithm, flow_ended, flow_flags, forwarding, service_flags,
 };
 
 use crate::limits::{self, Admission, Client};
 use crate::maps::{ACTIVE, BACKENDS, BACKENDS6, FLOWS, FLOWS6, NAT_REPLIES, NAT_REPLIES6};
 use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::select::select;
-use crate::stats::count_new_flow;
+use crate::stats::{count_new_flow, count_service};
 
 /// The `FLOWS`/`NAT_REPLIES` key of a TCP packet from `src_addr`:`src_port` to
 /// `dst_addr`:`dst_port` (network byte order). Built as its four 32-bit words: written field by
@@ -130,7 +130,13 @@ pub fn follow_reply(reply_key: &FlowKey, vip: u32, vport: u16, flags: u8, now: u
 /// [`follow_reply`] for an IPv6 reply: its flow in `FLOWS6`, its backend's address in
 /// `BACKENDS6`.
 #[inline(always)]
-pub fn follow_reply6(reply_key: &FlowKey6, vip: &[u32; 4], vport: u16, flags: u8, now: u64) -> bool {
+pub fn follow_reply6(
+    reply_key: &FlowKey6,
+    vip: &[u32; 4],
+    vport: u16,
+    flags: u8,
+    now: u64,
+) -> bool {
     let flow_key = FlowKey6 {
         src_addr: reply_key.dst_addr,
         dst_addr: *vip,
@@ -210,17 +216,73 @@ pub enum NoFlow {
     NoBackend,
 }
 
-/// Applies the service's limits to a SYN, chooses a backend, records the flow, and counts it.
-/// Returns the backend slot.
+/// What opens a flow entry here.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// A client's SYN: the service's limits and the backends' caps and rates apply.
+    Syn,
+    /// A mid-stream packet of an ip_hash flow without an entry here (another balancer began
+    /// it, and ECMP moved it): it follows the Maglev table as its SYN did, recorded
+    /// established, without limits, caps or rates (see `select`).
+    Adopt,
+    /// [`Opening::Adopt`] for a packet with FIN or RST: sent where the table says, not recorded.
+    AdoptEnding,
+}
+
+/// A mid-stream packet (TCP `flags`) for `service` that no live flow entry here matches: an
+/// ip_hash service still in the config adopts it (`open` with the [`Opening`]), every other
+/// passes it to the stack, counted apart (`unknown_flow`: no shared table says where it
+/// belongs). A late packet of a flow that `ended` here passes too: adopting it would count a
+/// session that is over. Returns the backend slot, or `None` to pass (counted).
 #[inline(always)]
-pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Result<u32, NoFlow> {
+pub fn adopt(
+    service: &ServiceValue,
+    flags: u8,
+    ended: bool,
+    open: impl FnOnce(Opening) -> Result<u32, NoFlow>,
+) -> Option<u32> {
+    if ended {
+        count_service(service.index, |s| s.passed += 1);
+        return None;
+    }
+    let follows_table =
+        service.algorithm == algorithm::IP_HASH && service.flags & service_flags::RETIRED == 0;
+    let opening = if flags & (TCP_FIN | TCP_RST) != 0 {
+        Opening::AdoptEnding
+    } else {
+        Opening::Adopt
+    };
+    let slot = if follows_table {
+        open(opening).ok()
+    } else {
+        None
+    };
+    if slot.is_none() {
+        count_service(service.index, |s| {
+            s.passed += 1;
+            s.unknown_flow += 1;
+        });
+    }
+    slot
+}
+
+/// Opens the flow of `key`'s packet (`opening`): applies the service's limits to a SYN,
+/// chooses a backend, records the flow, and counts it. Returns the backend slot.
+#[inline(always)]
+pub fn new_flow(
+    service: &ServiceValue,
+    key: &FlowKey,
+    now: u64,
+    opening: Opening,
+) -> Result<u32, NoFlow> {
     let client_hash = || hash::hash_ipv4(key.src_addr.to_ne_bytes());
     let client = Client::V4(key.src_addr);
     // BPF_ANY: replaces a closed entry for a reused 5-tuple (its count was already given back).
-    let slot = take_flow(service, client, client_hash, now, |value| {
+    let slot = take_flow(service, client, client_hash, now, opening, |value| {
         FLOWS.insert(key, value, 0).is_ok()
     })?;
-    if service.forwarding == forwarding::NAT
+    if opening != Opening::AdoptEnding
+        && service.forwarding == forwarding::NAT
         && let Some(backend) = BACKENDS.get(slot)
     {
         let reply_key = tcp_flow_key(backend.addr, key.src_addr, backend.port, key.src_port);
@@ -238,13 +300,19 @@ pub fn new_flow(service: &ServiceValue, key: &FlowKey, now: u64) -> Result<u32, 
 /// [`new_flow`] for an IPv6 client: the flow in `FLOWS6`, a nat flow's reply entry in
 /// `NAT_REPLIES6`.
 #[inline(always)]
-pub fn new_flow6(service: &ServiceValue, key: &FlowKey6, now: u64) -> Result<u32, NoFlow> {
+pub fn new_flow6(
+    service: &ServiceValue,
+    key: &FlowKey6,
+    now: u64,
+    opening: Opening,
+) -> Result<u32, NoFlow> {
     let client_hash = || hash::hash_ipv6(unsafe { core::mem::transmute(key.src_addr) });
     let client = Client::V6(key.src_addr);
-    let slot = take_flow(service, client, client_hash, now, |value| {
+    let slot = take_flow(service, client, client_hash, now, opening, |value| {
         FLOWS6.insert(key, value, 0).is_ok()
     })?;
-    if service.forwarding == forwarding::NAT
+    if opening != Opening::AdoptEnding
+        && service.forwarding == forwarding::NAT
         && let Some(backend) = BACKENDS6.get(slot)
     {
         let reply_key = FlowKey6 {
@@ -269,18 +337,26 @@ pub fn new_flow6(service: &ServiceValue, key: &FlowKey6, now: u64) -> Result<u32
 /// Admits a SYN from `client` under the service's limits (taking a unit of its source's count
 /// when the source is tracked), chooses a backend for the new flow, has `record` store the
 /// flow's value, and on success takes one unit of the backend's count. Returns the backend
-/// slot; a source unit taken for a flow that was not made goes back.
+/// slot; a source unit taken for a flow that was not made goes back. An adopted flow
+/// (`opening`) skips the limits, is recorded established and counted as adopted, not as a new
+/// flow of its backend; one ending (`AdoptEnding`) is only chosen for.
 #[inline(always)]
 fn take_flow(
     service: &ServiceValue,
     client: Client,
     client_hash: impl FnOnce() -> u64,
     now: u64,
+    opening: Opening,
     record: impl FnOnce(&FlowValue) -> bool,
 ) -> Result<u32, NoFlow> {
-    let source = match limits::admit(service.index, client, now) {
-        Admission::Refused => return Err(NoFlow::Refused),
-        Admission::Open(source) => source,
+    let adopt = opening != Opening::Syn;
+    let source = if adopt {
+        None
+    } else {
+        match limits::admit(service.index, client, now) {
+            Admission::Refused => return Err(NoFlow::Refused),
+            Admission::Open(source) => source,
+        }
     };
     let no_backend = || {
         if let Some(entry) = source {
@@ -288,13 +364,19 @@ fn take_flow(
         }
         NoFlow::NoBackend
     };
-    let Some(slot) = select(service, client_hash) else {
+    let Some(slot) = select(service, client_hash, adopt) else {
         return Err(no_backend());
     };
-    let flags = match source {
+    if opening == Opening::AdoptEnding {
+        return Ok(slot);
+    }
+    let mut flags = match source {
         Some(_) => flow_flags::COUNTED | flow_flags::SOURCE_COUNTED,
         None => flow_flags::COUNTED,
     };
+    if adopt {
+        flags |= flow_flags::ESTABLISHED;
+    }
     let value = FlowValue {
         backend: slot,
         service: service.index,
@@ -309,6 +391,10 @@ fn take_flow(
     if let Some(active) = ACTIVE.get_ptr_mut(slot) {
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(active, 1) };
     }
-    count_new_flow(slot);
+    if adopt {
+        count_service(service.index, |s| s.adopted += 1);
+    } else {
+        count_new_flow(slot);
+    }
     Ok(slot)
 }

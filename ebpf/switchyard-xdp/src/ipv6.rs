@@ -19,9 +19,9 @@ use switchyard_common::maps::{
 };
 
 use crate::clock::coarse_now;
-use crate::flow::{NoFlow, follow, is_stale, new_flow6};
-use crate::limits::Client;
+use crate::flow::{NoFlow, Opening, adopt, follow, is_stale, new_flow6};
 use crate::forward::{dsr_frame, forward_nat6, nat_reply6};
+use crate::limits::Client;
 use crate::maps::{BACKENDS, BACKENDS6, FLOWS6, SERVICES6};
 use crate::parse::{Packet6, TCP_ACK, TCP_SYN, parse_v6};
 use crate::stats::{count_outcome, count_packet, count_service};
@@ -67,24 +67,31 @@ fn keys(pkt: &Packet6) -> (ServiceKey6, FlowKey6, u8) {
     (service, flow, unsafe { (*tcp).flags })
 }
 
-/// The backend slot of the packet's flow: its entry's, or a new flow's for a SYN; otherwise
-/// the action to take (counted): pass a mid-stream packet without state or a SYN for a service
+/// The backend slot of the packet's flow: its entry's, a new flow's for a SYN, an adopted
+/// one's for a mid-stream packet without state (ip_hash, `flow::adopt`); otherwise the action
+/// to take (counted): pass a mid-stream packet without state that is not adopted or a SYN for a service
 /// that left the config (retired: only its established flows go on), drop a SYN that no
 /// backend can take or that `[service.limits]` refuse.
 #[inline(always)]
 fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u32> {
     let now = coarse_now();
     let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(flow) = FLOWS6.get_ptr_mut(key)
+    let entry = FLOWS6.get_ptr_mut(key);
+    if let Some(flow) = entry
         && !is_stale(flow, is_syn, now)
     {
         return Ok(follow(flow, flags, now, Client::V6(key.src_addr)));
     }
-    if !is_syn || service.flags & service_flags::RETIRED != 0 {
+    if !is_syn {
+        // Another balancer's flow that ECMP moved here, or an expired or evicted one.
+        let open = |opening| new_flow6(service, key, now, opening);
+        return adopt(service, flags, entry.is_some(), open).ok_or(xdp_action::XDP_PASS);
+    }
+    if service.flags & service_flags::RETIRED != 0 {
         count_service(service.index, |s| s.passed += 1);
         return Err(xdp_action::XDP_PASS);
     }
-    new_flow6(service, key, now).map_err(|why| {
+    new_flow6(service, key, now, Opening::Syn).map_err(|why| {
         // A refused SYN is counted by reason in `limits`; dropped, the client's TCP retries.
         if let NoFlow::NoBackend = why {
             count_service(service.index, |s| {

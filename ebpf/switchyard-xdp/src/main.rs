@@ -43,15 +43,13 @@ mod stats;
 use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
-use switchyard_common::maps::{
-    PROTO_TCP, ServiceKey, address_filter, forwarding,
-};
+use switchyard_common::maps::{PROTO_TCP, ServiceKey, address_filter, forwarding};
 
 use crate::clock::coarse_now;
 use crate::filter::{may_be, route_of};
-use crate::flow::{NoFlow, follow, is_stale, new_flow, tcp_flow_key};
-use crate::limits::Client;
+use crate::flow::{NoFlow, Opening, adopt, follow, is_stale, new_flow, tcp_flow_key};
 use crate::forward::{forward_dsr, forward_nat, nat_reply};
+use crate::limits::Client;
 use crate::maps::{BACKENDS, FLOWS, SERVICES};
 use crate::parse::{Packet, TCP_ACK, TCP_SYN, parse};
 use crate::stats::{count_outcome, count_packet, count_service};
@@ -137,10 +135,9 @@ fn to_service(pkt: &Packet) -> Option<Verdict> {
     // seconds, and the fine clock costs tens of ns per packet under a hypervisor.
     let now = coarse_now();
     let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let flow = FLOWS
-        .get_ptr_mut(&flow_key)
-        // A SYN on a closed flow is a new connection reusing the 4-tuple: a fresh flow.
-        .filter(|&flow| !is_stale(flow, is_syn, now));
+    let entry = FLOWS.get_ptr_mut(&flow_key);
+    // A SYN on a closed flow is a new connection reusing the 4-tuple: a fresh flow.
+    let flow = entry.filter(|&flow| !is_stale(flow, is_syn, now));
 
     // The common case: a packet of a live flow, whose service its route names.
     if let Some(flow) = flow
@@ -156,25 +153,27 @@ fn to_service(pkt: &Packet) -> Option<Verdict> {
     let service = *unsafe { SERVICES.get(&service_key) }?;
     let backend_slot = match flow {
         Some(flow) => follow(flow, flags, now, Client::V4(saddr)),
-        None => {
-            if !is_syn {
-                // No state for a mid-stream packet (expired or evicted): let the stack answer.
-                count_service(service.index, |s| s.passed += 1);
-                return Some(Verdict::Action(xdp_action::XDP_PASS));
-            }
-            match new_flow(&service, &flow_key, now) {
-                Ok(slot) => slot,
-                // Dropped: the client's TCP retries; counted by reason in `limits`.
-                Err(NoFlow::Refused) => return Some(Verdict::Action(xdp_action::XDP_DROP)),
-                Err(NoFlow::NoBackend) => {
-                    count_service(service.index, |s| {
-                        s.no_backend += 1;
-                        s.dropped += 1;
-                    });
-                    return Some(Verdict::Action(xdp_action::XDP_DROP));
-                }
+        // No state for a mid-stream packet: another balancer's flow that ECMP moved here, or
+        // an expired or evicted one.
+        None if !is_syn => {
+            let open = |opening| new_flow(&service, &flow_key, now, opening);
+            match adopt(&service, flags, entry.is_some(), open) {
+                Some(slot) => slot,
+                None => return Some(Verdict::Action(xdp_action::XDP_PASS)),
             }
         }
+        None => match new_flow(&service, &flow_key, now, Opening::Syn) {
+            Ok(slot) => slot,
+            // Dropped: the client's TCP retries; counted by reason in `limits`.
+            Err(NoFlow::Refused) => return Some(Verdict::Action(xdp_action::XDP_DROP)),
+            Err(NoFlow::NoBackend) => {
+                count_service(service.index, |s| {
+                    s.no_backend += 1;
+                    s.dropped += 1;
+                });
+                return Some(Verdict::Action(xdp_action::XDP_DROP));
+            }
+        },
     };
     Some(Verdict::Send(Target {
         forwarding: service.forwarding,

@@ -49,22 +49,33 @@ extern "C" fn one_step<S: Step>(i: u64, ctx: *mut c_void) -> i64 {
 }
 
 /// The view the shared selection code reads of the service's backend at `entry` of
-/// `SERVICE_BACKENDS`, straight from the maps; the count is that of the backend's slot. Only
-/// an `UP` backend is healthy (down and drained ones take no new flows); an entry of weight 0
-/// is unused, not a backend.
+/// `SERVICE_BACKENDS`, straight from the maps; the count is that of the backend's slot. For a
+/// SYN only an `UP` backend under its `max_session_rate` is healthy (down and drained ones take
+/// no new flows). For a flow adopted mid-stream (`adopt`) the session exists already: a
+/// drained backend still counts and its cap and rate do not apply (they are this host's
+/// counts, not the flow's); only a down or disabled one is skipped. An entry of weight 0 is
+/// unused, not a backend.
 #[inline(always)]
-fn view(entry: u32) -> Option<BackendView> {
+fn view(entry: u32, adopt: bool) -> Option<BackendView> {
     let backend = SERVICE_BACKENDS.get(entry)?;
     if backend.weight == 0 {
         return None;
     }
     let active = ACTIVE.get_ptr_mut(backend.slot)?;
     let active = unsafe { core::ptr::read_volatile(active) };
+    let (healthy, max_connections) = if adopt {
+        (backend_state::takes_adopted(backend.state), 0)
+    } else {
+        (
+            backend.state == backend_state::UP && under_rate(backend),
+            backend.max_connections,
+        )
+    };
     Some(BackendView {
         active: active.min(u32::MAX as u64) as u32,
         weight: backend.weight,
-        max_connections: backend.max_connections,
-        healthy: (backend.state == backend_state::UP && under_rate(backend)) as u32,
+        max_connections,
+        healthy: healthy as u32,
         response_us: 0,
     })
 }
@@ -107,9 +118,14 @@ fn take_rate(backend: &ServiceBackend) {
 
 /// The backend slot the service's algorithm picks for a new flow from a client whose address
 /// hashes to `client_hash()` (asked by ip_hash only), or `None` when no backend may take it.
-/// Table entries and picks name backends by their index within the service.
+/// Table entries and picks name backends by their index within the service. `adopt`: the flow
+/// is an established one adopted mid-stream (see [`view`]); it takes no unit of the rate.
 #[inline(always)]
-pub fn select(service: &ServiceValue, client_hash: impl FnOnce() -> u64) -> Option<u32> {
+pub fn select(
+    service: &ServiceValue,
+    client_hash: impl FnOnce() -> u64,
+    adopt: bool,
+) -> Option<u32> {
     let count = service.backend_count as usize;
     if count == 0 || count > MAX_BACKENDS {
         return None;
@@ -117,7 +133,7 @@ pub fn select(service: &ServiceValue, client_hash: impl FnOnce() -> u64) -> Opti
     let base = service_backend_index(service.index, service.table_version, 0);
     let candidate = move |b: usize| {
         if b < count {
-            view(base + b as u32)
+            view(base + b as u32, adopt)
         } else {
             None
         }
@@ -164,7 +180,9 @@ pub fn select(service: &ServiceValue, client_hash: impl FnOnce() -> u64) -> Opti
         }
     }?;
     let chosen = SERVICE_BACKENDS.get(base + index as u32)?;
-    take_rate(chosen);
+    if !adopt {
+        take_rate(chosen);
+    }
     Some(chosen.slot)
 }
 

@@ -1,6 +1,6 @@
 //! The kernel path's counters: per backend packets and bytes (its new flows are
 //! `switchyard_backend_sessions_total{plane="xdp"}`), per service packets by what the program
-//! did with them, the flow tables' fill and capacity, count corrections, and the attach mode
+//! did with them, flows adopted mid-stream and packets of unknown flows, the flow tables' fill and capacity, count corrections, and the attach mode
 //! per interface. Per-CPU maps are summed at scrape time; the flow tables' fill is what the
 //! last expiry pass found (walking a table of a million flows per scrape would not do).
 
@@ -21,6 +21,14 @@ pub(super) fn families(snapshot: &Snapshot, kernel: &dyn KernelCounters) -> Vec<
     let mut actions = Family::counter(
         "service_xdp_packets",
         "Packets to the service's VIPs by what the kernel path did: forwarded, passed (to the stack), dropped, no_backend (SYNs that found no backend)",
+    );
+    let mut adopted = Family::counter(
+        "xdp_flows_adopted",
+        "Flows without an entry on this balancer (moved here by ECMP from another, or expired) adopted mid-stream by following the Maglev table (ip_hash)",
+    );
+    let mut unknown_flow = Family::counter(
+        "xdp_unknown_flow_packets",
+        "Mid-stream packets of flows without an entry on this balancer passed to the stack (no shared table to follow: algorithms other than ip_hash)",
     );
     for service in &snapshot.services {
         if service.config.dataplane != Dataplane::Xdp {
@@ -50,6 +58,8 @@ pub(super) fn families(snapshot: &Snapshot, kernel: &dyn KernelCounters) -> Vec<
                     value,
                 );
             }
+            adopted.count(vec![("service", name.clone())], counted.adopted);
+            unknown_flow.count(vec![("service", name.clone())], counted.unknown_flow);
         }
     }
     let table = kernel.flow_table();
@@ -84,6 +94,14 @@ pub(super) fn families(snapshot: &Snapshot, kernel: &dyn KernelCounters) -> Vec<
         );
     }
     vec![
-        packets, bytes, actions, entries, capacity, corrected, attached,
+        packets,
+        bytes,
+        actions,
+        adopted,
+        unknown_flow,
+        entries,
+        capacity,
+        corrected,
+        attached,
     ]
 }

@@ -673,6 +673,7 @@ fn log_state_changes(
         let what = match now {
             backend_state::UP => "takes new flows",
             backend_state::DRAIN => "is drained: keeps its flows, gets no new ones",
+            backend_state::DISABLED => "is disabled: keeps its flows, gets no new ones",
             _ => "gets no new flows",
         };
         info!(service = %service.config.name, backend = %backend.config.name, "XDP: backend {what}");
@@ -700,10 +701,14 @@ fn backend_states(service: &Service) -> tables::BackendStates {
         if mac.is_none() {
             neighbours::nudge(ip);
         }
-        let state = if !backend.takes_new() {
-            backend_state::DRAIN
+        // Disabled before down before drained: a flow adopted mid-stream may still go to a
+        // drained backend, never to a disabled or down one.
+        let state = if backend.runtime.disabled {
+            backend_state::DISABLED
         } else if !backend.live.health.is_up() || mac.is_none() {
             backend_state::DOWN
+        } else if !backend.takes_new() {
+            backend_state::DRAIN
         } else {
             backend_state::UP
         };

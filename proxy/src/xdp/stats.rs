@@ -117,6 +117,8 @@ impl KernelCounters for Stats {
                     passed: sum.passed.wrapping_add(cpu.passed),
                     dropped: sum.dropped.wrapping_add(cpu.dropped),
                     no_backend: sum.no_backend.wrapping_add(cpu.no_backend),
+                    unknown_flow: sum.unknown_flow.wrapping_add(cpu.unknown_flow),
+                    adopted: sum.adopted.wrapping_add(cpu.adopted),
                     sources: KernelSourceTotals::default(),
                 }
             });
