@@ -1087,16 +1087,158 @@ fn restart_keeps_established_sessions() {
     std::thread::sleep(Duration::from_millis(1000));
     assert!(first.terminate().success());
     first.assert_logged("XDP program left attached to eth0");
-    let second =
-        start_switchyard_with_bpffs(&topo.balancer, &config, &bpffs, "XDP program replaced on");
+    let second = restart_under_held_sessions(&topo, &config, &bpffs, held);
+    // Same release, same config: every pinned map fits and is reused.
+    let log = second.stderr_text();
+    assert!(!log.contains("pinned XDP map "), "{log}");
+    wait_for_counts_back_to_zero(&topo);
+}
+
+/// Starts switchyard again on the pinned maps in `bpffs` while the 3 `held` sessions (started
+/// before the last one stopped) are open: they all complete, their flows counted again.
+fn restart_under_held_sessions(
+    topo: &Network,
+    config: &str,
+    bpffs: &PrivateBpffs,
+    held: std::thread::JoinHandle<Vec<anyhow::Result<String>>>,
+) -> Switchyard {
+    let next =
+        start_switchyard_with_bpffs(&topo.balancer, config, bpffs, "XDP program replaced on");
     let results = held.join().expect("client thread");
     assert!(
         results.iter().all(|r| r.is_ok()),
         "sessions across the restart: {results:?}\n{}",
-        second.stderr_text()
+        next.stderr_text()
     );
-    second.assert_logged("rebuilt active counts from 3 open flows");
+    next.assert_logged("rebuilt active counts from 3 open flows");
+    next
+}
+
+/// The layout of the map pinned at `path` as the kernel reports it (bpftool's JSON): type,
+/// key size, value size, entries, flags.
+fn pinned_map_layout(path: &std::path::Path) -> (String, u64, u64, u64, u64) {
+    let output = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        output.status.success(),
+        "bpftool map show pinned {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bpftool JSON");
+    let number = |key: &str| {
+        shown[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {shown}"))
+    };
+    (
+        shown["type"].as_str().expect("type").to_owned(),
+        number("bytes_key"),
+        number("bytes_value"),
+        number("max_entries"),
+        number("flags"),
+    )
+}
+
+#[test]
+fn restart_replaces_a_pinned_map_of_an_old_layout_and_keeps_the_flows() {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+        return;
+    };
+    let (bpffs, config, mut first) = start_pinned(&topo, &name);
+    let pins = bpffs.path().join("switchyard").join(&name);
+    let stats_pin = pins.join("SERVICE_STATS");
+    let current = pinned_map_layout(&stats_pin);
+    let held = topo
+        .client
+        .spawn(|| parallel_sessions(3, Duration::from_secs(4)));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(first.terminate().success());
+
+    // What an earlier release left: SERVICE_STATS with 32-byte values.
+    std::fs::remove_file(&stats_pin).expect("unpin SERVICE_STATS");
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&stats_pin)
+        .args(["type", "percpu_array", "key", "4", "value", "32", "entries"])
+        .arg(current.3.to_string())
+        .args(["name", "SERVICE_STATS"])
+        .output()
+        .expect("bpftool");
+    assert!(
+        created.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    assert_eq!(pinned_map_layout(&stats_pin).2, 32);
+
+    // The flow table is kept: its flows are counted again and finish through it.
+    let mut second = restart_under_held_sessions(&topo, &config, &bpffs, held);
+    assert_eq!(
+        pinned_map_layout(&stats_pin),
+        current,
+        "SERVICE_STATS pinned again with this release's layout"
+    );
+    let fresh = sessions(&topo, 3, Duration::ZERO);
+    assert!(fresh.iter().all(|r| r.is_ok()), "new sessions: {fresh:?}");
     wait_for_counts_back_to_zero(&topo);
+    assert!(second.terminate().success());
+    let totals = second.totals();
+    let service = totals
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service totals: {totals:?}"));
+    let kernel = service.kernel.expect("kernel service counters");
+    assert!(
+        kernel.forwarded >= 3 * 8,
+        "the fresh SERVICE_STATS counts: {kernel:?}"
+    );
+    // For the operator: the map, both layouts, the cost; and no other map replaced.
+    let log = second.stderr_text();
+    second.assert_logged("pinned XDP map SERVICE_STATS");
+    second.assert_logged("value 32 B");
+    second.assert_logged("counters start again");
+    assert_eq!(log.matches("pinned XDP map ").count(), 1, "{log}");
+}
+
+#[test]
+fn restart_with_a_new_flow_table_size_replaces_the_flow_tables() {
+    let Some((topo, name)) = running_topology(Layout::Dsr) else {
+        return;
+    };
+    let (bpffs, config, mut first) = start_pinned(&topo, &name);
+    let pins = bpffs.path().join("switchyard").join(&name);
+    let sources = pinned_map_layout(&pins.join("SOURCES"));
+    assert!(first.terminate().success());
+
+    let resized = config.replace("flow_table_size = 65536", "flow_table_size = 4096");
+    let second =
+        start_switchyard_with_bpffs(&topo.balancer, &resized, &bpffs, "XDP program replaced on");
+    for table in ["FLOWS", "FLOWS6", "NAT_REPLIES", "NAT_REPLIES6"] {
+        assert_eq!(
+            pinned_map_layout(&pins.join(table)).3,
+            4096,
+            "{table} pinned again with the configured size"
+        );
+    }
+    // Replaced with the flow tables (a fresh map of the same layout), see `xdp::pins`.
+    assert_eq!(pinned_map_layout(&pins.join("SOURCES")).0, sources.0);
+    let results = sessions(&topo, 3, Duration::ZERO);
+    assert!(results.iter().all(|r| r.is_ok()), "sessions: {results:?}");
+    wait_for_counts_back_to_zero(&topo);
+    second.assert_logged("pinned XDP map FLOWS ");
+    second.assert_logged("pinned XDP map SOURCES ");
+    second.assert_logged("established flows lose their entries");
+    let log = second.stderr_text();
+    assert!(!log.contains("pinned XDP map ACTIVE"), "{log}");
+    assert!(
+        !log.contains("established flows keep their backends"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::mode::{self, Attach, Decision};
 use super::netdev::Netdev;
-use super::{flows, limits, neighbours, stats, tables};
+use super::{flows, limits, neighbours, pins, stats, tables};
 use crate::config::{self, Config, Dataplane, Forwarding};
 use crate::counters::CounterTable;
 use crate::state::{LiveState, Service, Snapshot};
@@ -31,7 +31,7 @@ use crate::totals::{KernelCounters, Totals, XdpAttachment};
 /// Where `pin = true` pins the maps and links: `<base>/<first xdp service>`.
 const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/switchyard";
 
-/// Maps pinned (and reused after a restart) when pinning is on.
+/// Maps pinned when pinning is on, and reused after a restart while they fit (see `pins`).
 const PINNED_MAPS: [&str; 23] = [
     names::BACKEND_RATES,
     names::SERVICES,
@@ -58,12 +58,74 @@ const PINNED_MAPS: [&str; 23] = [
     names::SOURCE_STATS,
 ];
 
+/// The entries of every map the loader sizes for a config (the rest keep the object's).
+struct Sizes {
+    entries: Vec<(&'static str, u32)>,
+    flows: u32,
+    sources: u32,
+}
+
+impl Sizes {
+    fn of(config: &Config) -> Sizes {
+        let slots = Snapshot::slot_capacity(config).max(1) as u32;
+        let services = Snapshot::service_capacity(config).max(1) as u32;
+        let flows: u32 = config
+            .services
+            .iter()
+            .filter_map(|s| s.xdp.as_ref().map(|x| x.flow_table_size.max(1)))
+            .fold(0u32, u32::saturating_add)
+            .max(1);
+        let sources = limits::table_capacity(&config.services);
+        let list_entries = services * 2 * config::MAX_PREFIXES as u32;
+        let entries = vec![
+            (names::SERVICES, services),
+            (names::SERVICE_ROUTES, services),
+            (names::SERVICES6, services),
+            (names::BACKENDS, slots),
+            (names::BACKENDS6, slots),
+            (names::SERVICE_BACKENDS, services * 2 * MAX_BACKENDS as u32),
+            (names::ACTIVE, slots),
+            (names::BACKEND_STATS, slots),
+            (names::BACKEND_RATES, slots),
+            (names::SERVICE_STATS, services),
+            (names::RR_CURSOR, services),
+            (names::FLOWS, flows),
+            (names::FLOWS6, flows),
+            (names::NAT_REPLIES, flows),
+            (names::NAT_REPLIES6, flows),
+            (names::MAGLEV, services * 2 * MAGLEV_TABLE_SIZE as u32),
+            (names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE),
+            (names::SOURCE_LISTS, list_entries),
+            (names::SOURCE_LISTS6, list_entries),
+            (names::SOURCE_LIMITS, services),
+            (names::SOURCE_STATS, services),
+            (names::SOURCES, sources),
+        ];
+        Sizes {
+            entries,
+            flows,
+            sources,
+        }
+    }
+
+    /// Every pinned map with the entries it gets (the object's own where not sized here).
+    fn pinned(&self) -> Vec<(&'static str, Option<u32>)> {
+        PINNED_MAPS
+            .iter()
+            .map(|&name| {
+                let sized = self.entries.iter().find(|(n, _)| *n == name);
+                (name, sized.map(|&(_, entries)| entries))
+            })
+            .collect()
+    }
+}
+
 /// The loaded fast path. See the module docs of `xdp` for the call order.
 pub struct XdpPlane {
     bpf: Arc<Mutex<Ebpf>>,
     counters: Arc<CounterTable>,
     pin_dir: Option<PathBuf>,
-    /// Flows and counts came from pinned maps of a previous run.
+    /// Counts (and maybe flows) came from pinned maps of a previous run: rebuild the counts.
     reused: bool,
     links: Vec<(String, XdpLink)>,
     /// The traffic counter maps, once started (read by the sync task and at shutdown).
@@ -85,16 +147,7 @@ impl XdpPlane {
     /// shared active counts.
     pub fn load(config: &Config) -> anyhow::Result<Self> {
         let object = super::object().ok_or_else(|| anyhow!(super::NOT_BUILT))?;
-        let slots = Snapshot::slot_capacity(config).max(1) as u32;
-        let services = Snapshot::service_capacity(config).max(1) as u32;
-        let flows: u32 = config
-            .services
-            .iter()
-            .filter_map(|s| s.xdp.as_ref().map(|x| x.flow_table_size.max(1)))
-            .fold(0u32, u32::saturating_add)
-            .max(1);
-        let sources = limits::table_capacity(&config.services);
-        let list_entries = services * 2 * config::MAX_PREFIXES as u32;
+        let sizes = Sizes::of(config);
         for service in &config.services {
             if service.dataplane == Dataplane::Xdp && service.backends.len() > MAX_BACKENDS {
                 bail!(
@@ -106,30 +159,11 @@ impl XdpPlane {
         super::check_nat_forwarding(config)?;
         let pin_dir = pin_dir(config);
         let mut reused = false;
+        let mut flows_kept = false;
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::SERVICES, services)
-            .map_max_entries(names::SERVICE_ROUTES, services)
-            .map_max_entries(names::SERVICES6, services)
-            .map_max_entries(names::BACKENDS, slots)
-            .map_max_entries(names::BACKENDS6, slots)
-            .map_max_entries(names::SERVICE_BACKENDS, services * 2 * MAX_BACKENDS as u32)
-            .map_max_entries(names::ACTIVE, slots)
-            .map_max_entries(names::BACKEND_STATS, slots)
-            .map_max_entries(names::BACKEND_RATES, slots)
-            .map_max_entries(names::SERVICE_STATS, services)
-            .map_max_entries(names::RR_CURSOR, services)
-            .map_max_entries(names::FLOWS, flows)
-            .map_max_entries(names::FLOWS6, flows)
-            .map_max_entries(names::NAT_REPLIES, flows)
-            .map_max_entries(names::NAT_REPLIES6, flows)
-            .map_max_entries(names::MAGLEV, services * 2 * MAGLEV_TABLE_SIZE as u32)
-            .map_max_entries(names::WEIGHTED, services * 2 * WEIGHTED_TABLE_SIZE)
-            .map_max_entries(names::SOURCE_LISTS, list_entries)
-            .map_max_entries(names::SOURCE_LISTS6, list_entries)
-            .map_max_entries(names::SOURCE_LIMITS, services)
-            .map_max_entries(names::SOURCE_STATS, services)
-            .map_max_entries(names::SOURCES, sources);
+        for &(name, entries) in &sizes.entries {
+            loader.map_max_entries(name, entries);
+        }
         if nat_sees_partial_checksums(config) {
             loader.override_global(PARTIAL_CHECKSUMS, &1u8, true);
         }
@@ -141,7 +175,12 @@ impl XdpPlane {
                     dir.display()
                 )
             })?;
-            reused = dir.join(names::FLOWS).exists();
+            let wanted = pins::object_layouts(object, &sizes.pinned())?;
+            pins::replace_stale(dir, &wanted)?;
+            flows_kept = dir.join(names::FLOWS).exists();
+            // A kept ACTIVE holds the last run's counts, also for flows that were not kept:
+            // rebuilt from the flow tables like after any restart (see `pins`).
+            reused = flows_kept || dir.join(names::ACTIVE).exists();
             pin_paths = PINNED_MAPS
                 .iter()
                 .map(|name| (*name, dir.join(name)))
@@ -171,7 +210,7 @@ impl XdpPlane {
             _ => bail!("the XDP object has no ACTIVE array"),
         };
         let counters = map_counters(active, Snapshot::slot_capacity(config))?;
-        if reused && let Some(dir) = &pin_dir {
+        if flows_kept && let Some(dir) = &pin_dir {
             info!(
                 "reusing pinned XDP maps in {}: established flows keep their backends",
                 dir.display()
@@ -187,10 +226,10 @@ impl XdpPlane {
             links: Vec::new(),
             stats: None,
             flow_gauges: Arc::new(stats::FlowGauges {
-                capacity: u64::from(flows).into(),
+                capacity: u64::from(sizes.flows).into(),
                 ..Default::default()
             }),
-            source_gauges: Arc::new(limits::SourceGauges::new(sources)),
+            source_gauges: Arc::new(limits::SourceGauges::new(sizes.sources)),
             stop: CancellationToken::new(),
             sync_now: Arc::new(Notify::new()),
             task: None,

@@ -28,6 +28,7 @@ mod map_layouts;
 mod mode;
 mod neighbours;
 mod netdev;
+mod pins;
 mod stats;
 mod tables;
 
