@@ -216,7 +216,10 @@ mod tests {
                 reordered.swap(0, listed.len() - 1);
             }
             let table = build_table(&reordered);
-            assert!(by_name(&table, &reordered) == reference, "order {reordered:?}");
+            assert!(
+                by_name(&table, &reordered) == reference,
+                "order {reordered:?}"
+            );
         }
     }
 
