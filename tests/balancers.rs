@@ -72,7 +72,11 @@ fn new_sessions_spread_over_both(dataplane: Dataplane) {
             assigned[index] += count;
         }
     }
-    assert_eq!(assigned, net.mta_messages(), "balancers' counts vs the MTAs'");
+    assert_eq!(
+        assigned,
+        net.mta_messages(),
+        "balancers' counts vs the MTAs'"
+    );
     eprintln!("{dataplane:?}: sessions per balancer {shares:?}, per MTA {assigned:?}");
 }
 
@@ -114,10 +118,7 @@ fn held_through_each(net: &Balancers) -> Vec<(HeldSession, usize)> {
 fn finish_all(held: Vec<(HeldSession, usize)>) -> Vec<(usize, String)> {
     held.into_iter()
         .filter_map(|(session, through)| {
-            session
-                .finish()
-                .err()
-                .map(|e| (through, format!("{e:#}")))
+            session.finish().err().map(|e| (through, format!("{e:#}")))
         })
         .collect()
 }
@@ -130,7 +131,8 @@ fn new_sessions_avoid(net: &Balancers, index: usize, why: &str) {
     assert!(failed.is_empty(), "{why}: failed sessions {failed:?}");
     let after = per_balancer(net);
     assert_eq!(
-        after[index], before[index],
+        after[index],
+        before[index],
         "{why}: balancer {} took new sessions ({before:?} -> {after:?})",
         index + 1
     );
@@ -188,10 +190,7 @@ fn killed_balancer_is_routed_around(dataplane: Dataplane, algorithm: &'static st
     let converged = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     let outcomes = load.finish();
-    let late: Vec<&Outcome> = outcomes
-        .iter()
-        .filter(|o| o.started >= converged)
-        .collect();
+    let late: Vec<&Outcome> = outcomes.iter().filter(|o| o.started >= converged).collect();
     assert!(!late.is_empty(), "no session started after convergence");
     let late_failed: Vec<_> = late.iter().filter(|o| o.result.is_err()).collect();
     let early_failed = failures(&outcomes).len() - late_failed.len();
@@ -245,7 +244,10 @@ fn xdp_dsr_ip_hash_a_third_balancer_joins_mid_load_without_a_failed_session() {
         outcomes.len(),
         failed.len()
     );
-    assert!(shares[2] > 0, "the third balancer took no session: {shares:?}");
+    assert!(
+        shares[2] > 0,
+        "the third balancer took no session: {shares:?}"
+    );
     assert!(failed.is_empty(), "failed sessions: {failed:?}");
     assert!(
         held_failed.is_empty(),

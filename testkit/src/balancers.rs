@@ -222,7 +222,12 @@ impl Balancers {
             "the router peers with {MAX_BALANCERS} balancers at most"
         );
         let ns = Netns::new(format!("sy-e{}-b{}", self.suffix, index + 1))?;
-        plug(&self.switch, &ns, &format!("pb{index}"), balancer_addr(index))?;
+        plug(
+            &self.switch,
+            &ns,
+            &format!("pb{index}"),
+            balancer_addr(index),
+        )?;
         ns.ip(&["route", "add", "default", "via", &ROUTER.to_string()])?;
         if self.setup.dataplane == Dataplane::Proxy {
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
@@ -320,12 +325,7 @@ impl Load {
 /// At most `count` whole sessions to the VIP, `parallel` at a time, each worker pausing `pause`
 /// between its sessions, until `stop`. Every connection gets a port of its own from the kernel,
 /// so the router's layer-4 hash spreads them.
-fn run_load(
-    count: usize,
-    parallel: usize,
-    pause: Duration,
-    stop: Arc<AtomicBool>,
-) -> Vec<Outcome> {
+fn run_load(count: usize, parallel: usize, pause: Duration, stop: Arc<AtomicBool>) -> Vec<Outcome> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -341,8 +341,7 @@ fn run_load(
                     ..SessionOptions::default()
                 };
                 let mut outcomes = Vec::new();
-                while !stop.load(Ordering::SeqCst) && next.fetch_add(1, Ordering::SeqCst) < count
-                {
+                while !stop.load(Ordering::SeqCst) && next.fetch_add(1, Ordering::SeqCst) < count {
                     let started = Instant::now();
                     let result = run_session(vip(), &options, TEST_MESSAGE)
                         .await
@@ -398,14 +397,36 @@ fn wire_router(client: &Netns, router: &Netns, switch: &Netns) -> Result<()> {
     run(
         "ip",
         &[
-            "link", "add", "eth0", "netns", &client.name, "type", "veth", "peer", "name", "eth1",
-            "netns", &router.name,
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "netns",
+            &router.name,
         ],
     )?;
     client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
     client.ip(&["link", "set", "eth0", "up"])?;
-    client.ip(&["route", "add", "default", "via", &ROUTER_OUTSIDE.to_string()])?;
-    router.ip(&["addr", "add", &format!("{ROUTER_OUTSIDE}/24"), "dev", "eth1"])?;
+    client.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &ROUTER_OUTSIDE.to_string(),
+    ])?;
+    router.ip(&[
+        "addr",
+        "add",
+        &format!("{ROUTER_OUTSIDE}/24"),
+        "dev",
+        "eth1",
+    ])?;
     router.ip(&["link", "set", "eth1", "up"])?;
     plug(switch, router, "pr", ROUTER)?;
     router.sysctl("net.ipv4.ip_forward", "1")?;
@@ -418,8 +439,18 @@ fn plug(switch: &Netns, ns: &Netns, port: &str, address: Ipv4Addr) -> Result<()>
     run(
         "ip",
         &[
-            "link", "add", "eth0", "netns", &ns.name, "type", "veth", "peer", "name", port,
-            "netns", &switch.name,
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            &switch.name,
         ],
     )
     .with_context(|| format!("a veth from {} to the bridge", ns.name))?;

@@ -218,10 +218,12 @@ pub fn nexthops(router: &Netns, vip: Ipv4Addr) -> usize {
     };
     routes
         .iter()
-        .map(|route| match route.get("nexthops").and_then(|n| n.as_array()) {
-            Some(list) => list.len(),
-            None => usize::from(route.get("gateway").is_some()),
-        })
+        .map(
+            |route| match route.get("nexthops").and_then(|n| n.as_array()) {
+                Some(list) => list.len(),
+                None => usize::from(route.get("gateway").is_some()),
+            },
+        )
         .sum()
 }
 
