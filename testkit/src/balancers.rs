@@ -31,6 +31,7 @@ use crate::harness::{CtlOutput, Launch, Switchyard};
 use crate::netns::{Netns, run, suffix};
 use crate::smtp_client::{SessionOptions, TEST_MESSAGE, run_session};
 use crate::smtp_server::{Behaviour, SmtpServer, bind_listener};
+use crate::topology::veth;
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 52, 10);
 pub const SMTP_PORT: u16 = 25;
@@ -394,23 +395,7 @@ fn service_config(setup: &Setup) -> String {
 /// Client —veth— router, and the router on the segment; the router forwards with a layer-4
 /// multipath hash.
 fn wire_router(client: &Netns, router: &Netns, switch: &Netns) -> Result<()> {
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth1",
-            "netns",
-            &router.name,
-        ],
-    )?;
+    veth(client, "eth0", router, "eth1")?;
     client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
     client.ip(&["link", "set", "eth0", "up"])?;
     client.ip(&[
@@ -436,24 +421,8 @@ fn wire_router(client: &Netns, router: &Netns, switch: &Netns) -> Result<()> {
 
 /// A veth from `ns` (eth0, with `address`/24) to the bridge (port `port`).
 fn plug(switch: &Netns, ns: &Netns, port: &str, address: Ipv4Addr) -> Result<()> {
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &ns.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            port,
-            "netns",
-            &switch.name,
-        ],
-    )
-    .with_context(|| format!("a veth from {} to the bridge", ns.name))?;
+    veth(ns, "eth0", switch, port)
+        .with_context(|| format!("a veth from {} to the bridge", ns.name))?;
     switch.ip(&["link", "set", port, "master", "br0"])?;
     switch.ip(&["link", "set", port, "up"])?;
     ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
