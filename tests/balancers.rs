@@ -42,6 +42,17 @@ fn per_balancer(net: &Balancers) -> Vec<u64> {
         .collect()
 }
 
+/// Per running balancer, packets to the VIP its XDP program handed to the stack: what a
+/// mid-stream packet of a flow that ECMP moved there, without an entry, becomes unless the
+/// program adopts it.
+fn passed_to_stack(net: &Balancers) -> Vec<f64> {
+    net.balancers
+        .iter()
+        .filter(|b| b.switchyard.is_some())
+        .map(|b| b.xdp_passed())
+        .collect()
+}
+
 fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
     outcomes.iter().filter(|o| o.result.is_err()).collect()
 }
@@ -154,7 +165,8 @@ fn node_drain_and_no_usable_backend_withdraw_one_balancer_and_held_sessions_fini
     let failed = finish_all(held);
     assert!(
         failed.is_empty(),
-        "held sessions failed (balancer index, error): {failed:?}"
+        "held sessions failed (balancer index, error): {failed:?}; packets passed to the stack per balancer: {:?}",
+        passed_to_stack(&net)
     );
     drained.ctl_ok(&["node", "undrain"]);
     net.wait_nexthops(2, "ctl node undrain");
@@ -172,7 +184,8 @@ fn node_drain_and_no_usable_backend_withdraw_one_balancer_and_held_sessions_fini
     let failed = finish_all(held);
     assert!(
         failed.is_empty(),
-        "held sessions failed (balancer index, error): {failed:?}"
+        "held sessions failed (balancer index, error): {failed:?}; packets passed to the stack per balancer: {:?}",
+        passed_to_stack(&net)
     );
 }
 
@@ -204,14 +217,18 @@ fn killed_balancer_is_routed_around(dataplane: Dataplane, algorithm: &'static st
         "sessions after convergence failed: {late_failed:?}"
     );
     let failed = finish_all(held);
+    eprintln!("held sessions that failed (balancer index, error): {failed:?}");
     if dataplane == Dataplane::XdpDsr {
+        eprintln!(
+            "packets passed to the stack by the survivor: {:?}",
+            passed_to_stack(&net)
+        );
         let survivors: Vec<_> = failed.iter().filter(|(b, _)| *b == 1).collect();
         assert!(
             survivors.is_empty(),
             "held sessions through the survivor failed: {survivors:?}"
         );
     }
-    eprintln!("held sessions that failed (balancer index, error): {failed:?}");
 }
 
 #[test]
@@ -240,9 +257,10 @@ fn xdp_dsr_ip_hash_a_third_balancer_joins_mid_load_without_a_failed_session() {
     let held_failed = finish_all(held);
     let shares = per_balancer(&net);
     eprintln!(
-        "join: {} sessions, {} failed; held sessions failed: {held_failed:?}; per balancer {shares:?}",
+        "join: {} sessions, {} failed; held sessions failed: {held_failed:?}; per balancer {shares:?}; packets passed to the stack per balancer {:?}",
         outcomes.len(),
-        failed.len()
+        failed.len(),
+        passed_to_stack(&net)
     );
     assert!(
         shares[2] > 0,

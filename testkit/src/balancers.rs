@@ -28,6 +28,7 @@ use switchyard::control::{FlowsReport, SessionsReport, ShowReport};
 use crate::bird::{self, Bird};
 use crate::config_toml::ServiceToml;
 use crate::harness::{CtlOutput, Launch, Switchyard};
+use crate::metrics_text::Exposition;
 use crate::netns::{Netns, run, suffix};
 use crate::smtp_client::{SessionOptions, TEST_MESSAGE, run_session};
 use crate::smtp_server::{Behaviour, SmtpServer, bind_listener};
@@ -44,6 +45,8 @@ const MTAS: usize = 3;
 /// The service every balancer runs, and the BIRD protocol that carries its VIP.
 pub const SERVICE: &str = "mx";
 const PROTOCOL: &str = "vip_mx";
+/// Each balancer's `/metrics`, inside its namespace.
+const METRICS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9101));
 /// A load's single step (connect, a reply): short, so a stalled session fails soon.
 const LOAD_STEP: Duration = Duration::from_secs(5);
 
@@ -124,6 +127,22 @@ impl Balancer {
             .find(|s| s.name == SERVICE)
             .map(|s| s.backends.iter().map(|b| b.sessions_total).collect())
             .unwrap_or_default()
+    }
+
+    /// Its `/metrics`, parsed.
+    pub fn metrics(&self) -> Exposition {
+        self.ns
+            .run(|| Exposition::scrape(METRICS))
+            .expect("scrape /metrics")
+    }
+
+    /// Packets to the VIP the XDP program handed to the stack (a mid-stream packet of a flow
+    /// it has no entry for is one).
+    pub fn xdp_passed(&self) -> f64 {
+        self.metrics().get(
+            "switchyard_service_xdp_packets_total",
+            &[("service", SERVICE), ("action", "passed")],
+        )
     }
 
     /// The client addresses (`ip:port`) of the sessions (proxy) or flows (xdp) it holds now.
@@ -238,7 +257,7 @@ impl Balancers {
             &bird::balancer_config(balancer_addr(index), ROUTER, VIP, PROTOCOL),
         );
         let config = format!(
-            "shutdown_timeout = \"5s\"\n[announce]\nbird_socket = {:?}\n{}",
+            "shutdown_timeout = \"5s\"\n[admin]\nsocket = \"admin.sock\"\nlisten = \"{METRICS}\"\n[announce]\nbird_socket = {:?}\n{}",
             bird.socket().display().to_string(),
             self.config_tail
         );
