@@ -189,6 +189,31 @@ fn node_drain_and_no_usable_backend_withdraw_one_balancer_and_held_sessions_fini
     );
 }
 
+/// The proxy: a drained balancer is withdrawn within the BGP timers and gets no new session.
+/// Its held sessions are not asserted: once its nexthop is gone the router sends their packets
+/// to the other balancer, whose kernel has no socket for them and resets them (a proxy's
+/// sessions live on the host that accepted them; only the XDP path with ip_hash can carry
+/// such a flow on from another host, see the test above).
+#[test]
+fn proxy_node_drain_withdraws_one_balancer_and_new_sessions_avoid_it() {
+    let Some(net) = testbed(Dataplane::Proxy, "least_conn", 2) else {
+        return;
+    };
+    let held = held_through_each(&net);
+    net.balancers[0].ctl_ok(&["node", "drain"]);
+    let took = net.wait_nexthops(1, "ctl node drain");
+    assert!(took < HOLD_TIME, "withdrawn after {took:?}");
+    new_sessions_avoid(&net, 0, "drained");
+    let failed = finish_all(held);
+    eprintln!(
+        "proxy: held sessions that failed after the drain (balancer index, error): {failed:?}"
+    );
+    assert!(
+        failed.iter().all(|(through, _)| *through == 0),
+        "held sessions through the balancer still in rotation failed: {failed:?}"
+    );
+}
+
 /// Balancer 1 killed under load: sessions started once the router dropped it all succeed;
 /// held sessions through the survivor finish when `survivors_keep_going`.
 fn killed_balancer_is_routed_around(dataplane: Dataplane, algorithm: &'static str) {

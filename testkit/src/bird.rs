@@ -20,16 +20,21 @@ pub const ROUTE_LIMIT: Duration = Duration::from_secs(20);
 const ROUTER_AS: u32 = 65000;
 const BALANCER_AS: u32 = 65001;
 
-/// Whether BIRD and root are here; a loud skip outside CI, a failure in CI
-/// (`CI=true` or `SWITCHYARD_REQUIRE_XDP=1`), so a skip never passes for a success there.
-pub fn bird_available() -> bool {
-    let problem = if unsafe { nix::libc::geteuid() } != 0 {
+/// Why BIRD cannot run here, if it cannot: not root, or no `bird` binary.
+pub fn missing() -> Option<&'static str> {
+    if unsafe { nix::libc::geteuid() } != 0 {
         Some("not root")
     } else if Command::new("bird").arg("--version").output().is_err() {
         Some("BIRD 2 (`bird`) is not installed; run `cargo xtask setup` (Debian package bird2)")
     } else {
         None
-    };
+    }
+}
+
+/// Whether BIRD and root are here; a loud skip outside CI, a failure in CI
+/// (`CI=true` or `SWITCHYARD_REQUIRE_XDP=1`), so a skip never passes for a success there.
+pub fn bird_available() -> bool {
+    let problem = missing();
     let Some(problem) = problem else {
         return true;
     };

@@ -39,12 +39,23 @@ pub struct BalancerFigures {
 }
 
 /// Runs the measurement: `quick` is 2 trials and 1 round of 1500 sessions each way (about
-/// 15 s), otherwise 5 trials and 3 rounds of 10000.
+/// 10 s), otherwise 5 trials and 3 rounds of 10000. The test kit panics where a test would
+/// fail (a daemon that does not start, a route that never changes): that is an error here.
 pub fn measure(switchyard: &Path, quick: bool) -> Result<BalancerFigures> {
-    ensure!(
-        testkit::bird::bird_available(),
-        "needs root and BIRD 2 (Debian bird2)"
-    );
+    if let Some(problem) = testkit::bird::missing() {
+        anyhow::bail!("{problem}");
+    }
+    std::panic::catch_unwind(|| measure_on_testbed(switchyard, quick)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(anyhow::anyhow!("the testbed failed: {why}"))
+    })
+}
+
+fn measure_on_testbed(switchyard: &Path, quick: bool) -> Result<BalancerFigures> {
     let (trials, rounds, sessions) = if quick { (2, 1, 1500) } else { (5, 3, 10_000) };
     let setup = Setup {
         dataplane: Dataplane::Proxy,
