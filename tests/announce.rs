@@ -51,24 +51,7 @@ fn topology() -> Topology {
     let router = Netns::new(format!("sy-ar{id}")).expect("router namespace");
     let balancer = Netns::new(format!("sy-ab{id}")).expect("balancer namespace");
     let (r_if, b_if) = (format!("sy-ar{id}"), format!("sy-ab{id}"));
-    testkit::netns::run(
-        "ip",
-        &[
-            "link",
-            "add",
-            &r_if,
-            "netns",
-            &router.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &b_if,
-            "netns",
-            &balancer.name,
-        ],
-    )
-    .expect("veth");
+    testkit::topology::veth(&router, &r_if, &balancer, &b_if).expect("veth");
     for (ns, address, interface) in [(&router, ROUTER_IP, &r_if), (&balancer, BALANCER_IP, &b_if)] {
         ns.ip(&["addr", "add", &format!("{address}/24"), "dev", interface])
             .expect("address");
