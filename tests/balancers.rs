@@ -149,6 +149,9 @@ fn new_sessions_avoid(net: &Balancers, index: usize, why: &str) {
     );
 }
 
+/// XDP dsr with ip_hash: once the drained balancer's nexthop is gone the router sends its
+/// held flows to the other balancer, which has no entry for them and carries them on to the
+/// same backend through the Maglev table every balancer shares.
 #[test]
 fn node_drain_and_no_usable_backend_withdraw_one_balancer_and_held_sessions_finish() {
     let Some(net) = testbed(Dataplane::XdpDsr, "ip_hash", 2) else {
@@ -266,6 +269,8 @@ fn xdp_dsr_ip_hash_a_killed_balancer_is_routed_around_and_the_survivors_sessions
     killed_balancer_is_routed_around(Dataplane::XdpDsr, "ip_hash");
 }
 
+/// The router's hash-threshold multipath moves some flows of the two running balancers to the
+/// new one (and between them): each must be carried on by a balancer without its entry.
 #[test]
 fn xdp_dsr_ip_hash_a_third_balancer_joins_mid_load_without_a_failed_session() {
     let Some(mut net) = testbed(Dataplane::XdpDsr, "ip_hash", 2) else {
