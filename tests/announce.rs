@@ -6,11 +6,12 @@
 //! Debian's `bird2`).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use testkit::bird::{self, Bird, bird_available, socket_in};
 use testkit::config_toml::ServiceToml;
 use testkit::harness::Launch;
 use testkit::netns::{Netns, suffix};
@@ -22,146 +23,19 @@ const ROUTER_IP: &str = "198.18.40.1";
 const BALANCER_IP: &str = "198.18.40.2";
 const VIP: &str = "198.18.41.10";
 const VIP_PORT: u16 = 25;
-/// BGP timers of both ends: a withdrawal itself is an UPDATE sent at once; these bound how long
-/// a silent peer keeps its routes.
-const BGP_TIMERS: &str =
-    "hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 2;";
 /// The admin listener (`/metrics`), inside the balancer's namespace.
 const METRICS_PORT: u16 = 9101;
-/// Ample for BGP to come up and for any route change (a withdrawal takes milliseconds).
-const ROUTE_LIMIT: Duration = Duration::from_secs(20);
-
-/// Whether BIRD and root are here; a loud skip outside CI, a failure in CI.
-fn bird_available() -> bool {
-    let problem = if unsafe { nix::libc::geteuid() } != 0 {
-        Some("not root")
-    } else if Command::new("bird").arg("--version").output().is_err() {
-        Some("BIRD 2 (`bird`) is not installed; run `cargo xtask setup` (Debian package bird2)")
-    } else {
-        None
-    };
-    let Some(problem) = problem else {
-        return true;
-    };
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("SWITCHYARD_REQUIRE_XDP").is_ok_and(|v| v == "1");
-    if ci {
-        panic!("announcement through BIRD cannot be tested: {problem}");
-    }
-    eprintln!("\n*** SKIP: announcement through BIRD NOT tested: {problem} ***\n");
-    false
-}
-
-/// One BIRD daemon in a namespace, stopped by its PID on drop.
-struct Bird {
-    pid_file: PathBuf,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Bird {
-    fn start(ns: &Netns, config: &str) -> Bird {
-        Bird::start_in(ns, config, tempfile::tempdir().expect("BIRD directory"))
-    }
-
-    /// BIRD with its file, control socket ([`socket_in`]) and PID file in `dir`.
-    fn start_in(ns: &Netns, config: &str, dir: tempfile::TempDir) -> Bird {
-        let file = dir.path().join("bird.conf");
-        std::fs::write(&file, config).expect("write bird.conf");
-        let socket = socket_in(dir.path());
-        let pid_file = dir.path().join("bird.pid");
-        let output = ns
-            .command("bird")
-            .arg("-c")
-            .arg(&file)
-            .arg("-s")
-            .arg(&socket)
-            .arg("-P")
-            .arg(&pid_file)
-            .output()
-            .expect("start bird");
-        assert!(
-            output.status.success(),
-            "bird in {} failed: {}",
-            ns.name,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Bird {
-            pid_file,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    fn pid(&self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            if let Some(pid) = std::fs::read_to_string(&self.pid_file)
-                .ok()
-                .and_then(|text| text.trim().parse().ok())
-            {
-                return Some(pid);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `birdc -s SOCKET ARGS`' output.
-    fn birdc(&self, args: &[&str]) -> String {
-        let output = Command::new("birdc")
-            .arg("-s")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("birdc");
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-}
-
-fn socket_in(dir: &Path) -> PathBuf {
-    dir.join("bird.ctl")
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        if let Some(pid) = self.pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
-}
 
 fn router_bird() -> String {
-    format!(
-        "router id {ROUTER_IP};
-protocol device {{ scan time 1; }}
-protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}
-protocol bgp balancer {{
-    local {ROUTER_IP} as 65000; neighbor {BALANCER_IP} as 65001;
-    {BGP_TIMERS}
-    ipv4 {{ import all; export none; }};
-}}
-"
-    )
+    bird::router_config(ip(ROUTER_IP), &[ip(BALANCER_IP)])
 }
 
 fn balancer_bird() -> String {
-    format!(
-        "router id {BALANCER_IP};
-protocol device {{ scan time 1; }}
-protocol static vip_mx {{ disabled; ipv4; route {VIP}/32 unreachable; }}
-protocol bgp uplink {{
-    local {BALANCER_IP} as 65001; neighbor {ROUTER_IP} as 65000;
-    {BGP_TIMERS}
-    ipv4 {{ import none; export where source = RTS_STATIC; next hop self; }};
-}}
-"
-    )
+    bird::balancer_config(ip(BALANCER_IP), ip(ROUTER_IP), ip(VIP), "vip_mx")
+}
+
+fn ip(text: &str) -> Ipv4Addr {
+    text.parse().expect("an IPv4 address")
 }
 
 /// Router and balancer on one veth; the balancer holds the VIP on `lo`. The router also has a
@@ -177,24 +51,7 @@ fn topology() -> Topology {
     let router = Netns::new(format!("sy-ar{id}")).expect("router namespace");
     let balancer = Netns::new(format!("sy-ab{id}")).expect("balancer namespace");
     let (r_if, b_if) = (format!("sy-ar{id}"), format!("sy-ab{id}"));
-    testkit::netns::run(
-        "ip",
-        &[
-            "link",
-            "add",
-            &r_if,
-            "netns",
-            &router.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &b_if,
-            "netns",
-            &balancer.name,
-        ],
-    )
-    .expect("veth");
+    testkit::topology::veth(&router, &r_if, &balancer, &b_if).expect("veth");
     for (ns, address, interface) in [(&router, ROUTER_IP, &r_if), (&balancer, BALANCER_IP, &b_if)] {
         ns.ip(&["addr", "add", &format!("{address}/24"), "dev", interface])
             .expect("address");
@@ -219,28 +76,12 @@ fn topology() -> Topology {
 
 /// Whether the router's kernel table has the VIP route BIRD installed.
 fn router_has_bgp_route(router: &Netns) -> bool {
-    let output = router
-        .command("ip")
-        .args(["-j", "route", "show", &format!("{VIP}/32"), "proto", "bird"])
-        .output()
-        .expect("ip route show");
-    let routes: serde_json::Value =
-        serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
-    routes.as_array().is_some_and(|r| !r.is_empty())
+    bird::nexthops(router, ip(VIP)) > 0
 }
 
 /// Waits until the route is (or is not) there; the time it took.
 fn wait_route(router: &Netns, present: bool, what: &str) -> Duration {
-    let start = Instant::now();
-    while router_has_bgp_route(router) != present {
-        assert!(
-            start.elapsed() < ROUTE_LIMIT,
-            "{what}: the router's VIP route did not {} within {ROUTE_LIMIT:?}",
-            if present { "appear" } else { "disappear" }
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    start.elapsed()
+    bird::wait_nexthops(router, ip(VIP), usize::from(present), what)
 }
 
 /// An SMTP session from the router's namespace to the VIP, greeted and held open.
@@ -333,14 +174,7 @@ fn vip_follows_health_node_drain_and_shutdown() {
         .collect();
 
     // BIRD alone never announces: the static protocol starts disabled.
-    let start = Instant::now();
-    while !balancer_bird
-        .birdc(&["show", "protocols", "uplink"])
-        .contains("Established")
-    {
-        assert!(start.elapsed() < ROUTE_LIMIT, "BGP did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    balancer_bird.wait_established("uplink");
     assert!(
         !router_has_bgp_route(&net.router),
         "announced before switchyard ran:\n{}",
@@ -349,7 +183,7 @@ fn vip_follows_health_node_drain_and_shutdown() {
 
     let mut sy = Launch::new(BIN).start_in(
         &net.balancer,
-        &switchyard_config(&balancer_bird.socket, &addresses),
+        &switchyard_config(balancer_bird.socket(), &addresses),
     );
     let up = wait_route(&net.router, true, "switchyard up with healthy backends");
     eprintln!("route appeared {up:?} after switchyard was ready");
@@ -477,7 +311,7 @@ fn reload_that_stops_announcing_withdraws() {
     let balancer_bird = Bird::start(&net.balancer, &balancer_bird());
     let address: SocketAddr = "127.0.0.1:2601".parse().expect("address");
     let _backend = backend_in(&net.balancer, "mta1", address);
-    let config = switchyard_config(&balancer_bird.socket, &[address]);
+    let config = switchyard_config(balancer_bird.socket(), &[address]);
     let sy = Launch::new(BIN).start_in(&net.balancer, &config);
     wait_route(&net.router, true, "switchyard up");
 

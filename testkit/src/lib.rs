@@ -1,6 +1,8 @@
 //! Switchyard's test kit, used by the integration tests, the benchmarks and xtask (never by the
 //! product): one copy of each test tool.
 
+pub mod balancers;
+pub mod bird;
 pub mod config_toml;
 pub mod harness;
 pub mod metrics_text;

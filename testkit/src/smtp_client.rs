@@ -455,6 +455,8 @@ pub async fn read_reply<R: AsyncRead + Unpin>(reader: &mut R) -> anyhow::Result<
 pub struct HeldSession {
     /// The backend that greeted.
     pub backend: String,
+    /// The client's end of the connection (which balancer's flow or session it is).
+    pub local: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
@@ -489,12 +491,13 @@ impl HeldSession {
             }
         };
         let thread = spawn(Box::new(held));
-        let backend = greeted_rx
+        let (backend, local) = greeted_rx
             .recv_timeout(STEP_TIMEOUT)
             .with_context(|| format!("no greeting from {target}"))?
             .with_context(|| format!("held session to {target}"))?;
         Ok(HeldSession {
             backend,
+            local,
             stop,
             thread: Some(thread),
         })
@@ -521,18 +524,26 @@ impl Drop for HeldSession {
 async fn hold(
     target: SocketAddr,
     stop: Arc<AtomicBool>,
-    greeted: std::sync::mpsc::Sender<Result<String, SessionError>>,
+    greeted: std::sync::mpsc::Sender<anyhow::Result<(String, SocketAddr)>>,
 ) -> anyhow::Result<()> {
     let options = SessionOptions::default();
-    let mut session = match Session::open(target, &options).await {
-        Ok(session) => session,
+    let opened = match Session::open(target, &options).await {
+        Ok(session) => session
+            .stream
+            .local_addr()
+            .map(|local| (session, local))
+            .context("the held session's local address"),
+        Err(e) => Err(e.into()),
+    };
+    let (mut session, local) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
-            let message = e.to_string();
+            let message = format!("{e:#}");
             let _ = greeted.send(Err(e));
             anyhow::bail!(message);
         }
     };
-    let _ = greeted.send(Ok(session.backend.clone()));
+    let _ = greeted.send(Ok((session.backend.clone(), local)));
     let deadline = Instant::now() + Duration::from_secs(120);
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -425,7 +425,7 @@ fn bridge_port(i: usize) -> String {
 }
 
 /// A veth pair: `a_end` in `a`, `b_end` in `b`.
-fn veth(a: &Netns, a_end: &str, b: &Netns, b_end: &str) -> Result<()> {
+pub fn veth(a: &Netns, a_end: &str, b: &Netns, b_end: &str) -> Result<()> {
     run(
         "ip",
         &[

@@ -76,6 +76,12 @@ enum Cmd {
         /// 20000 sessions; quick: 3 of 3000); writes target/bench/synflood.json.
         #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "xdp_cost_only", "reload_only", "metrics_only", "rounds", "messages"])]
         synflood_only: bool,
+        /// Only the several-balancers figures (root, BIRD 2): a router namespace running BIRD
+        /// with ECMP in front of two balancers (proxy); the time from `ctl node drain` and from
+        /// the last backend disabled to the router's route change, and sessions/s through one
+        /// balancer host against two; writes target/bench/balancers.json.
+        #[arg(long, conflicts_with_all = ["kernel_only", "smtp_source", "xdp_cost_only", "reload_only", "metrics_only", "synflood_only", "rounds", "messages"])]
+        balancers_only: bool,
     },
     /// A fast SMTP sink (used where Postfix's smtp-sink is missing).
     Sink {
@@ -160,6 +166,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             reload_only,
             metrics_only,
             synflood_only,
+            balancers_only,
         } => {
             if xdp_cost_only {
                 // The program runs in the kernel: this build's speed does not matter.
@@ -174,6 +181,9 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             }
             if synflood_only {
                 return bench::synflood_only(quick).map(|_| ExitCode::SUCCESS);
+            }
+            if balancers_only {
+                return bench::balancers_only(quick).map(|_| ExitCode::SUCCESS);
             }
             let mut opts = bench::BenchOptions::new(quick, rounds, messages);
             opts.kernel_only = kernel_only;

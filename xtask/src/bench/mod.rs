@@ -13,10 +13,13 @@
 //! [`drive`] runs load through it, [`cpu`] accounts CPU time, [`idle`] measures idle memory,
 //! [`stats`] summarizes, [`results`] is results.json's schema and [`report`] its tables;
 //! [`reload`] and [`metrics`] measure what a reload and a Prometheus scraper cost, [`synflood`]
-//! what a one-source SYN flood costs legitimate sessions on the xdp path (root).
+//! what a one-source SYN flood costs legitimate sessions on the xdp path (root), [`balancers`]
+//! how fast a BIRD router stops routing to a drained balancer and sessions/s through one
+//! balancer host against two (root, BIRD 2).
 //!
 //! Outputs: a markdown table on stdout, `target/bench/results.json`, `target/bench/chart.png`.
 
+pub mod balancers;
 mod contenders;
 mod cpu;
 mod drive;
@@ -285,6 +288,7 @@ fn run_contenders(
             })
             .ok();
         results.synflood = synflood_figures(opts.quick, dir, switchyard, &mut results.skipped);
+        results.balancers = balancer_figures(opts.quick, switchyard, &mut results.skipped);
     }
     report::print_table(&results);
     // A kernel-only run does not replace the full benchmark's results.
@@ -401,6 +405,38 @@ pub fn synflood_only(quick: bool) -> Result<synflood::SynfloodFigures> {
     std::fs::create_dir_all(&dir)?;
     let figures = synflood::measure(&dir, &workspace::switchyard_release(), quick)?;
     println!("{}", synflood::describe(&figures));
+    Ok(figures)
+}
+
+/// The several-balancers measurement ([`balancers`]) as root, or a skipped entry saying why
+/// not.
+fn balancer_figures(
+    quick: bool,
+    switchyard: &Path,
+    skipped: &mut Vec<Skipped>,
+) -> Option<balancers::BalancerFigures> {
+    let measured = if workspace::is_root() {
+        balancers::measure(switchyard, quick)
+    } else {
+        Err(anyhow::anyhow!("needs root (network namespaces and BIRD)"))
+    };
+    printed_or_skipped("balancers", measured, balancers::describe, skipped)
+}
+
+/// `--balancers-only`: the several-balancers measurement alone (root, BIRD 2), printed and
+/// written to `target/bench/balancers.json`.
+pub fn balancers_only(quick: bool) -> Result<balancers::BalancerFigures> {
+    supervise::stop_children_on_signal();
+    workspace::raise_nofile_limit();
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir)?;
+    let figures = balancers::measure(&workspace::switchyard_release(), quick)?;
+    balancers::check(&figures)?;
+    println!("{}", balancers::describe(&figures));
+    let json = dir.join("balancers.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&figures)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!("bench: wrote {}", json.display());
     Ok(figures)
 }
 

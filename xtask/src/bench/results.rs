@@ -53,6 +53,10 @@ pub struct BenchResults {
     /// Sessions/s on the xdp path with a one-source SYN flood against without, paired (root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synflood: Option<super::synflood::SynfloodFigures>,
+    /// Several balancers behind a BIRD router with ECMP: route withdrawal times after a drain
+    /// and after the last backend went, sessions/s through one host against two (root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancers: Option<super::balancers::BalancerFigures>,
 }
 
 /// The XDP program's cost per packet in nanoseconds per run, from `BPF_PROG_TEST_RUN`, beside
@@ -329,6 +333,9 @@ fn check(res: &BenchResults) -> Result<()> {
     }
     if let Some(flood) = &res.synflood {
         check_synflood(flood)?;
+    }
+    if let Some(balancers) = &res.balancers {
+        super::balancers::check(balancers)?;
     }
     Ok(())
 }

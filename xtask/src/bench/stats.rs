@@ -127,6 +127,7 @@ pub fn summarize(
         reload: None,
         metrics: None,
         synflood: None,
+        balancers: None,
     })
 }
 
