@@ -324,3 +324,50 @@ fn reload_that_stops_announcing_withdraws() {
     assert_eq!(reload.code, Some(0), "ctl reload: {reload:?}");
     wait_route(&net.router, false, "reload without announce");
 }
+
+/// A switchyard killed with SIGKILL cannot withdraw its VIP, and BIRD goes on announcing it:
+/// `switchyard withdraw` (what the systemd unit runs as ExecStopPost) withdraws it with no
+/// switchyard running, and says what it did; a second run finds nothing left to do.
+#[test]
+fn withdraw_after_a_kill_takes_the_route_away() {
+    if !bird_available() {
+        return;
+    }
+    let net = topology();
+    let _router_bird = Bird::start(&net.router, &router_bird());
+    let balancer_bird = Bird::start(&net.balancer, &balancer_bird());
+    let address: SocketAddr = "127.0.0.1:2601".parse().expect("address");
+    let _backend = backend_in(&net.balancer, "mta1", address);
+    let config = switchyard_config(balancer_bird.socket(), &[address]);
+    let mut sy = Launch::new(BIN).start_in(&net.balancer, &config);
+    wait_route(&net.router, true, "switchyard up with a healthy backend");
+    let config_file = sy.config_dir().join("switchyard.toml");
+
+    sy.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(
+        sy.wait_timeout(Duration::from_secs(5)).is_some(),
+        "not killed"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        router_has_bgp_route(&net.router),
+        "the route went without anyone withdrawing it"
+    );
+
+    let withdraw = |expect: &str| {
+        let output = net
+            .balancer
+            .command(BIN)
+            .args(["withdraw", "--config"])
+            .arg(&config_file)
+            .output()
+            .expect("run switchyard withdraw");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(output.status.success(), "withdraw: {output:?}");
+        assert!(stdout.contains(expect), "withdraw said: {stdout}");
+    };
+    withdraw("service mx: withdrawn (vip_mx disabled)");
+    let gone = wait_route(&net.router, false, "switchyard withdraw");
+    eprintln!("FIGURE switchyard withdraw -> router route gone: {gone:?}");
+    withdraw("service mx: not announced (vip_mx was disabled already)");
+}
