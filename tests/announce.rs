@@ -300,6 +300,31 @@ fn shipped_bird_conf_parses() {
     );
 }
 
+/// Both BIRDs, one backend and a switchyard announcing service mx, its route at the router.
+struct Announcing {
+    // Dropped in this order: switchyard withdraws through a BIRD still running.
+    switchyard: testkit::harness::Switchyard,
+    _backend: SmtpServer,
+    _birds: [Bird; 2],
+}
+
+impl Announcing {
+    fn start(net: &Topology) -> Announcing {
+        let router = Bird::start(&net.router, &router_bird());
+        let balancer = Bird::start(&net.balancer, &balancer_bird());
+        let address: SocketAddr = "127.0.0.1:2601".parse().expect("address");
+        let backend = backend_in(&net.balancer, "mta1", address);
+        let config = switchyard_config(balancer.socket(), &[address]);
+        let switchyard = Launch::new(BIN).start_in(&net.balancer, &config);
+        wait_route(&net.router, true, "switchyard up with a healthy backend");
+        Announcing {
+            switchyard,
+            _backend: backend,
+            _birds: [router, balancer],
+        }
+    }
+}
+
 /// A reload that stops announcing a service withdraws its VIP (the protocol is not left on).
 #[test]
 fn reload_that_stops_announcing_withdraws() {
@@ -307,13 +332,8 @@ fn reload_that_stops_announcing_withdraws() {
         return;
     }
     let net = topology();
-    let _router_bird = Bird::start(&net.router, &router_bird());
-    let balancer_bird = Bird::start(&net.balancer, &balancer_bird());
-    let address: SocketAddr = "127.0.0.1:2601".parse().expect("address");
-    let _backend = backend_in(&net.balancer, "mta1", address);
-    let config = switchyard_config(balancer_bird.socket(), &[address]);
-    let sy = Launch::new(BIN).start_in(&net.balancer, &config);
-    wait_route(&net.router, true, "switchyard up");
+    let announcing = Announcing::start(&net);
+    let sy = &announcing.switchyard;
 
     let file = sy.config_dir().join("switchyard.toml");
     let written = std::fs::read_to_string(&file).expect("config");
@@ -334,13 +354,8 @@ fn withdraw_after_a_kill_takes_the_route_away() {
         return;
     }
     let net = topology();
-    let _router_bird = Bird::start(&net.router, &router_bird());
-    let balancer_bird = Bird::start(&net.balancer, &balancer_bird());
-    let address: SocketAddr = "127.0.0.1:2601".parse().expect("address");
-    let _backend = backend_in(&net.balancer, "mta1", address);
-    let config = switchyard_config(balancer_bird.socket(), &[address]);
-    let mut sy = Launch::new(BIN).start_in(&net.balancer, &config);
-    wait_route(&net.router, true, "switchyard up with a healthy backend");
+    let mut announcing = Announcing::start(&net);
+    let sy = &mut announcing.switchyard;
     let config_file = sy.config_dir().join("switchyard.toml");
 
     sy.signal(nix::sys::signal::Signal::SIGKILL);
