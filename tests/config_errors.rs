@@ -1199,6 +1199,82 @@ fn table() -> Vec<Case> {
             &["announce"],
         ),
         // -------------------------------------------------------------------------------
+        // [announce] peers, interface: the second chance between balancers
+        accepted(
+            "announce_peers_with_an_interface_are_accepted",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = [\"198.18.0.21\", \"198.18.0.22\", \"fd00::23\"]\ninterface = \"eth0\"\n{}",
+                service_with("announce = true\n")
+            ),
+            &["second chance on eth0 between peers 198.18.0.21, 198.18.0.22, fd00::23"],
+        ),
+        rejected(
+            "announce_peers_without_interface_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = [\"198.18.0.21\", \"198.18.0.22\"]\n{}",
+                service_with("")
+            ),
+            3,
+            &["announce.peers needs announce.interface"],
+        ),
+        rejected(
+            "announce_interface_without_peers_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\ninterface = \"eth0\"\n{}",
+                service_with("")
+            ),
+            3,
+            &["announce.interface \"eth0\" is set but announce.peers is not"],
+        ),
+        rejected(
+            "announce_peer_not_an_address_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = [\"198.18.0.21\", \"198.18.0.22:179\"]\ninterface = \"eth0\"\n{}",
+                service_with("")
+            ),
+            3,
+            &[
+                "announce.peers entry \"198.18.0.22:179\" is not an IP address",
+                "without a port",
+            ],
+        ),
+        rejected(
+            "announce_peer_listed_twice_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = [\"198.18.0.21\", \"198.18.0.21\"]\ninterface = \"eth0\"\n{}",
+                service_with("")
+            ),
+            3,
+            &["announce.peers lists 198.18.0.21 twice"],
+        ),
+        rejected(
+            "announce_one_peer_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = [\"198.18.0.21\"]\ninterface = \"eth0\"\n{}",
+                service_with("")
+            ),
+            3,
+            &["announce.peers has 1 address(es); it needs at least 2"],
+        ),
+        rejected(
+            "announce_interface_not_a_name_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = [\"198.18.0.21\", \"198.18.0.22\"]\ninterface = \"eth/0\"\n{}",
+                service_with("")
+            ),
+            4,
+            &["announce.interface \"eth/0\" is not a network interface name"],
+        ),
+        rejected(
+            "announce_peers_not_a_list_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = \"198.18.0.21\"\ninterface = \"eth0\"\n{}",
+                service_with("")
+            ),
+            3,
+            &["peers"],
+        ),
+        // -------------------------------------------------------------------------------
         // [admin]
         rejected(
             "admin_socket_empty_is_rejected",

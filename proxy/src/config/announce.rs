@@ -3,14 +3,17 @@
 //! the checks across services (one protocol per service, a socket for any announced service).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
+use super::SecondChance;
 use super::errors::{Report, shown};
 use super::schema as raw;
 use super::validate::unix_socket_path;
+use super::values::{MAX_IFNAME, interface_ok};
 
 /// BIRD's symbols are at most 64 characters (`SYM_MAX_LEN`).
 const MAX_PROTOCOL_NAME: usize = 64;
@@ -37,6 +40,99 @@ pub(super) fn validate_table(
         "or remove the [announce] table",
         report,
     )
+}
+
+/// `[announce] peers` and `interface`: the second chance between balancers, if `peers` is set.
+pub(super) fn validate_peers(
+    table: Option<&Spanned<raw::Announce>>,
+    report: &mut Report,
+) -> Option<SecondChance> {
+    let table = table?.get_ref();
+    let interface = table.interface.as_ref().and_then(|written| {
+        let name = written.get_ref();
+        if interface_ok(name) {
+            return Some(name.clone());
+        }
+        report.error(
+            &written.span(),
+            "",
+            format_args!(
+                "announce.interface {} is not a network interface name (1 to {MAX_IFNAME} characters, no '/', ':' or spaces)",
+                shown(name)
+            ),
+        );
+        None
+    });
+    let Some(peers) = &table.peers else {
+        if let Some(written) = &table.interface {
+            report.error(
+                &written.span(),
+                "",
+                format_args!(
+                    "announce.interface {} is set but announce.peers is not; list every balancer's address in peers, or remove interface",
+                    shown(written.get_ref())
+                ),
+            );
+        }
+        return None;
+    };
+    let peers = peer_addresses(peers, report)?;
+    let Some(interface) = interface else {
+        if table.interface.is_none() {
+            report.error(
+                &table.peers.as_ref().map_or(0..0, |p| p.span()),
+                "",
+                "announce.peers needs announce.interface: the interface the routers' traffic arrives on, where the balancers hand each other packets",
+            );
+        }
+        return None;
+    };
+    Some(SecondChance { peers, interface })
+}
+
+/// The peers' addresses: IP addresses, at least two, no duplicates.
+fn peer_addresses(
+    written: &Spanned<Vec<Spanned<String>>>,
+    report: &mut Report,
+) -> Option<Vec<IpAddr>> {
+    let mut peers: Vec<IpAddr> = Vec::new();
+    let mut ok = true;
+    for peer in written.get_ref() {
+        let Ok(addr) = peer.get_ref().parse::<IpAddr>() else {
+            report.error(
+                &peer.span(),
+                "",
+                format_args!(
+                    "announce.peers entry {} is not an IP address; write each balancer's IPv4 or IPv6 address on the announce interface, without a port",
+                    shown(peer.get_ref())
+                ),
+            );
+            ok = false;
+            continue;
+        };
+        if peers.contains(&addr) {
+            report.error(
+                &peer.span(),
+                "",
+                format_args!("announce.peers lists {addr} twice; list each balancer once"),
+            );
+            ok = false;
+            continue;
+        }
+        peers.push(addr);
+    }
+    if ok && peers.len() < 2 {
+        report.error(
+            &written.span(),
+            "",
+            format_args!(
+                "announce.peers has {} address(es); it needs at least 2: every balancer serving these VIPs, this host included",
+                peers.len()
+            ),
+        );
+        ok = false;
+    }
+    ok.then_some(peers)
 }
 
 /// The BIRD protocol a service is announced through, if it is (`announce = true`).

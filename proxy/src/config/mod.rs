@@ -44,7 +44,20 @@ pub struct Config {
     /// The local BIRD's control socket (`[announce] bird_socket`, a relative one resolved
     /// against the config file's directory); none without an `[announce]` table.
     pub bird_socket: Option<PathBuf>,
+    /// The second chance between balancers (`[announce] peers` and `interface`); none
+    /// without `peers`.
+    pub second_chance: Option<SecondChance>,
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[announce] peers` and `interface`: every balancer serving the announced VIPs (this host
+/// included), and the interface the routers' traffic arrives on, where a packet this host
+/// cannot place is handed to the next balancer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecondChance {
+    /// As written (at least two, no duplicates).
+    pub peers: Vec<std::net::IpAddr>,
+    pub interface: String,
 }
 
 #[derive(Clone, Debug)]

@@ -89,6 +89,8 @@ pub(super) struct Admin {
 #[serde(deny_unknown_fields)]
 pub(super) struct Announce {
     pub(super) bird_socket: Option<Spanned<String>>,
+    pub(super) peers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) interface: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

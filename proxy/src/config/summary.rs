@@ -24,6 +24,15 @@ impl Config {
         if let Some(listen) = self.admin_listen {
             let _ = writeln!(out, "admin listener http://{listen}/ (metrics at /metrics)");
         }
+        if let Some(chance) = &self.second_chance {
+            let peers: Vec<String> = chance.peers.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "second chance on {} between peers {}",
+                chance.interface,
+                peers.join(", ")
+            );
+        }
         for s in &self.services {
             let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
             let dataplane = match &s.xdp {

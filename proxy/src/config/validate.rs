@@ -61,6 +61,7 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
     let admin_socket = validate_admin(path, raw.admin.as_ref(), report);
     let admin_listen = validate_admin_listen(raw.admin.as_ref(), report);
     let bird_socket = super::announce::validate_table(path, raw.announce.as_ref(), report);
+    let second_chance = super::announce::validate_peers(raw.announce.as_ref(), report);
 
     if raw.service.is_empty() {
         report.error(
@@ -165,6 +166,7 @@ pub(super) fn validate(path: &Path, raw: raw::Config, report: &mut Report) -> Co
         admin_socket,
         admin_listen,
         bird_socket,
+        second_chance,
         services,
     }
 }
