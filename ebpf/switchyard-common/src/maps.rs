@@ -47,6 +47,10 @@ pub mod names {
     pub const SOURCES: &str = "SOURCES";
     /// Per-CPU, per service index: SYNs dropped by `[service.limits]`, by reason (`SourceStats`).
     pub const SOURCE_STATS: &str = "SOURCE_STATS";
+    /// The second chance's ring (`SecondChanceRing`, one entry).
+    pub const SECOND_CHANCE: &str = "SECOND_CHANCE";
+    /// The other balancers' MACs on the second chance's interface (`PeerMac` to 1).
+    pub const PEER_MACS: &str = "PEER_MACS";
 }
 
 /// Program names in the object.
@@ -82,6 +86,9 @@ pub mod algorithm {
 pub mod forwarding {
     pub const DSR: u32 = 0;
     pub const NAT: u32 = 1;
+    /// A proxy service's VIP:port, known to the kernel only for the second chance: its
+    /// packets go to the local stack, unless no local socket wants them.
+    pub const LOCAL: u32 = 2;
 }
 
 /// `BackendEntry::state`.
@@ -200,6 +207,9 @@ pub mod service_flags {
     /// flow's service by its VIP; an IPv4 VIP's entry is deleted instead and its flows follow
     /// their `SERVICE_ROUTES` entry.)
     pub const RETIRED: u32 = 1;
+    /// The service is announced and `[announce] peers` is set: a packet of it this host
+    /// cannot place is handed to the next balancer (`second_chance`).
+    pub const SECOND_CHANCE: u32 = 2;
 }
 
 /// Value of `SERVICE_ROUTES`, indexed by service index: what a packet of an existing flow needs
@@ -417,7 +427,66 @@ pub struct ServiceStats {
     pub unknown_flow: u64,
     /// Flows without an entry here adopted mid-stream by following the Maglev table (ip_hash).
     pub adopted: u64,
+    /// Second chance: packets this host could not place, sent on to the next balancer.
+    pub chance_forwarded: u64,
+    /// Second chance: packets from a peer that this host placed (its flow or socket).
+    pub chance_delivered: u64,
+    /// Second chance: packets from a peer with no hop left (or a hop budget out of range)
+    /// that this host could not place either: passed to the stack.
+    pub chance_unclaimed: u64,
 }
+
+/// The second chance's hop budget, carried in the IPv4 TTL / IPv6 hop limit of a packet one
+/// balancer hands another: a packet from the routers leaves with `LAST_HOP + ring size - 2`,
+/// each balancer that cannot place it takes one off, and one with `LAST_HOP` goes no further.
+pub mod second_chance {
+    /// The TTL of a packet on its ring's last hop.
+    pub const LAST_HOP: u8 = 200;
+    /// The largest TTL a peer's packet may carry: a ring of at most 17 balancers.
+    pub const MAX_TTL: u8 = 215;
+
+    /// Whether `ttl` is a hop budget at all (a packet from the routers may have any TTL).
+    #[inline(always)]
+    pub fn is_budget(ttl: u8) -> bool {
+        (LAST_HOP..=MAX_TTL).contains(&ttl)
+    }
+
+    /// The TTL a packet from the routers leaves with, in a ring of `size` balancers with
+    /// known MACs (this host included); 0 when no other balancer is known.
+    pub fn first_ttl(size: usize) -> u32 {
+        match size {
+            0 | 1 => 0,
+            n => (LAST_HOP as usize + n - 2).min(MAX_TTL as usize) as u32,
+        }
+    }
+}
+
+/// Value of `SECOND_CHANCE` (one entry): where this host hands on a packet it cannot place.
+/// All zero (unwritten, or `[announce] peers` unset) turns the second chance off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecondChanceRing {
+    /// The interface it runs on (`[announce] interface`); 0 = off.
+    pub ifindex: u32,
+    /// The TTL a packet from the routers is sent on with ([`second_chance::first_ttl`]);
+    /// 0 = no other balancer's MAC known: nothing is sent on.
+    pub first_ttl: u32,
+    /// The interface's own MAC (the frame's new source).
+    pub own_mac: [u8; 6],
+    /// The next balancer's MAC in the ring (the frame's new destination).
+    pub next_mac: [u8; 6],
+}
+
+/// Key of `PEER_MACS`: a balancer's MAC, padded to eight bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerMac {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Entries of `PEER_MACS`: more than a ring can use.
+pub const MAX_PEER_MACS: u32 = 64;
 
 /// `SourceLimits::flags`.
 pub mod source_limits {
@@ -595,6 +664,8 @@ mod pod {
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for SourceValue {}
     unsafe impl aya::Pod for SourceStats {}
+    unsafe impl aya::Pod for SecondChanceRing {}
+    unsafe impl aya::Pod for PeerMac {}
 }
 
 #[cfg(test)]
@@ -618,7 +689,9 @@ mod tests {
         assert_eq!(size_of::<BackendEntry6>(), 20);
         assert_eq!(size_of::<NatReply6>(), 32);
         assert_eq!(size_of::<BackendStats>(), 24);
-        assert_eq!(size_of::<ServiceStats>(), 48);
+        assert_eq!(size_of::<ServiceStats>(), 72);
+        assert_eq!(size_of::<SecondChanceRing>(), 20);
+        assert_eq!(size_of::<PeerMac>(), 8);
         assert_eq!(size_of::<ListAddr4>(), 8);
         assert_eq!(size_of::<ListAddr6>(), 20);
         assert_eq!(size_of::<SourceLimits>(), 48);

@@ -232,8 +232,9 @@ pub enum Opening {
 /// A mid-stream packet (TCP `flags`) for `service` that no live flow entry here matches: an
 /// ip_hash service still in the config adopts it (`open` with the [`Opening`]), every other
 /// passes it to the stack, counted apart (`unknown_flow`: no shared table says where it
-/// belongs). A late packet of a flow that `ended` here passes too: adopting it would count a
-/// session that is over. Returns the backend slot, or `None` to pass (counted).
+/// belongs) and left to the second chance. A late packet of a flow that `ended` here passes
+/// (counted): adopting it would count a session that is over. Returns the backend slot, or
+/// `None` (`ended`: pass; otherwise: `second_chance::unplaceable`).
 #[inline(always)]
 pub fn adopt(
     service: &ServiceValue,
@@ -258,10 +259,8 @@ pub fn adopt(
         None
     };
     if slot.is_none() {
-        count_service(service.index, |s| {
-            s.passed += 1;
-            s.unknown_flow += 1;
-        });
+        // Passed or handed on by the caller (`second_chance::unplaceable`), counted there.
+        count_service(service.index, |s| s.unknown_flow += 1);
     }
     slot
 }

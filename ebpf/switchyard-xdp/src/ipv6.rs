@@ -24,6 +24,7 @@ use crate::forward::{dsr_frame, forward_nat6, nat_reply6};
 use crate::limits::Client;
 use crate::maps::{BACKENDS, BACKENDS6, FLOWS6, SERVICES6};
 use crate::parse::{Packet6, TCP_ACK, TCP_SYN, parse_v6};
+use crate::second_chance;
 use crate::stats::{count_outcome, count_packet, count_service};
 
 /// Per packet that the IPv4 path did not take.
@@ -38,7 +39,11 @@ pub fn balance(ctx: &XdpContext) -> u32 {
         return nat_reply6(ctx, &pkt, &flow_key, flags);
     };
     let service = *service;
-    match flow_slot(&service, &flow_key, flags) {
+    let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if service.forwarding == forwarding::LOCAL {
+        return second_chance::local6(ctx, &pkt, &service, is_syn);
+    }
+    match flow_slot(ctx, &pkt, &service, &flow_key, flags) {
         Ok(slot) => send(ctx, &service, &pkt, slot),
         Err(action) => action,
     }
@@ -73,19 +78,31 @@ fn keys(pkt: &Packet6) -> (ServiceKey6, FlowKey6, u8) {
 /// that left the config (retired: only its established flows go on), drop a SYN that no
 /// backend can take or that `[service.limits]` refuse.
 #[inline(always)]
-fn flow_slot(service: &ServiceValue, key: &FlowKey6, flags: u8) -> Result<u32, u32> {
+fn flow_slot(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    service: &ServiceValue,
+    key: &FlowKey6,
+    flags: u8,
+) -> Result<u32, u32> {
     let now = coarse_now();
     let is_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let entry = FLOWS6.get_ptr_mut(key);
     if let Some(flow) = entry
         && !is_stale(flow, is_syn, now)
     {
+        let hop_limit = unsafe { (*pkt.ip).hop_limit };
+        second_chance::delivered(ctx, pkt.eth, hop_limit, || Some(*service));
         return Ok(follow(flow, flags, now, Client::V6(key.src_addr)));
     }
     if !is_syn {
         // Another balancer's flow that ECMP moved here, or an expired or evicted one.
         let open = |opening| new_flow6(service, key, now, opening);
-        return adopt(service, flags, entry.is_some(), open).ok_or(xdp_action::XDP_PASS);
+        return match adopt(service, flags, entry.is_some(), open) {
+            Some(slot) => Ok(slot),
+            None if entry.is_some() => Err(xdp_action::XDP_PASS),
+            None => Err(second_chance::unplaceable6(ctx, pkt, service)),
+        };
     }
     if service.flags & service_flags::RETIRED != 0 {
         count_service(service.index, |s| s.passed += 1);

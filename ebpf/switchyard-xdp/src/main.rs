@@ -37,6 +37,7 @@ mod limits;
 mod maps;
 mod parse;
 mod rate;
+mod second_chance;
 mod select;
 mod stats;
 
@@ -80,7 +81,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         )
     };
     if may_be(address_filter::VIPS, daddr, dport)
-        && let Some(verdict) = to_service(&pkt)
+        && let Some(verdict) = to_service(ctx, &pkt)
     {
         return match verdict {
             Verdict::Send(target) => send(ctx, &pkt, target),
@@ -114,14 +115,15 @@ struct Target {
 /// A packet that may be for a VIP:port: its flow's backend, or a new flow's for a SYN; `None`
 /// when the destination is no service.
 #[inline(always)]
-fn to_service(pkt: &Packet) -> Option<Verdict> {
-    let (saddr, daddr, sport, dport, flags) = unsafe {
+fn to_service(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
+    let (saddr, daddr, sport, dport, flags, ttl) = unsafe {
         (
             (*pkt.ip).saddr,
             (*pkt.ip).daddr,
             (*pkt.tcp).sport,
             (*pkt.tcp).dport,
             (*pkt.tcp).flags,
+            (*pkt.ip).ttl,
         )
     };
     let service_key = ServiceKey {
@@ -143,6 +145,9 @@ fn to_service(pkt: &Packet) -> Option<Verdict> {
     if let Some(flow) = flow
         && let Some(route) = route_of(flow, &service_key)
     {
+        second_chance::delivered(ctx, pkt.eth, ttl, || {
+            unsafe { SERVICES.get(&service_key) }.copied()
+        });
         return Some(Verdict::Send(Target {
             forwarding: route.forwarding,
             service_index: unsafe { (*flow).service },
@@ -151,15 +156,26 @@ fn to_service(pkt: &Packet) -> Option<Verdict> {
     }
 
     let service = *unsafe { SERVICES.get(&service_key) }?;
+    if service.forwarding == forwarding::LOCAL {
+        let action = second_chance::local(ctx, pkt, &service, is_syn);
+        return Some(Verdict::Action(action));
+    }
     let backend_slot = match flow {
-        Some(flow) => follow(flow, flags, now, Client::V4(saddr)),
+        Some(flow) => {
+            second_chance::delivered(ctx, pkt.eth, ttl, || Some(service));
+            follow(flow, flags, now, Client::V4(saddr))
+        }
         // No state for a mid-stream packet: another balancer's flow that ECMP moved here, or
         // an expired or evicted one.
         None if !is_syn => {
             let open = |opening| new_flow(&service, &flow_key, now, opening);
             match adopt(&service, flags, entry.is_some(), open) {
                 Some(slot) => slot,
-                None => return Some(Verdict::Action(xdp_action::XDP_PASS)),
+                None if entry.is_some() => return Some(Verdict::Action(xdp_action::XDP_PASS)),
+                None => {
+                    let action = second_chance::unplaceable(ctx, pkt, &service);
+                    return Some(Verdict::Action(action));
+                }
             }
         }
         None => match new_flow(&service, &flow_key, now, Opening::Syn) {

@@ -9,7 +9,7 @@ use switchyard_common::MAX_BACKENDS;
 use switchyard_common::maps::{
     ActiveCell, BackendEntry, BackendEntry6, BackendStats, ClockCache, DEFAULT_BACKEND_SLOTS, DEFAULT_FLOWS,
     DEFAULT_LIST_ENTRIES, DEFAULT_SERVICES, DEFAULT_SOURCES, FlowKey, FlowKey6, FlowValue, ListAddr4,
-    ListAddr6, NatReply, NatReply6, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute,
+    ListAddr6, MAX_PEER_MACS, NatReply, NatReply6, PeerMac, SecondChanceRing, ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute,
     ServiceStats, ServiceValue, SourceKey, SourceLimits, SourceStats, SourceValue,
     WEIGHTED_TABLE_SIZE, address_filter,
 };
@@ -93,3 +93,9 @@ pub static SOURCES: LruHashMap<SourceKey, SourceValue> =
 #[map]
 pub static SOURCE_STATS: PerCpuArray<SourceStats> =
     PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+/// Where this host hands on a packet it cannot place (`second_chance`); one entry.
+#[map]
+pub static SECOND_CHANCE: Array<SecondChanceRing> = Array::with_max_entries(1, 0);
+/// The other balancers' MACs: a packet from one of them is on its second chance.
+#[map]
+pub static PEER_MACS: HashMap<PeerMac, u32> = HashMap::with_max_entries(MAX_PEER_MACS, 0);

@@ -7,9 +7,9 @@ use std::mem::size_of;
 
 use switchyard_common::maps::{
     ActiveCell, BackendEntry, BackendEntry6, BackendStats, ClockCache, FlowKey, FlowKey6,
-    FlowValue, ListAddr4, ListAddr6, NatReply, NatReply6, ServiceBackend, ServiceKey, ServiceKey6,
-    ServiceRoute, ServiceStats, ServiceValue, SourceKey, SourceLimits, SourceStats, SourceValue,
-    names,
+    FlowValue, ListAddr4, ListAddr6, NatReply, NatReply6, PeerMac, SecondChanceRing,
+    ServiceBackend, ServiceKey, ServiceKey6, ServiceRoute, ServiceStats, ServiceValue, SourceKey,
+    SourceLimits, SourceStats, SourceValue, names,
 };
 
 /// `bpf_map_type` values of the kinds the program declares.
@@ -128,6 +128,18 @@ fn expected() -> Vec<(&'static str, u32, usize, usize)> {
             PERCPU_ARRAY,
             index,
             size_of::<SourceStats>(),
+        ),
+        (
+            names::SECOND_CHANCE,
+            ARRAY,
+            index,
+            size_of::<SecondChanceRing>(),
+        ),
+        (
+            names::PEER_MACS,
+            HASH,
+            size_of::<PeerMac>(),
+            size_of::<u32>(),
         ),
     ]
 }
