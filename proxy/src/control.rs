@@ -181,6 +181,9 @@ pub struct ServiceReport {
     /// With `announce = true`: the VIP's announcement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce: Option<AnnounceReport>,
+    /// With `[announce] peers`: the second chance's packets by outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_chance: Option<crate::totals::SecondChanceTotals>,
     pub backends: Vec<BackendReport>,
 }
 

@@ -455,6 +455,13 @@ fn service_line(service: &ServiceReport) -> String {
             "; flows adopted {adopted}, unknown-flow packets {unknown}"
         );
     }
+    if let Some(chance) = &service.second_chance {
+        let _ = write!(
+            line,
+            "; second chance: forwarded {}, delivered {}, unclaimed {}",
+            chance.forwarded, chance.delivered, chance.unclaimed
+        );
+    }
     if let Some(announce) = &service.announce {
         let state = if announce.announced {
             "announced"
@@ -622,6 +629,7 @@ mod tests {
                 flows_adopted: None,
                 unknown_flow_packets: None,
                 announce: None,
+                second_chance: None,
                 sources: Default::default(),
                 backends: vec![
                     BackendReport {

@@ -24,7 +24,7 @@ pub fn report(
         .services
         .iter()
         .filter(|s| only.is_none_or(|name| s.config.name == name))
-        .map(|s| service_report(s, kernel))
+        .map(|s| service_report(s, kernel, snapshot.second_chance.is_some()))
         .collect();
     Ok(ShowReport {
         services,
@@ -46,8 +46,18 @@ fn open_flows(service: &Service) -> u64 {
         .sum()
 }
 
-fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> ServiceReport {
+fn service_report(
+    service: &Service,
+    kernel: Option<&dyn KernelCounters>,
+    second_chance: bool,
+) -> ServiceReport {
     let config = &service.config;
+    let second_chance = second_chance.then(|| {
+        kernel
+            .and_then(|k| k.service(service.kernel_index as usize))
+            .unwrap_or_default()
+            .second_chance
+    });
     let xdp = config.dataplane == Dataplane::Xdp;
     let packets = kernel
         .filter(|_| xdp)
@@ -65,6 +75,7 @@ fn service_report(service: &Service, kernel: Option<&dyn KernelCounters>) -> Ser
         flows_adopted: packets.map(|p| p.adopted),
         unknown_flow_packets: packets.map(|p| p.unknown_flow),
         announce: None,
+        second_chance,
         backends: service
             .backends
             .iter()

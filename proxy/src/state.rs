@@ -57,6 +57,8 @@ pub struct Snapshot {
     slots: Arc<SlotBook>,
     /// Kernel-path service indexes by service name (stable for a run; see [`Service`]).
     indexes: Arc<IndexBook>,
+    /// `[announce] peers` and `interface`, for the kernel path's second chance.
+    pub second_chance: Option<crate::config::SecondChance>,
 }
 
 /// The runtime state of one backend that `switchyard ctl` changes and reloads keep.
@@ -85,6 +87,7 @@ impl Snapshot {
             services: Vec::new(),
             slots: Arc::new(SlotBook::new(counters.clone())),
             indexes: Arc::new(IndexBook::new(Self::service_capacity(config))),
+            second_chance: None,
         };
         first.next(config, &Overrides::new())
     }
@@ -109,6 +112,7 @@ impl Snapshot {
             services,
             slots: self.slots.clone(),
             indexes: self.indexes.clone(),
+            second_chance: config.second_chance.clone(),
         })
     }
 

@@ -115,6 +115,22 @@ pub struct KernelServiceTotals {
     /// SYNs `[service.limits]` dropped, and the sources tracked.
     #[serde(default)]
     pub sources: KernelSourceTotals,
+    /// The second chance between balancers (`[announce] peers`).
+    #[serde(default)]
+    pub second_chance: SecondChanceTotals,
+}
+
+/// Packets of the second chance between balancers, by outcome (summed over CPUs): the same
+/// numbers as `ctl show`'s `second_chance` and `switchyard_second_chance_packets_total`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecondChanceTotals {
+    /// Packets this host could not place, sent on to the next balancer.
+    pub forwarded: u64,
+    /// Packets from a peer that this host placed (the host that owns the connection).
+    pub delivered: u64,
+    /// Packets from a peer with no hop left that this host could not place: passed to the
+    /// stack.
+    pub unclaimed: u64,
 }
 
 /// SYNs the kernel path dropped by `[service.limits]`, by reason (summed over CPUs), and the

@@ -62,6 +62,7 @@ pub(super) fn families(snapshot: &Snapshot, kernel: &dyn KernelCounters) -> Vec<
             unknown_flow.count(vec![("service", name.clone())], counted.unknown_flow);
         }
     }
+    let second_chance = second_chance(snapshot, kernel);
     let table = kernel.flow_table();
     let mut entries = Family::gauge(
         "xdp_flow_table_entries",
@@ -99,9 +100,42 @@ pub(super) fn families(snapshot: &Snapshot, kernel: &dyn KernelCounters) -> Vec<
         actions,
         adopted,
         unknown_flow,
+        second_chance,
         entries,
         capacity,
         corrected,
         attached,
     ]
+}
+
+/// `switchyard_second_chance_packets_total{service,outcome}`, for every service while
+/// `[announce] peers` is set (the numbers of `ctl show`'s `second_chance`).
+fn second_chance(snapshot: &Snapshot, kernel: &dyn KernelCounters) -> Family {
+    let mut family = Family::counter(
+        "second_chance_packets",
+        "Packets of the second chance between balancers: forwarded (could not be placed here, sent on to the next balancer), delivered (from a peer, placed here), unclaimed (from a peer with no hop left, not placed: passed to the stack)",
+    );
+    if snapshot.second_chance.is_none() {
+        return family;
+    }
+    for service in &snapshot.services {
+        let counted = kernel
+            .service(service.kernel_index as usize)
+            .unwrap_or_default()
+            .second_chance;
+        for (outcome, value) in [
+            ("forwarded", counted.forwarded),
+            ("delivered", counted.delivered),
+            ("unclaimed", counted.unclaimed),
+        ] {
+            family.count(
+                vec![
+                    ("service", service.config.name.clone()),
+                    ("outcome", outcome.to_string()),
+                ],
+                value,
+            );
+        }
+    }
+    family
 }

@@ -541,6 +541,10 @@ impl PlaneInterfaces {
                 names.insert(xdp.backend_interface.clone());
             }
         }
+        // The second chance runs where the routers' traffic arrives, xdp services or not.
+        if let Some(chance) = &snapshot.second_chance {
+            names.insert(chance.interface.clone());
+        }
         Ok(PlaneInterfaces {
             names: names.into_iter().collect(),
             nat,
@@ -592,6 +596,7 @@ const STATS_PERIOD: Duration = Duration::from_secs(60);
 pub(super) struct KernelSync {
     written: std::collections::HashMap<u32, (String, tables::Programmed)>,
     limits: std::collections::HashMap<u32, limits::ProgrammedLimits>,
+    chance: super::peers::ChanceSync,
 }
 
 impl KernelSync {
@@ -607,11 +612,15 @@ impl KernelSync {
             tables::prepare_first_sync(bpf)?;
             limits::prepare_first_sync(bpf)?;
         }
-        let mut result = Ok(());
+        // The ring first: at a start, a host that is not among the peers refuses to run.
+        let mut result = self.chance.run(bpf, snapshot);
+        if first {
+            result.as_ref().map_err(|e| anyhow!("{e:#}"))?;
+        }
         for service in xdp_services(snapshot) {
             // One service's failure (logged by the caller) does not hold back the others.
             let synced = self
-                .sync_service(bpf, service, first)
+                .sync_service(bpf, service, snapshot, first)
                 .and_then(|()| self.sync_limits(bpf, service));
             if let Err(error) = synced {
                 result = Err(error.context(format!("service {:?}", service.config.name)));
@@ -662,9 +671,11 @@ impl KernelSync {
         &mut self,
         bpf: &mut Ebpf,
         service: &Service,
+        snapshot: &Snapshot,
         first: bool,
     ) -> anyhow::Result<()> {
         let states = backend_states(service);
+        let flags = super::peers::service_flags(snapshot, service);
         let previous = self
             .written
             .get(&service.kernel_index)
@@ -672,12 +683,13 @@ impl KernelSync {
         if !first
             && let Some(previous) = previous
             && previous.states == states
+            && previous.value.flags == flags
             && previous.layout == tables::Layout::of(service)?
         {
             return Ok(());
         }
         let programmed =
-            tables::program_service(bpf, service.kernel_index, service, &states, previous)?;
+            tables::program_service(bpf, service.kernel_index, service, &states, previous, flags)?;
         if let Some(previous) = previous
             && previous.version != programmed.version
         {

@@ -28,6 +28,7 @@ mod map_layouts;
 mod mode;
 mod neighbours;
 mod netdev;
+mod peers;
 mod pins;
 mod stats;
 mod tables;
@@ -59,12 +60,14 @@ pub fn object() -> Option<&'static [u8]> {
     }
 }
 
-/// Whether any service of `config` asks for the kernel path.
+/// Whether `config` asks for the kernel path: an xdp service, or `[announce] peers` (the
+/// second chance runs in the XDP program, for proxy services too).
 pub fn wanted(config: &Config) -> bool {
-    config
-        .services
-        .iter()
-        .any(|s| s.dataplane == Dataplane::Xdp)
+    config.second_chance.is_some()
+        || config
+            .services
+            .iter()
+            .any(|s| s.dataplane == Dataplane::Xdp)
 }
 
 /// The one call `server` needs: `Ok(None)` when no service uses XDP (counts then live on the

@@ -67,7 +67,7 @@ fn parse(text: &str, interface: &str) -> HashMap<Ipv4Addr, [u8; 6]> {
     entries
 }
 
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
+pub(super) fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in &mut mac {

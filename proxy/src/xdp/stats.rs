@@ -18,7 +18,7 @@ use switchyard_common::maps::{BackendStats, ServiceStats, SourceStats, names};
 use super::limits::SourceGauges;
 use crate::totals::{
     FlowTableTotals, KernelBackendTotals, KernelCounters, KernelServiceTotals, KernelSourceTotals,
-    XdpAttachment,
+    SecondChanceTotals, XdpAttachment,
 };
 
 pub struct Stats {
@@ -120,6 +120,20 @@ impl KernelCounters for Stats {
                     unknown_flow: sum.unknown_flow.wrapping_add(cpu.unknown_flow),
                     adopted: sum.adopted.wrapping_add(cpu.adopted),
                     sources: KernelSourceTotals::default(),
+                    second_chance: SecondChanceTotals {
+                        forwarded: sum
+                            .second_chance
+                            .forwarded
+                            .wrapping_add(cpu.chance_forwarded),
+                        delivered: sum
+                            .second_chance
+                            .delivered
+                            .wrapping_add(cpu.chance_delivered),
+                        unclaimed: sum
+                            .second_chance
+                            .unclaimed
+                            .wrapping_add(cpu.chance_unclaimed),
+                    },
                 }
             });
         Some(KernelServiceTotals {

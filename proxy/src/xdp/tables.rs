@@ -43,7 +43,7 @@ use crate::config::{Algorithm, Forwarding};
 use crate::state::Service;
 
 /// A VIP as the program looks it up: in `SERVICES` (IPv4) or `SERVICES6` (IPv6).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VipKey {
     V4(ServiceKey),
     V6(ServiceKey6),
@@ -69,7 +69,7 @@ impl VipKey {
     }
 
     /// The service's current entry under this VIP, if it has one.
-    fn read(&self, bpf: &Ebpf) -> anyhow::Result<Option<ServiceValue>> {
+    pub(super) fn read(&self, bpf: &Ebpf) -> anyhow::Result<Option<ServiceValue>> {
         Ok(match self {
             VipKey::V4(key) => services::<ServiceKey>(bpf, names::SERVICES)?
                 .get(key, 0)
@@ -80,7 +80,7 @@ impl VipKey {
         })
     }
 
-    fn write(&self, bpf: &mut Ebpf, value: ServiceValue) -> anyhow::Result<()> {
+    pub(super) fn write(&self, bpf: &mut Ebpf, value: ServiceValue) -> anyhow::Result<()> {
         match self {
             VipKey::V4(key) => {
                 services_mut::<ServiceKey>(bpf, names::SERVICES)?.insert(key, value, 0)
@@ -90,6 +90,19 @@ impl VipKey {
             }
         }
         .context("writing the service entry")
+    }
+
+    /// Deletes the entry (gone already is fine: only the sync task writes it).
+    pub(super) fn remove(&self, bpf: &mut Ebpf) -> anyhow::Result<()> {
+        match self {
+            VipKey::V4(key) => {
+                let _ = services_mut::<ServiceKey>(bpf, names::SERVICES)?.remove(key);
+            }
+            VipKey::V6(key) => {
+                let _ = services_mut::<ServiceKey6>(bpf, names::SERVICES6)?.remove(key);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -202,6 +215,7 @@ pub fn program_service(
     service: &Service,
     states: &BackendStates,
     previous: Option<&Programmed>,
+    flags: u32,
 ) -> anyhow::Result<Programmed> {
     let xdp = service
         .config
@@ -223,6 +237,7 @@ pub fn program_service(
     let current = first_vip.read(bpf)?;
     if let Some(previous) = previous
         && previous.layout == layout
+        && previous.value.flags == flags
         && current.is_some()
     {
         write_policies(bpf, index, previous.version, service, states)?;
@@ -245,7 +260,7 @@ pub fn program_service(
         backend_count: service.backends.len() as u32,
         table_version: version,
         weighted_len,
-        flags: 0,
+        flags,
     };
     for vip in &vips {
         vip.write(bpf, value)?;
@@ -385,7 +400,7 @@ fn write_policies(
 }
 
 /// The filter bits of a service's IPv4 VIPs, set before their `SERVICES` entries are written.
-fn admit_vips(bpf: &mut Ebpf, vips: &[VipKey]) -> anyhow::Result<()> {
+pub(super) fn admit_vips(bpf: &mut Ebpf, vips: &[VipKey]) -> anyhow::Result<()> {
     let mut filter: Array<&mut MapData, u64> = Array::try_from(
         bpf.map_mut(names::ADDRESS_FILTER)
             .context("map ADDRESS_FILTER missing")?,
