@@ -548,6 +548,18 @@ fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             new.admin_socket.display()
         ));
     }
+    if let Some(chance) = &new.second_chance
+        && !attached_at_start(old).contains(&chance.interface.as_str())
+    {
+        let was = old
+            .second_chance
+            .as_ref()
+            .map_or("unset", |c| c.interface.as_str());
+        return Err(format!(
+            "{file}: announce.interface cannot change while running ({was} -> {}): the XDP program is attached where it was at start: {restart}",
+            chance.interface
+        ));
+    }
     if xdp::wanted(new) && !xdp::wanted(old) {
         return Err(format!(
             "{file}: the first xdp service cannot be added while running (the XDP program is loaded at start): {restart}"
@@ -580,6 +592,19 @@ fn fixed_keys_unchanged(old: &Config, new: &Config) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The interfaces the XDP program was attached to at start (by `old`, the running config):
+/// the xdp services' and the second chance's.
+fn attached_at_start(old: &Config) -> Vec<&str> {
+    let mut names: Vec<&str> = old
+        .services
+        .iter()
+        .filter_map(|s| s.xdp.as_ref())
+        .map(|x| x.interface.as_str())
+        .collect();
+    names.extend(old.second_chance.as_ref().map(|c| c.interface.as_str()));
+    names
 }
 
 fn shown(workers: Option<u32>) -> String {

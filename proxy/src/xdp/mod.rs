@@ -18,6 +18,8 @@
 
 #[cfg(test)]
 mod agreement;
+#[cfg(test)]
+mod chance_run;
 mod flow_dump;
 mod flows;
 mod forwarding;

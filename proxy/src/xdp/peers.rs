@@ -152,7 +152,7 @@ fn successors(
 }
 
 /// Writes the peers' MACs, then the ring (all zero when `wanted` is `None`: off).
-fn write_ring(
+pub(super) fn write_ring(
     bpf: &mut Ebpf,
     wanted: Option<&(SecondChanceRing, BTreeSet<[u8; 6]>)>,
     written: Option<&(SecondChanceRing, BTreeSet<[u8; 6]>)>,
