@@ -14,7 +14,8 @@ use aya::TestRunOptions;
 use aya::maps::{HashMap, PerCpuArray};
 use aya::programs::{TestRun, Xdp};
 use switchyard_common::maps::{
-    FlowKey, FlowValue, PROTO_TCP, SecondChanceRing, ServiceStats, flow_flags, names, programs,
+    FlowKey, FlowValue, PROTO_TCP, PeerMac, SecondChanceRing, ServiceKey, ServiceStats,
+    ServiceValue, flow_flags, forwarding, names, programs, service_flags,
 };
 
 use super::XdpPlane;
@@ -201,7 +202,7 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
     let vip: SocketAddr = "198.18.0.100:25".parse().expect("vip");
     let client: SocketAddr = "198.51.100.7:40000".parse().expect("client");
     // An xdp flow this host does not know, from the routers: on to the next balancer.
-    let (action, out) = run(&bpf, &frame(ROUTER, client, vip, ACK, 61));
+    let (action, out) = run(bpf, &frame(ROUTER, client, vip, ACK, 61));
     assert_eq!(action, XDP_TX, "unplaceable from the routers");
     assert_eq!(&out[0..6], &NEXT, "to the next balancer");
     assert_eq!(&out[6..12], &OWN, "from this interface");
@@ -212,12 +213,12 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
         "a correct IPv4 header checksum"
     );
     // From a peer with hops left: one less; with none: to the stack, unclaimed.
-    let (action, out) = run(&bpf, &frame(OTHER, client, vip, ACK, 201));
+    let (action, out) = run(bpf, &frame(OTHER, client, vip, ACK, 201));
     assert_eq!((action, ttl(&out), &out[0..6]), (XDP_TX, 200, &NEXT[..]));
     assert_eq!(ones_sum(&out[14..34]), 0xffff);
     let last_hop = frame(OTHER, client, vip, ACK, 200);
-    assert_eq!(run(&bpf, &last_hop), (XDP_PASS, last_hop.clone()));
-    assert_eq!(counted(&bpf, xdp_index), (2, 0, 1));
+    assert_eq!(run(bpf, &last_hop), (XDP_PASS, last_hop.clone()));
+    assert_eq!(counted(bpf, xdp_index), (2, 0, 1));
 
     // A flow this host knows: followed as ever, TTL untouched, delivered when from a peer.
     let known: SocketAddr = "198.51.100.8:40001".parse().expect("client");
@@ -228,17 +229,17 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
         snapshot.services[0].backends[0].active.slot() as u32,
         xdp_index,
     );
-    let (_, out) = run(&bpf, &frame(OTHER, known, vip, ACK, 201));
+    let (_, out) = run(bpf, &frame(OTHER, known, vip, ACK, 201));
     assert_eq!(ttl(&out), 201, "a placed packet keeps its TTL");
     assert_ne!(&out[0..6], &NEXT, "not handed on");
-    assert_eq!(counted(&bpf, xdp_index), (2, 1, 1));
+    assert_eq!(counted(bpf, xdp_index), (2, 1, 1));
 
     // IPv6: the hop limit carries the budget.
     let vip6: SocketAddr = "[fd00::100]:25".parse().expect("vip");
     let client6: SocketAddr = "[2001:db8::7]:40000".parse().expect("client");
-    let (action, out) = run(&bpf, &frame(ROUTER, client6, vip6, ACK, 64));
+    let (action, out) = run(bpf, &frame(ROUTER, client6, vip6, ACK, 64));
     assert_eq!((action, ttl(&out), &out[0..6]), (XDP_TX, 201, &NEXT[..]));
-    let (action, out) = run(&bpf, &frame(OTHER, client6, vip6, ACK, 201));
+    let (action, out) = run(bpf, &frame(OTHER, client6, vip6, ACK, 201));
     assert_eq!((action, ttl(&out)), (XDP_TX, 200));
 
     // A proxy VIP: a SYN and a packet of a local connection are the stack's; a packet of no
@@ -252,15 +253,11 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
         frame(ROUTER, local, proxy_vip, ACK, 64),
         frame(OTHER, local, proxy_vip, ACK, 201),
     ] {
-        assert_eq!(
-            run(&bpf, &packet),
-            (XDP_PASS, packet.clone()),
-            "the stack's"
-        );
+        assert_eq!(run(bpf, &packet), (XDP_PASS, packet.clone()), "the stack's");
     }
-    let (action, out) = run(&bpf, &frame(ROUTER, client, proxy_vip, ACK, 64));
+    let (action, out) = run(bpf, &frame(ROUTER, client, proxy_vip, ACK, 64));
     assert_eq!((action, ttl(&out), &out[0..6]), (XDP_TX, 201, &NEXT[..]));
-    assert_eq!(counted(&bpf, proxy_index), (1, 1, 0));
+    assert_eq!(counted(bpf, proxy_index), (1, 1, 0));
     drop((listener, connected));
 
     // No peers: the ring off, everything as before the second chance.
@@ -271,7 +268,7 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
         frame(ROUTER, client6, vip6, ACK, 64),
         frame(ROUTER, client, proxy_vip, ACK, 64),
     ] {
-        assert_eq!(run(&bpf, &packet), (XDP_PASS, packet.clone()));
+        assert_eq!(run(bpf, &packet), (XDP_PASS, packet.clone()));
     }
 }
 
@@ -386,4 +383,142 @@ fn add_flow(bpf: &mut Ebpf, client: SocketAddr, vip: SocketAddr, slot: u32, inde
     let mut flows: HashMap<_, FlowKey, FlowValue> =
         HashMap::try_from(bpf.map_mut(names::FLOWS).expect("FLOWS")).expect("a hash map");
     flows.insert(key, value, 0).expect("writing the flow");
+}
+
+fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("running ip");
+    assert!(status.success(), "ip {}", args.join(" "));
+}
+
+/// A proxy-only balancer's config with `peers` on `sy-ring0`.
+fn ring_config(peers: &[&str]) -> String {
+    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    let table = if peers.is_empty() {
+        String::new()
+    } else {
+        format!("peers = [{}]\ninterface = \"sy-ring0\"\n", peers.join(", "))
+    };
+    format!(
+        "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{table}\
+         [[service]]\nname = \"sy-ring\"\nlisten = \"10.9.0.2:2525\"\nannounce = true\n\
+         [[service.backend]]\nname = \"m\"\naddress = \"198.18.1.12:25\"\n"
+    )
+}
+
+fn written_ring(bpf: &Ebpf) -> (SecondChanceRing, BTreeSet<[u8; 6]>) {
+    let ring: aya::maps::Array<_, SecondChanceRing> =
+        aya::maps::Array::try_from(bpf.map(names::SECOND_CHANCE).expect("SECOND_CHANCE"))
+            .expect("an array");
+    let macs: HashMap<_, PeerMac, u32> =
+        HashMap::try_from(bpf.map(names::PEER_MACS).expect("PEER_MACS")).expect("a hash map");
+    let macs = macs.keys().map(|k| k.expect("a key").mac).collect();
+    (ring.get(&0, 0).expect("the ring"), macs)
+}
+
+fn local_entry(bpf: &Ebpf) -> Option<ServiceValue> {
+    let services: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(bpf.map(names::SERVICES).expect("SERVICES")).expect("a hash map");
+    let key = ServiceKey {
+        addr: u32::from_ne_bytes([10, 9, 0, 2]),
+        port: 2525u16.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    services.get(&key, 0).ok()
+}
+
+#[test]
+fn the_ring_is_written_from_the_peers_and_the_neighbour_table() {
+    if !require() {
+        return;
+    }
+    std::thread::spawn(ring_on_a_veth)
+        .join()
+        .expect("the ring test");
+}
+
+fn ring_on_a_veth() {
+    own_network_namespace_with_forwarding();
+    ip(&[
+        "link", "add", "sy-ring0", "type", "veth", "peer", "name", "sy-ring1",
+    ]);
+    ip(&["link", "set", "sy-ring0", "address", "02:00:00:00:00:21"]);
+    ip(&["link", "set", "sy-ring0", "up"]);
+    ip(&["link", "set", "sy-ring1", "up"]);
+    ip(&["addr", "add", "10.9.0.2/24", "dev", "sy-ring0"]);
+    for (peer, mac) in [
+        ("10.9.0.3", "02:00:00:00:00:23"),
+        ("10.9.0.4", "02:00:00:00:00:24"),
+    ] {
+        ip(&[
+            "neigh",
+            "replace",
+            peer,
+            "lladdr",
+            mac,
+            "dev",
+            "sy-ring0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let ifindex = super::netdev::ifindex("sy-ring0").expect("its index");
+    // Written out of order; 10.9.0.1 never answers ARP (nothing has it).
+    let all = config(&ring_config(&[
+        "10.9.0.4", "10.9.0.1", "10.9.0.2", "10.9.0.3",
+    ]));
+    let plane = XdpPlane::load(&all).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut bpf = plane.ebpf().lock();
+    let mut sync = KernelSync::default();
+    let mut sync_to = |bpf: &mut Ebpf, text: &str, first: bool| {
+        let snapshot = Snapshot::build(&config(text), &plane.counters()).expect("snapshot");
+        sync.run(bpf, &snapshot, first)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    };
+    sync_to(
+        &mut bpf,
+        &ring_config(&["10.9.0.4", "10.9.0.1", "10.9.0.2", "10.9.0.3"]),
+        true,
+    );
+    let (ring, macs) = written_ring(&bpf);
+    let expected = SecondChanceRing {
+        ifindex,
+        first_ttl: 201,
+        own_mac: OWN,
+        next_mac: [2, 0, 0, 0, 0, 0x23],
+    };
+    assert_eq!(
+        ring, expected,
+        "after 10.9.0.2 comes 10.9.0.3; 10.9.0.1 is skipped"
+    );
+    assert_eq!(macs, [[2, 0, 0, 0, 0, 0x23], [2, 0, 0, 0, 0, 0x24]].into());
+    let local = local_entry(&bpf).expect("the proxy VIP known to the kernel");
+    assert_eq!(
+        (local.forwarding, local.flags),
+        (forwarding::LOCAL, service_flags::SECOND_CHANCE)
+    );
+
+    // A reload takes 10.9.0.3 out: the next is 10.9.0.4, two balancers in the ring.
+    sync_to(
+        &mut bpf,
+        &ring_config(&["10.9.0.4", "10.9.0.1", "10.9.0.2"]),
+        false,
+    );
+    let (ring, macs) = written_ring(&bpf);
+    assert_eq!(
+        (ring.next_mac, ring.first_ttl),
+        ([2, 0, 0, 0, 0, 0x24], 200)
+    );
+    assert_eq!(macs, [[2, 0, 0, 0, 0, 0x24]].into());
+
+    // And one without peers turns it off.
+    sync_to(&mut bpf, &ring_config(&[]), false);
+    let (ring, macs) = written_ring(&bpf);
+    assert_eq!((ring, macs.len()), (SecondChanceRing::default(), 0));
+    assert_eq!(local_entry(&bpf), None, "the proxy VIP's entry removed");
+    drop(bpf);
+    plane.shutdown();
 }

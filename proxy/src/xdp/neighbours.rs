@@ -1,6 +1,6 @@
 //! Backend MAC addresses for `dsr` forwarding, from the kernel's neighbour tables.
 //!
-//! IPv4 from `/proc/net/arp` (this network namespace's ARP table: stable text, no extra
+//! IPv4 from `/proc/thread-self/net/arp` (this network namespace's ARP table: stable text, no extra
 //! dependency); IPv6, which has no such file, from a netlink dump of the neighbour table
 //! (`RTM_GETNEIGH`, the entries neighbour discovery learnt). The kernel keeps both fresh as
 //! long as we talk to the backends (health checks do). A backend without a complete entry is
@@ -24,12 +24,15 @@ const ATF_COM: u32 = 0x2;
 
 /// Complete entries on `interface`: address (IPv4 and IPv6) → MAC.
 pub fn table(interface: &str) -> HashMap<IpAddr, [u8; 6]> {
-    let mut entries: HashMap<IpAddr, [u8; 6]> = std::fs::read_to_string("/proc/net/arp")
-        .map(|text| parse(&text, interface))
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(ip, mac)| (IpAddr::V4(ip), mac))
-        .collect();
+    // The calling thread's namespace (`/proc/net` is the process leader's): the same in a
+    // running switchyard, not in a test that moved one thread into a namespace of its own.
+    let mut entries: HashMap<IpAddr, [u8; 6]> =
+        std::fs::read_to_string("/proc/thread-self/net/arp")
+            .map(|text| parse(&text, interface))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(ip, mac)| (IpAddr::V4(ip), mac))
+            .collect();
     match ipv6_table(interface) {
         Ok(v6) => entries.extend(v6.into_iter().map(|(ip, mac)| (IpAddr::V6(ip), mac))),
         // Unknown MACs keep backends out of new flows and are asked for again next sync.
@@ -67,7 +70,7 @@ fn parse(text: &str, interface: &str) -> HashMap<Ipv4Addr, [u8; 6]> {
     entries
 }
 
-pub(super) fn parse_mac(text: &str) -> Option<[u8; 6]> {
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in &mut mac {

@@ -205,12 +205,44 @@ fn mac_text(mac: [u8; 6]) -> String {
     parts.join(":")
 }
 
-/// `interface`'s own MAC (the source of the frames it hands on).
+/// `interface`'s own MAC (the source of the frames it hands on), asked of the kernel with
+/// `SIOCGIFHWADDR` (this network namespace's, whatever `/sys` shows).
 fn own_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
-    let path = format!("/sys/class/net/{interface}/address");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    neighbours::parse_mac(text.trim())
-        .with_context(|| format!("{path} holds no Ethernet address: {:?}", text.trim()))
+    use nix::libc;
+    let name = interface.as_bytes();
+    // SAFETY: an all-zero ifreq is valid; the name fits (config: at most 15 bytes).
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= request.ifr_name.len() {
+        bail!("interface name {interface:?} is too long");
+    }
+    for (to, &from) in request.ifr_name.iter_mut().zip(name) {
+        *to = from as libc::c_char;
+    }
+    // SAFETY: a plain datagram socket, closed when the OwnedFd drops.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!(
+            "a socket to ask {interface}'s MAC: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: fd is a socket this function owns.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let asked = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    // SAFETY: SIOCGIFHWADDR fills the ifreq it is given.
+    if unsafe { libc::ioctl(asked, libc::SIOCGIFHWADDR, &mut request) } != 0 {
+        bail!(
+            "{interface}'s MAC (SIOCGIFHWADDR): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the kernel wrote ifru_hwaddr.
+    let data = unsafe { request.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (to, &from) in mac.iter_mut().zip(&data) {
+        *to = from as u8;
+    }
+    Ok(mac)
 }
 
 /// The addresses `interface` has (IPv4 and IPv6), from `getifaddrs`.
