@@ -40,7 +40,7 @@ fn chance_config() -> String {
          dataplane = \"xdp\"\nalgorithm = \"least_conn\"\nannounce = true\n\
          [service.xdp]\ninterface = \"lo\"\nforwarding = \"dsr\"\nflow_table_size = 4096\n\
          [[service.backend]]\nname = \"a\"\naddress = \"198.18.1.11:25\"\n\
-         [[service]]\nname = \"sy-chance-proxy\"\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nannounce = true\n\
+         [[service]]\nname = \"sy-chance-proxy\"\nlisten = [\"127.0.0.1:{PROXY_PORT}\", \"[::1]:{PROXY_PORT}\"]\nannounce = true\n\
          [[service.backend]]\nname = \"m\"\naddress = \"198.18.1.12:25\"\n"
     )
 }
@@ -258,6 +258,18 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
     let (action, out) = run(bpf, &frame(ROUTER, client, proxy_vip, ACK, 64));
     assert_eq!((action, ttl(&out), &out[0..6]), (XDP_TX, 201, &NEXT[..]));
     assert_eq!(counted(bpf, proxy_index), (1, 1, 0));
+    drop((listener, connected));
+
+    // A proxy VIP over IPv6 alike.
+    let listener = TcpListener::bind(("::1", PROXY_PORT)).expect("the proxy's IPv6 listener");
+    let connected = TcpStream::connect(("::1", PROXY_PORT)).expect("an IPv6 connection");
+    let local6 = connected.local_addr().expect("its address");
+    let proxy_vip6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, PROXY_PORT).into();
+    let packet = frame(OTHER, local6, proxy_vip6, ACK, 201);
+    assert_eq!(run(bpf, &packet), (XDP_PASS, packet.clone()), "the stack's");
+    let (action, out) = run(bpf, &frame(ROUTER, client6, proxy_vip6, ACK, 64));
+    assert_eq!((action, ttl(&out), &out[0..6]), (XDP_TX, 201, &NEXT[..]));
+    assert_eq!(counted(bpf, proxy_index), (2, 2, 0));
     drop((listener, connected));
 
     // No peers: the ring off, everything as before the second chance.
