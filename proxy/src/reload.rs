@@ -754,3 +754,51 @@ fn list(addresses: &[std::net::SocketAddr]) -> String {
     let shown: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
     shown.join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy service's config, with `announce` lines for the `[announce]` table.
+    fn config(announce: &str) -> Config {
+        let text = format!(
+            "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{announce}\
+             [[service]]\nname = \"mx\"\nlisten = \"127.0.0.1:2525\"\nannounce = true\n\
+             [[service.backend]]\nname = \"m\"\naddress = \"127.0.0.1:2601\"\n"
+        );
+        config::parse(
+            std::path::Path::new("/etc/switchyard/switchyard.toml"),
+            &text,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const PEERS: &str = "peers = [\"198.18.0.21\", \"198.18.0.22\"]\n";
+
+    #[test]
+    fn peers_may_change_but_not_their_interface() {
+        let running = config(&format!("{PEERS}interface = \"eth0\"\n"));
+        let more = config(
+            "peers = [\"198.18.0.21\", \"198.18.0.22\", \"198.18.0.23\"]\ninterface = \"eth0\"\n",
+        );
+        assert_eq!(fixed_keys_unchanged(&running, &more), Ok(()));
+        assert_eq!(fixed_keys_unchanged(&running, &config("")), Ok(()));
+        let moved = config(&format!("{PEERS}interface = \"eth1\"\n"));
+        let refused = fixed_keys_unchanged(&running, &moved).expect_err("another interface");
+        assert!(
+            refused.contains("announce.interface cannot change while running (eth0 -> eth1)"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn peers_on_a_balancer_without_the_xdp_program_need_a_restart() {
+        let refused = fixed_keys_unchanged(
+            &config(""),
+            &config(&format!("{PEERS}interface = \"eth0\"\n")),
+        )
+        .expect_err("no program to run the second chance");
+        assert!(refused.contains("announce.interface"), "{refused}");
+        assert!(refused.contains("restart switchyard"), "{refused}");
+    }
+}
