@@ -326,12 +326,21 @@ fn a_third_balancer_joins_mid_load(net: &mut Balancers) {
     let failed = failures(&outcomes);
     let held_failed = finish_all(held);
     let shares = per_balancer(net);
-    let passed = match net.setup.dataplane {
-        Dataplane::XdpDsr => format!("{:?}", passed_to_stack(net)),
-        Dataplane::Proxy => "-".into(),
+    let mut packets = match net.setup.dataplane {
+        Dataplane::XdpDsr => format!(
+            "passed to the stack per balancer {:?}",
+            passed_to_stack(net)
+        ),
+        Dataplane::Proxy => String::new(),
     };
+    if net.has_second_chance() {
+        packets.push_str(&format!(
+            "; second chance per balancer {:?}",
+            second_chances(net)
+        ));
+    }
     eprintln!(
-        "join {:?} {}: {} sessions, {} failed; held sessions failed: {held_failed:?}; per balancer {shares:?}; packets passed to the stack per balancer {passed}",
+        "join {:?} {}: {} sessions, {} failed; held sessions failed: {held_failed:?}; per balancer {shares:?}; {packets}",
         net.setup.dataplane,
         net.setup.algorithm,
         outcomes.len(),
@@ -341,10 +350,10 @@ fn a_third_balancer_joins_mid_load(net: &mut Balancers) {
         shares[2] > 0,
         "the third balancer took no session: {shares:?}"
     );
-    assert!(failed.is_empty(), "failed sessions: {failed:?}");
+    assert!(failed.is_empty(), "failed sessions: {failed:?}; {packets}");
     assert!(
         held_failed.is_empty(),
-        "held sessions failed (balancer index, error): {held_failed:?}"
+        "held sessions failed (balancer index, error): {held_failed:?}; {packets}"
     );
 }
 

@@ -311,6 +311,11 @@ impl Balancers {
         Ok(testbed)
     }
 
+    /// Whether the balancers run with the second chance ([`Balancers::start_with_second_chance`]).
+    pub fn has_second_chance(&self) -> bool {
+        self.second_chance
+    }
+
     /// Starts one more balancer (namespace, BIRD, switchyard); does not wait for its route.
     pub fn join(&mut self) -> Result<&Balancer> {
         let index = self.balancers.len();
