@@ -2,15 +2,18 @@
 //! the VIP from every balancer and spreads new sessions over them; a drained balancer, or one
 //! that lost every backend, is withdrawn within the BGP timers and gets no new session; a killed
 //! one is routed around; a joining one fails no session. The proxy and the XDP `dsr` path (on
-//! the plain network, `mode = "auto"`).
+//! the plain network, `mode = "auto"`). With the second chance (`[announce] peers`), a
+//! balancer that gets a packet of a connection it does not know hands it to the next one, so
+//! a drained balancer's sessions and those ECMP moves when one joins finish, whatever the
+//! algorithm.
 //!
-//! Root, BIRD 2 and (for the XDP tests) a binary with the XDP object; without them a loud
-//! SKIP, a failure in CI (`CI=true` or `SWITCHYARD_REQUIRE_XDP=1`).
+//! Root, BIRD 2 and (for the XDP tests and the second chance) a binary with the XDP object;
+//! without them a loud SKIP, a failure in CI (`CI=true` or `SWITCHYARD_REQUIRE_XDP=1`).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use testkit::balancers::{Balancers, Dataplane, Outcome, SERVICE, Setup, percent};
+use testkit::balancers::{Balancers, Dataplane, Outcome, SERVICE, SecondChance, Setup, percent};
 use testkit::bird::bird_available;
 use testkit::smtp_client::HeldSession;
 
@@ -20,17 +23,42 @@ const HOLD_TIME: Duration = Duration::from_secs(3);
 
 /// The testbed, or `None` after a loud SKIP where it cannot run.
 fn testbed(dataplane: Dataplane, algorithm: &'static str, count: usize) -> Option<Balancers> {
+    testbed_where(dataplane, algorithm, count, false)
+}
+
+/// The testbed with the second chance: every balancer lists all of them as peers.
+fn testbed_with_second_chance(
+    dataplane: Dataplane,
+    algorithm: &'static str,
+    count: usize,
+) -> Option<Balancers> {
+    testbed_where(dataplane, algorithm, count, true)
+}
+
+fn testbed_where(
+    dataplane: Dataplane,
+    algorithm: &'static str,
+    count: usize,
+    second_chance: bool,
+) -> Option<Balancers> {
     if !bird_available() {
         return None;
     }
-    if dataplane == Dataplane::XdpDsr && !testkit::netns::require_xdp(cfg!(switchyard_xdp)) {
+    // The second chance runs in the XDP program whatever the data plane.
+    let needs_xdp = dataplane == Dataplane::XdpDsr || second_chance;
+    if needs_xdp && !testkit::netns::require_xdp(cfg!(switchyard_xdp)) {
         return None;
     }
     let setup = Setup {
         dataplane,
         algorithm,
     };
-    Some(Balancers::start(BIN, setup, count).expect("the balancers' testbed"))
+    let started = if second_chance {
+        Balancers::start_with_second_chance(BIN, setup, count)
+    } else {
+        Balancers::start(BIN, setup, count)
+    };
+    Some(started.expect("the balancers' testbed"))
 }
 
 /// Sessions each balancer gave its backends, summed over the backends.
@@ -101,11 +129,20 @@ fn xdp_dsr_router_learns_the_vip_from_both_and_sessions_spread() {
     new_sessions_spread_over_both(Dataplane::XdpDsr);
 }
 
-/// Opens sessions until at least one goes through each of the running balancers (bounded);
-/// returns them with the index of the balancer each went through.
-fn held_through_each(net: &Balancers) -> Vec<(HeldSession, usize)> {
+/// Per running balancer, its second-chance counters from `/metrics`.
+fn second_chances(net: &Balancers) -> Vec<SecondChance> {
+    net.balancers
+        .iter()
+        .filter(|b| b.switchyard.is_some())
+        .map(|b| b.second_chance())
+        .collect()
+}
+
+/// Opens at least `least` sessions, and until one goes through each of the running balancers
+/// (bounded); returns them with the index of the balancer each went through.
+fn held_through_each(net: &Balancers, least: usize) -> Vec<(HeldSession, usize)> {
     let mut held: Vec<(HeldSession, usize)> = Vec::new();
-    for _ in 0..24 {
+    for _ in 0..least.max(24) {
         let session = HeldSession::open_in(&net.client, testkit::balancers::vip())
             .expect("a held session through the VIP");
         let client = session.local.to_string();
@@ -118,7 +155,7 @@ fn held_through_each(net: &Balancers) -> Vec<(HeldSession, usize)> {
             .unwrap_or_else(|| panic!("no balancer holds the session from {client}"));
         held.push((session, through));
         let seen: HashSet<usize> = held.iter().map(|(_, b)| *b).collect();
-        if seen.len() == net.balancers.len() && held.len() >= 4 {
+        if seen.len() == net.balancers.len() && held.len() >= least {
             break;
         }
     }
@@ -149,6 +186,18 @@ fn new_sessions_avoid(net: &Balancers, index: usize, why: &str) {
     );
 }
 
+/// Holds sessions through each balancer, then drains balancer 1: its route goes within the BGP
+/// timers and new sessions avoid it. The held sessions, not finished yet.
+fn drain_first_while_held(net: &Balancers) -> Vec<(HeldSession, usize)> {
+    let held = held_through_each(net, 4);
+    net.balancers[0].ctl_ok(&["node", "drain"]);
+    let took = net.wait_nexthops(1, "ctl node drain");
+    eprintln!("ctl node drain -> nexthop withdrawn in {took:?}");
+    assert!(took < HOLD_TIME, "withdrawn after {took:?}");
+    new_sessions_avoid(net, 0, "drained");
+    held
+}
+
 /// XDP dsr with ip_hash: once the drained balancer's nexthop is gone the router sends its
 /// held flows to the other balancer, which has no entry for them and carries them on to the
 /// same backend through the Maglev table every balancer shares.
@@ -159,12 +208,7 @@ fn node_drain_and_no_usable_backend_withdraw_one_balancer_and_held_sessions_fini
     };
     let drained = &net.balancers[0];
 
-    let held = held_through_each(&net);
-    drained.ctl_ok(&["node", "drain"]);
-    let took = net.wait_nexthops(1, "ctl node drain");
-    eprintln!("ctl node drain -> nexthop withdrawn in {took:?}");
-    assert!(took < HOLD_TIME, "withdrawn after {took:?}");
-    new_sessions_avoid(&net, 0, "drained");
+    let held = drain_first_while_held(&net);
     let failed = finish_all(held);
     assert!(
         failed.is_empty(),
@@ -175,7 +219,7 @@ fn node_drain_and_no_usable_backend_withdraw_one_balancer_and_held_sessions_fini
     net.wait_nexthops(2, "ctl node undrain");
 
     // Every backend disabled there: the last one takes the route with it.
-    let held = held_through_each(&net);
+    let held = held_through_each(&net, 4);
     let started = Instant::now();
     for mta in ["mta1", "mta2", "mta3"] {
         drained.ctl_ok(&["disable", &format!("{SERVICE}/{mta}")]);
@@ -192,21 +236,18 @@ fn node_drain_and_no_usable_backend_withdraw_one_balancer_and_held_sessions_fini
     );
 }
 
-/// The proxy: a drained balancer is withdrawn within the BGP timers and gets no new session.
-/// Its held sessions are not asserted: once its nexthop is gone the router sends their packets
-/// to the other balancer, whose kernel has no socket for them and resets them (a proxy's
-/// sessions live on the host that accepted them; only the XDP path with ip_hash can carry
-/// such a flow on from another host, see the test above).
+/// The proxy without `[announce] peers`: a drained balancer is withdrawn within the BGP timers
+/// and gets no new session. Its held sessions are not asserted: once its nexthop is gone the
+/// router sends their packets to the other balancer, whose kernel has no socket for them and
+/// resets them (a proxy's sessions live on the host that accepted them; without the second
+/// chance only the XDP path with ip_hash carries such a flow on from another host, see the test
+/// above; with it, see `proxy_second_chance_node_drain_held_sessions_finish_and_new_ones_avoid_it`).
 #[test]
 fn proxy_node_drain_withdraws_one_balancer_and_new_sessions_avoid_it() {
     let Some(net) = testbed(Dataplane::Proxy, "least_conn", 2) else {
         return;
     };
-    let held = held_through_each(&net);
-    net.balancers[0].ctl_ok(&["node", "drain"]);
-    let took = net.wait_nexthops(1, "ctl node drain");
-    assert!(took < HOLD_TIME, "withdrawn after {took:?}");
-    new_sessions_avoid(&net, 0, "drained");
+    let held = drain_first_while_held(&net);
     let failed = finish_all(held);
     eprintln!(
         "proxy: held sessions that failed after the drain (balancer index, error): {failed:?}"
@@ -223,7 +264,7 @@ fn killed_balancer_is_routed_around(dataplane: Dataplane, algorithm: &'static st
     let Some(mut net) = testbed(dataplane, algorithm, 2) else {
         return;
     };
-    let held = held_through_each(&net);
+    let held = held_through_each(&net, 4);
     let load = net.load(4000, 4, Duration::from_millis(10));
     std::thread::sleep(Duration::from_millis(500));
     net.kill(0);
@@ -269,14 +310,13 @@ fn xdp_dsr_ip_hash_a_killed_balancer_is_routed_around_and_the_survivors_sessions
     killed_balancer_is_routed_around(Dataplane::XdpDsr, "ip_hash");
 }
 
-/// The router's hash-threshold multipath moves some flows of the two running balancers to the
-/// new one (and between them): each must be carried on by a balancer without its entry.
-#[test]
-fn xdp_dsr_ip_hash_a_third_balancer_joins_mid_load_without_a_failed_session() {
-    let Some(mut net) = testbed(Dataplane::XdpDsr, "ip_hash", 2) else {
-        return;
-    };
-    let held = held_through_each(&net);
+/// A third balancer joins under load while sessions are held through the first two. The
+/// router's hash-threshold multipath moves about half of the flows in progress (to the new
+/// balancer and between the old ones): each must be carried on by a balancer without its
+/// entry or socket. No session fails and the third takes sessions.
+fn a_third_balancer_joins_mid_load(net: &mut Balancers) {
+    // A dozen held sessions: that none of them moves is a chance of 1 in 4096.
+    let held = held_through_each(net, 12);
     let load = net.load(4000, 4, Duration::from_millis(10));
     std::thread::sleep(Duration::from_millis(500));
     net.join().expect("a third balancer");
@@ -285,20 +325,148 @@ fn xdp_dsr_ip_hash_a_third_balancer_joins_mid_load_without_a_failed_session() {
     let outcomes = load.finish();
     let failed = failures(&outcomes);
     let held_failed = finish_all(held);
-    let shares = per_balancer(&net);
+    let shares = per_balancer(net);
+    let mut packets = match net.setup.dataplane {
+        Dataplane::XdpDsr => format!(
+            "passed to the stack per balancer {:?}",
+            passed_to_stack(net)
+        ),
+        Dataplane::Proxy => String::new(),
+    };
+    if net.has_second_chance() {
+        packets.push_str(&format!(
+            "; second chance per balancer {:?}",
+            second_chances(net)
+        ));
+    }
     eprintln!(
-        "join: {} sessions, {} failed; held sessions failed: {held_failed:?}; per balancer {shares:?}; packets passed to the stack per balancer {:?}",
+        "join {:?} {}: {} sessions, {} failed; held sessions failed: {held_failed:?}; per balancer {shares:?}; {packets}",
+        net.setup.dataplane,
+        net.setup.algorithm,
         outcomes.len(),
         failed.len(),
-        passed_to_stack(&net)
     );
     assert!(
         shares[2] > 0,
         "the third balancer took no session: {shares:?}"
     );
-    assert!(failed.is_empty(), "failed sessions: {failed:?}");
+    assert!(failed.is_empty(), "failed sessions: {failed:?}; {packets}");
     assert!(
         held_failed.is_empty(),
-        "held sessions failed (balancer index, error): {held_failed:?}"
+        "held sessions failed (balancer index, error): {held_failed:?}; {packets}"
     );
+}
+
+#[test]
+fn xdp_dsr_ip_hash_a_third_balancer_joins_mid_load_without_a_failed_session() {
+    let Some(mut net) = testbed(Dataplane::XdpDsr, "ip_hash", 2) else {
+        return;
+    };
+    a_third_balancer_joins_mid_load(&mut net);
+}
+
+/// On every running balancer `ctl --json show` has the service's `second_chance` with the
+/// numbers of its `/metrics`, read between two scrapes that agree (a late packet may move the
+/// counters meanwhile).
+fn second_chance_shown_as_in_metrics(net: &Balancers) {
+    for balancer in net.balancers.iter().filter(|b| b.switchyard.is_some()) {
+        let which = balancer.index + 1;
+        let mut tries = 0;
+        loop {
+            let before = balancer.second_chance();
+            let shown = balancer.second_chance_shown().unwrap_or_else(|| {
+                panic!("balancer {which}: no second_chance for {SERVICE} in ctl --json show")
+            });
+            if balancer.second_chance() == before {
+                assert_eq!(
+                    shown, before,
+                    "balancer {which}: ctl --json show vs /metrics"
+                );
+                break;
+            }
+            tries += 1;
+            assert!(tries < 20, "balancer {which}: the counters never settled");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Balancer 1 drained with the second chance: once its nexthop is gone the router sends its
+/// held sessions' packets to balancer 2, which has no socket (proxy) or flow entry (xdp, an
+/// algorithm other than ip_hash) for them and hands them back to balancer 1 over the segment;
+/// every held session finishes. Without the second chance balancer 2 resets them.
+fn drained_balancers_sessions_finish_through_the_second_chance(
+    dataplane: Dataplane,
+    algorithm: &'static str,
+) {
+    let Some(net) = testbed_with_second_chance(dataplane, algorithm, 2) else {
+        return;
+    };
+    let held = drain_first_while_held(&net);
+    let through_drained = held.iter().filter(|(_, through)| *through == 0).count();
+    assert!(
+        through_drained > 0,
+        "no held session went through balancer 1"
+    );
+    let failed = finish_all(held);
+    let counts = second_chances(&net);
+    eprintln!(
+        "{dataplane:?} {algorithm} drain: {through_drained} held sessions through the drained balancer; failed {failed:?}; second chance per balancer {counts:?}"
+    );
+    assert!(
+        failed.is_empty(),
+        "held sessions failed (balancer index, error): {failed:?}; second chance per balancer {counts:?}"
+    );
+    assert!(
+        counts[1].forwarded > 0,
+        "balancer 2 forwarded no packet of the drained balancer's sessions: {counts:?}"
+    );
+    assert!(
+        counts[0].delivered > 0,
+        "the drained balancer had no packet delivered from its peer: {counts:?}"
+    );
+    second_chance_shown_as_in_metrics(&net);
+}
+
+#[test]
+fn proxy_second_chance_node_drain_held_sessions_finish_and_new_ones_avoid_it() {
+    drained_balancers_sessions_finish_through_the_second_chance(Dataplane::Proxy, "least_conn");
+}
+
+#[test]
+fn xdp_dsr_round_robin_second_chance_node_drain_held_flows_finish_and_new_ones_avoid_it() {
+    drained_balancers_sessions_finish_through_the_second_chance(Dataplane::XdpDsr, "round_robin");
+}
+
+/// A third balancer joins mid-load with the second chance and an algorithm other than
+/// ip_hash: the moved sessions are handed to their owner, none fails.
+fn joins_mid_load_through_the_second_chance(dataplane: Dataplane, algorithm: &'static str) {
+    let Some(mut net) = testbed_with_second_chance(dataplane, algorithm, 2) else {
+        return;
+    };
+    a_third_balancer_joins_mid_load(&mut net);
+    let counts = second_chances(&net);
+    eprintln!("{dataplane:?} {algorithm} join: second chance per balancer {counts:?}");
+    let forwarded: u64 = counts.iter().map(|c| c.forwarded).sum();
+    assert!(
+        forwarded > 0,
+        "no balancer forwarded a moved packet: {counts:?}"
+    );
+    // Only the two balancers that were there before the join own moved sessions.
+    let delivered: u64 = counts[..2].iter().map(|c| c.delivered).sum();
+    assert!(
+        delivered > 0,
+        "no moved packet was delivered to its owner: {counts:?}"
+    );
+    second_chance_shown_as_in_metrics(&net);
+}
+
+#[test]
+fn proxy_second_chance_a_third_balancer_joins_mid_load_without_a_failed_session() {
+    joins_mid_load_through_the_second_chance(Dataplane::Proxy, "round_robin");
+}
+
+#[test]
+fn xdp_dsr_round_robin_second_chance_a_third_balancer_joins_mid_load_without_a_failed_session() {
+    joins_mid_load_through_the_second_chance(Dataplane::XdpDsr, "round_robin");
 }

@@ -8,6 +8,11 @@
 //! offloads, nothing on any peer; the MTAs hold the VIP on lo with arp_ignore/arp_announce as
 //! LVS-DR real servers, and answer clients through the router).
 //!
+//! With [`Balancers::start_with_second_chance`] every balancer's config also lists
+//! `[announce] peers` (all [`MAX_BALANCERS`] addresses, those that join later included: the
+//! same list on every host) and `[announce] interface = "eth0"`, so a balancer hands a packet
+//! of a connection it does not know to the next one ([`SecondChance`] counts it).
+//!
 //! Balancers can join later ([`Balancers::join`]) or be killed ([`Balancers::kill`]: switchyard
 //! SIGKILLed, its BIRD stopped, both by PID). The router's BIRD is configured for
 //! [`MAX_BALANCERS`] neighbours from the start, so a joining balancer only has to come up.
@@ -47,6 +52,10 @@ pub const SERVICE: &str = "mx";
 const PROTOCOL: &str = "vip_mx";
 /// Each balancer's `/metrics`, inside its namespace.
 const METRICS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9101));
+/// The balancers' interface on the segment (the routers' traffic arrives there).
+pub const SEGMENT_INTERFACE: &str = "eth0";
+/// The second chance's counter, per service and outcome.
+pub const SECOND_CHANCE_METRIC: &str = "switchyard_second_chance_packets_total";
 /// A load's single step (connect, a reply): short, so a stalled session fails soon.
 const LOAD_STEP: Duration = Duration::from_secs(5);
 
@@ -145,6 +154,50 @@ impl Balancer {
         )
     }
 
+    /// Its second-chance counters for the service, from `/metrics` (0 where a series is absent).
+    pub fn second_chance(&self) -> SecondChance {
+        let metrics = self.metrics();
+        let count = |outcome: &str| {
+            metrics.sum(
+                SECOND_CHANCE_METRIC,
+                &[("service", SERVICE), ("outcome", outcome)],
+            ) as u64
+        };
+        SecondChance {
+            forwarded: count("forwarded"),
+            delivered: count("delivered"),
+            unclaimed: count("unclaimed"),
+        }
+    }
+
+    /// The service's `second_chance` object in `ctl --json show`; `None` when it has none.
+    pub fn second_chance_shown(&self) -> Option<SecondChance> {
+        let text = self.ctl_ok(&["--json", "show"]);
+        let report: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("ctl show json ({e}): {text}"));
+        let service = report["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == SERVICE)?;
+        let object = service.get("second_chance")?;
+        let field = |name: &str| {
+            object[name]
+                .as_u64()
+                .unwrap_or_else(|| panic!("second_chance.{name} is not a u64: {object}"))
+        };
+        Some(SecondChance {
+            forwarded: field("forwarded"),
+            delivered: field("delivered"),
+            unclaimed: field("unclaimed"),
+        })
+    }
+
+    /// The config file it was started with.
+    pub fn config_text(&self) -> String {
+        let path = self.running().config_dir().join("switchyard.toml");
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
     /// The client addresses (`ip:port`) of the sessions (proxy) or flows (xdp) it holds now.
     pub fn clients(&self, dataplane: Dataplane) -> Vec<String> {
         match dataplane {
@@ -164,6 +217,17 @@ impl Balancer {
     }
 }
 
+/// A balancer's second-chance packet counts for the service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecondChance {
+    /// Sent on to the next balancer.
+    pub forwarded: u64,
+    /// Arrived from a peer and placed here.
+    pub delivered: u64,
+    /// Arrived from a peer with no hop left and not placed: passed to the stack.
+    pub unclaimed: u64,
+}
+
 /// The whole testbed. Field order is drop order: balancers (switchyard, BIRD), the router's
 /// BIRD and the MTAs' servers go before the namespaces.
 pub struct Balancers {
@@ -172,6 +236,8 @@ pub struct Balancers {
     pub mtas: Vec<SmtpServer>,
     pub setup: Setup,
     config_tail: String,
+    /// `[announce] peers` and `interface` on every balancer.
+    second_chance: bool,
     binary: std::path::PathBuf,
     pub client: Netns,
     pub router: Netns,
@@ -184,6 +250,16 @@ impl Balancers {
     /// The network, the router's BIRD, the MTAs and `count` balancers running `setup`, each
     /// announcing the VIP; returns once the router's route has `count` nexthops.
     pub fn start(binary: &str, setup: Setup, count: usize) -> Result<Balancers> {
+        Balancers::launch(binary, setup, count, false)
+    }
+
+    /// [`Balancers::start`] with the second chance: every balancer lists all of them as
+    /// `[announce] peers` on [`SEGMENT_INTERFACE`].
+    pub fn start_with_second_chance(binary: &str, setup: Setup, count: usize) -> Result<Balancers> {
+        Balancers::launch(binary, setup, count, true)
+    }
+
+    fn launch(binary: &str, setup: Setup, count: usize, second_chance: bool) -> Result<Balancers> {
         run("ip", &["route", "replace", "blackhole", "198.18.0.0/15"])
             .context("blackholing 198.18.0.0/15 in the root namespace")?;
         let suffix = suffix();
@@ -219,6 +295,7 @@ impl Balancers {
             router_bird,
             mtas,
             config_tail: service_config(&setup),
+            second_chance,
             setup,
             binary: binary.into(),
             client,
@@ -232,6 +309,11 @@ impl Balancers {
         }
         bird::wait_nexthops(&testbed.router, VIP, count, "balancers up");
         Ok(testbed)
+    }
+
+    /// Whether the balancers run with the second chance ([`Balancers::start_with_second_chance`]).
+    pub fn has_second_chance(&self) -> bool {
+        self.second_chance
     }
 
     /// Starts one more balancer (namespace, BIRD, switchyard); does not wait for its route.
@@ -256,11 +338,7 @@ impl Balancers {
             &ns,
             &bird::balancer_config(balancer_addr(index), ROUTER, VIP, PROTOCOL),
         );
-        let config = format!(
-            "shutdown_timeout = \"5s\"\n[admin]\nsocket = \"admin.sock\"\nlisten = \"{METRICS}\"\n[announce]\nbird_socket = {:?}\n{}",
-            bird.socket().display().to_string(),
-            self.config_tail
-        );
+        let config = switchyard_config(bird.socket(), self.second_chance, &self.config_tail);
         let launch = Launch::new(&self.binary);
         let launch = match self.setup.dataplane {
             Dataplane::Proxy => launch,
@@ -384,6 +462,27 @@ fn run_load(count: usize, parallel: usize, pause: Duration, stop: Arc<AtomicBool
     })
 }
 
+/// A balancer's whole config: admin, announcement through its BIRD (`bird_socket`, the only
+/// line that differs between balancers), with `second_chance` every balancer as a peer, then
+/// `services`.
+fn switchyard_config(bird_socket: &std::path::Path, second_chance: bool, services: &str) -> String {
+    let mut text = format!(
+        "shutdown_timeout = \"5s\"\n[admin]\nsocket = \"admin.sock\"\nlisten = \"{METRICS}\"\n[announce]\nbird_socket = {:?}\n",
+        bird_socket.display().to_string()
+    );
+    if second_chance {
+        let peers: Vec<String> = (0..MAX_BALANCERS)
+            .map(|index| format!("\"{}\"", balancer_addr(index)))
+            .collect();
+        text.push_str(&format!(
+            "peers = [{}]\ninterface = \"{SEGMENT_INTERFACE}\"\n",
+            peers.join(", ")
+        ));
+    }
+    text.push_str(services);
+    text
+}
+
 /// The service every balancer runs (health checks every 200 ms, rise 1, fall 1).
 fn service_config(setup: &Setup) -> String {
     let mut keys = format!(
@@ -461,5 +560,46 @@ pub fn percent(part: u64, total: u64) -> f64 {
         0.0
     } else {
         part as f64 * 100.0 / total as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announce(second_chance: bool) -> toml::Table {
+        let setup = Setup {
+            dataplane: Dataplane::Proxy,
+            algorithm: "round_robin",
+        };
+        let text = switchyard_config(
+            std::path::Path::new("/tmp/b1/bird.ctl"),
+            second_chance,
+            &service_config(&setup),
+        );
+        println!("{text}");
+        let config: toml::Table = text.parse().expect("the balancer's config is TOML");
+        config["announce"].as_table().expect("[announce]").clone()
+    }
+
+    #[test]
+    fn second_chance_lists_every_balancer_as_a_peer_on_the_segment_interface() {
+        let announce = announce(true);
+        let peers: Vec<&str> = announce["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .map(|p| p.as_str().expect("a peer address"))
+            .collect();
+        assert_eq!(peers, ["198.18.51.11", "198.18.51.12", "198.18.51.13"]);
+        assert_eq!(announce["interface"].as_str(), Some(SEGMENT_INTERFACE));
+        assert_eq!(announce["bird_socket"].as_str(), Some("/tmp/b1/bird.ctl"));
+    }
+
+    #[test]
+    fn without_second_chance_announce_has_only_the_bird_socket() {
+        let announce = announce(false);
+        let keys: Vec<&String> = announce.keys().collect();
+        assert_eq!(keys, ["bird_socket"]);
     }
 }
