@@ -451,8 +451,8 @@ pub mod second_chance {
         (LAST_HOP..=MAX_TTL).contains(&ttl)
     }
 
-    /// The TTL a packet from the routers leaves with, in a ring of `size` balancers with
-    /// known MACs (this host included); 0 when no other balancer is known.
+    /// The TTL a packet from the routers leaves with, in a ring of `size` listed balancers
+    /// (this host included); 0 for a ring of one.
     pub fn first_ttl(size: usize) -> u32 {
         match size {
             0 | 1 => 0,

@@ -6,10 +6,11 @@
 //! plane), with XDP_TX on the interface it came in on.
 //!
 //! The hop budget lives in the IPv4 TTL / IPv6 hop limit (`switchyard_common::maps::
-//! second_chance`): a packet from the routers (its source MAC is no peer's, `PEER_MACS`) leaves
-//! with `200 + ring size − 2`; a peer's packet with more than 200 leaves with one less; a peer's
-//! packet with 200, or with a TTL that is no budget, passes to the stack as it would have
-//! without the second chance (counted `chance_unclaimed`). No tunnel and no extra header: the
+//! second_chance`): a packet whose TTL is no budget (from the routers) leaves with
+//! `200 + listed balancers − 2`; one whose TTL is a budget above 200 leaves with one less; one
+//! with 200 passes to the stack as it would have without the second chance (counted
+//! `chance_unclaimed` when its source MAC is a peer's, `PEER_MACS`). The budget only ever
+//! shrinks once given, so no packet can circle. No tunnel and no extra header: the
 //! frame's size never changes. A packet this host places is handled as ever, whatever its TTL
 //! (counted `chance_delivered` when it came from a peer).
 
@@ -178,13 +179,21 @@ fn next_hop(
         return None;
     }
     let ring = ring(ctx)?;
-    if !from_peer(eth) {
+    // A TTL within the budget's range is a budget, whoever sent the frame: only a TTL outside
+    // it ever gets a fresh budget. Were the sender's MAC the test, a peer this host does not
+    // know yet (just started, its MAC not resolved) would have its packets budgeted afresh
+    // here, and two hosts that know each other only one way round could pass a packet in a
+    // circle. A packet from the routers that happens to carry such a TTL (40 or more hops from
+    // a sender starting at 255) merely gets fewer hops.
+    if !second_chance::is_budget(ttl) {
         return (ring.first_ttl != 0).then_some((ring.first_ttl as u8, ring));
     }
-    if ttl > second_chance::LAST_HOP && ttl <= second_chance::MAX_TTL && ring.first_ttl != 0 {
+    if ttl > second_chance::LAST_HOP && ring.first_ttl != 0 {
         return Some((ttl - 1, ring));
     }
-    count_service(service.index, |s| s.chance_unclaimed += 1);
+    if from_peer(eth) {
+        count_service(service.index, |s| s.chance_unclaimed += 1);
+    }
     None
 }
 

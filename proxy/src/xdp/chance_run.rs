@@ -1,7 +1,7 @@
 //! The second chance in the kernel, on crafted frames with BPF_PROG_TEST_RUN over maps the
 //! sync wrote (an announced xdp dsr service, an announced proxy service with a real listener
 //! and connection) and a ring written as the sync writes it: an unplaceable non-SYN from the
-//! routers goes to the next peer's MAC with TTL 200 + (ring size − 2) and a correct IPv4
+//! routers goes to the next peer's MAC with TTL 200 + (listed peers − 2) and a correct IPv4
 //! checksum; a peer's with TTL 201 goes on with 200; with 200 it passes (unclaimed); a packet
 //! of a known flow or local socket is untouched (delivered when from a peer); IPv6 alike; with
 //! the ring off (no `peers`) everything passes as before.
@@ -206,7 +206,7 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
     assert_eq!(action, XDP_TX, "unplaceable from the routers");
     assert_eq!(&out[0..6], &NEXT, "to the next balancer");
     assert_eq!(&out[6..12], &OWN, "from this interface");
-    assert_eq!(ttl(&out), 201, "200 + ring size - 2");
+    assert_eq!(ttl(&out), 201, "200 + listed peers - 2");
     assert_eq!(
         ones_sum(&out[14..34]),
         0xffff,
@@ -271,6 +271,18 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
     assert_eq!((action, ttl(&out), &out[0..6]), (XDP_TX, 201, &NEXT[..]));
     assert_eq!(counted(bpf, proxy_index), (2, 2, 0));
     drop((listener, connected));
+
+    // A TTL that is a budget stays one whoever sent the frame: a peer this host does not know
+    // yet (its MAC not resolved) gets no fresh budget, so no packet can go round in circles.
+    let unknown_peer = [2, 0, 0, 0, 0, 0x77];
+    let (action, out) = run(bpf, &frame(unknown_peer, client, vip, ACK, 201));
+    assert_eq!(
+        (action, ttl(&out)),
+        (XDP_TX, 200),
+        "one hop less, not a fresh budget"
+    );
+    let spent = frame(unknown_peer, client, vip, ACK, 200);
+    assert_eq!(run(bpf, &spent), (XDP_PASS, spent.clone()), "no hop left");
 
     // No peers: the ring off, everything as before the second chance.
     write_ring(bpf, None, Some(&three_balancers())).expect("clearing the ring");
@@ -498,7 +510,8 @@ fn ring_on_a_veth() {
     let (ring, macs) = written_ring(&bpf);
     let expected = SecondChanceRing {
         ifindex,
-        first_ttl: 201,
+        // Four listed, 10.9.0.1 among them: the budget counts it (see `ring_now`).
+        first_ttl: 202,
         own_mac: OWN,
         next_mac: [2, 0, 0, 0, 0, 0x23],
     };
@@ -513,7 +526,7 @@ fn ring_on_a_veth() {
         (forwarding::LOCAL, service_flags::SECOND_CHANCE)
     );
 
-    // A reload takes 10.9.0.3 out: the next is 10.9.0.4, two balancers in the ring.
+    // A reload takes 10.9.0.3 out: the next is 10.9.0.4, three balancers listed.
     sync_to(
         &mut bpf,
         &ring_config(&["10.9.0.4", "10.9.0.1", "10.9.0.2"]),
@@ -522,7 +535,7 @@ fn ring_on_a_veth() {
     let (ring, macs) = written_ring(&bpf);
     assert_eq!(
         (ring.next_mac, ring.first_ttl),
-        ([2, 0, 0, 0, 0, 0x24], 200)
+        ([2, 0, 0, 0, 0, 0x24], 201)
     );
     assert_eq!(macs, [[2, 0, 0, 0, 0, 0x24]].into());
 

@@ -129,9 +129,17 @@ fn ring_now(chance: &SecondChance) -> anyhow::Result<(SecondChanceRing, BTreeSet
         }
     }
     let next = successors(&peers, me, |p| macs.get(p).copied());
+    // The budget counts every listed balancer, not only those whose MAC this host knows: a
+    // host that has just started may know one peer of several, and the peer it hands on to
+    // may know the owner (a budget the size of the known ring would stop there).
+    let first_ttl = if next.is_empty() {
+        0
+    } else {
+        second_chance::first_ttl(peers.len())
+    };
     let ring = SecondChanceRing {
         ifindex: ifindex(interface)?,
-        first_ttl: second_chance::first_ttl(next.len() + 1),
+        first_ttl,
         own_mac: own_mac(interface)?,
         next_mac: next.first().copied().unwrap_or_default(),
     };
