@@ -11,6 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use aya::Ebpf;
@@ -50,7 +51,9 @@ impl ChanceSync {
     pub(super) fn run(&mut self, bpf: &mut Ebpf, snapshot: &Snapshot) -> anyhow::Result<()> {
         self.sync_local(bpf, snapshot)?;
         let wanted = match &snapshot.second_chance {
-            Some(chance) => Some(ring_now(chance)?),
+            // The first ring waits for the peers' MACs: it is written before the start
+            // completes, and so before this host announces anything.
+            Some(chance) => Some(ring_now(chance, self.ring.is_none())?),
             None => None,
         };
         if wanted != self.ring {
@@ -102,8 +105,18 @@ impl ChanceSync {
     }
 }
 
-/// The ring as it stands: this host's place among the peers, their MACs now.
-fn ring_now(chance: &SecondChance) -> anyhow::Result<(SecondChanceRing, BTreeSet<[u8; 6]>)> {
+/// How long the first ring waits for the peers' MACs: a listed peer that is not running has
+/// failed ARP/ND by then (three probes a second apart).
+const FIRST_RING_WAIT: Duration = Duration::from_millis(3500);
+
+/// The ring as it stands: this host's place among the peers, their MACs now. With `settle`
+/// (the first ring, at start), waits up to [`FIRST_RING_WAIT`] for every peer's MAC: a host
+/// that joins the others and announces with part of the ring unknown would hand the flows the
+/// routers move to it past the very balancer that holds them.
+fn ring_now(
+    chance: &SecondChance,
+    settle: bool,
+) -> anyhow::Result<(SecondChanceRing, BTreeSet<[u8; 6]>)> {
     let interface = &chance.interface;
     let own = interface_addresses(interface)?;
     let mut peers = chance.peers.clone();
@@ -121,13 +134,20 @@ fn ring_now(chance: &SecondChance) -> anyhow::Result<(SecondChanceRing, BTreeSet
             }
         );
     };
-    let macs = neighbours::table(interface);
-    for (i, peer) in peers.iter().enumerate() {
-        // Also the known ones: a peer that stopped answering then loses its complete entry.
-        if i != me {
+    let others = || peers.iter().enumerate().filter(move |(i, _)| *i != me);
+    let deadline = Instant::now() + FIRST_RING_WAIT;
+    let macs = loop {
+        for (_, peer) in others() {
+            // Also the known ones: a peer that stopped answering then loses its complete entry.
             neighbours::nudge(*peer);
         }
-    }
+        let macs = neighbours::table(interface);
+        let complete = others().all(|(_, peer)| macs.contains_key(peer));
+        if !settle || complete || Instant::now() >= deadline {
+            break macs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let next = successors(&peers, me, |p| macs.get(p).copied());
     // The budget counts every listed balancer, not only those whose MAC this host knows: a
     // host that has just started may know one peer of several, and the peer it hands on to
@@ -353,7 +373,7 @@ mod tests {
             peers: peers(&["198.18.0.21", "198.18.0.22"]),
             interface: "lo".to_string(),
         };
-        let error = ring_now(&chance).expect_err("lo has none of the peers");
+        let error = ring_now(&chance, false).expect_err("lo has none of the peers");
         let text = format!("{error:#}");
         assert!(text.contains("198.18.0.21, 198.18.0.22"), "{text}");
         assert!(text.contains("127.0.0.1"), "{text}");
