@@ -106,7 +106,8 @@ pub struct KernelServiceTotals {
     pub dropped: u64,
     pub no_backend: u64,
     /// Mid-stream packets of flows without an entry here (another balancer's, moved by ECMP,
-    /// or expired) passed to the stack: no table to follow (algorithms other than ip_hash).
+    /// or expired) that no shared table placed: passed to the stack, or handed on by the
+    /// second chance.
     #[serde(default)]
     pub unknown_flow: u64,
     /// Such flows adopted by following the Maglev table (ip_hash).

@@ -423,7 +423,9 @@ pub struct ServiceStats {
     /// SYNs that found no available backend.
     pub no_backend: u64,
     /// Mid-stream packets of a flow without an entry here (a flow another balancer began,
-    /// or one whose entry expired) that were passed to the stack: no table to follow.
+    /// or one whose entry expired) that no shared table placed (algorithms other than ip_hash,
+    /// or ip_hash with every backend down): passed to the stack, or handed on to the next
+    /// balancer by the second chance.
     pub unknown_flow: u64,
     /// Flows without an entry here adopted mid-stream by following the Maglev table (ip_hash).
     pub adopted: u64,

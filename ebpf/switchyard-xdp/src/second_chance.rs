@@ -183,13 +183,16 @@ fn next_hop(
     // it ever gets a fresh budget. Were the sender's MAC the test, a peer this host does not
     // know yet (just started, its MAC not resolved) would have its packets budgeted afresh
     // here, and two hosts that know each other only one way round could pass a packet in a
-    // circle. A packet from the routers that happens to carry such a TTL (40 or more hops from
-    // a sender starting at 255) merely gets fewer hops.
+    // circle. A budget is never more than this host's own first one (a packet from the routers
+    // that happens to carry a TTL in the range, 40 or more hops from a sender starting at 255,
+    // would otherwise go round a small ring many times): it gets at most the hops a packet
+    // from the routers gets here.
     if !second_chance::is_budget(ttl) {
         return (ring.first_ttl != 0).then_some((ring.first_ttl as u8, ring));
     }
-    if ttl > second_chance::LAST_HOP && ring.first_ttl != 0 {
-        return Some((ttl - 1, ring));
+    let budget = ttl.min(ring.first_ttl as u8);
+    if budget > second_chance::LAST_HOP {
+        return Some((budget - 1, ring));
     }
     if from_peer(eth) {
         count_service(service.index, |s| s.chance_unclaimed += 1);

@@ -28,7 +28,7 @@ pub(super) fn families(snapshot: &Snapshot, kernel: &dyn KernelCounters) -> Vec<
     );
     let mut unknown_flow = Family::counter(
         "xdp_unknown_flow_packets",
-        "Mid-stream packets of flows without an entry on this balancer passed to the stack (no shared table to follow: algorithms other than ip_hash)",
+        "Mid-stream packets of flows without an entry on this balancer that no shared table placed (algorithms other than ip_hash, or ip_hash with every backend down): passed to the stack, or handed on to the next balancer by the second chance",
     );
     for service in &snapshot.services {
         if service.config.dataplane != Dataplane::Xdp {

@@ -283,6 +283,14 @@ fn second_chance_on(bpf: &mut Ebpf, snapshot: &Snapshot) {
     );
     let spent = frame(unknown_peer, client, vip, ACK, 200);
     assert_eq!(run(bpf, &spent), (XDP_PASS, spent.clone()), "no hop left");
+    // A budget above this host's own (201 in a ring of three) is cut to it: a packet that
+    // arrives with TTL 215 cannot go round the ring fifteen times.
+    let (action, out) = run(bpf, &frame(ROUTER, client, vip, ACK, 215));
+    assert_eq!(
+        (action, ttl(&out)),
+        (XDP_TX, 200),
+        "at most this host's budget"
+    );
 
     // No peers: the ring off, everything as before the second chance.
     write_ring(bpf, None, Some(&three_balancers())).expect("clearing the ring");
