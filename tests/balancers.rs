@@ -470,3 +470,41 @@ fn proxy_second_chance_a_third_balancer_joins_mid_load_without_a_failed_session(
 fn xdp_dsr_round_robin_second_chance_a_third_balancer_joins_mid_load_without_a_failed_session() {
     joins_mid_load_through_the_second_chance(Dataplane::XdpDsr, "round_robin");
 }
+
+/// How long after a switchyard dies its peers keep it in their rings at most: 3 s after its
+/// last answer to the heartbeat, at the next sync (1 s), plus a probe's wait, with a margin.
+const PEER_DEATH_NOTICED: Duration = Duration::from_secs(6);
+
+/// Three balancers with the second chance; balancer 1's switchyard is SIGKILLed while its host
+/// stays up and keeps answering ARP; once its peers have had time to notice, its BIRD stops
+/// and the router withdraws it. The router's hash-threshold multipath then moves part of
+/// balancer 2's sessions to balancer 3, whose next peer in the ring is balancer 1: unless
+/// balancer 1 left the ring, 3 hands them to 1's stack, which resets them. Every held session
+/// through the survivors (each sends a NOOP every 300 ms) finishes, and new sessions succeed.
+#[test]
+fn proxy_second_chance_a_killed_switchyard_leaves_the_ring_and_the_survivors_sessions_finish() {
+    let Some(mut net) = testbed_with_second_chance(Dataplane::Proxy, "least_conn", 3) else {
+        return;
+    };
+    let held = held_through_each(&net, 36);
+    let through_survivors = held.iter().filter(|(_, b)| *b != 0).count();
+    net.kill_switchyard(0);
+    std::thread::sleep(PEER_DEATH_NOTICED);
+    net.balancers[0].bird.stop();
+    net.wait_nexthops(2, "balancer 1's BIRD stopped");
+    // The held sessions' NOOPs go on through the new paths for a while.
+    std::thread::sleep(Duration::from_secs(2));
+    let failed = finish_all(held);
+    let survivors_failed: Vec<_> = failed.iter().filter(|(b, _)| *b != 0).collect();
+    let counts = second_chances(&net);
+    eprintln!(
+        "killed switchyard: {through_survivors} held sessions through the survivors; failed {failed:?}; second chance per survivor {counts:?}"
+    );
+    assert!(
+        survivors_failed.is_empty(),
+        "held sessions through the survivors failed (balancer index, error): {survivors_failed:?}; second chance per survivor {counts:?}"
+    );
+    let outcomes = net.sessions(40, 4);
+    let failed = failures(&outcomes);
+    assert!(failed.is_empty(), "new sessions failed: {failed:?}");
+}

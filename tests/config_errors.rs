@@ -1266,6 +1266,37 @@ fn table() -> Vec<Case> {
             &["announce.interface \"eth/0\" is not a network interface name"],
         ),
         rejected(
+            "announce_more_than_17_peers_are_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = [{}]\ninterface = \"eth0\"\n{}",
+                (1..=18)
+                    .map(|i| format!("\"198.18.0.{i}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                service_with("")
+            ),
+            3,
+            &["announce.peers has 18 addresses", "at most 17 balancers"],
+        ),
+        rejected(
+            "announce_peer_port_zero_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = [\"198.18.0.21\", \"198.18.0.22\"]\ninterface = \"eth0\"\npeer_port = 0\n{}",
+                service_with("")
+            ),
+            5,
+            &["announce.peer_port must be between 1 and 65535, got 0"],
+        ),
+        rejected(
+            "announce_peer_port_without_peers_is_rejected",
+            format!(
+                "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeer_port = 9100\n{}",
+                service_with("")
+            ),
+            3,
+            &["announce.peer_port 9100 is set but announce.peers is not"],
+        ),
+        rejected(
             "announce_peers_not_a_list_is_rejected",
             format!(
                 "[announce]\nbird_socket = \"/run/bird/bird.ctl\"\npeers = \"198.18.0.21\"\ninterface = \"eth0\"\n{}",

@@ -356,12 +356,17 @@ impl Balancers {
 
     /// Balancer `index` dies: its switchyard SIGKILLed, then its BIRD stopped (by PID).
     pub fn kill(&mut self, index: usize) {
-        let balancer = &mut self.balancers[index];
-        if let Some(mut sy) = balancer.switchyard.take() {
+        self.kill_switchyard(index);
+        self.balancers[index].bird.stop();
+    }
+
+    /// Only balancer `index`'s switchyard dies (SIGKILL): its BIRD goes on announcing what was
+    /// announced, and its host, namespace and interface stay up (answering ARP).
+    pub fn kill_switchyard(&mut self, index: usize) {
+        if let Some(mut sy) = self.balancers[index].switchyard.take() {
             sy.signal(nix::sys::signal::Signal::SIGKILL);
             sy.wait_timeout(Duration::from_secs(5));
         }
-        balancer.bird.stop();
     }
 
     /// The router's route to the VIP has `count` nexthops; how long it took to get there.

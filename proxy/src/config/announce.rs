@@ -17,6 +17,10 @@ use super::values::{MAX_IFNAME, interface_ok};
 
 /// BIRD's symbols are at most 64 characters (`SYM_MAX_LEN`).
 const MAX_PROTOCOL_NAME: usize = 64;
+/// The hop budget in the TTL starts at 215 at most: a ring of at most 17 balancers.
+const MAX_PEERS: usize = 17;
+/// `[announce] peer_port` unless set: the UDP port of the switchyards' heartbeat.
+const DEFAULT_PEER_PORT: u16 = 9027;
 
 /// `[announce] bird_socket`, if the table is there.
 pub(super) fn validate_table(
@@ -74,8 +78,25 @@ pub(super) fn validate_peers(
                 ),
             );
         }
+        if let Some(written) = &table.peer_port {
+            report.error(
+                &written.span(),
+                "",
+                format_args!(
+                    "announce.peer_port {} is set but announce.peers is not; list every balancer's address in peers, or remove peer_port",
+                    written.get_ref()
+                ),
+            );
+        }
         return None;
     };
+    let peer_port = report.integer(
+        &table.peer_port,
+        "",
+        "announce.peer_port",
+        (1, i64::from(u16::MAX)),
+        u32::from(DEFAULT_PEER_PORT),
+    );
     let peers = peer_addresses(peers, report)?;
     let Some(interface) = interface else {
         if table.interface.is_none() {
@@ -87,10 +108,14 @@ pub(super) fn validate_peers(
         }
         return None;
     };
-    Some(SecondChance { peers, interface })
+    Some(SecondChance {
+        peers,
+        interface,
+        peer_port: u16::try_from(peer_port).unwrap_or(DEFAULT_PEER_PORT),
+    })
 }
 
-/// The peers' addresses: IP addresses, at least two, no duplicates.
+/// The peers' addresses: IP addresses, at least two, at most [`MAX_PEERS`], no duplicates.
 fn peer_addresses(
     written: &Spanned<Vec<Spanned<String>>>,
     report: &mut Report,
@@ -127,6 +152,17 @@ fn peer_addresses(
             "",
             format_args!(
                 "announce.peers has {} address(es); it needs at least 2: every balancer serving these VIPs, this host included",
+                peers.len()
+            ),
+        );
+        ok = false;
+    }
+    if peers.len() > MAX_PEERS {
+        report.error(
+            &written.span(),
+            "",
+            format_args!(
+                "announce.peers has {} addresses; a second chance ring has at most {MAX_PEERS} balancers (the hop budget in the TTL runs from 215 down to 200)",
                 peers.len()
             ),
         );

@@ -58,6 +58,8 @@ pub struct SecondChance {
     /// As written (at least two, no duplicates).
     pub peers: Vec<std::net::IpAddr>,
     pub interface: String,
+    /// `[announce] peer_port`: the UDP port of the heartbeat between the peers' switchyards.
+    pub peer_port: u16,
 }
 
 #[derive(Clone, Debug)]

@@ -91,6 +91,7 @@ pub(super) struct Announce {
     pub(super) bird_socket: Option<Spanned<String>>,
     pub(super) peers: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) interface: Option<Spanned<String>>,
+    pub(super) peer_port: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

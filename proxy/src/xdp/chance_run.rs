@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
 
 use aya::Ebpf;
 use aya::TestRunOptions;
@@ -19,6 +20,7 @@ use switchyard_common::maps::{
 };
 
 use super::XdpPlane;
+use super::heartbeat::{ALIVE_FOR, Responder};
 use super::loader::KernelSync;
 use super::peers::write_ring;
 use super::tests::{config, own_network_namespace_with_forwarding, require};
@@ -497,6 +499,15 @@ fn ring_on_a_veth() {
             "permanent",
         ]);
     }
+    // The other peers' switchyards answer the heartbeat (their addresses local here, on the
+    // veth's other end); 10.9.0.1 has no switchyard either.
+    ip(&["link", "set", "lo", "up"]);
+    let mut responders = Vec::new();
+    for peer in ["10.9.0.3", "10.9.0.4"] {
+        ip(&["addr", "add", &format!("{peer}/32"), "dev", "sy-ring1"]);
+        let address = SocketAddr::new(peer.parse().expect("address"), 9027);
+        responders.push(Responder::start(address).expect("a peer's heartbeat"));
+    }
     let ifindex = super::netdev::ifindex("sy-ring0").expect("its index");
     // Written out of order; 10.9.0.1 never answers ARP (nothing has it).
     let all = config(&ring_config(&[
@@ -546,6 +557,22 @@ fn ring_on_a_veth() {
         ([2, 0, 0, 0, 0, 0x24], 201)
     );
     assert_eq!(macs, [[2, 0, 0, 0, 0, 0x24]].into());
+
+    // 10.9.0.4's switchyard stops; its MAC stays known: once its answers are older than
+    // ALIVE_FOR it is out of the ring, and nothing is left to hand on to.
+    responders.clear();
+    let stopped = std::time::Instant::now();
+    let three = ring_config(&["10.9.0.4", "10.9.0.1", "10.9.0.2"]);
+    while written_ring(&bpf).0.first_ttl != 0 {
+        assert!(
+            stopped.elapsed() < ALIVE_FOR + Duration::from_secs(2),
+            "a silent peer stayed in the ring"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        sync_to(&mut bpf, &three, false);
+    }
+    assert!(stopped.elapsed() >= ALIVE_FOR - Duration::from_millis(300));
+    assert_eq!(written_ring(&bpf).1.len(), 0);
 
     // And one without peers turns it off.
     sync_to(&mut bpf, &ring_config(&[]), false);

@@ -23,6 +23,7 @@ mod chance_run;
 mod flow_dump;
 mod flows;
 mod forwarding;
+mod heartbeat;
 mod limits;
 mod loader;
 #[cfg(test)]

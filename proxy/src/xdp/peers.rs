@@ -5,12 +5,14 @@
 //!
 //! The ring: the peers sorted by address; this host (the peer whose address it has on
 //! `interface`) hands on to its first successor, wrapping, whose MAC the neighbour table knows
-//! (`neighbours`, as for dsr backends). Every peer is nudged at each sync, so a peer that
-//! stops answering ARP/ND loses its complete entry and drops out of the ring. Recomputed at
-//! every sync, so a reload that changes `peers` takes effect within one period.
+//! (`neighbours`, as for dsr backends) and whose switchyard answers the heartbeat
+//! (`heartbeat`: a host whose switchyard stopped still answers ARP/ND, and its stack would
+//! reset what it is handed). Every peer is nudged and probed at each sync, so a peer that
+//! stops answering either drops out of the ring. Recomputed at every sync, so a reload that
+//! changes `peers` or `peer_port` takes effect within one period.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,6 +23,7 @@ use switchyard_common::maps::{
 };
 use tracing::info;
 
+use super::heartbeat::{Prober, Responder};
 use super::neighbours;
 use super::netdev::ifindex;
 use super::tables::{VipKey, admit_vips};
@@ -44,6 +47,27 @@ pub(super) struct ChanceSync {
     local: Vec<(VipKey, ServiceValue)>,
     /// The ring and the peers' MACs as written.
     ring: Option<(SecondChanceRing, BTreeSet<[u8; 6]>)>,
+    /// The heartbeat while `peers` is set.
+    heartbeat: Option<Heartbeat>,
+}
+
+/// This host's side of the heartbeat: the responder (stopped when this is dropped) on its peer
+/// address, and the prober of the other peers.
+struct Heartbeat {
+    address: SocketAddr,
+    prober: Prober,
+    _responder: Responder,
+}
+
+impl Heartbeat {
+    /// Answers on `address` and probes from its IP address.
+    fn start(address: SocketAddr) -> anyhow::Result<Heartbeat> {
+        Ok(Heartbeat {
+            address,
+            _responder: Responder::start(address)?,
+            prober: Prober::new(address.ip())?,
+        })
+    }
 }
 
 impl ChanceSync {
@@ -51,10 +75,18 @@ impl ChanceSync {
     pub(super) fn run(&mut self, bpf: &mut Ebpf, snapshot: &Snapshot) -> anyhow::Result<()> {
         self.sync_local(bpf, snapshot)?;
         let wanted = match &snapshot.second_chance {
-            // The first ring waits for the peers' MACs: it is written before the start
-            // completes, and so before this host announces anything.
-            Some(chance) => Some(ring_now(chance, self.ring.is_none())?),
-            None => None,
+            // The first ring waits for the peers' MACs and answers: it is written before the
+            // start completes, and so before this host announces anything.
+            Some(chance) => {
+                let place = Place::of(chance)?;
+                let first = self.ring.is_none();
+                let prober = self.heartbeat_on(place.own_address(chance.peer_port))?;
+                Some(ring_now(chance, &place, first, prober)?)
+            }
+            None => {
+                self.heartbeat = None;
+                None
+            }
         };
         if wanted != self.ring {
             write_ring(bpf, wanted.as_ref(), self.ring.as_ref())?;
@@ -62,6 +94,17 @@ impl ChanceSync {
             self.ring = wanted;
         }
         Ok(())
+    }
+
+    /// The heartbeat on `address`, (re)started when it is not running there yet.
+    fn heartbeat_on(&mut self, address: SocketAddr) -> anyhow::Result<&mut Prober> {
+        if self.heartbeat.as_ref().is_none_or(|h| h.address != address) {
+            // The old responder stops first: a changed peer_port on the same address.
+            self.heartbeat = None;
+            self.heartbeat = Some(Heartbeat::start(address)?);
+        }
+        let heartbeat = self.heartbeat.as_mut().context("heartbeat just started")?;
+        Ok(&mut heartbeat.prober)
     }
 
     /// Writes the local entries of announced proxy services' VIPs and deletes those of
@@ -105,57 +148,92 @@ impl ChanceSync {
     }
 }
 
-/// How long the first ring waits for the peers' MACs: a listed peer that is not running has
-/// failed ARP/ND by then (three probes a second apart).
+/// How long the first ring waits for the peers' MACs and answers: a listed peer that is not
+/// running has failed ARP/ND by then (three probes a second apart).
 const FIRST_RING_WAIT: Duration = Duration::from_millis(3500);
 
-/// The ring as it stands: this host's place among the peers, their MACs now. With `settle`
-/// (the first ring, at start), waits up to [`FIRST_RING_WAIT`] for every peer's MAC: a host
-/// that joins the others and announces with part of the ring unknown would hand the flows the
-/// routers move to it past the very balancer that holds them.
+/// This host's place among the peers: the peers sorted by address, and which one it is.
+struct Place {
+    peers: Vec<IpAddr>,
+    me: usize,
+}
+
+impl Place {
+    /// Finds this host among `chance`'s peers by the addresses it has on the interface.
+    fn of(chance: &SecondChance) -> anyhow::Result<Place> {
+        let interface = &chance.interface;
+        let own = interface_addresses(interface)?;
+        let mut peers = chance.peers.clone();
+        peers.sort();
+        match peers.iter().position(|p| own.contains(p)) {
+            Some(me) => Ok(Place { peers, me }),
+            None => Err(not_among_peers(interface, &peers, &own)),
+        }
+    }
+
+    fn own_address(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.peers[self.me], port)
+    }
+
+    fn others(&self) -> Vec<IpAddr> {
+        let me = self.me;
+        let others = self.peers.iter().enumerate().filter(move |(i, _)| *i != me);
+        others.map(|(_, p)| *p).collect()
+    }
+}
+
+fn not_among_peers(interface: &str, peers: &[IpAddr], own: &[IpAddr]) -> anyhow::Error {
+    let listed: Vec<String> = peers.iter().map(ToString::to_string).collect();
+    let mine: Vec<String> = own.iter().map(ToString::to_string).collect();
+    anyhow::anyhow!(
+        "[announce] peers ({}) lists none of this host's addresses on {interface} ({}): list this host's address on {interface} among the peers, or set the interface the peers' addresses are on",
+        listed.join(", "),
+        if mine.is_empty() {
+            "none".to_string()
+        } else {
+            mine.join(", ")
+        }
+    )
+}
+
+/// The ring as it stands: this host's place among the peers, the MACs of those that answer the
+/// heartbeat now. With `settle` (the first ring, at start), waits up to [`FIRST_RING_WAIT`]
+/// for every peer's MAC and answer: a host that joins the others and announces with part of
+/// the ring unknown would hand the flows the routers move to it past the very balancer that
+/// holds them.
 fn ring_now(
     chance: &SecondChance,
+    place: &Place,
     settle: bool,
+    prober: &mut Prober,
 ) -> anyhow::Result<(SecondChanceRing, BTreeSet<[u8; 6]>)> {
     let interface = &chance.interface;
-    let own = interface_addresses(interface)?;
-    let mut peers = chance.peers.clone();
-    peers.sort();
-    let Some(me) = peers.iter().position(|p| own.contains(p)) else {
-        let listed: Vec<String> = peers.iter().map(ToString::to_string).collect();
-        let mine: Vec<String> = own.iter().map(ToString::to_string).collect();
-        bail!(
-            "[announce] peers ({}) lists none of this host's addresses on {interface} ({}): list this host's address on {interface} among the peers, or set the interface the peers' addresses are on",
-            listed.join(", "),
-            if mine.is_empty() {
-                "none".to_string()
-            } else {
-                mine.join(", ")
-            }
-        );
-    };
-    let others = || peers.iter().enumerate().filter(move |(i, _)| *i != me);
+    let others = place.others();
     let deadline = Instant::now() + FIRST_RING_WAIT;
     let macs = loop {
-        for (_, peer) in others() {
+        for peer in &others {
             // Also the known ones: a peer that stopped answering then loses its complete entry.
             neighbours::nudge(*peer);
         }
+        prober.probe(&others, chance.peer_port);
         let macs = neighbours::table(interface);
-        let complete = others().all(|(_, peer)| macs.contains_key(peer));
+        let complete = others
+            .iter()
+            .all(|peer| macs.contains_key(peer) && prober.alive(peer));
         if !settle || complete || Instant::now() >= deadline {
             break macs;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let next = successors(&peers, me, |p| macs.get(p).copied());
+    let usable = |p: &IpAddr| macs.get(p).copied().filter(|_| prober.alive(p));
+    let next = successors(&place.peers, place.me, usable);
     // The budget counts every listed balancer, not only those whose MAC this host knows: a
     // host that has just started may know one peer of several, and the peer it hands on to
     // may know the owner (a budget the size of the known ring would stop there).
     let first_ttl = if next.is_empty() {
         0
     } else {
-        second_chance::first_ttl(peers.len())
+        second_chance::first_ttl(place.peers.len())
     };
     let ring = SecondChanceRing {
         ifindex: ifindex(interface)?,
@@ -218,7 +296,7 @@ fn log_ring(chance: Option<&SecondChance>, ring: Option<&(SecondChanceRing, BTre
     match (chance, ring) {
         (Some(chance), Some((ring, macs))) => info!(
             interface = %chance.interface,
-            "second chance: {} other balancer(s) reachable of {} listed; unplaceable packets go to {} with TTL {}",
+            "second chance: {} other balancer(s) reachable and answering of {} listed; unplaceable packets go to {} with TTL {}",
             macs.len(),
             chance.peers.len() - 1,
             mac_text(ring.next_mac),
@@ -372,8 +450,9 @@ mod tests {
         let chance = SecondChance {
             peers: peers(&["198.18.0.21", "198.18.0.22"]),
             interface: "lo".to_string(),
+            peer_port: 9027,
         };
-        let error = ring_now(&chance, false).expect_err("lo has none of the peers");
+        let error = Place::of(&chance).err().expect("lo has none of the peers");
         let text = format!("{error:#}");
         assert!(text.contains("198.18.0.21, 198.18.0.22"), "{text}");
         assert!(text.contains("127.0.0.1"), "{text}");
