@@ -406,7 +406,6 @@ fn observe<T>(
     if let Err(failure) = result
         && let Some(reason) = failure.reason()
     {
-        backend.live.failures.fetch_add(1, Ordering::Relaxed);
         backend.live.failure_reasons.record(reason);
     }
     if health.record_live(generation, seen, now) == Some(false)

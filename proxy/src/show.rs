@@ -52,16 +52,13 @@ fn service_report(
     second_chance: bool,
 ) -> ServiceReport {
     let config = &service.config;
-    let second_chance = second_chance.then(|| {
-        kernel
-            .and_then(|k| k.service(service.kernel_index as usize))
-            .unwrap_or_default()
-            .second_chance
-    });
     let xdp = config.dataplane == Dataplane::Xdp;
-    let packets = kernel
-        .filter(|_| xdp)
+    // One read of the service's per-CPU kernel counters serves both, and only when wanted.
+    let totals = kernel
+        .filter(|_| xdp || second_chance)
         .map(|k| k.service(service.kernel_index as usize).unwrap_or_default());
+    let second_chance = second_chance.then(|| totals.unwrap_or_default().second_chance);
+    let packets = totals.filter(|_| xdp);
     ServiceReport {
         name: config.name.clone(),
         dataplane: config.dataplane.to_string(),
@@ -145,7 +142,8 @@ fn backend_report(service: &Service, backend: &Backend) -> BackendReport {
         max_connections: backend.config.max_connections,
         active: u64::from(backend.active.get()),
         sessions_total: live.assigned_total(),
-        failures: live.failures.load(Ordering::Relaxed),
+        // Failed attempts on live traffic: the sum of the reasons counted.
+        failures: live.failure_reasons.total(),
         response_us: live.response_us.load(Ordering::Relaxed),
         throttled: live.throttled.load(Ordering::Relaxed),
     }

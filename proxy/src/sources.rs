@@ -129,12 +129,13 @@ impl Sources {
         drop(limits);
         let now = now_ns();
         let mut shard = self.shard(key).lock();
-        if !shard.entries.contains_key(&key) && !shard.make_room(capacity, now) {
+        let known = shard.entries.contains_key(&key);
+        if !known && !shard.make_room(capacity, now) {
             self.counts.untracked.fetch_add(1, Ordering::Relaxed);
             return Verdict::Admit(None);
         }
         let shard = &mut *shard;
-        if !shard.entries.contains_key(&key) {
+        if !known {
             shard.order.push_back(key);
         }
         let entry = shard.entries.entry(key).or_default();

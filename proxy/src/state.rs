@@ -369,9 +369,8 @@ pub struct BackendLive {
     /// Connect + greeting time of every session it took: its count is the sessions ever
     /// assigned ([`BackendLive::assigned_total`]), so a set-up costs no separate count.
     pub setup: LatencyHistogram,
-    /// Failed attempts on live traffic (connect failures, no positive greeting).
-    pub failures: AtomicU64,
-    /// The same attempts by reason.
+    /// Failed attempts on live traffic (connect failures, no positive greeting), by reason;
+    /// their sum is the backend's failure count.
     pub failure_reasons: FailureCounts,
     /// Bytes its sessions relayed each way, added at each session's end.
     pub bytes: Transferred,
@@ -403,7 +402,6 @@ impl BackendLive {
             health: HealthState::new(health),
             response_us: AtomicU32::new(0),
             setup: LatencyHistogram::default(),
-            failures: AtomicU64::new(0),
             failure_reasons: FailureCounts::default(),
             bytes: Transferred::default(),
             checks: LatencyHistogram::default(),

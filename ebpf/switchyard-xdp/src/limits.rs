@@ -96,7 +96,8 @@ pub fn release(index: u32, client: Client) {
     }
 }
 
-/// Takes one unit back from the source's count, never below zero.
+/// Takes one unit back from the source's count: by compare-and-swap, never below zero; under
+/// heavy contention a plain subtract (below).
 #[inline(always)]
 pub fn give_back(entry: *mut SourceValue) {
     let active = unsafe { &raw mut (*entry).active };
